@@ -1,0 +1,112 @@
+//! Every storage key wsimil reads or writes, spelled once.
+//!
+//! ```text
+//! tiles/<tiling>/<slide>.parquet                     patch grid: x, y (level 0), tissue fraction
+//! tiles/<tiling>/<slide>.thumb.png | .mask.png       for a person to check tissue detection
+//! embedders/<embedder>/embedder.json                 the embedder's description (content-addressed)
+//! embedders/<embedder>/model.safetensors             its weights
+//! features/<embedder>/<tiling>/<slide>.parquet       one row per patch: x, y, feature
+//! runs/<run>/plan.json                               the run's configuration and cohort
+//! runs/<run>/failures/<job>.json                     why a job failed (latest attempt)
+//! runs/<run>/round-<r>/fold-<k>/model.safetensors    bag classifier of one fold
+//! runs/<run>/round-<r>/fold-<k>/metrics.json         its test metrics and training curve
+//! runs/<run>/round-<r>/predictions.parquet | .csv    out-of-fold slide probabilities
+//! runs/<run>/round-<r>/attention/<slide>.parquet     per-patch attention of the slide's test fold
+//! runs/<run>/round-<r>/heatmaps/<slide>.png          attention heatmap over the thumbnail
+//! runs/<run>/round-<r>/metrics.json                  cohort metrics of the round
+//! ```
+//!
+//! Each object is written whole under its final key, so the existence of a key means "done".
+
+use crate::ids::{EmbedderId, JobId, RunId, SlideId, TilingId};
+use object_store::path::Path;
+
+fn key(s: String) -> Path {
+    // Every segment is a validated id or a fixed word, so parsing can't fail.
+    Path::parse(s).expect("layout keys are built from safe segments")
+}
+
+pub fn patch_grid(tiling: &TilingId, slide: &SlideId) -> Path {
+    key(format!("tiles/{tiling}/{slide}.parquet"))
+}
+
+pub fn thumbnail(tiling: &TilingId, slide: &SlideId) -> Path {
+    key(format!("tiles/{tiling}/{slide}.thumb.png"))
+}
+
+pub fn tissue_mask(tiling: &TilingId, slide: &SlideId) -> Path {
+    key(format!("tiles/{tiling}/{slide}.mask.png"))
+}
+
+pub fn embedder_card(embedder: &EmbedderId) -> Path {
+    key(format!("embedders/{embedder}/embedder.json"))
+}
+
+pub fn embedder_weights(embedder: &EmbedderId) -> Path {
+    key(format!("embedders/{embedder}/model.safetensors"))
+}
+
+pub fn features(embedder: &EmbedderId, tiling: &TilingId, slide: &SlideId) -> Path {
+    key(format!("features/{embedder}/{tiling}/{slide}.parquet"))
+}
+
+pub fn run_plan(run: &RunId) -> Path {
+    key(format!("runs/{run}/plan.json"))
+}
+
+pub fn failures_prefix(run: &RunId) -> Path {
+    key(format!("runs/{run}/failures"))
+}
+
+pub fn failure(run: &RunId, job: &JobId) -> Path {
+    key(format!("runs/{run}/failures/{job}.json"))
+}
+
+pub fn round_dir(run: &RunId, round: u32) -> String {
+    format!("runs/{run}/round-{round}")
+}
+
+pub fn fold_model(run: &RunId, round: u32, fold: u32) -> Path {
+    key(format!("{}/fold-{fold}/model.safetensors", round_dir(run, round)))
+}
+
+pub fn fold_metrics(run: &RunId, round: u32, fold: u32) -> Path {
+    key(format!("{}/fold-{fold}/metrics.json", round_dir(run, round)))
+}
+
+pub fn predictions_parquet(run: &RunId, round: u32) -> Path {
+    key(format!("{}/predictions.parquet", round_dir(run, round)))
+}
+
+pub fn predictions_csv(run: &RunId, round: u32) -> Path {
+    key(format!("{}/predictions.csv", round_dir(run, round)))
+}
+
+pub fn attention(run: &RunId, round: u32, slide: &SlideId) -> Path {
+    key(format!("{}/attention/{slide}.parquet", round_dir(run, round)))
+}
+
+pub fn heatmap(run: &RunId, round: u32, slide: &SlideId) -> Path {
+    key(format!("{}/heatmaps/{slide}.png", round_dir(run, round)))
+}
+
+pub fn round_metrics(run: &RunId, round: u32) -> Path {
+    key(format!("{}/metrics.json", round_dir(run, round)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_nest_ids_as_documented() {
+        let t = TilingId::new("t-1").unwrap();
+        let e = EmbedderId::new("e-1").unwrap();
+        let s = SlideId::new("s1").unwrap();
+        let r = RunId::new("r").unwrap();
+        assert_eq!(features(&e, &t, &s).as_ref(), "features/e-1/t-1/s1.parquet");
+        assert_eq!(patch_grid(&t, &s).as_ref(), "tiles/t-1/s1.parquet");
+        assert_eq!(fold_model(&r, 0, 3).as_ref(), "runs/r/round-0/fold-3/model.safetensors");
+        assert_eq!(heatmap(&r, 1, &s).as_ref(), "runs/r/round-1/heatmaps/s1.png");
+    }
+}

@@ -1,0 +1,365 @@
+//! Tensor operations candle lacks or runs slowly, each differentiable where training needs it.
+//!
+//! - [`depthwise_conv2d`]: one kernel per channel. candle's grouped conv2d runs one convolution per
+//!   group, which makes PPEG (512 groups), Nyström's residual conv and EfficientNet's depthwise
+//!   stages crawl; this op is a direct loop, parallel over (batch, channel), with its own backward.
+//! - [`pinv_iterative`]: the Moore–Penrose iteration Nyströmformer uses, as plain matmuls.
+//! - [`dropout`]: dropout with a mask from a seeded generator, so training is reproducible.
+
+use crate::rng::Rng;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Geometry of a depthwise convolution: stride and (top, bottom, left, right) zero padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DwGeom {
+    pub stride: (usize, usize),
+    pub pad: (usize, usize, usize, usize),
+}
+
+impl DwGeom {
+    /// Symmetric padding, PyTorch-style.
+    pub fn same_pad(kh: usize, kw: usize, stride: usize) -> Self {
+        DwGeom { stride: (stride, stride), pad: (kh / 2, kh / 2, kw / 2, kw / 2) }
+    }
+
+    /// TensorFlow "SAME" padding for input `h × w` (extra pixel at the bottom/right).
+    pub fn tf_same(h: usize, w: usize, kh: usize, kw: usize, stride: usize) -> Self {
+        let total = |n: usize, k: usize| ((n.div_ceil(stride) - 1) * stride + k).saturating_sub(n);
+        let (th, tw) = (total(h, kh), total(w, kw));
+        DwGeom { stride: (stride, stride), pad: (th / 2, th - th / 2, tw / 2, tw - tw / 2) }
+    }
+
+    fn out_hw(&self, h: usize, w: usize, kh: usize, kw: usize) -> Result<(usize, usize)> {
+        let hp = h + self.pad.0 + self.pad.1;
+        let wp = w + self.pad.2 + self.pad.3;
+        if hp < kh || wp < kw {
+            candle_core::bail!("depthwise conv: kernel {kh}x{kw} larger than padded input {hp}x{wp}")
+        }
+        Ok(((hp - kh) / self.stride.0 + 1, (wp - kw) / self.stride.1 + 1))
+    }
+}
+
+/// `x`: [B, C, H, W], `w`: [C, 1, KH, KW] → [B, C, OH, OW]. No bias (add it with a broadcast).
+pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.apply_op2(&w, DepthwiseConv { geom });
+    }
+    // Other devices/dtypes: candle's grouped convolution (slower, but correct and differentiable).
+    let (_, c, _, _) = x.dims4()?;
+    let (pt, pb, pl, pr) = geom.pad;
+    let x = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
+    if geom.stride.0 != geom.stride.1 {
+        candle_core::bail!("depthwise conv: unequal strides need the CPU path")
+    }
+    x.conv2d(&w, 0, geom.stride.0, 1, c)
+}
+
+struct DepthwiseConv {
+    geom: DwGeom,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// The shared inner loop: for one (b, c) plane, visit every (output, input, weight) index triple.
+/// `f(out_row, in_row, weight_index, lo, hi)` is called for each tap, where output columns
+/// `lo..hi` read in-bounds input columns.
+#[inline]
+fn for_each_tap(
+    geom: DwGeom,
+    (h, w): (usize, usize),
+    (kh, kw): (usize, usize),
+    (oh, ow): (usize, usize),
+    mut f: impl FnMut(usize, usize, usize, usize, usize),
+) {
+    let (sh, sw) = geom.stride;
+    let (pt, _, pl, _) = geom.pad;
+    for ky in 0..kh {
+        for oy in 0..oh {
+            let iy = (oy * sh + ky) as isize - pt as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let iy = iy as usize;
+            for kx in 0..kw {
+                // Output columns whose input column ox*sw + kx - pl lies inside [0, w).
+                let lo = if kx >= pl { 0 } else { (pl - kx).div_ceil(sw) };
+                let hi_excl = {
+                    let lim = w + pl; // need ox*sw + kx < w + pl
+                    if lim <= kx {
+                        0
+                    } else {
+                        ((lim - kx - 1) / sw + 1).min(ow)
+                    }
+                };
+                if lo >= hi_excl {
+                    continue;
+                }
+                f(oy * ow, iy * w, ky * kw + kx, lo, hi_excl);
+            }
+        }
+    }
+}
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let (c2, one, kh, kw) = l2.shape().dims4()?;
+        if c2 != c || one != 1 {
+            candle_core::bail!("depthwise conv: kernel {:?} does not fit input {:?}", l2.shape(), l1.shape())
+        }
+        let x = f32_slice(s1, l1, "depthwise conv input")?;
+        let k = f32_slice(s2, l2, "depthwise conv kernel")?;
+        let geom = self.geom;
+        let (oh, ow) = geom.out_hw(h, w, kh, kw)?;
+        let (sw, pl) = (geom.stride.1, geom.pad.2);
+        let mut out = vec![0f32; b * c * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, o)| {
+            let ch = bc % c;
+            let xin = &x[bc * h * w..(bc + 1) * h * w];
+            let ker = &k[ch * kh * kw..(ch + 1) * kh * kw];
+            for_each_tap(geom, (h, w), (kh, kw), (oh, ow), |orow, irow, ki, lo, hi| {
+                let wt = ker[ki];
+                let kx = ki % kw;
+                let orow = &mut o[orow..orow + ow];
+                let irow = &xin[irow..irow + w];
+                if sw == 1 {
+                    let off = kx as isize - pl as isize;
+                    let src = &irow[(lo as isize + off) as usize..(hi as isize + off) as usize];
+                    for (d, s) in orow[lo..hi].iter_mut().zip(src) {
+                        *d += wt * s;
+                    }
+                } else {
+                    for ox in lo..hi {
+                        orow[ox] += wt * irow[ox * sw + kx - pl];
+                    }
+                }
+            });
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let gx = grad.apply_op2_no_bwd(w, &DepthwiseConvGradInput { geom: self.geom, h, w: wd })?;
+        let gw =
+            x.apply_op2_no_bwd(&grad, &DepthwiseConvGradKernel { geom: self.geom, kh: w.dim(2)?, kw: w.dim(3)? })?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// d(out)/d(x): scatter each output gradient back through the kernel taps.
+struct DepthwiseConvGradInput {
+    geom: DwGeom,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for DepthwiseConvGradInput {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, oh, ow) = l1.shape().dims4()?;
+        let (_, _, kh, kw) = l2.shape().dims4()?;
+        let g = f32_slice(s1, l1, "depthwise conv grad")?;
+        let k = f32_slice(s2, l2, "depthwise conv kernel")?;
+        let (h, w, geom) = (self.h, self.w, self.geom);
+        let (sw, pl) = (geom.stride.1, geom.pad.2);
+        let mut gx = vec![0f32; b * c * h * w];
+        gx.par_chunks_mut(h * w).enumerate().for_each(|(bc, gxp)| {
+            let ch = bc % c;
+            let gp = &g[bc * oh * ow..(bc + 1) * oh * ow];
+            let ker = &k[ch * kh * kw..(ch + 1) * kh * kw];
+            for_each_tap(geom, (h, w), (kh, kw), (oh, ow), |orow, irow, ki, lo, hi| {
+                let wt = ker[ki];
+                let kx = ki % kw;
+                for ox in lo..hi {
+                    gxp[irow + ox * sw + kx - pl] += wt * gp[orow + ox];
+                }
+            });
+        });
+        Ok((CpuStorage::F32(gx), Shape::from((b, c, h, w))))
+    }
+}
+
+/// d(out)/d(kernel): correlate input and output gradient, summed over the batch.
+struct DepthwiseConvGradKernel {
+    geom: DwGeom,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for DepthwiseConvGradKernel {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-kernel"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let (_, _, oh, ow) = l2.shape().dims4()?;
+        let x = f32_slice(s1, l1, "depthwise conv input")?;
+        let g = f32_slice(s2, l2, "depthwise conv grad")?;
+        let (kh, kw, geom) = (self.kh, self.kw, self.geom);
+        let (sw, pl) = (geom.stride.1, geom.pad.2);
+        let mut gk = vec![0f32; c * kh * kw];
+        gk.par_chunks_mut(kh * kw).enumerate().for_each(|(ch, gkc)| {
+            for bi in 0..b {
+                let bc = bi * c + ch;
+                let xp = &x[bc * h * w..(bc + 1) * h * w];
+                let gp = &g[bc * oh * ow..(bc + 1) * oh * ow];
+                for_each_tap(geom, (h, w), (kh, kw), (oh, ow), |orow, irow, ki, lo, hi| {
+                    let kx = ki % kw;
+                    let mut acc = 0f32;
+                    for ox in lo..hi {
+                        acc += gp[orow + ox] * xp[irow + ox * sw + kx - pl];
+                    }
+                    gkc[ki] += acc;
+                });
+            }
+        });
+        Ok((CpuStorage::F32(gk), Shape::from((c, 1, kh, kw))))
+    }
+}
+
+/// Moore–Penrose pseudo-inverse by the iteration Nyströmformer uses (Razavi et al. 2014), as in the
+/// reference `moore_penrose_iter_pinv`: the initial guess scales `xᵀ` by the largest column and row
+/// sums over the *whole* batch.
+pub fn pinv_iterative(x: &Tensor, iters: usize) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    let abs = x.abs()?;
+    let col = abs.sum(D::Minus1)?.flatten_all()?.max(0)?;
+    let row = abs.sum(D::Minus2)?.flatten_all()?.max(0)?;
+    let scale = (col * row)?;
+    let mut z = x.transpose(D::Minus1, D::Minus2)?.broadcast_div(&scale)?;
+    let eye = Tensor::eye(n, x.dtype(), x.device())?;
+    for _ in 0..iters {
+        let xz = x.matmul(&z)?;
+        let a = (eye.affine(7.0, 0.0)?.broadcast_sub(&xz))?;
+        let b = eye.affine(15.0, 0.0)?.broadcast_sub(&xz.matmul(&a)?)?;
+        let c = eye.affine(13.0, 0.0)?.broadcast_sub(&xz.matmul(&b)?)?;
+        z = (z.matmul(&c)? * 0.25)?;
+    }
+    Ok(z)
+}
+
+/// Inverted dropout with a mask drawn from `rng`: zeroes each element with probability `p` and
+/// scales the rest by 1/(1-p).
+pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < p as f64 { 0.0 } else { keep }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| r.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// candle's grouped conv2d as the reference (it is slow, not wrong).
+    fn reference(x: &Tensor, w: &Tensor, g: DwGeom) -> Tensor {
+        let c = x.dim(1).unwrap();
+        let (pt, pb, pl, pr) = g.pad;
+        let xp = x.pad_with_zeros(2, pt, pb).unwrap().pad_with_zeros(3, pl, pr).unwrap();
+        xp.conv2d(w, 0, g.stride.0, 1, c).unwrap()
+    }
+
+    #[test]
+    fn forward_matches_grouped_conv_for_every_geometry_we_use() {
+        let cases = [
+            ((2, 3, 9, 9), (3, 3), DwGeom::same_pad(3, 3, 1)),
+            ((1, 4, 10, 7), (5, 5), DwGeom::same_pad(5, 5, 1)),
+            ((2, 3, 12, 12), (3, 3), DwGeom::tf_same(12, 12, 3, 3, 2)),
+            ((1, 2, 11, 11), (5, 5), DwGeom::tf_same(11, 11, 5, 5, 2)),
+            ((1, 8, 40, 16), (33, 1), DwGeom { stride: (1, 1), pad: (16, 16, 0, 0) }),
+            ((1, 5, 6, 6), (7, 7), DwGeom::same_pad(7, 7, 1)),
+        ];
+        for (i, ((b, c, h, w), (kh, kw), g)) in cases.into_iter().enumerate() {
+            let x = rand_tensor(&[b, c, h, w], i as u64);
+            let k = rand_tensor(&[c, 1, kh, kw], 100 + i as u64);
+            let ours = depthwise_conv2d(&x, &k, g).unwrap();
+            let theirs = reference(&x, &k, g);
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_abs_diff(&ours, &theirs) < 1e-4, "case {i}");
+        }
+    }
+
+    #[test]
+    fn tf_same_padding_puts_the_extra_pixel_last() {
+        assert_eq!(DwGeom::tf_same(224, 224, 3, 3, 2).pad, (0, 1, 0, 1));
+        assert_eq!(DwGeom::tf_same(56, 56, 5, 5, 2).pad, (1, 2, 1, 2));
+        assert_eq!(DwGeom::tf_same(14, 14, 5, 5, 1).pad, (2, 2, 2, 2));
+    }
+
+    #[test]
+    fn backward_matches_grouped_conv_gradients() {
+        for (i, g) in
+            [DwGeom::same_pad(3, 3, 1), DwGeom::tf_same(9, 9, 3, 3, 2), DwGeom { stride: (1, 1), pad: (2, 2, 0, 0) }]
+                .into_iter()
+                .enumerate()
+        {
+            let (kh, kw) = if i == 2 { (5, 1) } else { (3, 3) };
+            let x = Var::from_tensor(&rand_tensor(&[2, 3, 9, 9], 7)).unwrap();
+            let k = Var::from_tensor(&rand_tensor(&[3, 1, kh, kw], 8)).unwrap();
+            let probe = rand_tensor(reference(&x, &k, g).dims(), 9);
+            let ours = (depthwise_conv2d(&x, &k, g).unwrap() * &probe).unwrap().sum_all().unwrap();
+            let theirs = (reference(&x, &k, g) * &probe).unwrap().sum_all().unwrap();
+            let (go, gt) = (ours.backward().unwrap(), theirs.backward().unwrap());
+            assert!(max_abs_diff(go.get(&x).unwrap(), gt.get(&x).unwrap()) < 1e-4, "grad x, case {i}");
+            assert!(max_abs_diff(go.get(&k).unwrap(), gt.get(&k).unwrap()) < 1e-3, "grad k, case {i}");
+        }
+    }
+
+    #[test]
+    fn pinv_iteration_inverts_a_softmax_matrix() {
+        let x = candle_nn::ops::softmax(&rand_tensor(&[2, 6, 6], 3), D::Minus1).unwrap();
+        let z = pinv_iterative(&x, 20).unwrap();
+        let eye = Tensor::eye(6, DType::F32, &Device::Cpu).unwrap();
+        let xz = x.matmul(&z).unwrap();
+        // x z x ≈ x is the defining property, whatever the conditioning.
+        let xzx = xz.matmul(&x).unwrap();
+        assert!(max_abs_diff(&xzx, &x) < 1e-3);
+        let _ = eye;
+    }
+
+    #[test]
+    fn dropout_keeps_expectation_and_is_seeded() {
+        let x = Tensor::ones((1000,), DType::F32, &Device::Cpu).unwrap();
+        let a = dropout(&x, 0.25, &mut Rng::new(1)).unwrap();
+        let b = dropout(&x, 0.25, &mut Rng::new(1)).unwrap();
+        assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        let mean = a.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((mean - 1.0).abs() < 0.1, "{mean}");
+        let zeros = a.to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
+        assert!((180..320).contains(&zeros), "{zeros}");
+    }
+}

@@ -1,0 +1,321 @@
+//! TransMIL (Shao et al., "TransMIL: Transformer based Correlated Multiple Instance Learning for
+//! Whole Slide Image Classification", NeurIPS 2021), as the authors' `models/TransMIL.py`:
+//!
+//! ```text
+//! bag [1, N, in] ─ _fc1 (Linear+ReLU) ─ pad to a square by repeating the first instances ─ cls token
+//!   ─ layer1 (x + Nyström(LN(x))) ─ pos_layer PPEG (x + dw7 + dw5 + dw3) ─ layer2 ─ LN ─ cls ─ _fc2
+//! ```
+//!
+//! Parameter names match the official state dict (`_fc1.0.weight`, `layer1.attn.to_qkv.weight`,
+//! `pos_layer.proj.weight`, …), so a checkpoint from the reference code loads as is. The Nyström
+//! attention is lucidrains' `nystrom_attention` that the reference imports: front zero padding to a
+//! multiple of the landmarks, landmark means over consecutive groups, iterative pseudo-inverse, a
+//! residual depthwise convolution of 33 taps over the sequence of values.
+
+use super::ops::{depthwise_conv2d, dropout, pinv_iterative, DwGeom};
+use super::params::{conv_weight, layer_norm, linear, LayerNorm};
+use super::{softmax, BagOutput, Mode};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransMilConfig {
+    /// Instance feature width (1024 in the paper, for ResNet50-trunc features).
+    pub in_dim: usize,
+    pub n_classes: usize,
+    pub dim: usize,
+    pub heads: usize,
+    pub dim_head: usize,
+    pub landmarks: usize,
+    pub pinv_iterations: usize,
+    pub residual_kernel: usize,
+    /// Dropout after the attention output projection (training only).
+    pub dropout: f32,
+}
+
+impl TransMilConfig {
+    /// The paper's configuration for `in_dim`-wide features.
+    pub fn paper(in_dim: usize, n_classes: usize) -> Self {
+        TransMilConfig {
+            in_dim,
+            n_classes,
+            dim: 512,
+            heads: 8,
+            dim_head: 64,
+            landmarks: 256,
+            pinv_iterations: 6,
+            residual_kernel: 33,
+            dropout: 0.1,
+        }
+    }
+}
+
+struct NystromAttention {
+    to_qkv: Linear,
+    to_out: Linear,
+    res_conv: Tensor,
+    cfg: TransMilConfig,
+}
+
+/// What the attention needs to report the cls token's attention over the sequence.
+struct Probe {
+    /// Index of the token whose attention row is wanted (before the front padding).
+    row: usize,
+}
+
+impl NystromAttention {
+    fn new(cfg: &TransMilConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let k = cfg.residual_kernel;
+        let bound = 1.0 / (k as f64).sqrt();
+        Ok(NystromAttention {
+            to_qkv: linear(cfg.dim, inner * 3, false, vb.pp("to_qkv"))?,
+            to_out: linear(inner, cfg.dim, true, vb.pp("to_out.0"))?,
+            res_conv: vb.pp("res_conv").get_with_hints(
+                (cfg.heads, 1, k, 1),
+                "weight",
+                Init::Uniform { lo: -bound, up: bound },
+            )?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `x`: [B, n, dim] → ([B, n, dim], attention row of `probe` over the n tokens, mean over heads).
+    fn forward(&self, x: &Tensor, mode: &mut Mode, probe: Option<Probe>) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, n, _) = x.dims3()?;
+        let (h, dh, m) = (self.cfg.heads, self.cfg.dim_head, self.cfg.landmarks);
+        let pad = (m - n % m) % m;
+        let x = if pad > 0 { x.pad_with_zeros(1, pad, 0)? } else { x.clone() };
+        let np = n + pad;
+        let l = np / m;
+        let qkv = self.to_qkv.forward(&x)?;
+        let inner = h * dh;
+        let heads = |t: Tensor| -> Result<Tensor> { t.reshape((b, np, h, dh))?.transpose(1, 2)?.contiguous() };
+        let q = (heads(qkv.narrow(D::Minus1, 0, inner)?)? * (dh as f64).powf(-0.5))?;
+        let k = heads(qkv.narrow(D::Minus1, inner, inner)?)?;
+        let v = heads(qkv.narrow(D::Minus1, 2 * inner, inner)?)?;
+        let landmarks = |t: &Tensor| -> Result<Tensor> { t.reshape((b, h, m, l, dh))?.sum(3)? / l as f64 };
+        let (ql, kl) = (landmarks(&q)?, landmarks(&k)?);
+        let train = mode.is_train();
+        let attn1 = softmax(&q.matmul(&kl.t()?)?, train)?;
+        let attn2 = softmax(&ql.matmul(&kl.t()?)?, train)?;
+        let attn3 = softmax(&ql.matmul(&k.t()?)?, train)?;
+        let attn2_inv = pinv_iterative(&attn2, self.cfg.pinv_iterations)?;
+        let left = attn1.matmul(&attn2_inv)?;
+        let mut out = left.matmul(&attn3.matmul(&v)?)?;
+        let half = self.cfg.residual_kernel / 2;
+        let geom = DwGeom { stride: (1, 1), pad: (half, half, 0, 0) };
+        out = (out + depthwise_conv2d(&v, &self.res_conv, geom)?)?;
+        let out = out.transpose(1, 2)?.reshape((b, np, inner))?;
+        let mut out = self.to_out.forward(&out)?;
+        if let Some(rng) = mode.rng() {
+            out = dropout(&out, self.cfg.dropout, rng)?;
+        }
+        let out = out.narrow(1, pad, n)?;
+        let row = match probe {
+            Some(p) => {
+                let r = left.narrow(2, pad + p.row, 1)?.matmul(&attn3)?; // [B, h, 1, np]
+                Some(r.mean(1)?.squeeze(1)?.narrow(D::Minus1, pad, n)?) // [B, n]
+            }
+            None => None,
+        };
+        Ok((out, row))
+    }
+}
+
+struct TransLayer {
+    norm: LayerNorm,
+    attn: NystromAttention,
+}
+
+impl TransLayer {
+    fn new(cfg: &TransMilConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(TransLayer { norm: layer_norm(cfg.dim, vb.pp("norm"))?, attn: NystromAttention::new(cfg, vb.pp("attn"))? })
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode, probe: Option<Probe>) -> Result<(Tensor, Option<Tensor>)> {
+        let (a, row) = self.attn.forward(&self.norm.forward(x, mode.is_train())?, mode, probe)?;
+        Ok(((x + a)?, row))
+    }
+}
+
+/// Pyramid position encoding generator: depthwise 7×7, 5×5 and 3×3 convolutions over the tokens
+/// laid out on their square grid, added to the identity.
+struct Ppeg {
+    convs: Vec<(Tensor, Tensor, usize)>,
+}
+
+impl Ppeg {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let mut convs = Vec::new();
+        for (name, k) in [("proj", 7), ("proj1", 5), ("proj2", 3)] {
+            let (w, b) = conv_weight((dim, 1, k, k), true, vb.pp(name))?;
+            convs.push((w, b.expect("bias requested"), k));
+        }
+        Ok(Ppeg { convs })
+    }
+
+    fn forward(&self, x: &Tensor, side: usize) -> Result<Tensor> {
+        let (b, _, c) = x.dims3()?;
+        let cls = x.narrow(1, 0, 1)?;
+        let feat = x.narrow(1, 1, side * side)?.transpose(1, 2)?.reshape((b, c, side, side))?;
+        let mut y = feat.clone();
+        for (w, bias, k) in &self.convs {
+            let conv = depthwise_conv2d(&feat, w, DwGeom::same_pad(*k, *k, 1))?;
+            y = (y + conv.broadcast_add(&bias.reshape((1, c, 1, 1))?)?)?;
+        }
+        let y = y.flatten_from(2)?.transpose(1, 2)?;
+        Tensor::cat(&[cls, y], 1)
+    }
+}
+
+pub struct TransMil {
+    fc1: Linear,
+    cls_token: Tensor,
+    layer1: TransLayer,
+    pos_layer: Ppeg,
+    layer2: TransLayer,
+    norm: LayerNorm,
+    fc2: Linear,
+    cfg: TransMilConfig,
+}
+
+impl TransMil {
+    pub fn new(cfg: &TransMilConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(TransMil {
+            fc1: linear(cfg.in_dim, cfg.dim, true, vb.pp("_fc1.0"))?,
+            cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Randn { mean: 0.0, stdev: 1.0 })?,
+            layer1: TransLayer::new(cfg, vb.pp("layer1"))?,
+            pos_layer: Ppeg::new(cfg.dim, vb.pp("pos_layer"))?,
+            layer2: TransLayer::new(cfg, vb.pp("layer2"))?,
+            norm: layer_norm(cfg.dim, vb.pp("norm"))?,
+            fc2: linear(cfg.dim, cfg.n_classes, true, vb.pp("_fc2"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TransMilConfig {
+        &self.cfg
+    }
+
+    /// `bag`: [1, N, in_dim]. With `want_attention`, also the cls token's attention in the second
+    /// layer over the N real instances (mean over heads), the usual TransMIL heatmap.
+    pub fn forward(&self, bag: &Tensor, mode: &mut Mode, want_attention: bool) -> Result<BagOutput> {
+        let (b, n, _) = bag.dims3()?;
+        let h = self.fc1.forward(bag)?.relu()?;
+        let side = (n as f64).sqrt().ceil() as usize;
+        let add = side * side - n;
+        let h = if add > 0 { Tensor::cat(&[h.clone(), h.narrow(1, 0, add)?], 1)? } else { h };
+        let cls = self.cls_token.broadcast_as((b, 1, self.cfg.dim))?;
+        let h = Tensor::cat(&[cls, h], 1)?;
+        let (h, _) = self.layer1.forward(&h, mode, None)?;
+        let h = self.pos_layer.forward(&h, side)?;
+        let probe = want_attention.then_some(Probe { row: 0 });
+        let (h, row) = self.layer2.forward(&h, mode, probe)?;
+        let h = self.norm.forward(&h, mode.is_train())?.narrow(1, 0, 1)?.squeeze(1)?;
+        let logits = self.fc2.forward(&h)?;
+        // Attention over tokens 1..=N (skip cls, drop the square padding's repeats).
+        let attention = match row {
+            Some(r) => Some(r.narrow(1, 1, n)?.squeeze(0)?),
+            None => None,
+        };
+        Ok(BagOutput { logits, attention })
+    }
+
+    /// Instance-level path (ICMIL's teacher): `_fc1`, the final LayerNorm and `_fc2` applied to each
+    /// instance on its own, no attention. `feats`: [N, in_dim] → ([N, dim] reduced, [N, C] logits).
+    pub fn instance_path(&self, feats: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let reduced = self.fc1.forward(feats)?.relu()?;
+        let logits = self.fc2.forward(&self.norm.forward(&reduced, train)?)?;
+        Ok((reduced, logits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::params::Params;
+    use crate::rng::Rng;
+    use candle_core::{DType, Device};
+
+    fn small_cfg() -> TransMilConfig {
+        TransMilConfig { dim: 32, heads: 2, dim_head: 16, landmarks: 16, ..TransMilConfig::paper(12, 3) }
+    }
+
+    fn bag(n: usize, d: usize, seed: u64) -> Tensor {
+        let mut r = Rng::new(seed);
+        Tensor::from_vec((0..n * d).map(|_| r.normal() as f32).collect::<Vec<_>>(), (1, n, d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn shapes_for_bags_smaller_and_larger_than_the_landmarks() {
+        let cfg = small_cfg();
+        let p = Params::new(0);
+        let m = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        for n in [1, 2, 5, 16, 17, 50] {
+            let out = m.forward(&bag(n, 12, n as u64), &mut Mode::Eval, true).unwrap();
+            assert_eq!(out.logits.dims(), &[1, 3], "n={n}");
+            let a = out.attention.unwrap();
+            assert_eq!(a.dims(), &[n], "n={n}");
+        }
+    }
+
+    #[test]
+    fn parameter_names_match_the_official_state_dict() {
+        let p = Params::new(0);
+        TransMil::new(&TransMilConfig::paper(1024, 2), p.var_builder(&Device::Cpu)).unwrap();
+        let names: Vec<String> = p.named_vars().into_iter().map(|(k, _)| k).collect();
+        for expected in [
+            "_fc1.0.weight",
+            "cls_token",
+            "layer1.norm.weight",
+            "layer1.attn.to_qkv.weight",
+            "layer1.attn.to_out.0.bias",
+            "layer1.attn.res_conv.weight",
+            "pos_layer.proj.weight",
+            "pos_layer.proj1.bias",
+            "pos_layer.proj2.weight",
+            "layer2.attn.to_qkv.weight",
+            "norm.bias",
+            "_fc2.weight",
+        ] {
+            assert!(names.iter().any(|n| n == expected), "missing {expected}");
+        }
+        assert!(!names.iter().any(|n| n == "layer1.attn.to_qkv.bias"), "to_qkv has no bias");
+        // The reference module's shapes for 1024-d input and 2 classes: _fc1 524,800 + cls 512 +
+        // 2 layers x (LN 1,024 + qkv 786,432 + out 262,656 + res_conv 264) + PPEG 44,032 + LN 1,024
+        // + _fc2 1,026.
+        assert_eq!(p.num_parameters(), 2_672_146);
+    }
+
+    #[test]
+    fn attention_over_instances_is_a_distribution_when_exact() {
+        // With N+1+padding <= landmarks the Nyström approximation is exact softmax attention up to
+        // the pseudo-inverse, so the cls row sums to ~1 over all tokens; over the real instances it
+        // is a part of that.
+        let cfg = small_cfg();
+        let p = Params::new(1);
+        let m = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        let a = m.forward(&bag(9, 12, 3), &mut Mode::Eval, true).unwrap().attention.unwrap();
+        let s = a.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(s > 0.0 && s < 1.05, "{s}");
+    }
+
+    #[test]
+    fn gradients_reach_every_parameter() {
+        let cfg = small_cfg();
+        let p = Params::new(2);
+        let m = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        let mut rng = Rng::new(0);
+        let out = m.forward(&bag(20, 12, 4), &mut Mode::Train(&mut rng), false).unwrap();
+        let target = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&out.logits, &target).unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in p.named_vars() {
+            let g = grads.get(&v).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!(norm > 0.0, "zero gradient for {name}");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! What a run is: its cohort (labels, folds), how slides are tiled and embedded, and how the bag
+//! classifier is trained. The coordinator writes the plan to the store once; every job names the
+//! run and reads what it needs from there, so job messages stay small.
+
+use crate::grid::TissueParams;
+use crate::ids::{content_hash, EmbedderId, RunId, SlideId, TilingId};
+use serde::{Deserialize, Serialize};
+
+/// How slides are cut into patches. Its content hash is the [`TilingId`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TilingSpec {
+    /// Patch side in pixels at the target resolution.
+    pub patch_px: u32,
+    /// Target resolution in microns per pixel (0.5 ≈ 20x, 0.25 ≈ 40x).
+    pub target_mpp: f64,
+    /// Grid step as a fraction of the patch side (1.0 = no overlap).
+    pub step_fraction: f64,
+    /// Minimum fraction of a patch covered by tissue for it to be kept.
+    pub min_tissue_fraction: f32,
+    pub tissue: TissueParams,
+}
+
+impl TilingSpec {
+    pub fn id(&self) -> TilingId {
+        let json = serde_json::to_vec(self).expect("spec serialises");
+        TilingId::new(format!("{}px-{:.3}mpp-{}", self.patch_px, self.target_mpp, content_hash([json.as_slice()])))
+            .expect("tiling ids are safe")
+    }
+}
+
+/// Which patch embedder, with which weights. `weights_sha256` pins the exact file, so an
+/// [`EmbedderId`] names one set of numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedderSpec {
+    /// `efficientnet-lite0` or `resnet50-trunc`.
+    pub architecture: String,
+    /// SHA-256 of the safetensors weights, or `random-<seed>` for randomly initialised weights.
+    pub weights: String,
+    /// Patches per forward pass.
+    pub batch_size: usize,
+}
+
+impl EmbedderSpec {
+    pub fn id(&self) -> EmbedderId {
+        let short = &self.weights[..self.weights.len().min(12)];
+        EmbedderId::new(format!("{}-{}", self.architecture, short)).expect("embedder ids are safe")
+    }
+}
+
+/// Bag classifier training, as in the TransMIL paper unless changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// `transmil` or `abmil`.
+    pub model: String,
+    /// `lookahead-radam` (the paper's) or `adamw`.
+    pub optimizer: String,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub max_epochs: usize,
+    /// Stop when validation loss has not improved for this many epochs.
+    pub patience: usize,
+    /// Bags whose gradients are accumulated per optimizer step.
+    pub grad_accumulation: usize,
+    /// Dropout inside attention blocks during training.
+    pub dropout: f32,
+    /// TransMIL's Nyström landmarks (the paper: 256). The pseudo-inverse costs O(landmarks³) per
+    /// layer whatever the bag size, which dominates on a CPU; fewer landmarks trade exactness of
+    /// the attention approximation for speed.
+    pub landmarks: usize,
+    /// Bags larger than this are randomly subsampled during training (memory bound); 0 = never.
+    pub max_train_instances: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "transmil".into(),
+            optimizer: "lookahead-radam".into(),
+            lr: 2e-4,
+            weight_decay: 1e-5,
+            max_epochs: 50,
+            patience: 10,
+            grad_accumulation: 1,
+            dropout: 0.1,
+            landmarks: 256,
+            max_train_instances: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// A slide of the cohort as the run sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedSlide {
+    pub id: SlideId,
+    pub path: String,
+    /// Index into [`RunPlan::classes`].
+    pub label: usize,
+    /// Microns per pixel from the manifest, overriding the slide's own.
+    pub mpp: Option<f64>,
+}
+
+/// One cross-validation fold: which slides train, validate (early stopping) and test.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fold {
+    pub train: Vec<SlideId>,
+    pub val: Vec<SlideId>,
+    pub test: Vec<SlideId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunPlan {
+    pub run: RunId,
+    pub classes: Vec<String>,
+    pub slides: Vec<PlannedSlide>,
+    pub folds: Vec<Fold>,
+    pub tiling: TilingSpec,
+    pub embedder: EmbedderSpec,
+    pub train: TrainConfig,
+}
+
+impl RunPlan {
+    pub fn slide(&self, id: &SlideId) -> Option<&PlannedSlide> {
+        self.slides.iter().find(|s| &s.id == id)
+    }
+
+    /// The fold whose test set holds `id`.
+    pub fn test_fold_of(&self, id: &SlideId) -> Option<u32> {
+        self.folds.iter().position(|f| f.test.contains(id)).map(|k| k as u32)
+    }
+}

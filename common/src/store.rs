@@ -1,0 +1,201 @@
+//! Object storage: one handle over a local folder (the default), S3/MinIO, or memory (tests).
+//!
+//! Writes are always whole-object puts, which every backend makes atomic (the local store writes a
+//! temporary file and renames it), so a crash can never leave a half-written output that a resume
+//! would mistake for finished work.
+
+use bytes::Bytes;
+use object_store::{local::LocalFileSystem, memory::InMemory, path::Path, ObjectStore, ObjectStoreExt};
+use std::sync::Arc;
+
+/// Errors of the store, naming the key involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{key}: not found in the store")]
+    NotFound { key: String },
+    #[error("{key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("store location {location:?}: {reason}")]
+    Config { location: String, reason: String },
+    #[error("{key}: invalid JSON: {source}")]
+    Json {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    fn from_os(key: &Path, e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_string() },
+            source => StoreError::Io { key: key.to_string(), source },
+        }
+    }
+
+    /// Whether retrying later may succeed (network, throttling) as opposed to a permanent problem.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+}
+
+/// S3 settings beyond what the standard `AWS_*` environment variables give.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// Endpoint of an S3-compatible server (MinIO, SeaweedFS); `AWS_ENDPOINT` otherwise.
+    pub endpoint: Option<String>,
+    /// Region; `AWS_REGION`/`AWS_DEFAULT_REGION` otherwise.
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), which MinIO and most self-hosted servers need.
+    pub path_style: bool,
+}
+
+/// A cloneable handle to the store every stage reads from and writes to.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    location: String,
+}
+
+impl Store {
+    /// Open `location`: `s3://bucket[/prefix]`, `memory://`, or a local folder (created if needed).
+    pub fn open(location: &str, s3: &S3Options) -> Result<Self, StoreError> {
+        let config = |reason: String| StoreError::Config { location: location.to_string(), reason };
+        let inner: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
+            // TLS through rustls with ring; installing twice is harmless (the first one stays).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(config("no bucket in the s3:// URL".into()));
+            }
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if let Some(e) = &s3.endpoint {
+                b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+            } else if let Ok(e) = std::env::var("AWS_ENDPOINT") {
+                b = b.with_allow_http(e.starts_with("http://"));
+            }
+            if let Some(r) = &s3.region {
+                b = b.with_region(r);
+            }
+            if s3.path_style {
+                b = b.with_virtual_hosted_style_request(false);
+            }
+            let s3store = b.build().map_err(|e| config(e.to_string()))?;
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(s3store)
+            } else {
+                Arc::new(object_store::prefix::PrefixStore::new(s3store, prefix))
+            }
+        } else if location == "memory://" {
+            Arc::new(InMemory::new())
+        } else {
+            let dir = location.strip_prefix("file://").unwrap_or(location);
+            std::fs::create_dir_all(dir).map_err(|e| config(format!("cannot create folder: {e}")))?;
+            Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| config(e.to_string()))?)
+        };
+        Ok(Store { inner, location: location.to_string() })
+    }
+
+    /// An empty in-memory store, for tests.
+    pub fn memory() -> Self {
+        Store { inner: Arc::new(InMemory::new()), location: "memory://".into() }
+    }
+
+    /// Where this store lives, as the user named it (never holds credentials).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The local folder behind this store, when it is one (used to print output paths).
+    pub fn local_path(&self, key: &Path) -> Option<std::path::PathBuf> {
+        if self.location.contains("://") && !self.location.starts_with("file://") {
+            return None;
+        }
+        let dir = self.location.strip_prefix("file://").unwrap_or(&self.location);
+        Some(std::path::Path::new(dir).join(key.as_ref()))
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    pub async fn put(&self, key: &Path, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
+        self.inner.put(key, bytes.into().into()).await.map(|_| ()).map_err(|e| StoreError::from_os(key, e))
+    }
+
+    pub async fn get(&self, key: &Path) -> Result<Bytes, StoreError> {
+        let r = self.inner.get(key).await.map_err(|e| StoreError::from_os(key, e))?;
+        r.bytes().await.map_err(|e| StoreError::from_os(key, e))
+    }
+
+    pub async fn exists(&self, key: &Path) -> Result<bool, StoreError> {
+        match self.inner.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(StoreError::from_os(key, e)),
+        }
+    }
+
+    pub async fn delete(&self, key: &Path) -> Result<(), StoreError> {
+        match self.inner.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::from_os(key, e)),
+        }
+    }
+
+    /// Keys under `prefix`, sorted.
+    pub async fn list(&self, prefix: &Path) -> Result<Vec<Path>, StoreError> {
+        use futures::TryStreamExt;
+        let mut keys: Vec<Path> = self
+            .inner
+            .list(Some(prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::from_os(prefix, e))?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub async fn put_json<T: serde::Serialize>(&self, key: &Path, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(value).expect("our types serialise");
+        self.put(key, bytes).await
+    }
+
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Path) -> Result<T, StoreError> {
+        let bytes = self.get(key).await?;
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Json { key: key.to_string(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_store_round_trips_and_reports_missing_keys_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap(), &S3Options::default()).unwrap();
+        let k = Path::from("a/b.json");
+        assert!(!store.exists(&k).await.unwrap());
+        store.put_json(&k, &vec![1, 2, 3]).await.unwrap();
+        assert!(store.exists(&k).await.unwrap());
+        assert_eq!(store.get_json::<Vec<i32>>(&k).await.unwrap(), vec![1, 2, 3]);
+        assert!(dir.path().join("a/b.json").is_file());
+        let err = store.get(&Path::from("nope.bin")).await.unwrap_err();
+        assert!(err.to_string().contains("nope.bin"), "{err}");
+        assert!(!err.is_transient());
+        assert_eq!(store.list(&Path::from("a")).await.unwrap(), vec![k]);
+    }
+
+    #[test]
+    fn s3_url_without_bucket_is_a_clear_error() {
+        let err = Store::open("s3://", &S3Options::default()).unwrap_err();
+        assert!(err.to_string().contains("no bucket"), "{err}");
+    }
+}

@@ -1,0 +1,319 @@
+//! The cohort manifest: a CSV with `slide_id,path,label` and optional `fold` (the slide's test
+//! fold), `split` (`train`/`val`/`test`) and `mpp` columns.
+//!
+//! Validation happens once, up front, and reports every problem at once with its line, so a user
+//! fixing a 5,000-slide manifest does not discover errors one run at a time.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use wsimil_common::ids::SlideId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub slide: SlideId,
+    /// Absolute, or relative to the manifest's folder.
+    pub path: PathBuf,
+    pub label: String,
+    pub fold: Option<u32>,
+    pub split: Option<Split>,
+    pub mpp: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub source: PathBuf,
+    pub rows: Vec<Row>,
+    /// Class names; a label's index here is its class.
+    pub classes: Vec<String>,
+}
+
+/// One problem, at a line of the file (1-based, header = line 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: cannot read manifest: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{}", render(path, problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+fn render(path: &Path, problems: &[Problem]) -> String {
+    let mut s = format!(
+        "{}: {} problem{} in the manifest:",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        match p.line {
+            Some(l) => s.push_str(&format!("\n  line {l}: {}", p.message)),
+            None => s.push_str(&format!("\n  {}", p.message)),
+        }
+    }
+    s
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Read and validate a manifest. `classes`, when given, fixes the class order and makes any other
+/// label an error; otherwise classes are the sorted distinct labels.
+pub fn load(path: &Path, classes: Option<&[String]>) -> Result<Manifest, ManifestError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ManifestError::Unreadable { path: path.to_path_buf(), reason: e.to_string() })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &base, classes)
+        .map(|(rows, classes)| Manifest { source: path.to_path_buf(), rows, classes })
+        .map_err(|problems| ManifestError::Invalid { path: path.to_path_buf(), problems })
+}
+
+/// Parse manifest text; relative paths resolve against `base`. Returns all problems on failure.
+pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec<Row>, Vec<String>), Vec<Problem>> {
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut at = |line: Option<usize>, message: String| problems.push(Problem { line, message });
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
+    let headers: Vec<String> = match reader.headers() {
+        Ok(h) => h.iter().map(|s| s.to_ascii_lowercase()).collect(),
+        Err(e) => return Err(vec![Problem { line: Some(1), message: format!("unreadable header: {e}") }]),
+    };
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let (id_c, path_c, label_c) = (col("slide_id"), col("path"), col("label"));
+    for (name, c) in [("slide_id", id_c), ("path", path_c), ("label", label_c)] {
+        if c.is_none() {
+            at(Some(1), format!("missing required column {name:?} (columns: slide_id,path,label[,fold|split][,mpp])"));
+        }
+    }
+    let (Some(id_c), Some(path_c), Some(label_c)) = (id_c, path_c, label_c) else {
+        return Err(problems);
+    };
+    let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
+    let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
+    let mut rows = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    // Rows read, and of them how many give a fold / a split (valid or not).
+    let (mut n_rows, mut fold_given, mut split_given) = (0usize, 0usize, 0usize);
+    for (i, rec) in reader.records().enumerate() {
+        let line = i + 2;
+        let rec = match rec {
+            Ok(r) => r,
+            Err(e) => {
+                at(Some(line), format!("unreadable row: {e}"));
+                continue;
+            }
+        };
+        if rec.iter().all(|f| f.is_empty()) {
+            continue;
+        }
+        let field = |c: Option<usize>| c.and_then(|c| rec.get(c)).map(str::trim).filter(|s| !s.is_empty());
+        n_rows += 1;
+        fold_given += field(fold_c).is_some() as usize;
+        split_given += field(split_c).is_some() as usize;
+        let raw_id = field(Some(id_c)).unwrap_or("");
+        let slide = match SlideId::new(raw_id) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                at(Some(line), format!("slide_id {raw_id:?}: {e}"));
+                None
+            }
+        };
+        if let Some(first) = seen.get(raw_id) {
+            at(Some(line), format!("duplicate slide_id {raw_id:?} (first on line {first})"));
+        } else if !raw_id.is_empty() {
+            seen.insert(raw_id.to_string(), line);
+        }
+        let path = match field(Some(path_c)) {
+            None => {
+                at(Some(line), format!("{raw_id}: empty path"));
+                None
+            }
+            Some(p) => {
+                let p = PathBuf::from(p);
+                let full = if p.is_absolute() { p } else { base.join(p) };
+                if !full.is_file() {
+                    at(Some(line), format!("{raw_id}: slide file not found: {}", full.display()));
+                }
+                Some(full)
+            }
+        };
+        let label = match field(Some(label_c)) {
+            None => {
+                at(Some(line), format!("{raw_id}: empty label"));
+                None
+            }
+            Some(l) => {
+                if let Some(k) = &known {
+                    if !k.contains(l) {
+                        at(
+                            Some(line),
+                            format!(
+                                "{raw_id}: unknown label {l:?} (classes: {})",
+                                k.iter().copied().collect::<Vec<_>>().join(", ")
+                            ),
+                        );
+                    }
+                }
+                Some(l.to_string())
+            }
+        };
+        let fold = match field(fold_c) {
+            None => None,
+            Some(f) => match f.parse::<u32>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    at(Some(line), format!("{raw_id}: fold {f:?} is not a non-negative integer"));
+                    None
+                }
+            },
+        };
+        let split = match field(split_c) {
+            None => None,
+            Some(s) => match s.to_ascii_lowercase().as_str() {
+                "train" => Some(Split::Train),
+                "val" | "valid" | "validation" => Some(Split::Val),
+                "test" => Some(Split::Test),
+                _ => {
+                    at(Some(line), format!("{raw_id}: split {s:?} is not train, val or test"));
+                    None
+                }
+            },
+        };
+        let mpp = match field(mpp_c) {
+            None => None,
+            Some(m) => match m.parse::<f64>() {
+                Ok(v) if v.is_finite() && v > 0.0 => Some(v),
+                _ => {
+                    at(Some(line), format!("{raw_id}: mpp {m:?} is not a positive number"));
+                    None
+                }
+            },
+        };
+        if let (Some(slide), Some(path), Some(label)) = (slide, path, label) {
+            rows.push(Row { slide, path, label, fold, split, mpp });
+        }
+    }
+    let row_problems = problems.len();
+    if rows.is_empty() && row_problems == 0 {
+        problems.push(Problem { line: None, message: "the cohort is empty: no slides listed".into() });
+    }
+    for (what, given) in [("fold", fold_given), ("split", split_given)] {
+        if given > 0 && given < n_rows {
+            let message = format!("{what} is given for {given} of {n_rows} slides: give it for all or none");
+            problems.push(Problem { line: None, message });
+        }
+    }
+    let classes: Vec<String> = match classes {
+        Some(c) => c.to_vec(),
+        None => rows.iter().map(|r| r.label.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+    };
+    if !rows.is_empty() && classes.len() < 2 {
+        problems.push(Problem {
+            line: None,
+            message: format!("only one class ({}) in the cohort: a classifier needs at least two", classes.join(", ")),
+        });
+    }
+    if problems.is_empty() {
+        Ok((rows, classes))
+    } else {
+        Err(problems)
+    }
+}
+
+impl Manifest {
+    pub fn class_index(&self, label: &str) -> usize {
+        self.classes.iter().position(|c| c == label).expect("labels validated against classes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[&str]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for f in files {
+            std::fs::write(d.path().join(f), b"x").unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn a_good_manifest_parses_with_relative_paths_and_sorted_classes() {
+        let d = dir_with(&["a.svs", "b.svs"]);
+        let (rows, classes) =
+            parse("slide_id,path,label,mpp\na,a.svs,tumor,0.25\nb, b.svs ,normal,\n", d.path(), None).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].path, d.path().join("a.svs"));
+        assert_eq!(rows[0].mpp, Some(0.25));
+        assert_eq!(rows[1].mpp, None);
+        assert_eq!(classes, vec!["normal", "tumor"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_line() {
+        let d = dir_with(&["a.svs", "b.svs"]);
+        let text = "slide_id,path,label,fold,mpp\n\
+                    a,a.svs,tumor,0,\n\
+                    a,b.svs,normal,1,\n\
+                    ../evil,b.svs,normal,1,\n\
+                    c,missing.svs,normal,x,\n\
+                    d,b.svs,,1,-3\n\
+                    e,b.svs,cancer,2,\n";
+        let classes = vec!["normal".to_string(), "tumor".to_string()];
+        let problems = parse(text, d.path(), Some(&classes)).unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(has("line 3: duplicate slide_id \"a\" (first on line 2)"), "{text:#?}");
+        assert!(has("line 4: slide_id \"../evil\""), "{text:#?}");
+        assert!(has("line 5: c: slide file not found"), "{text:#?}");
+        assert!(has("line 5: c: fold \"x\""), "{text:#?}");
+        assert!(has("line 6: d: empty label"), "{text:#?}");
+        assert!(has("line 6: d: mpp \"-3\""), "{text:#?}");
+        assert!(has("line 7: e: unknown label \"cancer\""), "{text:#?}");
+        assert_eq!(problems.len(), 7, "{text:#?}");
+    }
+
+    #[test]
+    fn empty_cohort_missing_columns_one_class_and_partial_folds_are_errors() {
+        let d = dir_with(&["a.svs", "b.svs"]);
+        let p = parse("slide_id,path,label\n", d.path(), None).unwrap_err();
+        assert!(p[0].message.contains("empty"), "{p:?}");
+        let p = parse("id,file\n", d.path(), None).unwrap_err();
+        assert!(
+            p.iter().any(|x| x.message.contains("\"slide_id\"")) && p.iter().any(|x| x.message.contains("\"label\""))
+        );
+        let p = parse("slide_id,path,label\na,a.svs,x\nb,b.svs,x\n", d.path(), None).unwrap_err();
+        assert!(p[0].message.contains("only one class"), "{p:?}");
+        let p = parse("slide_id,path,label,fold\na,a.svs,x,0\nb,b.svs,y,\n", d.path(), None).unwrap_err();
+        assert!(p[0].message.contains("fold is given for 1 of 2"), "{p:?}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let err = load(Path::new("/no/such/manifest.csv"), None).unwrap_err();
+        assert!(err.to_string().contains("/no/such/manifest.csv"), "{err}");
+        let d = dir_with(&[]);
+        let m = d.path().join("m.csv");
+        std::fs::write(&m, "slide_id,path,label\n").unwrap();
+        let err = load(&m, None).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}: 1 problem in the manifest:", m.display())), "{err}");
+    }
+}

@@ -1,0 +1,257 @@
+//! Planning: turn a manifest and settings into a [`RunPlan`], and each stage into the jobs still
+//! to do, given what the store already holds. Re-planning is how a run resumes: finished outputs
+//! exist, so their jobs are simply not planned again.
+
+use crate::manifest::{Manifest, Split};
+use wsimil_common::ids::{content_hash, RunId, SlideId};
+use wsimil_common::job::{EmbedJob, Job, PredictJob, TileJob, TrainJob};
+use wsimil_common::layout;
+use wsimil_common::plan::{EmbedderSpec, Fold, PlannedSlide, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::rng::Rng;
+use wsimil_common::store::{Store, StoreError};
+
+/// How slides are split into folds when the manifest does not say.
+#[derive(Debug, Clone, Copy)]
+pub struct FoldSettings {
+    pub k: usize,
+    pub seed: u64,
+}
+
+/// Folds from the manifest (`fold` or `split` columns) or a seeded, label-stratified k-fold.
+///
+/// With k folds, fold i tests on its own slides, validates (early stopping) on fold i+1 mod k and
+/// trains on the rest; with fewer than 3 folds there is no validation set.
+pub fn assign_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<Fold> {
+    let ids = |f: &dyn Fn(&crate::manifest::Row) -> bool| -> Vec<SlideId> {
+        manifest.rows.iter().filter(|r| f(r)).map(|r| r.slide.clone()).collect()
+    };
+    if manifest.rows.iter().all(|r| r.split.is_some()) && !manifest.rows.is_empty() {
+        return vec![Fold {
+            train: ids(&|r| r.split == Some(Split::Train)),
+            val: ids(&|r| r.split == Some(Split::Val)),
+            test: ids(&|r| r.split == Some(Split::Test)),
+        }];
+    }
+    let fold_of: Vec<usize> = if manifest.rows.iter().all(|r| r.fold.is_some()) && !manifest.rows.is_empty() {
+        // Manifest folds, renumbered densely in their sorted order.
+        let mut distinct: Vec<u32> = manifest.rows.iter().filter_map(|r| r.fold).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        manifest.rows.iter().map(|r| distinct.binary_search(&r.fold.unwrap()).unwrap()).collect()
+    } else {
+        stratified_folds(&manifest.rows.iter().map(|r| manifest.class_index(&r.label)).collect::<Vec<_>>(), settings)
+    };
+    let k = fold_of.iter().copied().max().map_or(0, |m| m + 1);
+    (0..k)
+        .map(|i| {
+            let val_fold = if k >= 3 { Some((i + 1) % k) } else { None };
+            let pick = |pred: &dyn Fn(usize) -> bool| -> Vec<SlideId> {
+                manifest.rows.iter().zip(&fold_of).filter(|(_, f)| pred(**f)).map(|(r, _)| r.slide.clone()).collect()
+            };
+            Fold {
+                test: pick(&|f| f == i),
+                val: pick(&|f| Some(f) == val_fold),
+                train: pick(&|f| f != i && Some(f) != val_fold),
+            }
+        })
+        .collect()
+}
+
+/// Deal each class's shuffled slides round-robin over k folds (k capped by the smallest class).
+pub fn stratified_folds(labels: &[usize], settings: FoldSettings) -> Vec<usize> {
+    let n_classes = labels.iter().copied().max().map_or(0, |m| m + 1);
+    let smallest =
+        (0..n_classes).map(|c| labels.iter().filter(|l| **l == c).count()).filter(|n| *n > 0).min().unwrap_or(0);
+    let k = settings.k.min(smallest.max(2)).max(2);
+    let mut rng = Rng::new(settings.seed);
+    let mut out = vec![0; labels.len()];
+    let mut next = 0;
+    for c in 0..n_classes {
+        let mut idx: Vec<usize> = (0..labels.len()).filter(|i| labels[*i] == c).collect();
+        rng.shuffle(&mut idx);
+        for i in idx {
+            out[i] = next % k;
+            next += 1;
+        }
+    }
+    out
+}
+
+/// The run's plan. Its id, unless given, is a hash of everything that determines its results, so
+/// re-running the same command resumes the same run and changing anything starts a new one.
+pub fn make_plan(
+    manifest: &Manifest,
+    run: Option<RunId>,
+    tiling: TilingSpec,
+    embedder: EmbedderSpec,
+    train: TrainConfig,
+    folds: FoldSettings,
+) -> RunPlan {
+    let slides: Vec<PlannedSlide> = manifest
+        .rows
+        .iter()
+        .map(|r| PlannedSlide {
+            id: r.slide.clone(),
+            path: r.path.display().to_string(),
+            label: manifest.class_index(&r.label),
+            mpp: r.mpp,
+        })
+        .collect();
+    let folds_v = assign_folds(manifest, folds);
+    let run = run.unwrap_or_else(|| {
+        let key =
+            serde_json::to_vec(&(&manifest.classes, &slides, &folds_v, &tiling, &embedder, &train)).expect("json");
+        RunId::new(format!("run-{}", content_hash([key.as_slice()]))).expect("safe")
+    });
+    RunPlan { run, classes: manifest.classes.clone(), slides, folds: folds_v, tiling, embedder, train }
+}
+
+/// Tile jobs for slides without a patch grid.
+pub async fn tile_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreError> {
+    let tiling = plan.tiling.id();
+    let mut jobs = Vec::new();
+    for s in &plan.slides {
+        if !store.exists(&layout::patch_grid(&tiling, &s.id)).await? {
+            jobs.push(Job::Tile(TileJob {
+                slide: s.id.clone(),
+                path: s.path.clone(),
+                mpp: s.mpp,
+                tiling: plan.tiling.clone(),
+            }));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Embed jobs for slides that have a patch grid but no features.
+pub async fn embed_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreError> {
+    let (tiling, emb) = (plan.tiling.id(), plan.embedder.id());
+    let mut jobs = Vec::new();
+    for s in &plan.slides {
+        if store.exists(&layout::patch_grid(&tiling, &s.id)).await?
+            && !store.exists(&layout::features(&emb, &tiling, &s.id)).await?
+        {
+            jobs.push(Job::Embed(EmbedJob {
+                slide: s.id.clone(),
+                path: s.path.clone(),
+                tiling: tiling.clone(),
+                embedder: plan.embedder.clone(),
+            }));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Train jobs for folds without a report.
+pub async fn train_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
+    let mut jobs = Vec::new();
+    for k in 0..plan.folds.len() as u32 {
+        if !store.exists(&layout::fold_metrics(&plan.run, round, k)).await? {
+            jobs.push(Job::Train(TrainJob { run: plan.run.clone(), round, fold: k }));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Predict jobs for test slides with features but no attention map yet.
+pub async fn predict_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
+    let (tiling, emb) = (plan.tiling.id(), plan.embedder.id());
+    let mut jobs = Vec::new();
+    for s in &plan.slides {
+        let testable = plan.test_fold_of(&s.id).is_some();
+        if testable
+            && store.exists(&layout::features(&emb, &tiling, &s.id)).await?
+            && !store.exists(&layout::attention(&plan.run, round, &s.id)).await?
+        {
+            jobs.push(Job::Predict(PredictJob { run: plan.run.clone(), round, slide: s.id.clone() }));
+        }
+    }
+    Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Row;
+    use std::path::PathBuf;
+
+    fn manifest(labels: &[&str], folds: Option<&[u32]>) -> Manifest {
+        let rows = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Row {
+                slide: SlideId::new(format!("s{i}")).unwrap(),
+                path: PathBuf::from(format!("/s{i}.svs")),
+                label: l.to_string(),
+                fold: folds.map(|f| f[i]),
+                split: None,
+                mpp: None,
+            })
+            .collect();
+        Manifest { source: PathBuf::from("m.csv"), rows, classes: vec!["a".into(), "b".into()] }
+    }
+
+    #[test]
+    fn stratified_folds_balance_classes_and_are_seeded() {
+        let labels: Vec<usize> = (0..20).map(|i| (i % 4 == 0) as usize).collect(); // 5 positives
+        let f = stratified_folds(&labels, FoldSettings { k: 5, seed: 1 });
+        for k in 0..5 {
+            let pos = (0..20).filter(|i| f[*i] == k && labels[*i] == 1).count();
+            let all = (0..20).filter(|i| f[*i] == k).count();
+            assert_eq!(pos, 1, "fold {k}");
+            assert_eq!(all, 4, "fold {k}");
+        }
+        assert_eq!(f, stratified_folds(&labels, FoldSettings { k: 5, seed: 1 }));
+        assert_ne!(f, stratified_folds(&labels, FoldSettings { k: 5, seed: 2 }));
+        // k is capped by the smallest class.
+        let g = stratified_folds(&labels, FoldSettings { k: 10, seed: 1 });
+        assert_eq!(g.iter().max(), Some(&4));
+    }
+
+    #[test]
+    fn folds_partition_the_cohort_with_disjoint_train_val_test() {
+        let m = manifest(&["a", "b", "a", "b", "a", "b", "a", "b"], None);
+        let folds = assign_folds(&m, FoldSettings { k: 4, seed: 0 });
+        assert_eq!(folds.len(), 4);
+        let mut tested: Vec<SlideId> = folds.iter().flat_map(|f| f.test.clone()).collect();
+        tested.sort();
+        assert_eq!(tested.len(), 8, "every slide is tested exactly once");
+        tested.dedup();
+        assert_eq!(tested.len(), 8);
+        for f in &folds {
+            assert!(!f.val.is_empty());
+            assert_eq!(f.train.len() + f.val.len() + f.test.len(), 8);
+            assert!(f.train.iter().all(|s| !f.val.contains(s) && !f.test.contains(s)));
+        }
+    }
+
+    #[test]
+    fn manifest_folds_are_used_as_test_folds() {
+        let m = manifest(&["a", "b", "a", "b"], Some(&[7, 7, 9, 9]));
+        let folds = assign_folds(&m, FoldSettings { k: 5, seed: 0 });
+        assert_eq!(folds.len(), 2);
+        assert_eq!(folds[0].test, vec![SlideId::new("s0").unwrap(), SlideId::new("s1").unwrap()]);
+        assert!(folds[0].val.is_empty(), "two folds leave no validation fold");
+        assert_eq!(folds[0].train.len(), 2);
+    }
+
+    #[test]
+    fn run_id_depends_on_the_inputs() {
+        use wsimil_common::grid::TissueParams;
+        let m = manifest(&["a", "b", "a", "b"], None);
+        let t = TilingSpec {
+            patch_px: 256,
+            target_mpp: 0.5,
+            step_fraction: 1.0,
+            min_tissue_fraction: 0.25,
+            tissue: TissueParams::tcga(),
+        };
+        let e = EmbedderSpec { architecture: "x".into(), weights: "random-1".into(), batch_size: 8 };
+        let fs = FoldSettings { k: 2, seed: 0 };
+        let a = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), fs);
+        let b = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), fs);
+        assert_eq!(a.run, b.run);
+        let c = make_plan(&m, None, t, e, TrainConfig { lr: 1e-3, ..TrainConfig::default() }, fs);
+        assert_ne!(a.run, c.run);
+    }
+}

@@ -1,0 +1,373 @@
+//! A run, stage by stage: plan → tile → embed → train (one job per fold) → predict → summary.
+//!
+//! The same driver serves every mode; only the [`Dispatcher`] differs. Each stage is re-planned
+//! from the store, so running the same command again resumes where the last one stopped.
+
+use crate::dispatch::{Dispatcher, StageOutcome};
+use crate::manifest::{self, Manifest};
+use crate::planner::{self, FoldSettings};
+use anyhow::{bail, Context};
+use arrow_array::{Float64Array, Int32Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use wsimil_common::ids::RunId;
+use wsimil_common::job::{FailureRecord, Job, JobKind};
+use wsimil_common::layout;
+use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
+use wsimil_common::plan::{EmbedderSpec, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::store::Store;
+use wsimil_common::table::write_parquet;
+use wsimil_worker::train::FoldReport;
+
+/// Where an embedder's weights come from.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// A safetensors file (torchvision / efficientnet_pytorch names).
+    File(PathBuf),
+    /// Seeded random initialisation (tests, smoke runs).
+    Random(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbedderChoice {
+    pub architecture: String,
+    pub weights: Weights,
+    pub batch_size: usize,
+}
+
+/// Everything `wsimil run` needs, checked.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub manifest: PathBuf,
+    pub classes: Option<Vec<String>>,
+    pub run: Option<RunId>,
+    pub tiling: TilingSpec,
+    pub embedder: EmbedderChoice,
+    pub train: TrainConfig,
+    pub folds: FoldSettings,
+}
+
+/// Put the embedder's weights into the store under their content address and return its spec.
+pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow::Result<EmbedderSpec> {
+    if !wsimil_common::models::embedder::ARCHITECTURES.contains(&choice.architecture.as_str()) {
+        bail!(
+            "unknown embedder {:?} (known: {})",
+            choice.architecture,
+            wsimil_common::models::embedder::ARCHITECTURES.join(", ")
+        );
+    }
+    match &choice.weights {
+        Weights::Random(seed) => Ok(EmbedderSpec {
+            architecture: choice.architecture.clone(),
+            weights: format!("random-{seed}"),
+            batch_size: choice.batch_size,
+        }),
+        Weights::File(path) => {
+            let bytes = tokio::fs::read(path)
+                .await
+                .with_context(|| format!("{}: cannot read embedder weights", path.display()))?;
+            let sha = hex_sha256(&bytes);
+            let spec = EmbedderSpec {
+                architecture: choice.architecture.clone(),
+                weights: sha.clone(),
+                batch_size: choice.batch_size,
+            };
+            let id = spec.id();
+            let key = layout::embedder_weights(&id);
+            if !store.exists(&key).await? {
+                // Check the file builds the architecture before anyone relies on it.
+                let tensors = wsimil_common::models::params::load_safetensors(&bytes, &candle_core::Device::Cpu)
+                    .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+                let vb = candle_nn::VarBuilder::from_tensors(
+                    tensors.into_iter().collect(),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                );
+                wsimil_common::models::embedder::build(&choice.architecture, vb)
+                    .with_context(|| format!("{}: weights do not fit {}", path.display(), choice.architecture))?;
+                store.put(&key, bytes).await?;
+                let card = serde_json::json!({"id": id, "architecture": choice.architecture, "weights_sha256": sha, "source": path.display().to_string(), "parent": null});
+                store.put_json(&layout::embedder_card(&id), &card).await?;
+            }
+            Ok(spec)
+        }
+    }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(bytes);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Validate the manifest, register the embedder and write (or check) the run's plan.
+pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(Manifest, RunPlan)> {
+    let manifest = manifest::load(&settings.manifest, settings.classes.as_deref())?;
+    let embedder = register_embedder(store, &settings.embedder).await?;
+    let plan = planner::make_plan(
+        &manifest,
+        settings.run.clone(),
+        settings.tiling.clone(),
+        embedder,
+        settings.train.clone(),
+        settings.folds,
+    );
+    let key = layout::run_plan(&plan.run);
+    if store.exists(&key).await? {
+        let existing: RunPlan = store.get_json(&key).await?;
+        if existing != plan {
+            bail!("run {} already exists with a different plan (cohort or settings changed); name another --run or remove {key}", plan.run);
+        }
+    } else {
+        store.put_json(&key, &plan).await?;
+    }
+    Ok((manifest, plan))
+}
+
+/// The cohort-level result of one round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    pub run: RunId,
+    pub round: u32,
+    pub classes: Vec<String>,
+    pub slides: usize,
+    /// Slides with an out-of-fold prediction.
+    pub predicted: usize,
+    /// Metrics over all out-of-fold predictions pooled.
+    pub pooled: Option<Metrics>,
+    pub per_fold: Vec<Option<Metrics>>,
+    pub auc: Option<MeanSd>,
+    pub accuracy: Option<MeanSd>,
+    pub balanced_accuracy: Option<MeanSd>,
+    pub f1: Option<MeanSd>,
+    pub failures: Vec<FailureRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    pub kind: JobKind,
+    pub planned: usize,
+    pub outcome: StageOutcome,
+}
+
+pub struct RunSummary {
+    pub plan: RunPlan,
+    pub stages: Vec<StageReport>,
+    pub metrics: RoundMetrics,
+}
+
+async fn record_failures(store: &Store, run: &RunId, jobs: &[Job], outcome: &StageOutcome) -> anyhow::Result<()> {
+    for f in &outcome.failed {
+        store.put_json(&layout::failure(run, &f.job), f).await?;
+    }
+    // A job that succeeded this time clears its old failure record.
+    for j in jobs {
+        if !outcome.failed.iter().any(|f| f.job == j.id()) {
+            store.delete(&layout::failure(run, &j.id())).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn stage(
+    store: &Store,
+    d: &dyn Dispatcher,
+    plan: &RunPlan,
+    kind: JobKind,
+    jobs: Vec<Job>,
+) -> anyhow::Result<StageReport> {
+    let planned = jobs.len();
+    if planned == 0 {
+        eprintln!("  {:<8} nothing to do", kind.as_str());
+        return Ok(StageReport { kind, planned, outcome: StageOutcome::default() });
+    }
+    let outcome = d.run_stage(kind, jobs.clone()).await?;
+    record_failures(store, &plan.run, &jobs, &outcome).await?;
+    Ok(StageReport { kind, planned, outcome })
+}
+
+/// Run every stage of round 0 and summarise.
+pub async fn run(store: &Store, dispatcher: &dyn Dispatcher, plan: &RunPlan) -> anyhow::Result<RunSummary> {
+    let round = 0;
+    let mut stages = Vec::new();
+    stages.push(stage(store, dispatcher, plan, JobKind::Tile, planner::tile_jobs(store, plan).await?).await?);
+    stages.push(stage(store, dispatcher, plan, JobKind::Embed, planner::embed_jobs(store, plan).await?).await?);
+    stages.push(stage(store, dispatcher, plan, JobKind::Train, planner::train_jobs(store, plan, round).await?).await?);
+    let trained = (0..plan.folds.len() as u32)
+        .filter(|k| {
+            stages[2].outcome.failed.iter().all(|f| f.job.as_str() != format!("train.{}.r{round}.f{k}", plan.run))
+        })
+        .count();
+    if trained == 0 {
+        bail!(
+            "no fold could be trained: {}",
+            stages[2].outcome.failed.iter().map(|f| f.reason.clone()).collect::<Vec<_>>().join("; ")
+        );
+    }
+    stages.push(
+        stage(store, dispatcher, plan, JobKind::Predict, planner::predict_jobs(store, plan, round).await?).await?,
+    );
+    let metrics = summarise(store, plan, round).await?;
+    Ok(RunSummary { plan: plan.clone(), stages, metrics })
+}
+
+/// Gather fold reports into out-of-fold predictions (Parquet and CSV) and the round's metrics.
+pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Result<RoundMetrics> {
+    let n_classes = plan.classes.len();
+    let mut rows: Vec<(String, usize, u32, Vec<f64>)> = Vec::new();
+    let mut per_fold = Vec::new();
+    for k in 0..plan.folds.len() as u32 {
+        let key = layout::fold_metrics(&plan.run, round, k);
+        if !store.exists(&key).await? {
+            per_fold.push(None);
+            continue;
+        }
+        let report: FoldReport = store.get_json(&key).await?;
+        per_fold.push(report.test);
+        rows.extend(report.predictions.into_iter().map(|p| (p.slide, p.label, k, p.probs)));
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let probs: Vec<Vec<f64>> = rows.iter().map(|r| r.3.clone()).collect();
+    let labels: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    let pooled = (!rows.is_empty()).then(|| evaluate(&probs, &labels, n_classes));
+    let folds: Vec<&Metrics> = per_fold.iter().flatten().collect();
+    let collect = |f: &dyn Fn(&Metrics) -> Option<f64>| mean_sd(&folds.iter().filter_map(|m| f(m)).collect::<Vec<_>>());
+    let mut failures = Vec::new();
+    for key in store.list(&layout::failures_prefix(&plan.run)).await? {
+        failures.push(store.get_json::<FailureRecord>(&key).await?);
+    }
+    let metrics = RoundMetrics {
+        run: plan.run.clone(),
+        round,
+        classes: plan.classes.clone(),
+        slides: plan.slides.len(),
+        predicted: rows.len(),
+        pooled,
+        auc: collect(&|m| m.auc),
+        accuracy: collect(&|m| Some(m.accuracy)),
+        balanced_accuracy: collect(&|m| Some(m.balanced_accuracy)),
+        f1: collect(&|m| Some(m.f1)),
+        per_fold,
+        failures,
+    };
+    write_predictions(store, plan, round, &rows).await?;
+    store.put_json(&layout::round_metrics(&plan.run, round), &metrics).await?;
+    Ok(metrics)
+}
+
+async fn write_predictions(
+    store: &Store,
+    plan: &RunPlan,
+    round: u32,
+    rows: &[(String, usize, u32, Vec<f64>)],
+) -> anyhow::Result<()> {
+    let predicted = |p: &[f64]| p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+    let mut fields = vec![
+        Field::new("slide_id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, false),
+        Field::new("fold", DataType::Int32, false),
+        Field::new("predicted", DataType::Utf8, false),
+    ];
+    let mut cols: Vec<Arc<dyn arrow_array::Array>> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| plan.classes[r.1].as_str()))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.2 as i32))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| plan.classes[predicted(&r.3)].as_str()))),
+    ];
+    for (c, name) in plan.classes.iter().enumerate() {
+        fields.push(Field::new(format!("prob_{name}"), DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3[c]))));
+    }
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
+    let prov = serde_json::json!({"run": plan.run, "round": round, "kind": "out-of-fold predictions"});
+    store.put(&layout::predictions_parquet(&plan.run, round), write_parquet("predictions", &batch, &prov)?).await?;
+    let mut csv = format!(
+        "slide_id,label,fold,predicted,{}\n",
+        plan.classes.iter().map(|c| format!("prob_{c}")).collect::<Vec<_>>().join(",")
+    );
+    for r in rows {
+        let probs: Vec<String> = r.3.iter().map(|p| format!("{p:.6}")).collect();
+        csv.push_str(&format!(
+            "{},{},{},{},{}\n",
+            r.0,
+            plan.classes[r.1],
+            r.2,
+            plan.classes[predicted(&r.3)],
+            probs.join(",")
+        ));
+    }
+    store.put(&layout::predictions_csv(&plan.run, round), csv.into_bytes()).await?;
+    Ok(())
+}
+
+fn fmt_opt(m: Option<f64>) -> String {
+    m.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into())
+}
+
+/// The end-of-run report a person reads.
+pub fn render_summary(s: &RunSummary, store: &Store) -> String {
+    let m = &s.metrics;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nrun {}: {} slides, classes {}, {} fold{}\n",
+        s.plan.run,
+        m.slides,
+        s.plan.classes.join("/"),
+        s.plan.folds.len(),
+        if s.plan.folds.len() == 1 { "" } else { "s" }
+    ));
+    for st in &s.stages {
+        let o = &st.outcome;
+        out.push_str(&format!(
+            "  {:<8} {:>4} planned, {:>4} computed, {:>4} already done, {:>3} failed  {:>7.1} s\n",
+            st.kind.as_str(),
+            st.planned,
+            o.computed,
+            o.already_done,
+            o.failed.len(),
+            o.seconds
+        ));
+    }
+    if let Some(p) = &m.pooled {
+        out.push_str(&format!(
+            "cohort, out-of-fold ({} slides): AUC {}  accuracy {:.3}  balanced accuracy {:.3}  F1 {:.3}\n",
+            m.predicted,
+            fmt_opt(p.auc),
+            p.accuracy,
+            p.balanced_accuracy,
+            p.f1
+        ));
+    }
+    let ms = |x: &Option<MeanSd>| x.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
+    out.push_str(&format!(
+        "per fold (mean ± sd): AUC {}  accuracy {}  balanced accuracy {}\n",
+        ms(&m.auc),
+        ms(&m.accuracy),
+        ms(&m.balanced_accuracy)
+    ));
+    if !m.failures.is_empty() {
+        out.push_str(&format!("{} job(s) failed:\n", m.failures.len()));
+        for f in &m.failures {
+            out.push_str(&format!(
+                "  {} {}: {}\n",
+                f.kind,
+                f.slide.as_ref().map(|s| s.to_string()).unwrap_or_else(|| f.job.to_string()),
+                f.reason
+            ));
+        }
+    }
+    let where_ = |key: &object_store::path::Path| {
+        store
+            .local_path(key)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| format!("{}/{}", store.location(), key))
+    };
+    out.push_str(&format!("predictions: {}\n", where_(&layout::predictions_csv(&m.run, m.round))));
+    out.push_str(&format!("metrics:     {}\n", where_(&layout::round_metrics(&m.run, m.round))));
+    let heat = layout::round_dir(&m.run, m.round);
+    out.push_str(&format!("heatmaps:    {}/heatmaps/\n", where_(&object_store::path::Path::from(heat))));
+    out
+}

@@ -1,0 +1,436 @@
+//! Executing one job: read inputs from the store, compute off the async runtime, write outputs
+//! whole under their final keys, and report. Every job is idempotent: if its output already exists
+//! it is skipped, so a redelivered job costs one existence check.
+//!
+//! [`JobError`] is the one place that decides whether a failure is worth retrying.
+
+use crate::embed::{embed_patches, EmbedError};
+use crate::heatmap;
+use crate::slide::{self, SlideError};
+use crate::tiling::{png_bytes_rgb, tile_slide};
+use crate::train::{self, Bag, FoldReport};
+use candle_core::{DType, Device};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tracing::{info, warn};
+use wsimil_common::attention::{AttentionMap, PredictionProvenance};
+use wsimil_common::features::{EmbeddingProvenance, FeatureBag};
+use wsimil_common::grid::PatchGrid;
+use wsimil_common::ids::{EmbedderId, RunId, SlideId};
+use wsimil_common::job::{EmbedJob, Job, PredictJob, TileJob, TrainJob};
+use wsimil_common::layout;
+use wsimil_common::models::embedder::{self, Embedder};
+use wsimil_common::models::params::{load_safetensors, Params};
+use wsimil_common::models::{BagModel, BagModelConfig};
+use wsimil_common::plan::{EmbedderSpec, RunPlan};
+use wsimil_common::store::{Store, StoreError};
+use wsimil_common::table::TableError;
+
+/// A job failure, already classified.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Retrying will not help (corrupt slide, bad input, a bug): fail the job with this reason.
+    #[error("{0}")]
+    Permanent(String),
+    /// May succeed later or elsewhere (network, store throttling, missing library on this host).
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl JobError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, JobError::Transient(_))
+    }
+}
+
+impl From<SlideError> for JobError {
+    fn from(e: SlideError) -> Self {
+        if e.is_transient() {
+            JobError::Transient(e.to_string())
+        } else {
+            JobError::Permanent(e.to_string())
+        }
+    }
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        if e.is_transient() {
+            JobError::Transient(e.to_string())
+        } else {
+            JobError::Permanent(e.to_string())
+        }
+    }
+}
+
+impl From<TableError> for JobError {
+    fn from(e: TableError) -> Self {
+        JobError::Permanent(e.to_string())
+    }
+}
+
+impl From<EmbedError> for JobError {
+    fn from(e: EmbedError) -> Self {
+        match e {
+            EmbedError::Slide(s) => s.into(),
+            EmbedError::Model { .. } => model_error(e.to_string()),
+        }
+    }
+}
+
+/// Device memory exhaustion may pass (another job frees memory); other model errors will not.
+fn model_error(msg: String) -> JobError {
+    let lower = msg.to_lowercase();
+    if lower.contains("out of memory") || lower.contains("cuda_error_out_of_memory") {
+        JobError::Transient(msg)
+    } else {
+        JobError::Permanent(msg)
+    }
+}
+
+fn candle_err(what: &str) -> impl Fn(candle_core::Error) -> JobError + '_ {
+    move |e| model_error(format!("{what}: {e}"))
+}
+
+/// What became of a job that did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// Computed and written.
+    Computed,
+    /// Its output was already in the store.
+    AlreadyDone,
+}
+
+/// What a worker holds across jobs.
+pub struct WorkerContext {
+    pub store: Store,
+    pub device: Device,
+    /// Name recorded in failure records and status.
+    pub name: String,
+    embedders: Mutex<HashMap<EmbedderId, Arc<dyn Embedder>>>,
+}
+
+impl WorkerContext {
+    pub fn new(store: Store, device: Device, name: impl Into<String>) -> Self {
+        WorkerContext { store, device, name: name.into(), embedders: Mutex::new(HashMap::new()) }
+    }
+
+    /// The embedder of `spec`, loaded once per worker.
+    async fn embedder(&self, spec: &EmbedderSpec) -> Result<Arc<dyn Embedder>, JobError> {
+        let id = spec.id();
+        if let Some(e) = self.embedders.lock().unwrap().get(&id) {
+            return Ok(e.clone());
+        }
+        let device = self.device.clone();
+        let e: Arc<dyn Embedder> = if let Some(seed) = spec.weights.strip_prefix("random-") {
+            let seed: u64 =
+                seed.parse().map_err(|_| JobError::Permanent(format!("bad random weights spec {:?}", spec.weights)))?;
+            let p = Params::new(seed);
+            Arc::from(
+                embedder::build(&spec.architecture, p.var_builder(&device)).map_err(candle_err(&spec.architecture))?,
+            )
+        } else {
+            let bytes = self.store.get(&layout::embedder_weights(&id)).await?;
+            let arch = spec.architecture.clone();
+            tokio::task::spawn_blocking(move || -> Result<Arc<dyn Embedder>, JobError> {
+                let tensors = load_safetensors(&bytes, &device).map_err(candle_err(&arch))?;
+                let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &device);
+                Ok(Arc::from(embedder::build(&arch, vb).map_err(candle_err(&arch))?))
+            })
+            .await
+            .map_err(|e| JobError::Permanent(format!("embedder load panicked: {e}")))??
+        };
+        self.embedders.lock().unwrap().insert(id, e.clone());
+        Ok(e)
+    }
+}
+
+/// Run `f` on the blocking pool, turning a panic into a permanent failure.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + Send + 'static) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::Permanent(format!("job panicked: {e}")))?
+}
+
+/// Execute one job.
+pub async fn execute(ctx: &WorkerContext, job: &Job) -> Result<Done, JobError> {
+    match job {
+        Job::Tile(j) => tile(ctx, j).await,
+        Job::Embed(j) => embed(ctx, j).await,
+        Job::Train(j) => train_fold(ctx, j).await,
+        Job::Predict(j) => predict(ctx, j).await,
+    }
+}
+
+async fn tile(ctx: &WorkerContext, job: &TileJob) -> Result<Done, JobError> {
+    let tiling = job.tiling.id();
+    let grid_key = layout::patch_grid(&tiling, &job.slide);
+    if ctx.store.exists(&grid_key).await? {
+        return Ok(Done::AlreadyDone);
+    }
+    let started = Instant::now();
+    let j = job.clone();
+    let tiled = blocking(move || {
+        let s = slide::open(Path::new(&j.path))?;
+        Ok(tile_slide(s.as_ref(), j.slide.as_str(), &j.tiling, j.mpp)?)
+    })
+    .await?;
+    ctx.store.put(&layout::thumbnail(&tiling, &job.slide), png_bytes_rgb(&tiled.thumbnail)).await?;
+    ctx.store.put(&layout::tissue_mask(&tiling, &job.slide), crate::tiling::png_bytes_gray(&tiled.mask)).await?;
+    if tiled.grid.patches.is_empty() {
+        // Nothing to embed or classify: fail here, once, with what to look at.
+        let p = &tiled.grid.provenance;
+        return Err(JobError::Permanent(format!(
+            "{}: no tissue patches found (saturation threshold {}, min tissue fraction {}); see {}",
+            job.path,
+            p.threshold_used,
+            p.min_tissue_fraction,
+            layout::tissue_mask(&tiling, &job.slide)
+        )));
+    }
+    // The grid is written last: its presence means the whole tile job is done.
+    ctx.store.put(&grid_key, tiled.grid.to_parquet()?).await?;
+    info!(slide = %job.slide, patches = tiled.grid.patches.len(), secs = started.elapsed().as_secs_f32(), "tiled");
+    Ok(Done::Computed)
+}
+
+async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
+    let emb_id = job.embedder.id();
+    let out_key = layout::features(&emb_id, &job.tiling, &job.slide);
+    if ctx.store.exists(&out_key).await? {
+        return Ok(Done::AlreadyDone);
+    }
+    let started = Instant::now();
+    let grid_key = layout::patch_grid(&job.tiling, &job.slide);
+    let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
+    let model = ctx.embedder(&job.embedder).await?;
+    let (path, device, batch) = (job.path.clone(), ctx.device.clone(), job.embedder.batch_size);
+    let (features, grid, model) = blocking(move || {
+        let s = slide::open(Path::new(&path))?;
+        let f = embed_patches(s.as_ref(), &grid, model.as_ref(), &device, batch)?;
+        Ok((f, grid, model))
+    })
+    .await?;
+    let bag = FeatureBag {
+        xs: grid.patches.iter().map(|p| p.x).collect(),
+        ys: grid.patches.iter().map(|p| p.y).collect(),
+        dim: model.feature_dim(),
+        features,
+        provenance: EmbeddingProvenance {
+            slide: job.slide.to_string(),
+            embedder: emb_id.to_string(),
+            architecture: model.architecture().to_string(),
+            feature_dim: model.feature_dim(),
+            preprocessing: Some(model.preprocessing()),
+            tiling_id: Some(job.tiling.to_string()),
+            tiling: Some(grid.provenance.clone()),
+            patches_skipped: 0,
+            imported_from: None,
+        },
+    };
+    ctx.store.put(&out_key, bag.to_parquet()?).await?;
+    let secs = started.elapsed().as_secs_f32();
+    info!(slide = %job.slide, patches = bag.len(), secs, rate = bag.len() as f32 / secs, "embedded");
+    Ok(Done::Computed)
+}
+
+/// The run's plan, from the store.
+pub async fn load_plan(store: &Store, run: &RunId) -> Result<RunPlan, JobError> {
+    Ok(store.get_json(&layout::run_plan(run)).await?)
+}
+
+/// Feature bags of `slides` (those whose features exist; the others are reported missing).
+async fn load_bags(
+    ctx: &WorkerContext,
+    plan: &RunPlan,
+    slides: &[SlideId],
+) -> Result<(Vec<FeatureBag>, Vec<SlideId>), JobError> {
+    let (emb, tiling) = (plan.embedder.id(), plan.tiling.id());
+    let mut bags = Vec::new();
+    let mut missing = Vec::new();
+    for s in slides {
+        let key = layout::features(&emb, &tiling, s);
+        match ctx.store.get(&key).await {
+            Ok(bytes) => {
+                let bag = FeatureBag::from_parquet(key.as_ref(), bytes)?;
+                if bag.is_empty() {
+                    missing.push(s.clone());
+                } else {
+                    bags.push(bag);
+                }
+            }
+            Err(StoreError::NotFound { .. }) => missing.push(s.clone()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((bags, missing))
+}
+
+fn label_of(plan: &RunPlan, slide: &str) -> usize {
+    plan.slides.iter().find(|s| s.id.as_str() == slide).map(|s| s.label).unwrap_or(0)
+}
+
+async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobError> {
+    let metrics_key = layout::fold_metrics(&job.run, job.round, job.fold);
+    if ctx.store.exists(&metrics_key).await? {
+        return Ok(Done::AlreadyDone);
+    }
+    let started = Instant::now();
+    let plan = load_plan(&ctx.store, &job.run).await?;
+    let fold = plan
+        .folds
+        .get(job.fold as usize)
+        .ok_or_else(|| JobError::Permanent(format!("run {} has no fold {}", job.run, job.fold)))?
+        .clone();
+    let (train_bags, miss_train) = load_bags(ctx, &plan, &fold.train).await?;
+    let (val_bags, miss_val) = load_bags(ctx, &plan, &fold.val).await?;
+    let (test_bags, miss_test) = load_bags(ctx, &plan, &fold.test).await?;
+    let missing: Vec<String> = miss_train.iter().chain(&miss_val).chain(&miss_test).map(|s| s.to_string()).collect();
+    if !missing.is_empty() {
+        warn!(fold = job.fold, ?missing, "slides without features are left out of this fold");
+    }
+    if train_bags.is_empty() {
+        return Err(JobError::Permanent(format!("fold {}: no training slide has features", job.fold)));
+    }
+    let in_dim = train_bags[0].dim;
+    let n_classes = plan.classes.len();
+    let model_cfg = BagModelConfig::named(&plan.train.model, in_dim, n_classes)
+        .ok_or_else(|| JobError::Permanent(format!("unknown model {:?}", plan.train.model)))?
+        .with_dropout(plan.train.dropout)
+        .with_landmarks(plan.train.landmarks);
+    let device = ctx.device.clone();
+    let (fold_no, round, cfg) = (job.fold, job.round, plan.train.clone());
+    let plan2 = plan.clone();
+    let (report, weights) = blocking(move || {
+        let err = candle_err("training");
+        let to_bags = |v: &[FeatureBag]| -> Result<Vec<Bag>, JobError> {
+            v.iter()
+                .map(|b| Bag::from_features(b, label_of(&plan2, &b.provenance.slide), &device).map_err(&err))
+                .collect()
+        };
+        let (tr, va, te) = (to_bags(&train_bags)?, to_bags(&val_bags)?, to_bags(&test_bags)?);
+        let seed = cfg.seed ^ ((round as u64) << 32) ^ fold_no as u64;
+        let mut log = |e: &train::EpochRecord| {
+            tracing::debug!(fold = fold_no, epoch = e.epoch, train_loss = e.train_loss, val_loss = e.val_loss)
+        };
+        let (tr, va, te): (Vec<&Bag>, Vec<&Bag>, Vec<&Bag>) =
+            (tr.iter().collect(), va.iter().collect(), te.iter().collect());
+        let trained = train::train(&model_cfg, &cfg, &tr, &va, seed, &device, &mut log).map_err(&err)?;
+        let (predictions, test_metrics) = train::test(&trained.model, &te, n_classes).map_err(&err)?;
+        let report = FoldReport {
+            fold: fold_no,
+            model: model_cfg,
+            train: cfg,
+            n_train: tr.len(),
+            n_val: va.len(),
+            n_test: te.len(),
+            epochs_run: trained.curve.len(),
+            best_epoch: trained.best_epoch,
+            curve: trained.curve,
+            test: test_metrics,
+            predictions,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok((report, trained.params.to_safetensors().map_err(&err)?))
+    })
+    .await?;
+    ctx.store.put(&layout::fold_model(&job.run, job.round, job.fold), weights).await?;
+    ctx.store.put_json(&metrics_key, &report).await?;
+    info!(
+        fold = job.fold,
+        epochs = report.epochs_run,
+        best_epoch = report.best_epoch,
+        test_auc = ?report.test.and_then(|m| m.auc),
+        secs = report.seconds,
+        "trained"
+    );
+    Ok(Done::Computed)
+}
+
+async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError> {
+    let att_key = layout::attention(&job.run, job.round, &job.slide);
+    if ctx.store.exists(&att_key).await? {
+        return Ok(Done::AlreadyDone);
+    }
+    let plan = load_plan(&ctx.store, &job.run).await?;
+    let fold = plan
+        .test_fold_of(&job.slide)
+        .ok_or_else(|| JobError::Permanent(format!("{}: in no test fold of run {}", job.slide, job.run)))?;
+    let report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, job.round, fold)).await?;
+    let weights = ctx.store.get(&layout::fold_model(&job.run, job.round, fold)).await?;
+    let (bags, _) = load_bags(ctx, &plan, std::slice::from_ref(&job.slide)).await?;
+    let Some(bag) = bags.into_iter().next() else {
+        return Err(JobError::Permanent(format!("{}: no features to predict from", job.slide)));
+    };
+    let device = ctx.device.clone();
+    let model_cfg = report.model.clone();
+    let label = label_of(&plan, job.slide.as_str());
+    let (probs, attention, bag) = blocking(move || {
+        let err = candle_err("prediction");
+        let params = Params::new(0);
+        params.preload(load_safetensors(&weights, &device).map_err(&err)?)?;
+        let model = BagModel::new(&model_cfg, params.var_builder(&device)).map_err(&err)?;
+        let b = Bag::from_features(&bag, label, &device).map_err(&err)?;
+        let (probs, att) = train::predict(&model, &b.features, true).map_err(&err)?;
+        Ok((probs, att.unwrap_or_default(), bag))
+    })
+    .await?;
+    let map = AttentionMap {
+        xs: bag.xs.clone(),
+        ys: bag.ys.clone(),
+        attention: attention.clone(),
+        provenance: PredictionProvenance {
+            slide: job.slide.to_string(),
+            round: job.round,
+            fold,
+            classes: plan.classes.clone(),
+            label,
+            probs,
+            model: plan.train.model.clone(),
+            embedder: bag.provenance.embedder.clone(),
+        },
+    };
+    // A heatmap needs the thumbnail and patch geometry of a slide wsimil tiled itself.
+    if let (Some(tp), Some(tid)) = (&bag.provenance.tiling, &bag.provenance.tiling_id) {
+        let tiling = wsimil_common::ids::TilingId::new(tid.clone()).map_err(|e| JobError::Permanent(e.to_string()))?;
+        let thumb_bytes = ctx.store.get(&layout::thumbnail(&tiling, &job.slide)).await?;
+        let thumb = image::load_from_memory(&thumb_bytes)
+            .map_err(|e| JobError::Permanent(format!("{}: thumbnail: {e}", job.slide)))?
+            .to_rgb8();
+        let img = heatmap::render(&thumb, tp.level0_width, &bag.xs, &bag.ys, tp.patch_level0, &attention);
+        ctx.store.put(&layout::heatmap(&job.run, job.round, &job.slide), png_bytes_rgb(&img)).await?;
+    }
+    ctx.store.put(&att_key, map.to_parquet()?).await?;
+    Ok(Done::Computed)
+}
+
+impl From<candle_core::Error> for JobError {
+    fn from(e: candle_core::Error) -> Self {
+        model_error(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn retry_decisions() {
+        let corrupt = SlideError::Read {
+            path: PathBuf::from("a.svs"),
+            level: 0,
+            x: 0,
+            y: 0,
+            w: 1,
+            h: 1,
+            reason: "bad JPEG".into(),
+        };
+        assert!(!JobError::from(corrupt).is_transient());
+        assert!(JobError::from(SlideError::Library("not found".into())).is_transient());
+        assert!(!JobError::from(StoreError::NotFound { key: "k".into() }).is_transient());
+        assert!(model_error("CUDA_ERROR_OUT_OF_MEMORY".into()).is_transient());
+        assert!(!model_error("shape mismatch".into()).is_transient());
+        assert!(!JobError::from(TableError::invalid("f", "bad")).is_transient());
+    }
+}

@@ -1,0 +1,22 @@
+//! The wsimil worker: everything a job does.
+//!
+//! - [`slide`]: whole-slide image readers (OpenSlide through its C library).
+//! - [`tissue`]: tissue detection (CLAM's recipe on a raster).
+//! - [`tiling`]: the tile stage: overview, tissue mask, patch grid.
+//! - [`resample`]: antialiased resizing.
+//! - [`embed`]: the embed stage: patch reading, preprocessing, batched embedding.
+//! - [`train`]: the train stage: bag classifier training, early stopping, evaluation.
+//! - [`heatmap`]: attention heatmaps over thumbnails.
+//! - [`jobs`]: executing a job against the store, and the retry decision.
+//! - [`synth`], [`tiff`]: the semi-synthetic demo cohort, written as pyramidal TIFF slides.
+
+pub mod embed;
+pub mod heatmap;
+pub mod jobs;
+pub mod resample;
+pub mod slide;
+pub mod synth;
+pub mod tiff;
+pub mod tiling;
+pub mod tissue;
+pub mod train;
