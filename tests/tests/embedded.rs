@@ -148,3 +148,93 @@ async fn a_changed_plan_under_the_same_run_name_is_refused() {
     let err = run::prepare(&store, &st).await.unwrap_err().to_string();
     assert!(err.contains("run mine already exists with a different plan"), "{err}");
 }
+
+/// A torchvision ResNet50 state dict as `torch.save(model.state_dict())` names it, random values,
+/// with the parts the truncated embedder must ignore (`layer4`, `fc`, BatchNorm step counters).
+fn torchvision_resnet50_safetensors() -> Vec<u8> {
+    use candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let mut t = std::collections::BTreeMap::new();
+    let mut seed = 0u64;
+    let mut randn = |shape: &[usize]| {
+        seed += 1;
+        let mut r = wsimil_common::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let std = (2.0 / shape[1..].iter().product::<usize>() as f64).sqrt();
+        Tensor::from_vec((0..n).map(|_| (r.normal() * std) as f32).collect::<Vec<_>>(), shape, &dev).unwrap()
+    };
+    let bn = |t: &mut std::collections::BTreeMap<String, Tensor>, p: &str, c: usize| {
+        t.insert(format!("{p}.weight"), Tensor::ones(c, DType::F32, &dev).unwrap());
+        t.insert(format!("{p}.bias"), Tensor::zeros(c, DType::F32, &dev).unwrap());
+        t.insert(format!("{p}.running_mean"), Tensor::zeros(c, DType::F32, &dev).unwrap());
+        t.insert(format!("{p}.running_var"), Tensor::ones(c, DType::F32, &dev).unwrap());
+        t.insert(format!("{p}.num_batches_tracked"), Tensor::zeros((), DType::I64, &dev).unwrap());
+    };
+    t.insert("conv1.weight".into(), randn(&[64, 3, 7, 7]));
+    bn(&mut t, "bn1", 64);
+    let mut cin = 64;
+    for (layer, blocks, planes) in [(1, 3, 64), (2, 4, 128), (3, 6, 256), (4, 3, 512)] {
+        for b in 0..blocks {
+            let p = format!("layer{layer}.{b}");
+            t.insert(format!("{p}.conv1.weight"), randn(&[planes, cin, 1, 1]));
+            bn(&mut t, &format!("{p}.bn1"), planes);
+            t.insert(format!("{p}.conv2.weight"), randn(&[planes, planes, 3, 3]));
+            bn(&mut t, &format!("{p}.bn2"), planes);
+            t.insert(format!("{p}.conv3.weight"), randn(&[planes * 4, planes, 1, 1]));
+            bn(&mut t, &format!("{p}.bn3"), planes * 4);
+            if b == 0 {
+                t.insert(format!("{p}.downsample.0.weight"), randn(&[planes * 4, cin, 1, 1]));
+                bn(&mut t, &format!("{p}.downsample.1"), planes * 4);
+            }
+            cin = planes * 4;
+        }
+    }
+    t.insert("fc.weight".into(), randn(&[1000, 2048]));
+    t.insert("fc.bias".into(), Tensor::zeros(1000, DType::F32, &dev).unwrap());
+    wsimil_common::models::params::safetensors_bytes(&t).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnet50_trunc_loads_torchvision_safetensors_and_embeds_a_real_slide() {
+    use wsimil_common::job::{EmbedJob, Job, TileJob};
+    use wsimil_worker::jobs::execute;
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("resnet50.safetensors");
+    std::fs::write(&weights, torchvision_resnet50_safetensors()).unwrap();
+    let store = Store::memory();
+    let choice =
+        EmbedderChoice { architecture: "resnet50-trunc".into(), weights: Weights::File(weights), batch_size: 4 };
+    let spec = run::register_embedder(&store, &choice).await.unwrap();
+    assert!(spec.id().as_str().starts_with("resnet50-trunc-"));
+    assert!(store.exists(&layout::embedder_weights(&spec.id())).await.unwrap());
+    // Tile the real CMU slide with large patches (few of them), then embed with the checkpoint.
+    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    let slide = SlideId::new("cmu").unwrap();
+    let path = data("cmu_small_region.svs").display().to_string();
+    let tiling = TilingSpec { patch_px: 224, target_mpp: 2.0, ..settings(PathBuf::new()).tiling };
+    execute(&ctx, &Job::Tile(TileJob { slide: slide.clone(), path: path.clone(), mpp: None, tiling: tiling.clone() }))
+        .await
+        .unwrap();
+    let job = EmbedJob { slide: slide.clone(), path, tiling: tiling.id(), embedder: spec.clone() };
+    execute(&ctx, &Job::Embed(job)).await.unwrap();
+    let key = layout::features(&spec.id(), &tiling.id(), &slide);
+    let bag = wsimil_common::features::FeatureBag::from_parquet(key.as_ref(), store.get(&key).await.unwrap()).unwrap();
+    assert_eq!(bag.dim, 1024);
+    assert!(!bag.is_empty());
+    assert!(bag.features.iter().all(|v| v.is_finite() && *v >= 0.0), "pooled ReLU features");
+    let prov = &bag.provenance;
+    assert_eq!(prov.architecture, "resnet50-trunc");
+    assert_eq!(prov.preprocessing.as_ref().unwrap().mean, [0.485, 0.456, 0.406]);
+    assert_eq!(prov.tiling.as_ref().unwrap().patch_px, 224);
+}
+
+#[tokio::test]
+async fn weights_that_do_not_fit_the_architecture_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("wrong.safetensors");
+    std::fs::write(&weights, torchvision_resnet50_safetensors()).unwrap();
+    let choice =
+        EmbedderChoice { architecture: "efficientnet-lite0".into(), weights: Weights::File(weights), batch_size: 4 };
+    let err = format!("{:#}", run::register_embedder(&Store::memory(), &choice).await.unwrap_err());
+    assert!(err.contains("wrong.safetensors") && err.contains("do not fit efficientnet-lite0"), "{err}");
+}

@@ -16,13 +16,10 @@ struct Moments {
     v: Tensor,
 }
 
-fn zeros_like_all(vars: &[Var]) -> Result<Vec<Moments>> {
-    vars.iter().map(|v| Ok(Moments { m: v.zeros_like()?, v: v.zeros_like()? })).collect()
-}
-
-pub struct RAdam {
+/// What Adam-family optimizers share: parameters, first and second moments, hyper-parameters.
+struct AdamState {
     vars: Vec<Var>,
-    state: Vec<Moments>,
+    moments: Vec<Moments>,
     lr: f64,
     beta1: f64,
     beta2: f64,
@@ -31,89 +28,90 @@ pub struct RAdam {
     step: u64,
 }
 
+impl AdamState {
+    fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
+        let moments =
+            vars.iter().map(|v| Ok(Moments { m: v.zeros_like()?, v: v.zeros_like()? })).collect::<Result<_>>()?;
+        Ok(AdamState { vars, moments, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 })
+    }
+
+    /// Advance the step, update both moments of every parameter with a gradient, and hand each
+    /// (parameter, moments) to `apply`.
+    fn update(&mut self, grads: &GradStore, mut apply: impl FnMut(&Var, &Moments) -> Result<()>) -> Result<()> {
+        self.step += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (var, st) in self.vars.iter().zip(self.moments.iter_mut()) {
+            let Some(g) = grads.get(var) else { continue };
+            st.m = ((&st.m * b1)? + (g * (1.0 - b1))?)?;
+            st.v = ((&st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            apply(var, st)?;
+        }
+        Ok(())
+    }
+}
+
+pub struct RAdam(AdamState);
+
 impl RAdam {
     pub fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
-        let state = zeros_like_all(&vars)?;
-        Ok(RAdam { vars, state, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 })
+        Ok(RAdam(AdamState::new(vars, lr, weight_decay)?))
     }
 }
 
 impl Optimizer for RAdam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step += 1;
-        let t = self.step as f64;
-        let (b1, b2) = (self.beta1, self.beta2);
+        let s = &self.0;
+        let t = (s.step + 1) as f64;
+        let (b1, b2, lr, eps, wd) = (s.beta1, s.beta2, s.lr, s.eps, s.weight_decay);
         let beta2_t = b2.powf(t);
         let n_sma_max = 2.0 / (1.0 - b2) - 1.0;
         let n_sma = n_sma_max - 2.0 * t * beta2_t / (1.0 - beta2_t);
         let rectified = n_sma >= 5.0;
         let step_size = if rectified {
-            self.lr
-                * ((1.0 - beta2_t) * (n_sma - 4.0) / (n_sma_max - 4.0) * (n_sma - 2.0) / n_sma * n_sma_max
-                    / (n_sma_max - 2.0))
-                    .sqrt()
+            lr * ((1.0 - beta2_t) * (n_sma - 4.0) / (n_sma_max - 4.0) * (n_sma - 2.0) / n_sma * n_sma_max
+                / (n_sma_max - 2.0))
+                .sqrt()
                 / (1.0 - b1.powf(t))
         } else {
-            self.lr / (1.0 - b1.powf(t))
+            lr / (1.0 - b1.powf(t))
         };
-        for (var, st) in self.vars.iter().zip(self.state.iter_mut()) {
-            let Some(g) = grads.get(var) else { continue };
-            st.v = ((&st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            st.m = ((&st.m * b1)? + (g * (1.0 - b1))?)?;
-            let mut p = var.as_tensor().clone();
-            if self.weight_decay != 0.0 {
-                p = (&p * (1.0 - self.weight_decay * self.lr))?;
-            }
-            let update = if rectified { (&st.m / (st.v.sqrt()? + self.eps)?)? } else { st.m.clone() };
-            var.set(&(p - (update * step_size)?)?)?;
-        }
-        Ok(())
+        self.0.update(grads, |var, st| {
+            let p = if wd != 0.0 { (var.as_tensor() * (1.0 - wd * lr))? } else { var.as_tensor().clone() };
+            let update = if rectified { (&st.m / (st.v.sqrt()? + eps)?)? } else { st.m.clone() };
+            var.set(&(p - (update * step_size)?)?)
+        })
     }
 
     fn learning_rate(&self) -> f64 {
-        self.lr
+        self.0.lr
     }
 }
 
 /// AdamW (Loshchilov & Hutter 2019), as PyTorch's.
-pub struct AdamW {
-    vars: Vec<Var>,
-    state: Vec<Moments>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    step: u64,
-}
+pub struct AdamW(AdamState);
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
-        let state = zeros_like_all(&vars)?;
-        Ok(AdamW { vars, state, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 })
+        Ok(AdamW(AdamState::new(vars, lr, weight_decay)?))
     }
 }
 
 impl Optimizer for AdamW {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step += 1;
-        let t = self.step as f64;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let (c1, c2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
-        for (var, st) in self.vars.iter().zip(self.state.iter_mut()) {
-            let Some(g) = grads.get(var) else { continue };
-            st.m = ((&st.m * b1)? + (g * (1.0 - b1))?)?;
-            st.v = ((&st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let p = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
-            let denom = ((&st.v / c2)?.sqrt()? + self.eps)?;
-            let update = ((&st.m / denom)? * (self.lr / c1))?;
-            var.set(&(p - update)?)?;
-        }
-        Ok(())
+        let s = &self.0;
+        let t = (s.step + 1) as f64;
+        let (c1, c2) = (1.0 - s.beta1.powf(t), 1.0 - s.beta2.powf(t));
+        let (lr, eps, wd) = (s.lr, s.eps, s.weight_decay);
+        self.0.update(grads, |var, st| {
+            let p = (var.as_tensor() * (1.0 - lr * wd))?;
+            let denom = ((&st.v / c2)?.sqrt()? + eps)?;
+            let update = ((&st.m / denom)? * (lr / c1))?;
+            var.set(&(p - update)?)
+        })
     }
 
     fn learning_rate(&self) -> f64 {
-        self.lr
+        self.0.lr
     }
 }
 
