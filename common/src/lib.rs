@@ -7,6 +7,7 @@
 //!   features, per-patch attention.
 //! - [`plan`]: what a run is (cohort, folds, tiling, embedder, training config).
 //! - [`job`]: job messages and outcomes.
+//! - [`nats`]: JetStream names, connection, job-state records (distributed mode).
 //! - [`models`]: TransMIL, ABMIL, the patch embedders, optimizers, custom ops.
 //! - [`metrics`]: AUC, accuracy, balanced accuracy, F1.
 //! - [`rng`]: the seeded generator behind every random choice.
@@ -19,6 +20,7 @@ pub mod job;
 pub mod layout;
 pub mod metrics;
 pub mod models;
+pub mod nats;
 pub mod plan;
 pub mod rng;
 pub mod store;

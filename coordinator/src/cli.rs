@@ -1,17 +1,21 @@
 //! The `wsimil` command line: flags are parsed by clap into raw structs, then turned once into
 //! checked settings ([`RunArgs::settings`]) that the library runs with.
 
-use crate::dispatch::{LocalDispatcher, RetryPolicy};
+use crate::dispatch::LocalDispatcher;
 use crate::planner::FoldSettings;
 use crate::run::{self, EmbedderChoice, RunSettings, Weights};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use wsimil_common::grid::TissueParams;
 use wsimil_common::ids::RunId;
+use wsimil_common::job::JobKind;
+use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
 use wsimil_common::plan::{TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
+use wsimil_worker::jobs::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
 
 #[derive(Debug, Parser)]
@@ -27,8 +31,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a cohort through tile → embed → train → predict in one process (embedded mode).
+    /// Run a cohort through tile → embed → train → predict: in this process (embedded mode), or,
+    /// with --nats, as the coordinator of a worker pool.
     Run(Box<RunArgs>),
+    /// The coordinator of a distributed run (`run` with --nats required).
+    Coordinator(Box<RunArgs>),
+    /// A worker: pull jobs from NATS JetStream and execute them until SIGTERM, then drain.
+    Worker(WorkerArgs),
+    /// Job states in NATS: per-stage counts, running jobs with worker and age, failures.
+    Status(StatusArgs),
+    /// Queue every failed job again.
+    RetryFailed(StatusArgs),
     /// Build the semi-synthetic demo cohort from the real slide and tumour image.
     DemoCohort(DemoCohortArgs),
 }
@@ -60,8 +73,105 @@ impl StoreArgs {
     }
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL (distributed mode), e.g. nats://localhost:4222.
+    #[arg(long = "nats", env = "WSIMIL_NATS_URL")]
+    pub url: Option<String>,
+    #[arg(long, env = "WSIMIL_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password (prefer the environment variable: command lines are visible to other users).
+    #[arg(long, env = "WSIMIL_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    #[arg(long, env = "WSIMIL_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT + NKey).
+    #[arg(long, env = "WSIMIL_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// Require TLS.
+    #[arg(long, env = "WSIMIL_NATS_TLS")]
+    pub nats_tls: bool,
+    /// CA certificate (PEM) to trust for the server's TLS certificate.
+    #[arg(long, env = "WSIMIL_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for TLS client authentication.
+    #[arg(long, env = "WSIMIL_NATS_CERT")]
+    pub nats_cert: Option<PathBuf>,
+    #[arg(long, env = "WSIMIL_NATS_KEY")]
+    pub nats_key: Option<PathBuf>,
+    /// Seconds a job may go without a heartbeat before it is redelivered.
+    #[arg(long, default_value_t = 60)]
+    pub ack_wait: u64,
+    /// Deliveries of a job, the first included, before it counts as failed.
+    #[arg(long, default_value_t = 5)]
+    pub max_deliver: u32,
+}
+
+impl NatsArgs {
+    pub fn options(&self, name: &str) -> anyhow::Result<NatsOptions> {
+        let url = self.url.clone().context("--nats URL is needed (or WSIMIL_NATS_URL)")?;
+        Ok(NatsOptions {
+            url,
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            creds_file: self.nats_creds.clone(),
+            tls: self.nats_tls,
+            tls_ca: self.nats_ca.clone(),
+            tls_cert: self.nats_cert.clone(),
+            tls_key: self.nats_key.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    pub fn settings(&self) -> QueueSettings {
+        QueueSettings { ack_wait: Duration::from_secs(self.ack_wait.max(1)), max_deliver: self.max_deliver.max(1) }
+    }
+
+    /// Connect and open the job queue.
+    pub async fn open(&self, name: &str) -> anyhow::Result<(async_nats::Client, Arc<Queue>)> {
+        let client = wsimil_common::nats::connect(&self.options(name)?).await?;
+        let queue = Queue::open(client.clone(), self.settings()).await?;
+        Ok((client, Arc::new(queue)))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Job kinds this worker serves (comma-separated): tile, embed, train, predict.
+    #[arg(long, value_delimiter = ',', default_value = "tile,embed,train,predict", env = "WSIMIL_KINDS")]
+    pub kinds: Vec<String>,
+    /// Jobs run at once.
+    #[arg(long, default_value_t = 1, env = "WSIMIL_CONCURRENCY")]
+    pub concurrency: usize,
+    /// Name shown by `status` (default: host name and process id).
+    #[arg(long, env = "WSIMIL_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Seconds before the first retry of a transient failure (doubles each time).
+    #[arg(long, default_value_t = 2)]
+    pub backoff: u64,
+    /// Acknowledge jobs without doing them (for benchmarking the queue only).
+    #[arg(long, hide = true)]
+    pub noop: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Only jobs whose id mentions this run (train and predict jobs).
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Cohort CSV: slide_id,path,label[,fold|split][,mpp]. Relative paths are relative to it.
     #[arg(long)]
     pub manifest: PathBuf,
@@ -216,14 +326,15 @@ pub struct DemoCohortArgs {
     pub seed: u64,
 }
 
-/// `wsimil run`: the whole pipeline in this process.
-pub async fn run_embedded(args: RunArgs) -> anyhow::Result<()> {
+/// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     let store = args.store.open()?;
     let started = std::time::Instant::now();
     let (_, plan) = run::prepare(&store, &settings).await?;
+    let mode = if args.nats.url.is_some() { "distributed" } else { "embedded" };
     eprintln!(
-        "wsimil: run {} — {} slides, {} fold(s), embedder {}, model {}, store {}",
+        "wsimil: run {} ({mode}) — {} slides, {} fold(s), embedder {}, model {}, store {}",
         plan.run,
         plan.slides.len(),
         plan.folds.len(),
@@ -231,9 +342,14 @@ pub async fn run_embedded(args: RunArgs) -> anyhow::Result<()> {
         plan.train.model,
         store.location()
     );
-    let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "embedded"));
-    let dispatcher = LocalDispatcher::new(ctx, RetryPolicy::default());
-    let summary = run::run(&store, &dispatcher, &plan).await?;
+    let dispatcher: Box<dyn crate::dispatch::Dispatcher> = if args.nats.url.is_some() {
+        let (client, queue) = args.nats.open("wsimil-coordinator").await?;
+        Box::new(crate::jetstream::NatsDispatcher::new(client, queue))
+    } else {
+        let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "embedded"));
+        Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
+    };
+    let summary = run::run(&store, dispatcher.as_ref(), &plan).await?;
     print!("{}", run::render_summary(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -259,5 +375,74 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     println!("{}", args.out.join("manifest.csv").display());
+    Ok(())
+}
+
+/// `wsimil worker`.
+pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let kinds = args
+        .kinds
+        .iter()
+        .map(|k| {
+            JobKind::ALL
+                .into_iter()
+                .find(|x| x.as_str() == k)
+                .with_context(|| format!("unknown job kind {k:?} in --kinds (tile, embed, train, predict)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let store = args.store.open()?;
+    let (_client, queue) = args.nats.open(&format!("wsimil-worker-{name}")).await?;
+    let ctx = Arc::new(WorkerContext::new(store, candle_core::Device::Cpu, name.clone()));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    eprintln!("wsimil worker {name}: serving {} (concurrency {})", args.kinds.join(","), args.concurrency);
+    let settings = wsimil_worker::service::ServiceSettings {
+        kinds,
+        concurrency: args.concurrency.max(1),
+        backoff: Duration::from_secs(args.backoff),
+        noop: args.noop,
+    };
+    wsimil_worker::service::serve(ctx, queue, settings, rx).await?;
+    eprintln!("wsimil worker {name}: drained, exiting");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn run_filter(run: &Option<String>) -> impl Fn(&wsimil_common::nats::JobStatus) -> bool + '_ {
+    move |s| run.as_ref().is_none_or(|r| s.job.as_str().contains(&format!(".{r}.")))
+}
+
+/// `wsimil status`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let (_c, queue) = args.nats.open("wsimil-status").await?;
+    let keep = run_filter(&args.run);
+    let states: Vec<_> = crate::jetstream::all_states(&queue).await?.into_iter().filter(|s| keep(s)).collect();
+    print!("{}", crate::jetstream::render_status(&states, wsimil_common::nats::now_ms()));
+    Ok(())
+}
+
+/// `wsimil retry-failed`.
+pub async fn retry_failed(args: StatusArgs) -> anyhow::Result<()> {
+    let (_c, queue) = args.nats.open("wsimil-retry").await?;
+    let n = crate::jetstream::retry_failed(&queue, run_filter(&args.run)).await?;
+    println!("{n} failed job(s) queued again; re-run the coordinator to follow them");
     Ok(())
 }

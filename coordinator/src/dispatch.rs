@@ -6,10 +6,10 @@
 use futures::future::BoxFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::{mpsc, Mutex};
 use wsimil_common::job::{FailureRecord, Job, JobKind};
-use wsimil_worker::jobs::{execute, Done, JobError, WorkerContext};
+use wsimil_worker::jobs::{execute, Decision, Done, RetryPolicy, WorkerContext};
 
 /// What became of a stage's jobs.
 #[derive(Debug, Default, Clone)]
@@ -23,38 +23,6 @@ pub struct StageOutcome {
 pub trait Dispatcher: Send + Sync {
     /// Run `jobs` (all of one kind) to completion or failure.
     fn run_stage(&self, kind: JobKind, jobs: Vec<Job>) -> BoxFuture<'_, anyhow::Result<StageOutcome>>;
-}
-
-/// When to try a failed job again.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub max_attempts: u32,
-    /// Delay before the second attempt; doubles after each further failure.
-    pub backoff: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    RetryAfter(Duration),
-    Fail,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { max_attempts: 3, backoff: Duration::from_secs(1) }
-    }
-}
-
-impl RetryPolicy {
-    /// The one place that decides: permanent errors fail at once, transient ones are retried with
-    /// exponential backoff until attempts run out. `attempt` counts from 1.
-    pub fn decide(&self, err: &JobError, attempt: u32) -> Decision {
-        if !err.is_transient() || attempt >= self.max_attempts {
-            return Decision::Fail;
-        }
-        Decision::RetryAfter(self.backoff * 2u32.saturating_pow(attempt - 1))
-    }
 }
 
 /// Prints a stage's progress as lines (they read well in logs and terminals alike).
@@ -183,20 +151,5 @@ impl Dispatcher for LocalDispatcher {
             o.seconds = started.elapsed().as_secs_f64();
             Ok(o)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn permanent_errors_fail_at_once_and_transient_ones_back_off_until_the_last_attempt() {
-        let p = RetryPolicy { max_attempts: 3, backoff: Duration::from_millis(100) };
-        assert_eq!(p.decide(&JobError::Permanent("corrupt".into()), 1), Decision::Fail);
-        let t = JobError::Transient("network".into());
-        assert_eq!(p.decide(&t, 1), Decision::RetryAfter(Duration::from_millis(100)));
-        assert_eq!(p.decide(&t, 2), Decision::RetryAfter(Duration::from_millis(200)));
-        assert_eq!(p.decide(&t, 3), Decision::Fail);
     }
 }

@@ -10,7 +10,12 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => tokio_main(cli::run_embedded(*args)),
+        Command::Run(args) => tokio_main(cli::run(*args)),
+        Command::Coordinator(args) if args.nats.url.is_none() => Err(anyhow::anyhow!("coordinator needs --nats URL")),
+        Command::Coordinator(args) => tokio_main(cli::run(*args)),
+        Command::Worker(args) => tokio_main(cli::worker(args)),
+        Command::Status(args) => tokio_main(cli::status(args)),
+        Command::RetryFailed(args) => tokio_main(cli::retry_failed(args)),
         Command::DemoCohort(args) => cli::demo_cohort(args),
     };
     match result {

@@ -9,9 +9,10 @@ use wsimil_common::job::JobKind;
 use wsimil_common::layout;
 use wsimil_common::plan::{TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
-use wsimil_coordinator::dispatch::{LocalDispatcher, RetryPolicy};
+use wsimil_coordinator::dispatch::LocalDispatcher;
 use wsimil_coordinator::planner::FoldSettings;
 use wsimil_coordinator::run::{self, EmbedderChoice, RunSettings, RunSummary, Weights};
+use wsimil_worker::jobs::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
 use wsimil_worker::synth::{build_cohort, read_level0, SynthOptions};
 

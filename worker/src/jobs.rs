@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use wsimil_common::attention::{AttentionMap, PredictionProvenance};
 use wsimil_common::features::{EmbeddingProvenance, FeatureBag};
@@ -92,6 +92,38 @@ fn model_error(msg: String) -> JobError {
 
 fn candle_err(what: &str) -> impl Fn(candle_core::Error) -> JobError + '_ {
     move |e| model_error(format!("{what}: {e}"))
+}
+
+/// When to try a failed job again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles after each further failure.
+    pub backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    RetryAfter(Duration),
+    Fail,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 3, backoff: Duration::from_secs(1) }
+    }
+}
+
+impl RetryPolicy {
+    /// The one place that decides: permanent errors fail at once, transient ones are retried with
+    /// exponential backoff until attempts run out. `attempt` counts from 1.
+    pub fn decide(&self, err: &JobError, attempt: u32) -> Decision {
+        if !err.is_transient() || attempt >= self.max_attempts {
+            return Decision::Fail;
+        }
+        Decision::RetryAfter(self.backoff * 2u32.saturating_pow(attempt - 1))
+    }
 }
 
 /// What became of a job that did not fail.
@@ -414,6 +446,16 @@ impl From<candle_core::Error> for JobError {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn permanent_errors_fail_at_once_and_transient_ones_back_off_until_the_last_attempt() {
+        let p = RetryPolicy { max_attempts: 3, backoff: Duration::from_millis(100) };
+        assert_eq!(p.decide(&JobError::Permanent("corrupt".into()), 1), Decision::Fail);
+        let t = JobError::Transient("network".into());
+        assert_eq!(p.decide(&t, 1), Decision::RetryAfter(Duration::from_millis(100)));
+        assert_eq!(p.decide(&t, 2), Decision::RetryAfter(Duration::from_millis(200)));
+        assert_eq!(p.decide(&t, 3), Decision::Fail);
+    }
 
     #[test]
     fn retry_decisions() {

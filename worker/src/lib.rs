@@ -8,12 +8,14 @@
 //! - [`train`]: the train stage: bag classifier training, early stopping, evaluation.
 //! - [`heatmap`]: attention heatmaps over thumbnails.
 //! - [`jobs`]: executing a job against the store, and the retry decision.
+//! - [`service`]: the worker process: pulling jobs from NATS JetStream, heartbeats, acks, drain.
 //! - [`synth`], [`tiff`]: the semi-synthetic demo cohort, written as pyramidal TIFF slides.
 
 pub mod embed;
 pub mod heatmap;
 pub mod jobs;
 pub mod resample;
+pub mod service;
 pub mod slide;
 pub mod synth;
 pub mod tiff;
