@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: install what the tests need (libopenslide, the real
-# data), then build and run every test of the workspace in one cargo invocation.
+# data, nats-server and SeaweedFS for the distributed tests), then build and run every test of the
+# workspace in one cargo invocation. The tests start their own servers on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
+WSIMIL_TOOLS=$(dirname "$(./scripts/fetch-tools.sh)")
+export WSIMIL_TOOLS
 cargo fmt --all -- --check
 cargo test --workspace --no-fail-fast "$@"

@@ -1,0 +1,297 @@
+//! Real servers and real processes for the distributed tests: `nats-server` (JetStream) and
+//! SeaweedFS's `weed mini` (S3) on free loopback ports, and the `wsimil` binary. Servers come from
+//! scripts/fetch-tools.sh.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use wsimil_common::nats::{JobState, JobStatus, NatsOptions, Queue, QueueSettings};
+use wsimil_common::store::{S3Options, Store};
+
+pub const S3_KEY: &str = "wsimil-test";
+pub const S3_SECRET: &str = "wsimil-test-secret";
+
+pub fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WSIMIL_TOOLS")
+        .map(|d| PathBuf::from(d).join("bin"))
+        .unwrap_or_else(|| wsimil_common::data_dir().parent().expect("cache dir").join("tools/bin"));
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} missing: run scripts/fetch-tools.sh", p.display());
+    p
+}
+
+pub fn data(name: &str) -> PathBuf {
+    let p = wsimil_common::data_dir().join(name);
+    assert!(p.is_file(), "{} missing: run scripts/fetch-data.sh", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, what: &str, within: Duration) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < within, "{what} did not listen on {port} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit (a worker drains).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < within, "{} did not finish within {within:?}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A JetStream server with file storage, restartable on the same port and folder.
+pub struct Nats {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        let mut n = Nats { port: free_port(), dir: tempfile::tempdir().unwrap(), proc: None };
+        n.launch();
+        n
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
+        let child = Command::new(tool("nats-server"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc { child, name: "nats-server".into() });
+        wait_for_port(self.port, "nats-server", Duration::from_secs(20));
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// The job queue, as tests inspect it.
+    pub async fn queue(&self, settings: QueueSettings) -> Queue {
+        let opts = NatsOptions { url: self.url(), name: "test".into(), ..Default::default() };
+        Queue::open(wsimil_common::nats::connect(&opts).await.unwrap(), settings).await.unwrap()
+    }
+}
+
+/// One S3 server per test process; each test uses its own prefix in the bucket.
+pub struct S3 {
+    pub port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+pub fn s3() -> &'static S3 {
+    static S3_SERVER: OnceLock<S3> = OnceLock::new();
+    S3_SERVER.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
+        // weed also listens on each port + 10000 for gRPC: keep the base ports low enough.
+        let ports: Vec<u16> = ports.iter().map(|p| 20000 + p % 10000).collect();
+        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+        let child = Command::new(tool("weed"))
+            .arg("mini")
+            .arg(format!("-dir={}", dir.path().display()))
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                "-webdav=false",
+                "-admin.ui=false",
+            ])
+            .arg(format!("-master.port={}", ports[0]))
+            .arg(format!("-volume.port={}", ports[1]))
+            .arg(format!("-filer.port={}", ports[2]))
+            .arg(format!("-s3.port={}", ports[3]))
+            .arg(format!("-admin.port={}", ports[4]))
+            .arg(format!("-s3.port.iceberg={}", ports[5]))
+            .arg(format!("-debug.port={}", ports[6]))
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let proc = Proc { child, name: "weed".into() };
+        wait_for_port(ports[3], "weed s3", Duration::from_secs(60));
+        S3 { port: ports[3], _proc: proc, _dir: dir }
+    })
+}
+
+impl S3 {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn location(&self, prefix: &str) -> String {
+        format!("s3://wsimil/{prefix}")
+    }
+
+    /// A store handle on a prefix, as the processes see it.
+    pub fn store(&self, prefix: &str) -> Store {
+        std::env::set_var("AWS_ACCESS_KEY_ID", S3_KEY);
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", S3_SECRET);
+        std::env::set_var("AWS_REGION", "us-east-1");
+        let opts = S3Options { endpoint: Some(self.endpoint()), region: Some("us-east-1".into()), path_style: true };
+        Store::open(&self.location(prefix), &opts).unwrap()
+    }
+
+    /// `--store …` flags for the binaries.
+    pub fn flags(&self, prefix: &str) -> Vec<String> {
+        vec!["--store".into(), self.location(prefix), "--s3-endpoint".into(), self.endpoint(), "--s3-path-style".into()]
+    }
+}
+
+pub fn wsimil() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wsimil-e2e"));
+    c.env("AWS_ACCESS_KEY_ID", S3_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+        .env("AWS_REGION", "us-east-1")
+        .env("WSIMIL_LOG", "info");
+    c
+}
+
+/// Start a `wsimil` process logging to `<dir>/<name>.log`.
+pub fn spawn(name: &str, dir: &Path, args: &[String]) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = wsimil().args(args).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+    Proc { child, name: name.to_string() }
+}
+
+pub fn log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Poll job states until `pred` holds; fail after `within`, or at once (with its log) if the
+/// watched process `coord`, logging into `dir`, has exited.
+pub async fn wait_until(
+    queue: &Queue,
+    mut coord: Option<&mut Proc>,
+    dir: &Path,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&[JobStatus]) -> bool,
+) -> Vec<JobStatus> {
+    let t = Instant::now();
+    loop {
+        let states = wsimil_coordinator::jetstream::all_states(queue).await.unwrap_or_default();
+        if pred(&states) {
+            return states;
+        }
+        if let Some(c) = coord.as_deref_mut() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                panic!("{} exited ({status}) while waiting for {what}:\n{}", c.name, log(dir, &c.name));
+            }
+        }
+        assert!(t.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn count(states: &[JobStatus], kind: &str, state: JobState) -> usize {
+    states.iter().filter(|s| s.kind.as_str() == kind && s.state == state).count()
+}
+
+/// A small semi-synthetic cohort (real tissue) in `dir`, plus, if asked, OpenSlide's corrupt
+/// `unreadable.svs` as slide `corrupt`. Returns the manifest.
+pub fn cohort(dir: &Path, slides: usize, width: u32, height: u32, corrupt: bool) -> PathBuf {
+    use wsimil_worker::synth::{build_cohort, read_level0, SynthOptions};
+    let src = wsimil_worker::slide::open(&data("cmu_small_region.svs")).unwrap();
+    let source = read_level0(src.as_ref()).unwrap();
+    let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
+    let opt = SynthOptions { slides, width, height, radius: (120.0, 180.0), ..SynthOptions::default() };
+    build_cohort(&source, &tumour, dir, &opt).unwrap();
+    let manifest = dir.join("manifest.csv");
+    if corrupt {
+        let path = dir.join("slides/corrupt.svs");
+        std::fs::copy(data("unreadable.svs"), &path).unwrap();
+        let mut text = std::fs::read_to_string(&manifest).unwrap();
+        text.push_str(&format!("corrupt,{},tumor\n", path.display()));
+        std::fs::write(&manifest, text).unwrap();
+    }
+    manifest
+}
+
+/// The `run` flags every test uses: small, fast training.
+pub fn run_flags(manifest: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["run", "--manifest"].iter().map(|s| s.to_string()).collect();
+    v.push(manifest.display().to_string());
+    for s in
+        ["--tissue-preset", "biopsy", "--folds", "2", "--landmarks", "16", "--epochs", "3", "--classes", "normal,tumor"]
+    {
+        v.push(s.to_string());
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+pub fn nats_flags(nats: &Nats) -> Vec<String> {
+    vec!["--nats".into(), nats.url(), "--ack-wait".into(), "3".into(), "--max-deliver".into(), "4".into()]
+}
+
+pub fn worker_flags(nats: &Nats, store: &[String], name: &str) -> Vec<String> {
+    let mut v = vec!["worker".to_string(), "--name".into(), name.into(), "--backoff".into(), "1".into()];
+    v.extend(nats_flags(nats));
+    v.extend(store.iter().cloned());
+    v
+}
