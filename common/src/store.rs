@@ -52,6 +52,9 @@ pub struct S3Options {
     pub region: Option<String>,
     /// Path-style requests (`endpoint/bucket/key`), which MinIO and most self-hosted servers need.
     pub path_style: bool,
+    /// Retries of a failed request inside the S3 client (with backoff) before the error reaches the
+    /// job, which then retries on its own terms; `None` keeps the client's default (10).
+    pub max_retries: Option<usize>,
 }
 
 /// A cloneable handle to the store every stage reads from and writes to.
@@ -83,6 +86,9 @@ impl Store {
             }
             if s3.path_style {
                 b = b.with_virtual_hosted_style_request(false);
+            }
+            if let Some(n) = s3.max_retries {
+                b = b.with_retry(object_store::RetryConfig { max_retries: n, ..Default::default() });
             }
             let s3store = b.build().map_err(|e| config(e.to_string()))?;
             let prefix = prefix.trim_matches('/');

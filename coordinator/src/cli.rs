@@ -60,6 +60,9 @@ pub struct StoreArgs {
     /// Path-style S3 requests (needed by MinIO and most self-hosted servers).
     #[arg(long, env = "WSIMIL_S3_PATH_STYLE")]
     pub s3_path_style: bool,
+    /// Retries of a failed S3 request inside the client before the job sees the error (default 10).
+    #[arg(long, env = "WSIMIL_S3_MAX_RETRIES")]
+    pub s3_max_retries: Option<usize>,
 }
 
 impl StoreArgs {
@@ -68,6 +71,7 @@ impl StoreArgs {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             path_style: self.s3_path_style,
+            max_retries: self.s3_max_retries,
         };
         Ok(Store::open(&self.store, &opts)?)
     }
@@ -244,6 +248,17 @@ pub struct RunArgs {
     /// Training bags larger than this are randomly subsampled (0 = never).
     #[arg(long, default_value_t = 0)]
     pub max_train_instances: usize,
+    /// Stop after this stage (tile, embed, train, predict): e.g. tile a cohort and look at the
+    /// tissue masks before embedding it.
+    #[arg(long, default_value = "predict")]
+    pub until: String,
+}
+
+fn job_kind(name: &str, flag: &str) -> anyhow::Result<JobKind> {
+    JobKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == name)
+        .with_context(|| format!("unknown job kind {name:?} in {flag} (tile, embed, train, predict)"))
 }
 
 impl RunArgs {
@@ -349,7 +364,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "embedded"));
         Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
     };
-    let summary = run::run(&store, dispatcher.as_ref(), &plan).await?;
+    let until = job_kind(&args.until, "--until")?;
+    let summary = run::run(&store, dispatcher.as_ref(), &plan, until).await?;
     print!("{}", run::render_summary(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

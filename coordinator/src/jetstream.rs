@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use wsimil_common::ids::JobId;
 use wsimil_common::job::{FailureRecord, Job, JobKind};
-use wsimil_common::nats::{max_deliveries_advisory, now_ms, JobState, JobStatus, Queue};
+use wsimil_common::nats::{max_deliveries_advisory, now_ms, JobState, JobStatus, Queue, QueueSettings};
 
 pub struct NatsDispatcher {
     client: async_nats::Client,
@@ -32,6 +32,14 @@ impl NatsDispatcher {
     }
 }
 
+/// Running on its last delivery, with no heartbeat for three ack-wait periods: its worker died and
+/// JetStream will not deliver it again.
+fn is_exhausted(s: &JobStatus, settings: QueueSettings, now: u64) -> bool {
+    s.state == JobState::Running
+        && s.attempts >= settings.max_deliver
+        && now.saturating_sub(s.updated_ms) > 3 * settings.ack_wait.as_millis() as u64
+}
+
 fn failure_of(s: &JobStatus) -> FailureRecord {
     FailureRecord {
         job: s.job.clone(),
@@ -41,6 +49,15 @@ fn failure_of(s: &JobStatus) -> FailureRecord {
         attempts: s.attempts,
         worker: s.worker.clone().unwrap_or_default(),
     }
+}
+
+/// What a job recorded as queued or running needs.
+enum Reconciled {
+    /// Publish it under this generation (the same one: JetStream drops the copy of a message it
+    /// still holds; the next one: its message is gone without a final state).
+    Queue(u32),
+    /// Its message ran out of deliveries while no coordinator listened: recorded as failed.
+    Failed(Box<JobStatus>),
 }
 
 /// Follows a stage's pending jobs until each is done or failed.
@@ -84,35 +101,40 @@ impl NatsDispatcher {
             outcome: StageOutcome::default(),
             progress: Progress::new(kind, jobs.len()),
         };
-        let mut acks = Vec::new();
+        // Per job: read its state, record it queued, publish. Up to 64 jobs in flight at once, so
+        // the round trips overlap instead of adding up.
+        let queue_one = |job: &Job| {
+            let job = job.clone();
+            async move {
+                let prior = q.status(&job.id()).await?;
+                let generation = match &prior {
+                    // Failed jobs stay failed until `retry-failed`: they count as failures here.
+                    Some(s) if s.state == JobState::Failed => return anyhow::Ok(prior),
+                    // Recorded done, yet planned again: its output is gone, so queue a new generation.
+                    Some(s) if s.state == JobState::Done => s.generation + 1,
+                    Some(s) => match self.reconcile(&job, s).await? {
+                        Reconciled::Failed(f) => return Ok(Some(*f)),
+                        Reconciled::Queue(g) => g,
+                    },
+                    None => 0,
+                };
+                if !matches!(&prior, Some(s) if s.state == JobState::Running && s.generation == generation) {
+                    q.set_status(&JobStatus::queued(&job, generation)).await?;
+                }
+                q.publish_start(&job, generation).await?.await.context("publish")?;
+                Ok(None)
+            }
+        };
         for job in &jobs {
-            let prior = q.status(&job.id()).await?;
-            let generation = match &prior {
-                // Failed jobs stay failed until `retry-failed`; they count as this stage's failures.
-                Some(s) if s.state == JobState::Failed => {
-                    t.pending.insert(job.id(), ());
-                    t.observe(s);
-                    continue;
-                }
-                // Recorded done, yet planned again: its output is gone, so queue a new generation.
-                Some(s) if s.state == JobState::Done => s.generation + 1,
-                Some(s) => s.generation,
-                None => 0,
-            };
             t.pending.insert(job.id(), ());
-            if !matches!(&prior, Some(s) if s.state == JobState::Running && s.generation == generation) {
-                q.set_status(&JobStatus::queued(job, generation)).await?;
-            }
-            acks.push(q.publish_start(job, generation).await?);
-            if acks.len() >= 256 {
-                for a in acks.drain(..) {
-                    a.await.context("publish")?;
-                }
+        }
+        let mut queued = futures::stream::iter(jobs.iter()).map(queue_one).buffer_unordered(64);
+        while let Some(r) = queued.next().await {
+            if let Some(failed) = r? {
+                t.observe(&failed);
             }
         }
-        for a in acks {
-            a.await.context("publish")?;
-        }
+        drop(queued);
         info!(%kind, jobs = jobs.len(), secs = started.elapsed().as_secs_f64(), "stage published");
         let mut tick = tokio::time::interval(self.recheck);
         let mut last_note = Instant::now();
@@ -152,11 +174,37 @@ impl NatsDispatcher {
         Ok(t.outcome)
     }
 
-    /// Re-read every pending job's state (after a reconnect, or periodically as a safety net).
+    /// A job whose last state is queued or running: is its message still in the stream, and is
+    /// anyone working on it?
+    async fn reconcile(&self, job: &Job, s: &JobStatus) -> anyhow::Result<Reconciled> {
+        let settings = self.queue.settings;
+        match self.queue.queued_message(job).await? {
+            None => Ok(Reconciled::Queue(s.generation + 1)),
+            Some(seq) if is_exhausted(s, settings, now_ms()) => {
+                let mut f = s.clone();
+                let last = f.reason.take().map(|r| format!("; last error: {r}")).unwrap_or_default();
+                f.reason = Some(format!("gave up after {} deliveries, no worker finished it{last}", s.attempts));
+                f.state = JobState::Failed;
+                f.updated_ms = now_ms();
+                self.queue.set_status(&f).await?;
+                let _ = self.queue.stream.delete_message(seq).await;
+                Ok(Reconciled::Failed(Box::new(f)))
+            }
+            Some(_) => Ok(Reconciled::Queue(s.generation)),
+        }
+    }
+
+    /// Re-read every pending job's state (after a reconnect, or periodically as a safety net), and
+    /// settle jobs whose worker died on their last delivery.
     async fn recheck_all(&self, t: &mut Tracker) {
         let ids: Vec<JobId> = t.pending.keys().cloned().collect();
         for id in ids {
             match self.queue.status(&id).await {
+                Ok(Some(s)) if is_exhausted(&s, self.queue.settings, now_ms()) => {
+                    if let Ok(Reconciled::Failed(f)) = self.reconcile(&s.payload, &s).await {
+                        t.observe(&f);
+                    }
+                }
                 Ok(Some(s)) => {
                     t.observe(&s);
                 }
@@ -305,6 +353,21 @@ mod tests {
         assert!(text.contains("train           1        1        1        1"), "{text}");
         assert!(text.contains("train.r.r0.f1  on w1  for 30 s"), "{text}");
         assert!(text.contains("train.r.r0.f2  after 0 attempt(s): disk full"), "{text}");
+    }
+
+    #[test]
+    fn a_job_is_exhausted_only_on_its_last_delivery_without_heartbeats() {
+        let q = QueueSettings { ack_wait: Duration::from_secs(10), max_deliver: 3 };
+        let mut s = status(0, JobState::Running);
+        s.attempts = 3;
+        s.updated_ms = 1_000;
+        assert!(is_exhausted(&s, q, 1_000 + 31_000));
+        assert!(!is_exhausted(&s, q, 1_000 + 29_000), "heartbeat recent enough");
+        s.attempts = 2;
+        assert!(!is_exhausted(&s, q, 1_000 + 31_000), "JetStream will deliver it again");
+        s.attempts = 3;
+        s.state = JobState::Queued;
+        assert!(!is_exhausted(&s, q, 1_000 + 31_000));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `wsimil`: parse flags, set up logging, hand over to the library.
 
 use clap::Parser;
+use std::io::IsTerminal;
 use wsimil_coordinator::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WSIMIL_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -156,7 +156,8 @@ pub struct StageReport {
 pub struct RunSummary {
     pub plan: RunPlan,
     pub stages: Vec<StageReport>,
-    pub metrics: RoundMetrics,
+    /// `None` when the run stopped before training (`--until`).
+    pub metrics: Option<RoundMetrics>,
 }
 
 async fn record_failures(store: &Store, run: &RunId, jobs: &[Job], outcome: &StageOutcome) -> anyhow::Result<()> {
@@ -189,28 +190,38 @@ async fn stage(
     Ok(StageReport { kind, planned, outcome })
 }
 
-/// Run every stage of round 0 and summarise.
-pub async fn run(store: &Store, dispatcher: &dyn Dispatcher, plan: &RunPlan) -> anyhow::Result<RunSummary> {
+/// Run the stages of round 0 up to and including `until`, and summarise.
+pub async fn run(
+    store: &Store,
+    dispatcher: &dyn Dispatcher,
+    plan: &RunPlan,
+    until: JobKind,
+) -> anyhow::Result<RunSummary> {
     let round = 0;
     let mut stages = Vec::new();
-    stages.push(stage(store, dispatcher, plan, JobKind::Tile, planner::tile_jobs(store, plan).await?).await?);
-    stages.push(stage(store, dispatcher, plan, JobKind::Embed, planner::embed_jobs(store, plan).await?).await?);
-    stages.push(stage(store, dispatcher, plan, JobKind::Train, planner::train_jobs(store, plan, round).await?).await?);
-    let trained = (0..plan.folds.len() as u32)
-        .filter(|k| {
-            stages[2].outcome.failed.iter().all(|f| f.job.as_str() != format!("train.{}.r{round}.f{k}", plan.run))
-        })
-        .count();
-    if trained == 0 {
-        bail!(
-            "no fold could be trained: {}",
-            stages[2].outcome.failed.iter().map(|f| f.reason.clone()).collect::<Vec<_>>().join("; ")
-        );
+    for kind in JobKind::ALL {
+        let jobs = match kind {
+            JobKind::Tile => planner::tile_jobs(store, plan).await?,
+            JobKind::Embed => planner::embed_jobs(store, plan).await?,
+            JobKind::Train => planner::train_jobs(store, plan, round).await?,
+            JobKind::Predict => planner::predict_jobs(store, plan, round).await?,
+        };
+        let report = stage(store, dispatcher, plan, kind, jobs).await?;
+        if kind == JobKind::Train {
+            let failed: Vec<&FailureRecord> = report.outcome.failed.iter().collect();
+            if failed.len() == plan.folds.len() {
+                bail!(
+                    "no fold could be trained: {}",
+                    failed.iter().map(|f| f.reason.clone()).collect::<Vec<_>>().join("; ")
+                );
+            }
+        }
+        stages.push(report);
+        if kind == until {
+            break;
+        }
     }
-    stages.push(
-        stage(store, dispatcher, plan, JobKind::Predict, planner::predict_jobs(store, plan, round).await?).await?,
-    );
-    let metrics = summarise(store, plan, round).await?;
+    let metrics = if until == JobKind::Predict { Some(summarise(store, plan, round).await?) } else { None };
     Ok(RunSummary { plan: plan.clone(), stages, metrics })
 }
 
@@ -309,12 +320,11 @@ fn fmt_opt(m: Option<f64>) -> String {
 
 /// The end-of-run report a person reads.
 pub fn render_summary(s: &RunSummary, store: &Store) -> String {
-    let m = &s.metrics;
     let mut out = String::new();
     out.push_str(&format!(
         "\nrun {}: {} slides, classes {}, {} fold{}\n",
         s.plan.run,
-        m.slides,
+        s.plan.slides.len(),
         s.plan.classes.join("/"),
         s.plan.folds.len(),
         if s.plan.folds.len() == 1 { "" } else { "s" }
@@ -331,6 +341,21 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
             o.seconds
         ));
     }
+    let Some(m) = &s.metrics else {
+        let last = s.stages.last().map_or("plan", |st| st.kind.as_str());
+        out.push_str(&format!("stopped after {last} (--until); run again without it to continue\n"));
+        for st in &s.stages {
+            for f in &st.outcome.failed {
+                out.push_str(&format!(
+                    "  failed {} {}: {}\n",
+                    f.kind,
+                    f.slide.as_ref().map(|s| s.to_string()).unwrap_or_else(|| f.job.to_string()),
+                    f.reason
+                ));
+            }
+        }
+        return out;
+    };
     if let Some(p) = &m.pooled {
         out.push_str(&format!(
             "cohort, out-of-fold ({} slides): AUC {}  accuracy {:.3}  balanced accuracy {:.3}  F1 {:.3}\n",

@@ -228,3 +228,96 @@ async fn workers_and_coordinator_ride_out_a_nats_restart() {
     let text = String::from_utf8(store.get(preds).await.unwrap().to_vec()).unwrap();
     assert_eq!(text.lines().count(), 5, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_transiently_on_every_delivery_fails_after_max_deliver_with_the_last_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = cohort(&d.join("cohort"), 2, 1024, 1280, false);
+    let nats = Nats::start();
+    // The worker's S3 endpoint refuses connections: a transient error, every time.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let bad_store: Vec<String> =
+        ["--store", "s3://wsimil/unreachable", "--s3-endpoint", &dead, "--s3-path-style", "--s3-max-retries", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let _w = spawn("w", d, &worker_flags(&nats, &bad_store, "w"));
+    let mut args = run_flags(&manifest, &["--until", "tile", "--random-weights", "1"]);
+    args.extend(nats_flags(&nats));
+    args.extend(["--store".to_string(), d.join("store").display().to_string()]);
+    let mut coord = spawn("coordinator", d, &args);
+    assert!(coord.wait(LONG).success(), "{}", log(d, "coordinator"));
+    let queue = nats.queue(settings()).await;
+    let states = wsimil_coordinator::jetstream::all_states(&queue).await.unwrap();
+    assert_eq!(states.len(), 2);
+    for s in &states {
+        assert_eq!(s.state, JobState::Failed, "{s:?}");
+        assert_eq!(s.attempts, 4, "max_deliver deliveries: {s:?}");
+        assert!(s.reason.as_deref().unwrap_or("").contains("unreachable"), "the last error, naming the key: {s:?}");
+    }
+    assert!(log(d, "coordinator").contains("2 failed"), "{}", log(d, "coordinator"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_workers_die_on_every_delivery_is_failed_even_with_the_coordinator_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = cohort(&d.join("cohort"), 2, 1024, 1536, false);
+    let nats = Nats::start();
+    let s3 = s3();
+    let store_flags = s3.flags("dying-workers");
+    let nflags = |deliver: &str| {
+        vec!["--nats".to_string(), nats.url(), "--ack-wait".into(), "2".into(), "--max-deliver".into(), deliver.into()]
+    };
+    let worker = |name: &str| {
+        let mut v = vec!["worker".to_string(), "--name".into(), name.into(), "--kinds".into(), "embed".into()];
+        v.extend(nflags("2"));
+        v.extend(store_flags.clone());
+        v
+    };
+    // Tile with an ordinary worker, then embed slowly (ResNet50 on a CPU) with workers we kill.
+    let mut tiler = spawn("tiler", d, &{
+        let mut v = vec!["worker".to_string(), "--name".into(), "tiler".into(), "--kinds".into(), "tile".into()];
+        v.extend(nflags("2"));
+        v.extend(store_flags.clone());
+        v
+    });
+    let mut args = run_flags(
+        &manifest,
+        &["--embedder", "resnet50-trunc", "--random-weights", "3", "--batch-size", "1", "--until", "embed"],
+    );
+    args.extend(nflags("2"));
+    args.extend(store_flags.clone());
+    let mut coord = spawn("coordinator-1", d, &args);
+    let queue = nats.queue(QueueSettings { ack_wait: Duration::from_secs(2), max_deliver: 2 }).await;
+    let running = |attempt: u32| {
+        move |s: &[wsimil_common::nats::JobStatus]| {
+            s.iter().any(|j| j.kind.as_str() == "embed" && j.state == JobState::Running && j.attempts == attempt)
+        }
+    };
+    let mut e1 = spawn("e1", d, &worker("e1"));
+    let states = wait_until(&queue, Some(&mut coord), d, LONG, "a first delivery", running(1)).await;
+    let victim =
+        states.iter().find(|j| j.kind.as_str() == "embed" && j.state == JobState::Running).unwrap().job.clone();
+    e1.kill9();
+    tiler.kill9();
+    // The coordinator goes down too: nobody hears JetStream's max-deliveries advisory.
+    coord.kill9();
+    let mut e2 = spawn("e2", d, &worker("e2"));
+    wait_until(&queue, Some(&mut e2), d, LONG, "the last delivery", |s| {
+        s.iter().any(|j| j.job == victim && j.attempts == 2 && j.state == JobState::Running)
+    })
+    .await;
+    e2.kill9();
+    // No heartbeat for three ack-wait periods: a restarted coordinator must settle it, not hang.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut e3 = spawn("e3", d, &worker("e3"));
+    let mut coord2 = spawn("coordinator-2", d, &args);
+    assert!(coord2.wait(LONG).success(), "{}", log(d, "coordinator-2"));
+    let s = queue.status(&victim).await.unwrap().unwrap();
+    assert_eq!(s.state, JobState::Failed, "{s:?}");
+    assert!(s.reason.as_deref().unwrap().contains("gave up after 2 deliveries"), "{s:?}");
+    assert!(queue.queued_message(&s.payload).await.unwrap().is_none(), "its dead message was removed");
+    e3.kill9();
+}

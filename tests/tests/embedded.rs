@@ -64,7 +64,7 @@ async fn run_once(store: &Store, settings: &RunSettings) -> RunSummary {
     let (_, plan) = run::prepare(store, settings).await.unwrap();
     let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "test"));
     let d = LocalDispatcher::new(ctx, RetryPolicy { max_attempts: 2, backoff: std::time::Duration::from_millis(10) });
-    run::run(store, &d, &plan).await.unwrap()
+    run::run(store, &d, &plan, JobKind::Predict).await.unwrap()
 }
 
 fn stage(s: &RunSummary, kind: JobKind) -> &run::StageReport {
@@ -93,7 +93,7 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
 
     // Outputs where the layout says, for every slide that could be read.
     let run = &s.plan.run;
-    let m = &s.metrics;
+    let m = s.metrics.as_ref().unwrap();
     assert_eq!(m.predicted, 6);
     let pooled = m.pooled.expect("pooled metrics");
     assert!(pooled.auc.is_some() && (0.0..=1.0).contains(&pooled.accuracy));
@@ -238,4 +238,29 @@ async fn weights_that_do_not_fit_the_architecture_are_refused_by_name() {
         EmbedderChoice { architecture: "efficientnet-lite0".into(), weights: Weights::File(weights), batch_size: 4 };
     let err = format!("{:#}", run::register_embedder(&Store::memory(), &choice).await.unwrap_err());
     assert!(err.contains("wrong.safetensors") && err.contains("do not fit efficientnet-lite0"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_stops_after_the_named_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in ["a", "b"] {
+        std::fs::copy(data("cmu_small_region.svs"), dir.path().join(format!("{n}.svs"))).unwrap();
+    }
+    let manifest = dir.path().join("m.csv");
+    std::fs::write(&manifest, "slide_id,path,label\na,a.svs,normal\nb,b.svs,tumor\n").unwrap();
+    let store = Store::memory();
+    let mut st = settings(manifest);
+    st.embedder.weights = Weights::Random(1);
+    let (_, plan) = run::prepare(&store, &st).await.unwrap();
+    let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t"));
+    let d = LocalDispatcher::new(ctx, RetryPolicy::default());
+    let s = run::run(&store, &d, &plan, JobKind::Tile).await.unwrap();
+    assert_eq!(s.stages.len(), 1);
+    assert_eq!(s.stages[0].outcome.computed, 2);
+    assert!(s.metrics.is_none());
+    assert!(!store
+        .exists(&layout::features(&plan.embedder.id(), &plan.tiling.id(), &SlideId::new("a").unwrap()))
+        .await
+        .unwrap());
+    assert!(run::render_summary(&s, &store).contains("stopped after tile"));
 }

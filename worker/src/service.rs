@@ -16,7 +16,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use wsimil_common::job::{Job, JobKind};
-use wsimil_common::nats::{now_ms, JobState, JobStatus, NatsError, Queue};
+use wsimil_common::nats::{now_ms, JobState, JobStatus, NatsError, Queue, GENERATION_HEADER};
 
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {
@@ -131,15 +131,18 @@ async fn handle(ctx: &WorkerContext, queue: &Queue, settings: &ServiceSettings, 
             return;
         }
     };
-    let prior = queue.status(&job.id()).await.ok().flatten();
-    let generation = prior.as_ref().map_or(0, |s| s.generation);
+    let generation = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(GENERATION_HEADER))
+        .and_then(|v| v.as_str().parse::<u32>().ok())
+        .unwrap_or(0);
     let mut status = JobStatus {
         state: JobState::Running,
         attempts: delivered,
         worker: Some(ctx.name.clone()),
         started_ms: Some(now_ms()),
         updated_ms: now_ms(),
-        reason: prior.and_then(|s| s.reason),
         ..JobStatus::queued(&job, generation)
     };
     if let Err(e) = queue.set_status(&status).await {
@@ -159,6 +162,9 @@ async fn handle(ctx: &WorkerContext, queue: &Queue, settings: &ServiceSettings, 
                     if let Err(e) = msg.ack_with(AckKind::Progress).await {
                         warn!(job = %job.id(), "heartbeat failed: {e}");
                     }
+                    // The KV record shows the job is alive too (`status` ages, exhaustion checks).
+                    status.updated_ms = now_ms();
+                    let _ = queue.set_status(&status).await;
                 }
             }
         }

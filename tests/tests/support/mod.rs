@@ -192,7 +192,12 @@ impl S3 {
         std::env::set_var("AWS_ACCESS_KEY_ID", S3_KEY);
         std::env::set_var("AWS_SECRET_ACCESS_KEY", S3_SECRET);
         std::env::set_var("AWS_REGION", "us-east-1");
-        let opts = S3Options { endpoint: Some(self.endpoint()), region: Some("us-east-1".into()), path_style: true };
+        let opts = S3Options {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            path_style: true,
+            max_retries: None,
+        };
         Store::open(&self.location(prefix), &opts).unwrap()
     }
 
