@@ -111,13 +111,31 @@ impl NatsError {
     }
 }
 
-/// Connect, retrying the first connection and reconnecting forever after (a server restart must
-/// not end a long run).
+/// Connect. An unreachable server is retried for 30 s (servers and workers start in any order);
+/// bad credentials or TLS fail at once, naming the server. Once connected, the client reconnects
+/// forever: a server restart must not end a long run.
 pub async fn connect(opts: &NatsOptions) -> Result<async_nats::Client, NatsError> {
+    use async_nats::ConnectErrorKind as Kind;
+    let fail = |reason: String| NatsError::Connect { url: opts.url.clone(), reason };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match connect_options(opts).await?.connect(&opts.url).await {
+            Ok(client) => return Ok(client),
+            Err(e)
+                if matches!(e.kind(), Kind::Io | Kind::TimedOut | Kind::Dns)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+}
+
+async fn connect_options(opts: &NatsOptions) -> Result<async_nats::ConnectOptions, NatsError> {
     let fail = |reason: String| NatsError::Connect { url: opts.url.clone(), reason };
     let mut c = async_nats::ConnectOptions::new()
         .name(&opts.name)
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(10));
     if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
@@ -138,11 +156,7 @@ pub async fn connect(opts: &NatsOptions) -> Result<async_nats::Client, NatsError
     if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
         c = c.add_client_certificate(cert.clone(), key.clone());
     }
-    let client = tokio::time::timeout(Duration::from_secs(30), c.connect(&opts.url))
-        .await
-        .map_err(|_| fail("no answer within 30 s".into()))?
-        .map_err(|e| fail(e.to_string()))?;
-    Ok(client)
+    Ok(c)
 }
 
 /// The stream, its consumers and the KV bucket, created if missing (coordinator and workers both

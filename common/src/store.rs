@@ -58,10 +58,17 @@ pub struct S3Options {
 }
 
 /// A cloneable handle to the store every stage reads from and writes to.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     location: String,
+}
+
+/// Only the location: the S3 client's own `Debug` would include credentials.
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("location", &self.location).finish()
+    }
 }
 
 impl Store {
@@ -197,6 +204,17 @@ mod tests {
         assert!(err.to_string().contains("nope.bin"), "{err}");
         assert!(!err.is_transient());
         assert_eq!(store.list(&Path::from("a")).await.unwrap(), vec![k]);
+    }
+
+    #[test]
+    fn debug_output_never_shows_credentials() {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "very-secret-key");
+        let opts = S3Options { endpoint: Some("http://127.0.0.1:1".into()), path_style: true, ..Default::default() };
+        let store = Store::open("s3://bucket/prefix", &opts).unwrap();
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("very-secret-key") && !shown.contains("AKIDEXAMPLE"), "{shown}");
+        assert!(shown.contains("s3://bucket/prefix"));
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl StoreArgs {
     }
 }
 
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct NatsArgs {
     /// NATS server URL (distributed mode), e.g. nats://localhost:4222.
     #[arg(long = "nats", env = "WSIMIL_NATS_URL")]
@@ -109,6 +109,21 @@ pub struct NatsArgs {
     /// Deliveries of a job, the first included, before it counts as failed.
     #[arg(long, default_value_t = 5)]
     pub max_deliver: u32,
+}
+
+/// Secrets masked.
+impl std::fmt::Debug for NatsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mask = |o: &Option<String>| o.as_ref().map(|_| "***");
+        f.debug_struct("NatsArgs")
+            .field("url", &self.url)
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &mask(&self.nats_password))
+            .field("nats_token", &mask(&self.nats_token))
+            .field("nats_creds", &self.nats_creds)
+            .field("nats_tls", &self.nats_tls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NatsArgs {

@@ -321,3 +321,45 @@ async fn a_job_whose_workers_die_on_every_delivery_is_failed_even_with_the_coord
     assert!(queue.queued_message(&s.payload).await.unwrap().is_none(), "its dead message was removed");
     e3.kill9();
 }
+
+#[test]
+fn nats_user_password_and_token_auth_work_and_a_wrong_secret_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (server_args, good, bad) in [
+        (
+            vec!["--user", "wsimil", "--pass", "s3cret"],
+            vec![("WSIMIL_NATS_USER", "wsimil"), ("WSIMIL_NATS_PASSWORD", "s3cret")],
+            vec![("WSIMIL_NATS_USER", "wsimil"), ("WSIMIL_NATS_PASSWORD", "wrong")],
+        ),
+        (vec!["--auth", "t0ken"], vec![("WSIMIL_NATS_TOKEN", "t0ken")], vec![("WSIMIL_NATS_TOKEN", "nope")]),
+    ] {
+        let port = free_port();
+        let mut server = Proc {
+            child: std::process::Command::new(tool("nats-server"))
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(dir.path().join(format!("js-{port}")))
+                .args(&server_args)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+            name: "nats-server".into(),
+        };
+        let url = format!("nats://127.0.0.1:{port}");
+        std::thread::sleep(Duration::from_millis(500));
+        let status = |env: &[(&str, &str)]| {
+            wsimil().args(["status", "--nats", &url]).envs(env.iter().copied()).output().unwrap()
+        };
+        let ok = status(&good);
+        assert!(ok.status.success(), "{server_args:?}: {}", String::from_utf8_lossy(&ok.stderr));
+        assert!(String::from_utf8_lossy(&ok.stdout).contains("stage"));
+        let no = status(&bad);
+        assert!(!no.status.success());
+        let err = String::from_utf8_lossy(&no.stderr);
+        assert!(err.contains(&url) && err.to_lowercase().contains("authorization"), "{err}");
+        assert!(
+            !err.contains("s3cret") && !err.contains("nope") && !err.contains("wrong"),
+            "secrets stay out of errors: {err}"
+        );
+        server.kill9();
+    }
+}
