@@ -85,6 +85,9 @@ pub struct TilingProvenance {
     pub threshold_used: u8,
     /// Downsample of the image tissue was detected on, relative to level 0.
     pub detect_downsample: f64,
+    /// Corrupt tiles met while reading that image (taken as background).
+    #[serde(default)]
+    pub corrupt_tiles: usize,
     pub patches: usize,
 }
 
@@ -155,6 +158,7 @@ mod tests {
             tissue: TissueParams::tcga(),
             threshold_used: 17,
             detect_downsample: 16.0,
+            corrupt_tiles: 0,
             patches: 2,
         }
     }

@@ -38,6 +38,20 @@ pub struct EmbedderSpec {
     pub weights: String,
     /// Patches per forward pass.
     pub batch_size: usize,
+    /// What a corrupt tile inside an otherwise readable slide does to the patches on it.
+    #[serde(default)]
+    pub corrupt_tiles: CorruptTiles,
+}
+
+/// Policy for corrupt tiles (a JPEG that does not decode) inside a readable slide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CorruptTiles {
+    /// Leave the patches on it out of the bag and count them in the features' provenance.
+    #[default]
+    Skip,
+    /// Fail the slide's embed job.
+    Fail,
 }
 
 impl EmbedderSpec {

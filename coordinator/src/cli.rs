@@ -13,7 +13,7 @@ use wsimil_common::grid::TissueParams;
 use wsimil_common::ids::RunId;
 use wsimil_common::job::JobKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
-use wsimil_common::plan::{TilingSpec, TrainConfig};
+use wsimil_common::plan::{CorruptTiles, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::jobs::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
@@ -42,6 +42,12 @@ pub enum Command {
     Status(StatusArgs),
     /// Queue every failed job again.
     RetryFailed(StatusArgs),
+    /// Benchmark: read every tissue patch of a slide on one thread (bench/tiling.sh).
+    #[command(hide = true)]
+    BenchRead(BenchReadArgs),
+    /// Benchmark: write a large test slide from real tissue (bench/tiling.sh).
+    #[command(hide = true)]
+    MakeSlide(MakeSlideArgs),
     /// Build the semi-synthetic demo cohort from the real slide and tumour image.
     DemoCohort(DemoCohortArgs),
 }
@@ -237,6 +243,10 @@ pub struct RunArgs {
     /// Patches per embedder forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// A corrupt tile inside a readable slide: skip the patches on it (counted in the features'
+    /// provenance) or fail the slide.
+    #[arg(long, default_value = "skip")]
+    pub on_corrupt_tile: String,
 
     /// Bag classifier: transmil or abmil.
     #[arg(long, default_value = "transmil")]
@@ -323,6 +333,11 @@ impl RunArgs {
                 architecture: self.embedder.clone(),
                 weights,
                 batch_size: self.batch_size.max(1),
+                corrupt_tiles: match self.on_corrupt_tile.as_str() {
+                    "skip" => CorruptTiles::Skip,
+                    "fail" => CorruptTiles::Fail,
+                    other => bail!("--on-corrupt-tile {other:?}: skip or fail"),
+                },
             },
             train: TrainConfig {
                 model: self.model.clone(),
@@ -475,5 +490,97 @@ pub async fn retry_failed(args: StatusArgs) -> anyhow::Result<()> {
     let (_c, queue) = args.nats.open("wsimil-retry").await?;
     let n = crate::jetstream::retry_failed(&queue, run_filter(&args.run)).await?;
     println!("{n} failed job(s) queued again; re-run the coordinator to follow them");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReadArgs {
+    #[arg(long)]
+    pub slide: PathBuf,
+    /// native, openslide or auto.
+    #[arg(long, default_value = "auto")]
+    pub reader: String,
+    #[arg(long, default_value_t = 256)]
+    pub patch_px: u32,
+    #[arg(long, default_value_t = 0.5)]
+    pub target_mpp: f64,
+    /// Side the patches are resized to (the embedder's input).
+    #[arg(long, default_value_t = 224)]
+    pub input_px: u32,
+    /// Also time tissue detection alone.
+    #[arg(long)]
+    pub tissue_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MakeSlideArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub width: u32,
+    #[arg(long)]
+    pub height: u32,
+    #[arg(long, default_value_t = 0.25)]
+    pub mpp: f64,
+    /// Only the lowest level holds real pixels; the rest repeat one tile (huge geometries).
+    #[arg(long)]
+    pub repeated: bool,
+}
+
+/// `wsimil bench-read`: prints `reader patches seconds rate` (or the tissue detection time).
+pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
+    use wsimil_worker::slide::{open_with, ReaderChoice};
+    let choice = match args.reader.as_str() {
+        "native" => ReaderChoice::Native,
+        "openslide" => ReaderChoice::OpenSlide,
+        "auto" => ReaderChoice::Auto,
+        r => bail!("--reader {r:?}: native, openslide or auto"),
+    };
+    let t = std::time::Instant::now();
+    let slide = open_with(&args.slide, choice)?;
+    let tissue = wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
+    let spec = TilingSpec {
+        patch_px: args.patch_px,
+        target_mpp: args.target_mpp,
+        step_fraction: 1.0,
+        min_tissue_fraction: 0.25,
+        tissue,
+    };
+    let tiled = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &spec, None)?;
+    let detect = t.elapsed().as_secs_f64();
+    if args.tissue_only {
+        let (w, h) = slide.level_dimensions(0);
+        println!(
+            "{} {w}x{h} tissue+grid {:.3} s ({} patches, overview {}x{})",
+            slide.reader_name(),
+            detect,
+            tiled.grid.patches.len(),
+            tiled.mask.width(),
+            tiled.mask.height()
+        );
+        return Ok(());
+    }
+    // A fresh handle, so neither reader starts with a warm cache.
+    let slide = open_with(&args.slide, choice)?;
+    let (n, secs) = wsimil_worker::bench::read_all(slide.as_ref(), &tiled.grid, args.input_px)?;
+    println!("{} {n} {secs:.3} {:.1}", args.reader, n as f64 / secs);
+    Ok(())
+}
+
+/// `wsimil make-slide`.
+pub fn make_slide(args: MakeSlideArgs) -> anyhow::Result<()> {
+    use wsimil_worker::tiff::{write_levels, LevelData, TiffOptions};
+    let cmu = wsimil_worker::slide::open(&wsimil_common::data_dir().join("cmu_small_region.svs"))?;
+    let source = wsimil_worker::synth::read_level0(cmu.as_ref())?;
+    let opt =
+        TiffOptions { mpp: args.mpp, magnification: 10.0 / args.mpp, min_level_side: 1024, ..TiffOptions::default() };
+    let levels = if args.repeated {
+        wsimil_worker::bench::huge_levels(&source, args.width, args.height, 2048)
+    } else {
+        let img = wsimil_worker::bench::mosaic(&source, args.width, args.height);
+        wsimil_worker::tiff::pyramid(&img, opt.min_level_side).into_iter().map(LevelData::Image).collect()
+    };
+    std::fs::write(&args.out, write_levels(&levels, "bench", &opt)?)
+        .with_context(|| format!("{}", args.out.display()))?;
     Ok(())
 }

@@ -18,6 +18,8 @@ fn main() -> std::process::ExitCode {
         Command::Worker(args) => tokio_main(cli::worker(args)),
         Command::Status(args) => tokio_main(cli::status(args)),
         Command::RetryFailed(args) => tokio_main(cli::retry_failed(args)),
+        Command::BenchRead(args) => cli::bench_read(args),
+        Command::MakeSlide(args) => cli::make_slide(args),
         Command::DemoCohort(args) => cli::demo_cohort(args),
     };
     match result {

@@ -246,7 +246,12 @@ mod tests {
             min_tissue_fraction: 0.25,
             tissue: TissueParams::tcga(),
         };
-        let e = EmbedderSpec { architecture: "x".into(), weights: "random-1".into(), batch_size: 8 };
+        let e = EmbedderSpec {
+            architecture: "x".into(),
+            weights: "random-1".into(),
+            batch_size: 8,
+            corrupt_tiles: Default::default(),
+        };
         let fs = FoldSettings { k: 2, seed: 0 };
         let a = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), fs);
         let b = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), fs);

@@ -36,6 +36,7 @@ pub struct EmbedderChoice {
     pub architecture: String,
     pub weights: Weights,
     pub batch_size: usize,
+    pub corrupt_tiles: wsimil_common::plan::CorruptTiles,
 }
 
 /// Everything `wsimil run` needs, checked.
@@ -64,6 +65,7 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
             architecture: choice.architecture.clone(),
             weights: format!("random-{seed}"),
             batch_size: choice.batch_size,
+            corrupt_tiles: choice.corrupt_tiles,
         }),
         Weights::File(path) => {
             let bytes = tokio::fs::read(path)
@@ -74,6 +76,7 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
                 architecture: choice.architecture.clone(),
                 weights: sha.clone(),
                 batch_size: choice.batch_size,
+                corrupt_tiles: choice.corrupt_tiles,
             };
             let id = spec.id();
             let key = layout::embedder_weights(&id);

@@ -80,7 +80,7 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
     status_args.extend(nats_flags(&nats));
     let status = String::from_utf8(wsimil().args(&status_args).output().unwrap().stdout).unwrap();
     assert!(status.contains("tile            0        0        4        1"), "{status}");
-    assert!(status.contains(".corrupt  after 1 attempt(s):") && status.contains("cannot read region"), "{status}");
+    assert!(status.contains(".corrupt  after 1 attempt(s):") && status.contains("could not be decoded"), "{status}");
 
     // retry-failed queues it again (a new generation), and it fails again for the same reason.
     let mut retry = vec!["retry-failed".to_string()];

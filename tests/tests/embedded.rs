@@ -54,6 +54,7 @@ fn settings(manifest: PathBuf) -> RunSettings {
             architecture: "efficientnet-lite0".into(),
             weights: Weights::File(data("efficientnet-lite0.safetensors")),
             batch_size: 8,
+            corrupt_tiles: Default::default(),
         },
         train: TrainConfig { max_epochs: 3, patience: 3, landmarks: 16, ..TrainConfig::default() },
         folds: FoldSettings { k: 2, seed: 0 },
@@ -85,7 +86,11 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
     assert_eq!((tile.planned, tile.outcome.computed, tile.outcome.failed.len()), (7, 6, 1));
     let failure = &tile.outcome.failed[0];
     assert_eq!(failure.slide.as_ref().unwrap().as_str(), "corrupt");
-    assert!(failure.reason.contains("corrupt.svs"), "{}", failure.reason);
+    assert!(
+        failure.reason.contains("corrupt.svs") && failure.reason.contains("could not be decoded"),
+        "{}",
+        failure.reason
+    );
     assert_eq!(failure.attempts, 1, "a corrupt slide is not retried");
     assert_eq!(stage(&s, JobKind::Embed).outcome.computed, 6);
     assert_eq!(stage(&s, JobKind::Train).outcome.computed, 2);
@@ -203,8 +208,12 @@ async fn resnet50_trunc_loads_torchvision_safetensors_and_embeds_a_real_slide() 
     let weights = dir.path().join("resnet50.safetensors");
     std::fs::write(&weights, torchvision_resnet50_safetensors()).unwrap();
     let store = Store::memory();
-    let choice =
-        EmbedderChoice { architecture: "resnet50-trunc".into(), weights: Weights::File(weights), batch_size: 4 };
+    let choice = EmbedderChoice {
+        architecture: "resnet50-trunc".into(),
+        weights: Weights::File(weights),
+        batch_size: 4,
+        corrupt_tiles: Default::default(),
+    };
     let spec = run::register_embedder(&store, &choice).await.unwrap();
     assert!(spec.id().as_str().starts_with("resnet50-trunc-"));
     assert!(store.exists(&layout::embedder_weights(&spec.id())).await.unwrap());
@@ -234,8 +243,12 @@ async fn weights_that_do_not_fit_the_architecture_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("wrong.safetensors");
     std::fs::write(&weights, torchvision_resnet50_safetensors()).unwrap();
-    let choice =
-        EmbedderChoice { architecture: "efficientnet-lite0".into(), weights: Weights::File(weights), batch_size: 4 };
+    let choice = EmbedderChoice {
+        architecture: "efficientnet-lite0".into(),
+        weights: Weights::File(weights),
+        batch_size: 4,
+        corrupt_tiles: Default::default(),
+    };
     let err = format!("{:#}", run::register_embedder(&Store::memory(), &choice).await.unwrap_err());
     assert!(err.contains("wrong.safetensors") && err.contains("do not fit efficientnet-lite0"), "{err}");
 }

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use wsimil_common::features::Preprocessing;
 use wsimil_common::grid::{Patch, PatchGrid};
 use wsimil_common::models::embedder::Embedder;
+use wsimil_common::plan::CorruptTiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -50,29 +51,62 @@ pub fn normalise(img: &RgbImage, pre: &Preprocessing) -> Vec<f32> {
     out
 }
 
-/// Features of every patch in `grid`, row-major `[patches, dim]`.
+/// What embedding a slide produced.
+pub struct Embedded {
+    /// Indices (into the grid) of the patches embedded, in order.
+    pub kept: Vec<usize>,
+    /// Their features, row-major `[kept, dim]`.
+    pub features: Vec<f32>,
+    /// Patches left out because a tile under them is corrupt, with the reason.
+    pub skipped: Vec<(usize, String)>,
+}
+
+/// Embed every patch of `grid` (those on corrupt tiles skipped or failing, per `corrupt`).
 pub fn embed_patches(
     slide: &dyn SlideReader,
     grid: &PatchGrid,
     embedder: &dyn Embedder,
     device: &Device,
     batch_size: usize,
-) -> Result<Vec<f32>, EmbedError> {
+    corrupt: CorruptTiles,
+) -> Result<Embedded, EmbedError> {
     let pre = embedder.preprocessing();
     let s = pre.input_px as usize;
     let model_err = |source| EmbedError::Model { slide: grid.provenance.slide.clone(), source };
-    let mut features = Vec::with_capacity(grid.patches.len() * embedder.feature_dim());
-    for chunk in grid.patches.chunks(batch_size.max(1)) {
-        let planes: Vec<Vec<f32>> = chunk
+    let mut out = Embedded {
+        kept: Vec::new(),
+        features: Vec::with_capacity(grid.patches.len() * embedder.feature_dim()),
+        skipped: Vec::new(),
+    };
+    let indices: Vec<usize> = (0..grid.patches.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let read: Vec<Result<Vec<f32>, SlideError>> = chunk
             .par_iter()
-            .map(|p| read_patch(slide, grid, p, pre.input_px).map(|img| normalise(&img, &pre)))
-            .collect::<Result<_, _>>()?;
-        let flat: Vec<f32> = planes.concat();
-        let x = Tensor::from_vec(flat, (chunk.len(), 3, s, s), device).map_err(model_err)?;
+            .map(|&i| read_patch(slide, grid, &grid.patches[i], pre.input_px).map(|img| normalise(&img, &pre)))
+            .collect();
+        let mut planes = Vec::with_capacity(chunk.len() * 3 * s * s);
+        let mut n = 0;
+        for (&i, r) in chunk.iter().zip(read) {
+            match r {
+                Ok(p) => {
+                    planes.extend_from_slice(&p);
+                    out.kept.push(i);
+                    n += 1;
+                }
+                Err(e @ SlideError::CorruptTile { .. }) if corrupt == CorruptTiles::Skip => {
+                    out.skipped.push((i, e.to_string()))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let x = Tensor::from_vec(planes, (n, 3, s, s), device).map_err(model_err)?;
         let y = embedder.forward(&x).map_err(model_err)?;
-        features.extend(y.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(model_err)?);
+        out.features.extend(y.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(model_err)?);
     }
-    Ok(features)
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -212,6 +212,13 @@ async fn tile(ctx: &WorkerContext, job: &TileJob) -> Result<Done, JobError> {
     if tiled.grid.patches.is_empty() {
         // Nothing to embed or classify: fail here, once, with what to look at.
         let p = &tiled.grid.provenance;
+        // Corrupt tiles read as glass: if there were any, they are the likelier story.
+        if let Some(first) = &tiled.first_corrupt {
+            return Err(JobError::Permanent(format!(
+                "{}: no tissue patches found, and {} tile(s) of the overview could not be decoded; first: {first}",
+                job.path, p.corrupt_tiles
+            )));
+        }
         return Err(JobError::Permanent(format!(
             "{}: no tissue patches found (saturation threshold {}, min tissue fraction {}); see {}",
             job.path,
@@ -237,17 +244,21 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
     let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
     let model = ctx.embedder(&job.embedder).await?;
     let (path, device, batch) = (job.path.clone(), ctx.device.clone(), job.embedder.batch_size);
-    let (features, grid, model) = blocking(move || {
+    let corrupt = job.embedder.corrupt_tiles;
+    let (done, grid, model) = blocking(move || {
         let s = slide::open(Path::new(&path))?;
-        let f = embed_patches(s.as_ref(), &grid, model.as_ref(), &device, batch)?;
+        let f = embed_patches(s.as_ref(), &grid, model.as_ref(), &device, batch, corrupt)?;
         Ok((f, grid, model))
     })
     .await?;
+    if let Some((_, first)) = done.skipped.first() {
+        warn!(slide = %job.slide, skipped = done.skipped.len(), "patches on corrupt tiles left out; first: {first}");
+    }
     let bag = FeatureBag {
-        xs: grid.patches.iter().map(|p| p.x).collect(),
-        ys: grid.patches.iter().map(|p| p.y).collect(),
+        xs: done.kept.iter().map(|&i| grid.patches[i].x).collect(),
+        ys: done.kept.iter().map(|&i| grid.patches[i].y).collect(),
         dim: model.feature_dim(),
-        features,
+        features: done.features,
         provenance: EmbeddingProvenance {
             slide: job.slide.to_string(),
             embedder: emb_id.to_string(),
@@ -256,7 +267,7 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
             preprocessing: Some(model.preprocessing()),
             tiling_id: Some(job.tiling.to_string()),
             tiling: Some(grid.provenance.clone()),
-            patches_skipped: 0,
+            patches_skipped: done.skipped.len(),
             imported_from: None,
         },
     };

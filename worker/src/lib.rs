@@ -10,7 +10,9 @@
 //! - [`jobs`]: executing a job against the store, and the retry decision.
 //! - [`service`]: the worker process: pulling jobs from NATS JetStream, heartbeats, acks, drain.
 //! - [`synth`], [`tiff`]: the semi-synthetic demo cohort, written as pyramidal TIFF slides.
+//! - [`bench`]: large test slides and single-threaded reading, for the tiling benchmark.
 
+pub mod bench;
 pub mod embed;
 pub mod heatmap;
 pub mod jobs;

@@ -91,10 +91,36 @@ pub fn pyramid(img: &RgbImage, min_side: u32) -> Vec<RgbImage> {
     levels
 }
 
+/// One level of a slide to write.
+pub enum LevelData {
+    Image(RgbImage),
+    /// A level of `width × height` whose every tile is `tile`: stored once, pointed to by every
+    /// tile offset (TIFF allows it), so huge test slides take kilobytes.
+    Repeated {
+        width: u32,
+        height: u32,
+        tile: RgbImage,
+    },
+}
+
+impl LevelData {
+    fn dimensions(&self) -> (u32, u32) {
+        match self {
+            LevelData::Image(i) => i.dimensions(),
+            LevelData::Repeated { width, height, .. } => (*width, *height),
+        }
+    }
+}
+
 /// Encode `img` as an Aperio-style pyramidal TIFF.
 pub fn write_slide(img: &RgbImage, name: &str, opt: &TiffOptions) -> Result<Vec<u8>, TiffError> {
-    let levels = pyramid(img, opt.min_level_side);
-    let (w0, h0) = img.dimensions();
+    let levels: Vec<LevelData> = pyramid(img, opt.min_level_side).into_iter().map(LevelData::Image).collect();
+    write_levels(&levels, name, opt)
+}
+
+/// Encode given levels (largest first) as an Aperio-style TIFF (classic TIFF: up to 4 GiB).
+pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Result<Vec<u8>, TiffError> {
+    let (w0, h0) = levels[0].dimensions();
     let description = format!(
         "Aperio Image Library v12.0.15 wsimil-synth\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({t}x{t}) JPEG/RGB Q={q}|AppMag = {m}|MPP = {mpp:.4}|Filename = {name}",
         t = opt.tile,
@@ -109,15 +135,29 @@ pub fn write_slide(img: &RgbImage, name: &str, opt: &TiffOptions) -> Result<Vec<
         let (tx, ty) = (w.div_ceil(opt.tile), h.div_ceil(opt.tile));
         let mut offsets = Vec::new();
         let mut counts = Vec::new();
-        for y in 0..ty {
-            for x in 0..tx {
-                let t = encode_tile(level, x, y, opt.tile, opt.quality)?;
+        match level {
+            LevelData::Image(img) => {
+                for y in 0..ty {
+                    for x in 0..tx {
+                        let t = encode_tile(img, x, y, opt.tile, opt.quality)?;
+                        if file.len() % 2 == 1 {
+                            file.push(0);
+                        }
+                        offsets.push(file.len() as u32);
+                        counts.push(t.len() as u32);
+                        file.extend_from_slice(&t);
+                    }
+                }
+            }
+            LevelData::Repeated { tile, .. } => {
+                let t = encode_tile(tile, 0, 0, opt.tile, opt.quality)?;
                 if file.len() % 2 == 1 {
                     file.push(0);
                 }
-                offsets.push(file.len() as u32);
-                counts.push(t.len() as u32);
+                let at = file.len() as u32;
                 file.extend_from_slice(&t);
+                offsets = vec![at; (tx * ty) as usize];
+                counts = vec![t.len() as u32; (tx * ty) as usize];
             }
         }
         let mut entries = vec![

@@ -5,7 +5,7 @@
 //! same patches.
 
 use crate::resample::{fit_within, resize_rgb};
-use crate::slide::{SlideError, SlideReader};
+use crate::slide::{CorruptTiles, SlideError, SlideReader};
 use crate::tissue::{self, TissueMask};
 use image::{GrayImage, RgbImage};
 use wsimil_common::grid::{Patch, PatchGrid, TilingProvenance};
@@ -17,6 +17,8 @@ const THUMB_MAX_SIDE: u32 = 1024;
 /// Everything the tile stage produces for one slide.
 pub struct Tiled {
     pub grid: PatchGrid,
+    /// The first corrupt tile met while reading the overview, if any (for error messages).
+    pub first_corrupt: Option<String>,
     pub thumbnail: RgbImage,
     pub mask: GrayImage,
 }
@@ -29,17 +31,87 @@ pub fn resolve_mpp(slide: &dyn SlideReader, manifest_mpp: Option<f64>) -> Result
     slide.mpp().map(|m| (m, "slide")).ok_or_else(|| SlideError::NoMpp { path: slide.path().to_path_buf() })
 }
 
-/// Read the whole slide at about `downsample` (from the best level, then resized).
-pub fn read_overview(slide: &dyn SlideReader, max_side: u32) -> Result<(RgbImage, f64), SlideError> {
-    let (w0, h0) = slide.level_dimensions(0);
-    let want = (w0.max(h0) as f64 / max_side as f64).max(1.0);
-    let level = slide.best_level_for_downsample(want);
+/// Most pixels of a level read in one piece for the overview; larger levels are reduced strip by
+/// strip, so memory stays bounded whatever the slide's size.
+const OVERVIEW_READ_LIMIT: u64 = 64 << 20;
+
+/// The whole slide at about `max_side` pixels on its longer side, and its downsample from level 0.
+///
+/// Reads the smallest level whose longer side is still at least `max_side / 2` (CLAM detects on a
+/// level near 64x; decoding a bigger one only costs time), resized to fit `max_side`. A level over
+/// [`OVERVIEW_READ_LIMIT`] pixels is box-reduced in horizontal strips instead of read whole.
+/// Corrupt tiles in the level read count as background and are counted (the third value).
+pub fn read_overview(slide: &dyn SlideReader, max_side: u32) -> Result<(RgbImage, f64, CorruptTiles), SlideError> {
+    let (w0, _) = slide.level_dimensions(0);
+    let long = |l: usize| {
+        let (w, h) = slide.level_dimensions(l);
+        w.max(h)
+    };
+    let level = (0..slide.level_count())
+        .filter(|&l| long(l) >= (max_side / 2) as u64)
+        .min_by_key(|&l| long(l))
+        .unwrap_or_else(|| (0..slide.level_count()).max_by_key(|&l| long(l)).unwrap_or(0));
     let (lw, lh) = slide.level_dimensions(level);
-    let img = slide.read_region(0, 0, level, lw as u32, lh as u32)?;
-    let (tw, th) = fit_within(lw as u32, lh as u32, max_side);
-    let img = if (tw, th) != (lw as u32, lh as u32) { resize_rgb(&img, tw, th) } else { img };
-    // The effective downsample of the overview relative to level 0.
-    Ok((img, w0 as f64 / tw as f64))
+    let mut corrupt = CorruptTiles::default();
+    let img = if lw * lh <= OVERVIEW_READ_LIMIT {
+        let (img, c) = slide.read_region_tolerant(0, 0, level, lw as u32, lh as u32)?;
+        corrupt.add(c);
+        let (tw, th) = fit_within(lw as u32, lh as u32, max_side);
+        if (tw, th) != (lw as u32, lh as u32) {
+            resize_rgb(&img, tw, th)
+        } else {
+            img
+        }
+    } else {
+        reduce_in_strips(slide, level, max_side, &mut corrupt)?
+    };
+    let ds = w0 as f64 / img.width() as f64;
+    Ok((img, ds, corrupt))
+}
+
+/// Box-reduce a level by the integer factor that brings its longer side within `max_side`,
+/// reading `factor` rows of level pixels at a time.
+fn reduce_in_strips(
+    slide: &dyn SlideReader,
+    level: usize,
+    max_side: u32,
+    corrupt: &mut CorruptTiles,
+) -> Result<RgbImage, SlideError> {
+    let (lw, lh) = slide.level_dimensions(level);
+    let f = lw.max(lh).div_ceil(max_side as u64).max(1);
+    let (ow, oh) = ((lw / f).max(1) as u32, (lh / f).max(1) as u32);
+    let ds = slide.level_downsample(level);
+    let mut out = RgbImage::new(ow, oh);
+    // Wide strips are read in column blocks too, so no read exceeds ~32 M pixels.
+    let block_cols = ((32u64 << 20) / f).max(f) / f * f;
+    for oy in 0..oh {
+        let mut sums = vec![0u64; ow as usize * 3];
+        let mut x = 0u64;
+        while x < ow as u64 * f {
+            let bw = block_cols.min(ow as u64 * f - x);
+            let (strip, c) = slide.read_region_tolerant(
+                (x as f64 * ds) as i64,
+                ((oy as u64 * f) as f64 * ds) as i64,
+                level,
+                bw as u32,
+                f as u32,
+            )?;
+            corrupt.add(c);
+            for (i, p) in strip.pixels().enumerate() {
+                let ox = (x + (i as u64 % bw)) / f;
+                for c in 0..3 {
+                    sums[ox as usize * 3 + c] += p.0[c] as u64;
+                }
+            }
+            x += bw;
+        }
+        for ox in 0..ow {
+            let n = f * f;
+            let px = [0, 1, 2].map(|c| (sums[ox as usize * 3 + c] / n) as u8);
+            out.put_pixel(ox, oy, image::Rgb(px));
+        }
+    }
+    Ok(out)
 }
 
 /// Tile one slide.
@@ -50,7 +122,7 @@ pub fn tile_slide(
     manifest_mpp: Option<f64>,
 ) -> Result<Tiled, SlideError> {
     let (mpp, mpp_source) = resolve_mpp(slide, manifest_mpp)?;
-    let (overview, ds) = read_overview(slide, spec.tissue.detect_max_side)?;
+    let (overview, ds, corrupt) = read_overview(slide, spec.tissue.detect_max_side)?;
     let mask = tissue::detect(&overview, ds, &spec.tissue);
     let (w0, h0) = slide.level_dimensions(0);
     let patch_level0 = ((spec.patch_px as f64 * spec.target_mpp / mpp).round() as u64).max(1);
@@ -77,9 +149,10 @@ pub fn tile_slide(
         tissue: spec.tissue.clone(),
         threshold_used: mask.threshold,
         detect_downsample: ds,
+        corrupt_tiles: corrupt.count,
         patches: patches.len(),
     };
-    Ok(Tiled { grid: PatchGrid { patches, provenance }, thumbnail, mask: mask.mask })
+    Ok(Tiled { grid: PatchGrid { patches, provenance }, first_corrupt: corrupt.first, thumbnail, mask: mask.mask })
 }
 
 /// Every grid position fully inside the slide whose tissue fraction reaches `min_fraction`.

@@ -60,8 +60,12 @@ fn corrupt_files_fail_with_the_file_named() {
     let s = slide::open(&data("unreadable.svs")).unwrap();
     let (w, h) = s.level_dimensions(0);
     let err = s.read_region(0, 0, 0, w as u32, h as u32).expect_err("unreadable");
-    assert!(matches!(err, SlideError::Read { .. }), "{err}");
-    assert!(err.to_string().contains("unreadable.svs"), "{err}");
+    // The native reader names the broken tile; OpenSlide (forced) gives libtiff's reason.
+    assert!(matches!(err, SlideError::CorruptTile { level: 0, col: 0, row: 0, .. }), "{err}");
+    assert!(err.to_string().contains("unreadable.svs") && err.to_string().contains("corrupt tile"), "{err}");
+    let o = slide::open_with(&data("unreadable.svs"), slide::ReaderChoice::OpenSlide).unwrap();
+    let err = o.read_region(0, 0, 0, w as u32, h as u32).expect_err("unreadable via OpenSlide");
+    assert!(matches!(err, SlideError::Read { .. }) && err.to_string().contains("unreadable.svs"), "{err}");
     assert!(!err.is_transient());
 
     let err = slide::open(std::path::Path::new("/nonexistent/x.svs")).err().expect("missing");
@@ -135,7 +139,9 @@ fn efficientnet_lite0_embeds_real_patches() {
     let s = slide::open(&data("cmu_small_region.svs")).unwrap();
     let mut grid = tile_slide(s.as_ref(), "cmu", &spec(), None).unwrap().grid;
     grid.patches.truncate(4);
-    let f = wsimil_worker::embed::embed_patches(s.as_ref(), &grid, model.as_ref(), &Device::Cpu, 2).unwrap();
+    let f = wsimil_worker::embed::embed_patches(s.as_ref(), &grid, model.as_ref(), &Device::Cpu, 2, Default::default())
+        .unwrap()
+        .features;
     assert_eq!(f.len(), 4 * 1280);
     assert!(f.iter().all(|v| v.is_finite() && *v >= 0.0 && *v <= 6.0), "ReLU6 features, pooled");
     // Different patches give different features; ImageNet weights are far from constant.
@@ -166,4 +172,149 @@ async fn a_slide_without_tissue_fails_its_tile_job_with_the_reason() {
     let tiling = job.tiling.id();
     assert!(store.exists(&layout::tissue_mask(&tiling, &job.slide)).await.unwrap());
     assert!(!store.exists(&layout::patch_grid(&tiling, &job.slide)).await.unwrap());
+}
+
+fn diff(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
+    let d: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    (d.iter().map(|v| *v as f64).sum::<f64>() / d.len() as f64, d.iter().copied().max().unwrap_or(0))
+}
+
+/// Regions that are aligned, unaligned, cross tile edges, and run off the slide.
+const REGIONS: [(i64, i64, u32, u32); 6] = [
+    (0, 0, 240, 240),
+    (1000, 1000, 256, 256),
+    (237, 1199, 300, 170),
+    (2100, 2900, 200, 200),
+    (-50, -20, 100, 80),
+    (500, 0, 1, 1),
+];
+
+#[test]
+fn the_native_reader_matches_openslide_on_the_real_cmu_slide() {
+    use wsimil_worker::slide::{open_with, ReaderChoice};
+    let path = data("cmu_small_region.svs");
+    let n = open_with(&path, ReaderChoice::Native).unwrap();
+    let o = open_with(&path, ReaderChoice::OpenSlide).unwrap();
+    assert!(n.reader_name().contains("native") && n.reader_name().contains("aperio"), "{}", n.reader_name());
+    assert_eq!(n.level_count(), o.level_count());
+    for l in 0..n.level_count() {
+        assert_eq!(n.level_dimensions(l), o.level_dimensions(l));
+        assert!((n.level_downsample(l) - o.level_downsample(l)).abs() < 1e-9);
+    }
+    assert_eq!(n.mpp(), o.mpp());
+    assert_eq!(n.objective_power(), o.objective_power());
+    for (x, y, w, h) in REGIONS {
+        let (a, b) = (n.read_region(x, y, 0, w, h).unwrap(), o.read_region(x, y, 0, w, h).unwrap());
+        let (mean, max) = diff(&a, &b);
+        eprintln!("region {x},{y} {w}x{h}: mean {mean:.3} max {max}");
+        assert!(mean < 1.0 && max <= 40, "region {x},{y} {w}x{h}: mean {mean:.3}, max {max}");
+    }
+    // Auto picks the native reader for Aperio.
+    assert!(slide::open(&path).unwrap().reader_name().contains("native"));
+}
+
+#[test]
+fn the_native_reader_matches_openslide_on_ycbcr_pyramids() {
+    use wsimil_worker::slide::{open_with, ReaderChoice};
+    let src = slide::open(&data("cmu_small_region.svs")).unwrap();
+    let img = wsimil_worker::synth::read_level0(src.as_ref()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.svs");
+    std::fs::write(&path, wsimil_worker::tiff::write_slide(&img, "p", &Default::default()).unwrap()).unwrap();
+    let n = open_with(&path, ReaderChoice::Native).unwrap();
+    let o = open_with(&path, ReaderChoice::OpenSlide).unwrap();
+    assert_eq!(n.level_count(), o.level_count());
+    assert_eq!(n.level_count(), 3);
+    for level in 0..3 {
+        // Regions in level coordinates, placed at level-0 coordinates that map to whole level
+        // pixels: at a fractional position OpenSlide interpolates while the native reader floors
+        // (a sub-pixel shift, not a difference in pixels).
+        let ds = n.level_downsample(level).round() as i64;
+        for (x, y, w, h) in REGIONS {
+            let (x, y) = (x * ds, y * ds);
+            let (a, b) = (n.read_region(x, y, level, w, h).unwrap(), o.read_region(x, y, level, w, h).unwrap());
+            let (mean, max) = diff(&a, &b);
+            eprintln!("level {level} region {x},{y} {w}x{h}: mean {mean:.3} max {max}");
+            assert!(mean < 1.5 && max <= 48, "level {level} region {x},{y}: mean {mean:.3}, max {max}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
+    use wsimil_common::features::FeatureBag;
+    use wsimil_common::ids::SlideId;
+    use wsimil_common::job::{EmbedJob, Job, TileJob};
+    use wsimil_common::layout;
+    use wsimil_common::plan::{CorruptTiles, EmbedderSpec};
+    use wsimil_common::store::Store;
+    use wsimil_worker::jobs::{execute, WorkerContext};
+    let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::memory();
+    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    // A slide of real tumour tissue (every patch is tissue) whose first level-0 tile is broken:
+    // the header is 8 bytes and that tile's data follows; wipe its tables.
+    let broken_slide = |name: &str, side: u32| {
+        let img = wsimil_worker::bench::mosaic(&tumour, side, side);
+        let opt = wsimil_worker::tiff::TiffOptions { mpp: 0.5, ..Default::default() };
+        let mut bytes = wsimil_worker::tiff::write_slide(&img, name, &opt).unwrap();
+        bytes[10..60].fill(0);
+        let path = dir.path().join(format!("{name}.svs"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+
+    // Tissue detection over the broken tile (a 1024² slide's overview is level 0): the tile counts
+    // as background, is recorded in the grid's provenance, and the job succeeds.
+    let small = broken_slide("small", 1024);
+    let tile =
+        TileJob { slide: SlideId::new("small").unwrap(), path: small.display().to_string(), mpp: None, tiling: spec() };
+    execute(&ctx, &Job::Tile(tile.clone())).await.unwrap();
+    let key = layout::patch_grid(&tile.tiling.id(), &tile.slide);
+    let grid = wsimil_common::grid::PatchGrid::from_parquet(key.as_ref(), store.get(&key).await.unwrap()).unwrap();
+    assert_eq!(grid.provenance.corrupt_tiles, 1);
+    assert_eq!(grid.patches.len(), 15, "the broken tile's area reads as glass");
+
+    // Embedding: 4096² at 0.5 µm/px, 512-px patches at 1 µm/px = 16 patches of 1024 level-0 pixels;
+    // the overview comes from level 1 (intact), the patch at (0, 0) reads the broken tile.
+    let path = broken_slide("broken", 4096);
+    let slide = SlideId::new("broken").unwrap();
+    let tiling = TilingSpec { patch_px: 512, target_mpp: 1.0, min_tissue_fraction: 0.5, ..spec() };
+    let tile = TileJob { slide: slide.clone(), path: path.display().to_string(), mpp: None, tiling: tiling.clone() };
+    execute(&ctx, &Job::Tile(tile)).await.unwrap();
+    for policy in [CorruptTiles::Skip, CorruptTiles::Fail] {
+        let embedder = EmbedderSpec {
+            architecture: "efficientnet-lite0".into(),
+            weights: "random-1".into(),
+            batch_size: 8,
+            corrupt_tiles: policy,
+        };
+        let job = EmbedJob {
+            slide: slide.clone(),
+            path: path.display().to_string(),
+            tiling: tiling.id(),
+            embedder: embedder.clone(),
+        };
+        let result = execute(&ctx, &Job::Embed(job)).await;
+        match policy {
+            CorruptTiles::Skip => {
+                result.unwrap();
+                let key = layout::features(&embedder.id(), &tiling.id(), &slide);
+                let bag = FeatureBag::from_parquet(key.as_ref(), store.get(&key).await.unwrap()).unwrap();
+                assert_eq!(bag.provenance.tiling.as_ref().unwrap().patches, 16);
+                assert_eq!(bag.len(), 15, "the patch on the broken tile is left out");
+                assert_eq!(bag.provenance.patches_skipped, 1);
+                assert!(!bag.xs.iter().zip(&bag.ys).any(|(x, y)| *x == 0 && *y == 0));
+                store.delete(&key).await.unwrap();
+            }
+            CorruptTiles::Fail => {
+                let err = result.unwrap_err().to_string();
+                assert!(
+                    err.contains("broken.svs") && err.contains("corrupt tile at level 0, column 0, row 0"),
+                    "{err}"
+                );
+            }
+        }
+    }
 }

@@ -78,6 +78,15 @@ pub fn version() -> Result<String, SlideError> {
     Ok(owned(unsafe { (api.version)() }).unwrap_or_default())
 }
 
+/// The vendor OpenSlide would read `path` as (`aperio`, `generic-tiff`, …), `None` if it does
+/// not recognise the file; an error if the library is missing.
+pub fn detect_vendor(path: &Path) -> Result<Option<String>, SlideError> {
+    let api = api()?;
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return Ok(None) };
+    // SAFETY: c is a valid C string; the result is a static string or NULL.
+    Ok(owned(unsafe { (api.detect_vendor)(c.as_ptr()) }))
+}
+
 /// An open slide. OpenSlide handles are thread-safe for reads, so one is shared by all threads.
 pub struct OpenSlide {
     raw: *mut RawSlide,

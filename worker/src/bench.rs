@@ -1,0 +1,91 @@
+//! Measurement helpers behind `wsimil bench-read` and `wsimil make-slide` (hidden commands used by
+//! bench/tiling.sh): large test slides from real tissue, and single-threaded patch reading.
+
+use crate::embed::read_patch;
+use crate::resample::resize_rgb;
+use crate::slide::{SlideError, SlideReader};
+use crate::tiff::LevelData;
+use image::RgbImage;
+use std::time::Instant;
+use wsimil_common::grid::PatchGrid;
+
+/// A `width × height` image tiled with flipped and rotated copies of `source` (real tissue at any
+/// size).
+pub fn mosaic(source: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let variants: Vec<RgbImage> = (0..4)
+        .map(|k| match k {
+            0 => source.clone(),
+            1 => image::imageops::flip_horizontal(source),
+            2 => image::imageops::flip_vertical(source),
+            _ => image::imageops::rotate180(source),
+        })
+        .collect();
+    let (sw, sh) = source.dimensions();
+    RgbImage::from_fn(width, height, |x, y| {
+        let (i, j) = (x / sw, y / sh);
+        *variants[((i + 2 * j) % 4) as usize].get_pixel(x % sw, y % sh)
+    })
+}
+
+/// The levels of a huge slide (4× steps down to a lowest level of at most `lowest_side`): the
+/// lowest is a real-tissue mosaic, the others repeat one real tile, so the file stays small while
+/// the geometry is that of a `width × height` scan.
+pub fn huge_levels(source: &RgbImage, width: u32, height: u32, lowest_side: u32) -> Vec<LevelData> {
+    let mut dims = vec![(width, height)];
+    while dims.last().unwrap().0.max(dims.last().unwrap().1) > lowest_side {
+        let (w, h) = *dims.last().unwrap();
+        dims.push((w.div_ceil(4), h.div_ceil(4)));
+    }
+    let tile = image::imageops::crop_imm(source, 0, 0, 256.min(source.width()), 256.min(source.height())).to_image();
+    let last = dims.len() - 1;
+    dims.into_iter()
+        .enumerate()
+        .map(|(i, (w, h))| {
+            if i == last {
+                // Tissue at the lowest level's scale: the source shrunk 64x per 4^3 of pyramid.
+                let s = 4f64.powi(i as i32);
+                let small = resize_rgb(
+                    source,
+                    ((source.width() as f64 / s * 8.0) as u32).max(8),
+                    ((source.height() as f64 / s * 8.0) as u32).max(8),
+                );
+                LevelData::Image(mosaic(&small, w, h))
+            } else {
+                LevelData::Repeated { width: w, height: h, tile: tile.clone() }
+            }
+        })
+        .collect()
+}
+
+/// Read, decode and resize every patch of `grid` on the calling thread; (patches, seconds).
+pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Result<(usize, f64), SlideError> {
+    let t = Instant::now();
+    let mut n = 0;
+    for p in &grid.patches {
+        let img = read_patch(slide, grid, p, input_px)?;
+        std::hint::black_box(&img);
+        n += 1;
+    }
+    Ok((n, t.elapsed().as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_levels_step_by_four_and_only_the_lowest_is_a_full_image() {
+        let src = RgbImage::from_pixel(300, 200, image::Rgb([200, 100, 150]));
+        let levels = huge_levels(&src, 100_000, 80_000, 2048);
+        let dims: Vec<(u32, u32)> = levels
+            .iter()
+            .map(|l| match l {
+                LevelData::Image(i) => i.dimensions(),
+                LevelData::Repeated { width, height, .. } => (*width, *height),
+            })
+            .collect();
+        assert_eq!(dims, vec![(100_000, 80_000), (25_000, 20_000), (6_250, 5_000), (1_563, 1_250)]);
+        assert!(matches!(levels[3], LevelData::Image(_)));
+        assert!(matches!(levels[0], LevelData::Repeated { .. }));
+    }
+}
