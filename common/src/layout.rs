@@ -3,6 +3,7 @@
 //! ```text
 //! tiles/<tiling>/<slide>.parquet                     patch grid: x, y (level 0), tissue fraction
 //! tiles/<tiling>/<slide>.thumb.png | .mask.png       for a person to check tissue detection
+//! tiles/<tiling>/<slide>.tissue.geojson              tissue contours in level-0 pixels (QuPath import)
 //! embedders/<embedder>/embedder.json                 the embedder's description (content-addressed)
 //! embedders/<embedder>/model.safetensors             its weights
 //! features/<embedder>/<tiling>/<slide>.parquet       one row per patch: x, y, feature
@@ -36,6 +37,10 @@ pub fn thumbnail(tiling: &TilingId, slide: &SlideId) -> Path {
 
 pub fn tissue_mask(tiling: &TilingId, slide: &SlideId) -> Path {
     key(format!("tiles/{tiling}/{slide}.mask.png"))
+}
+
+pub fn tissue_contours(tiling: &TilingId, slide: &SlideId) -> Path {
+    key(format!("tiles/{tiling}/{slide}.tissue.geojson"))
 }
 
 pub fn embedder_card(embedder: &EmbedderId) -> Path {

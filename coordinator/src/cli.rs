@@ -525,6 +525,9 @@ pub struct MakeSlideArgs {
     /// Only the lowest level holds real pixels; the rest repeat one tile (huge geometries).
     #[arg(long)]
     pub repeated: bool,
+    /// Write BigTIFF (8-byte offsets) instead of classic TIFF.
+    #[arg(long)]
+    pub bigtiff: bool,
 }
 
 /// `wsimil bench-read`: prints `reader patches seconds rate` (or the tissue detection time).
@@ -572,8 +575,13 @@ pub fn make_slide(args: MakeSlideArgs) -> anyhow::Result<()> {
     use wsimil_worker::tiff::{write_levels, LevelData, TiffOptions};
     let cmu = wsimil_worker::slide::open(&wsimil_common::data_dir().join("cmu_small_region.svs"))?;
     let source = wsimil_worker::synth::read_level0(cmu.as_ref())?;
-    let opt =
-        TiffOptions { mpp: args.mpp, magnification: 10.0 / args.mpp, min_level_side: 1024, ..TiffOptions::default() };
+    let opt = TiffOptions {
+        mpp: args.mpp,
+        magnification: 10.0 / args.mpp,
+        min_level_side: 1024,
+        bigtiff: args.bigtiff,
+        ..TiffOptions::default()
+    };
     let levels = if args.repeated {
         wsimil_worker::bench::huge_levels(&source, args.width, args.height, 2048)
     } else {

@@ -209,6 +209,8 @@ async fn tile(ctx: &WorkerContext, job: &TileJob) -> Result<Done, JobError> {
     .await?;
     ctx.store.put(&layout::thumbnail(&tiling, &job.slide), png_bytes_rgb(&tiled.thumbnail)).await?;
     ctx.store.put(&layout::tissue_mask(&tiling, &job.slide), crate::tiling::png_bytes_gray(&tiled.mask)).await?;
+    let contours = crate::contours::geojson(&tiled.contours, tiled.grid.provenance.detect_downsample);
+    ctx.store.put_json(&layout::tissue_contours(&tiling, &job.slide), &contours).await?;
     if tiled.grid.patches.is_empty() {
         // Nothing to embed or classify: fail here, once, with what to look at.
         let p = &tiled.grid.provenance;

@@ -2,6 +2,7 @@
 //!
 //! - [`slide`]: whole-slide image readers (OpenSlide through its C library).
 //! - [`tissue`]: tissue detection (CLAM's recipe on a raster).
+//! - [`contours`]: tissue contours as polygons and QuPath GeoJSON.
 //! - [`tiling`]: the tile stage: overview, tissue mask, patch grid.
 //! - [`resample`]: antialiased resizing.
 //! - [`embed`]: the embed stage: patch reading, preprocessing, batched embedding.
@@ -13,6 +14,7 @@
 //! - [`bench`]: large test slides and single-threaded reading, for the tiling benchmark.
 
 pub mod bench;
+pub mod contours;
 pub mod embed;
 pub mod heatmap;
 pub mod jobs;

@@ -3,7 +3,8 @@
 //! JPEG (YCbCr 4:2:0) tiles, and an `Aperio …|AppMag = 20|MPP = 0.499` ImageDescription carrying
 //! magnification and microns per pixel.
 //!
-//! Used to write the semi-synthetic demo cohort; small enough (< 4 GiB) for classic TIFF.
+//! Used to write the semi-synthetic demo cohort and benchmark slides: classic TIFF by default,
+//! BigTIFF (8-byte offsets, as scanners write slides over 4 GiB) on request.
 
 use crate::resample::resize_rgb;
 use image::RgbImage;
@@ -18,11 +19,13 @@ pub struct TiffOptions {
     pub magnification: f64,
     /// Stop adding levels once the longer side is at most this.
     pub min_level_side: u32,
+    /// Write BigTIFF instead of classic TIFF.
+    pub bigtiff: bool,
 }
 
 impl Default for TiffOptions {
     fn default() -> Self {
-        TiffOptions { tile: 256, quality: 85, mpp: 0.499, magnification: 20.0, min_level_side: 512 }
+        TiffOptions { tile: 256, quality: 85, mpp: 0.499, magnification: 20.0, min_level_side: 512, bigtiff: false }
     }
 }
 
@@ -30,7 +33,7 @@ impl Default for TiffOptions {
 pub enum TiffError {
     #[error("JPEG encoding failed: {0}")]
     Jpeg(#[from] jpeg_encoder::EncodingError),
-    #[error("slide too large for classic TIFF ({0} bytes)")]
+    #[error("slide too large for classic TIFF ({0} bytes): write BigTIFF")]
     TooLarge(usize),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -68,6 +71,15 @@ fn shorts(tag: u16, v: &[u16]) -> Entry {
 
 fn longs(tag: u16, v: &[u32]) -> Entry {
     Entry { tag, typ: 4, count: v.len() as u32, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+}
+
+/// Tile offsets and byte counts: LONG in classic TIFF, LONG8 in BigTIFF.
+fn offset_entry(tag: u16, v: &[u64], big: bool) -> Entry {
+    if big {
+        Entry { tag, typ: 16, count: v.len() as u32, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    } else {
+        longs(tag, &v.iter().map(|x| *x as u32).collect::<Vec<_>>())
+    }
 }
 
 fn ascii(tag: u16, s: &str) -> Entry {
@@ -118,7 +130,8 @@ pub fn write_slide(img: &RgbImage, name: &str, opt: &TiffOptions) -> Result<Vec<
     write_levels(&levels, name, opt)
 }
 
-/// Encode given levels (largest first) as an Aperio-style TIFF (classic TIFF: up to 4 GiB).
+/// Encode given levels (largest first) as an Aperio-style TIFF (classic TIFF: up to 4 GiB; BigTIFF
+/// when `opt.bigtiff`).
 pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Result<Vec<u8>, TiffError> {
     let (w0, h0) = levels[0].dimensions();
     let description = format!(
@@ -128,8 +141,19 @@ pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Resu
         m = opt.magnification,
         mpp = opt.mpp
     );
-    let mut file: Vec<u8> = b"II*\0\0\0\0\0".to_vec();
-    let mut prev_next_ptr = 4usize; // where the offset of the next IFD goes
+    let big = opt.bigtiff;
+    // The width of an offset (and of an in-entry value).
+    let word = if big { 8 } else { 4 };
+    let mut file: Vec<u8> = if big { b"II+\0\x08\0\0\0".to_vec() } else { b"II*\0".to_vec() };
+    let mut prev_next_ptr = file.len(); // where the offset of the next IFD goes
+    file.resize(file.len() + word, 0);
+    let put_word = |file: &mut Vec<u8>, at: usize, v: u64| {
+        if big {
+            file[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        } else {
+            file[at..at + 4].copy_from_slice(&(v as u32).to_le_bytes());
+        }
+    };
     for (li, level) in levels.iter().enumerate() {
         let (w, h) = level.dimensions();
         let (tx, ty) = (w.div_ceil(opt.tile), h.div_ceil(opt.tile));
@@ -143,8 +167,8 @@ pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Resu
                         if file.len() % 2 == 1 {
                             file.push(0);
                         }
-                        offsets.push(file.len() as u32);
-                        counts.push(t.len() as u32);
+                        offsets.push(file.len() as u64);
+                        counts.push(t.len() as u64);
                         file.extend_from_slice(&t);
                     }
                 }
@@ -154,10 +178,10 @@ pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Resu
                 if file.len() % 2 == 1 {
                     file.push(0);
                 }
-                let at = file.len() as u32;
+                let at = file.len() as u64;
                 file.extend_from_slice(&t);
                 offsets = vec![at; (tx * ty) as usize];
-                counts = vec![t.len() as u32; (tx * ty) as usize];
+                counts = vec![t.len() as u64; (tx * ty) as usize];
             }
         }
         let mut entries = vec![
@@ -175,19 +199,19 @@ pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Resu
             shorts(284, &[1]),
             longs(322, &[opt.tile]),
             longs(323, &[opt.tile]),
-            longs(324, &offsets),
-            longs(325, &counts),
+            offset_entry(324, &offsets, big),
+            offset_entry(325, &counts, big),
             shorts(530, &[2, 2]),
         ];
         entries.sort_by_key(|e| e.tag);
-        // Values longer than 4 bytes go before the IFD.
+        // Values longer than a word go before the IFD.
         let mut value_offsets = Vec::new();
         for e in &entries {
-            if e.bytes.len() > 4 {
+            if e.bytes.len() > word {
                 if file.len() % 2 == 1 {
                     file.push(0);
                 }
-                value_offsets.push(Some(file.len() as u32));
+                value_offsets.push(Some(file.len() as u64));
                 file.extend_from_slice(&e.bytes);
             } else {
                 value_offsets.push(None);
@@ -196,25 +220,31 @@ pub fn write_levels(levels: &[LevelData], name: &str, opt: &TiffOptions) -> Resu
         if file.len() % 2 == 1 {
             file.push(0);
         }
-        let ifd_at = file.len() as u32;
-        file[prev_next_ptr..prev_next_ptr + 4].copy_from_slice(&ifd_at.to_le_bytes());
-        file.write_all(&(entries.len() as u16).to_le_bytes())?;
+        let ifd_at = file.len() as u64;
+        put_word(&mut file, prev_next_ptr, ifd_at);
+        if big {
+            file.write_all(&(entries.len() as u64).to_le_bytes())?;
+        } else {
+            file.write_all(&(entries.len() as u16).to_le_bytes())?;
+        }
         for (e, off) in entries.iter().zip(value_offsets) {
             file.write_all(&e.tag.to_le_bytes())?;
             file.write_all(&e.typ.to_le_bytes())?;
-            file.write_all(&e.count.to_le_bytes())?;
-            match off {
-                Some(o) => file.write_all(&o.to_le_bytes())?,
-                None => {
-                    let mut v = e.bytes.clone();
-                    v.resize(4, 0);
-                    file.write_all(&v)?;
-                }
+            if big {
+                file.write_all(&(e.count as u64).to_le_bytes())?;
+            } else {
+                file.write_all(&e.count.to_le_bytes())?;
             }
+            let mut v = match off {
+                Some(o) => o.to_le_bytes().to_vec(),
+                None => e.bytes.clone(),
+            };
+            v.resize(word, 0);
+            file.write_all(&v)?;
         }
         prev_next_ptr = file.len();
-        file.write_all(&0u32.to_le_bytes())?;
-        if file.len() > u32::MAX as usize {
+        file.resize(file.len() + word, 0);
+        if !big && file.len() > u32::MAX as usize {
             return Err(TiffError::TooLarge(file.len()));
         }
     }

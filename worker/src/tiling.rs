@@ -21,6 +21,8 @@ pub struct Tiled {
     pub first_corrupt: Option<String>,
     pub thumbnail: RgbImage,
     pub mask: GrayImage,
+    /// Tissue regions traced from the mask (mask pixels; × `detect_downsample` for level 0).
+    pub contours: Vec<crate::contours::Polygon>,
 }
 
 /// Level-0 microns per pixel: the manifest's value wins, else the slide's, else an error.
@@ -152,7 +154,14 @@ pub fn tile_slide(
         corrupt_tiles: corrupt.count,
         patches: patches.len(),
     };
-    Ok(Tiled { grid: PatchGrid { patches, provenance }, first_corrupt: corrupt.first, thumbnail, mask: mask.mask })
+    let contours = crate::contours::trace(&mask.mask);
+    Ok(Tiled {
+        grid: PatchGrid { patches, provenance },
+        first_corrupt: corrupt.first,
+        thumbnail,
+        mask: mask.mask,
+        contours,
+    })
 }
 
 /// Every grid position fully inside the slide whose tissue fraction reaches `min_fraction`.

@@ -180,7 +180,7 @@ fn morph(img: &GrayImage, k: u32, dilate: bool) -> GrayImage {
 }
 
 /// Connected components of pixels where `fg(value)` holds; returns labels (0 = none) and sizes.
-fn components(img: &GrayImage, fg: impl Fn(u8) -> bool, eight: bool) -> (Vec<u32>, Vec<usize>) {
+pub(crate) fn components(img: &GrayImage, fg: impl Fn(u8) -> bool, eight: bool) -> (Vec<u32>, Vec<usize>) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut labels = vec![0u32; w * h];
     let mut sizes = vec![0usize];

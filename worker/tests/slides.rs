@@ -174,6 +174,152 @@ async fn a_slide_without_tissue_fails_its_tile_job_with_the_reason() {
     assert!(!store.exists(&layout::patch_grid(&tiling, &job.slide)).await.unwrap());
 }
 
+#[tokio::test]
+async fn the_tile_job_writes_tissue_contours_as_level0_geojson() {
+    use wsimil_common::ids::SlideId;
+    use wsimil_common::job::{Job, TileJob};
+    use wsimil_common::layout;
+    use wsimil_common::store::Store;
+    use wsimil_worker::jobs::{execute, WorkerContext};
+    let store = Store::memory();
+    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    let path = data("cmu_small_region.svs");
+    let job =
+        TileJob { slide: SlideId::new("cmu").unwrap(), path: path.display().to_string(), mpp: None, tiling: spec() };
+    execute(&ctx, &Job::Tile(job.clone())).await.unwrap();
+    let tiling = job.tiling.id();
+    let geo: serde_json::Value = store.get_json(&layout::tissue_contours(&tiling, &job.slide)).await.unwrap();
+    let mask_png = store.get(&layout::tissue_mask(&tiling, &job.slide)).await.unwrap();
+    let mask = image::load_from_memory(&mask_png).unwrap().to_luma8();
+    let grid_key = layout::patch_grid(&tiling, &job.slide);
+    let grid = wsimil_common::grid::PatchGrid::from_parquet("grid", store.get(&grid_key).await.unwrap()).unwrap();
+    let ds = grid.provenance.detect_downsample;
+    assert_eq!(geo["type"], "FeatureCollection");
+    let features = geo["features"].as_array().unwrap();
+    assert!(!features.is_empty());
+    let mut total = 0.0;
+    for f in features {
+        assert_eq!(f["geometry"]["type"], "Polygon");
+        assert_eq!(f["properties"]["classification"]["name"], "Tissue");
+        let rings: Vec<Vec<(f64, f64)>> = f["geometry"]["coordinates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap())).collect())
+            .collect();
+        let mut area = 0.0;
+        for r in &rings {
+            assert!(r.len() >= 5 && r.first() == r.last(), "closed ring");
+            assert!(r.iter().all(|(x, y)| (0.0..=2220.0 + ds).contains(x) && (0.0..=2967.0 + ds).contains(y)));
+            // Shoelace: outer rings positive (clockwise with y down), holes negative.
+            area += r.windows(2).map(|w| w[0].0 * w[1].1 - w[1].0 * w[0].1).sum::<f64>() / 2.0;
+        }
+        let stated = f["properties"]["area_level0_px"].as_f64().unwrap();
+        assert!((area - stated).abs() < 1e-6 * stated, "{area} vs {stated}");
+        total += area;
+    }
+    // The polygons cover exactly the mask's tissue, in level-0 pixels.
+    let tissue = mask.pixels().filter(|v| v.0[0] > 0).count() as f64 * ds * ds;
+    assert!((total - tissue).abs() < 1e-6 * tissue, "{total} vs {tissue}");
+}
+
+#[test]
+fn a_40x_and_a_20x_scan_of_the_same_tissue_give_the_same_physical_patches() {
+    use wsimil_worker::embed::read_patch;
+    use wsimil_worker::resample::resize_rgb;
+    use wsimil_worker::tiff::{write_slide, TiffOptions};
+    let src = slide::open(&data("cmu_small_region.svs")).unwrap();
+    let base = wsimil_worker::synth::read_level0(src.as_ref()).unwrap(); // 0.499 µm/px: the "20x" scan
+    let (w, h) = base.dimensions();
+    let dir = tempfile::tempdir().unwrap();
+    let (p20, p40) = (dir.path().join("s20.svs"), dir.path().join("s40.svs"));
+    std::fs::write(&p20, write_slide(&base, "s20", &TiffOptions::default()).unwrap()).unwrap();
+    let up = resize_rgb(&base, w * 2, h * 2);
+    let opt40 = TiffOptions { mpp: 0.2495, magnification: 40.0, ..TiffOptions::default() };
+    std::fs::write(&p40, write_slide(&up, "s40", &opt40).unwrap()).unwrap();
+    let spec = TilingSpec { target_mpp: 0.499, ..spec() };
+    let (s20, s40) = (slide::open(&p20).unwrap(), slide::open(&p40).unwrap());
+    let g20 = tile_slide(s20.as_ref(), "s20", &spec, None).unwrap().grid;
+    let g40 = tile_slide(s40.as_ref(), "s40", &spec, None).unwrap().grid;
+    assert_eq!((g20.provenance.patch_level0, g40.provenance.patch_level0), (256, 512));
+    assert!((g40.provenance.source_magnification - 40.0).abs() < 1e-9);
+    assert!((g20.provenance.target_magnification - g40.provenance.target_magnification).abs() < 1e-9);
+    // The same grid in physical space: each 20x patch has its 40x twin at twice the coordinates
+    // (tissue masks from differently sized overviews may disagree on a border patch or two).
+    let at40: std::collections::HashMap<(i64, i64), &_> = g40.patches.iter().map(|p| ((p.x, p.y), p)).collect();
+    let twins: Vec<_> = g20.patches.iter().filter_map(|p| at40.get(&(2 * p.x, 2 * p.y)).map(|q| (p, *q))).collect();
+    assert!(twins.len() * 10 >= g20.patches.len() * 9, "{} of {} twinned", twins.len(), g20.patches.len());
+    assert!(g40.patches.len() * 10 <= g20.patches.len() * 11, "{} vs {}", g40.patches.len(), g20.patches.len());
+    // And the same pixels at the model's input size (up to the 40x copy's upsampling and JPEG
+    // re-encoding), far closer than another patch is.
+    for (a, b) in twins.iter().take(6) {
+        let (ia, ib) =
+            (read_patch(s20.as_ref(), &g20, a, 224).unwrap(), read_patch(s40.as_ref(), &g40, b, 224).unwrap());
+        let other = read_patch(s20.as_ref(), &g20, twins[(twins.len() / 2 + 1) % twins.len()].0, 224).unwrap();
+        let (same, _) = diff(&ia, &ib);
+        let (different, _) = diff(&ia, &other);
+        assert!(same < 6.0 && same * 8.0 < different, "twin diff {same}, other patch {different}");
+    }
+}
+
+#[test]
+fn a_level_too_big_to_read_whole_is_box_reduced_in_strips_past_65500_pixels() {
+    use wsimil_worker::tiff::{write_levels, LevelData, TiffOptions};
+    use wsimil_worker::tiling::read_overview;
+    let src = slide::open(&data("cmu_small_region.svs")).unwrap();
+    let tile = src.read_region(1000, 1000, 0, 256, 256).unwrap();
+    // One level of 70,000 x 1,000 = 70 M pixels: past the whole-read limit and past the 65,500-pixel
+    // side that image libraries refuse.
+    let levels = [LevelData::Repeated { width: 70_000, height: 1_000, tile }];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.svs");
+    std::fs::write(&path, write_levels(&levels, "wide", &TiffOptions::default()).unwrap()).unwrap();
+    let s = slide::open(&path).unwrap();
+    let (img, ds, corrupt) = read_overview(s.as_ref(), 2048).unwrap();
+    assert_eq!(corrupt.count, 0);
+    // 70,000 / 2,048 rounds up to a factor of 35.
+    assert_eq!(img.dimensions(), (2000, 28));
+    assert_eq!(ds, 35.0);
+    for (ox, oy) in [(0u32, 0u32), (7, 3), (1000, 13), (1999, 27)] {
+        let block = s.read_region(ox as i64 * 35, oy as i64 * 35, 0, 35, 35).unwrap();
+        for c in 0..3 {
+            let mean = block.pixels().map(|p| p.0[c] as u64).sum::<u64>() / (35 * 35);
+            assert_eq!(img.get_pixel(ox, oy).0[c] as u64, mean, "pixel ({ox}, {oy}) channel {c}");
+        }
+    }
+}
+
+#[test]
+fn bigtiff_slides_open_in_both_readers_with_the_same_pixels_as_classic_tiff() {
+    use wsimil_worker::slide::{open_with, ReaderChoice};
+    use wsimil_worker::tiff::{write_slide, TiffOptions};
+    let src = slide::open(&data("cmu_small_region.svs")).unwrap();
+    let img = src.read_region(0, 0, 0, 1500, 1200).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (classic, big) = (dir.path().join("classic.svs"), dir.path().join("big.svs"));
+    std::fs::write(&classic, write_slide(&img, "c", &TiffOptions::default()).unwrap()).unwrap();
+    let bytes = write_slide(&img, "b", &TiffOptions { bigtiff: true, ..TiffOptions::default() }).unwrap();
+    assert_eq!(&bytes[..4], b"II+\0");
+    std::fs::write(&big, bytes).unwrap();
+    let reference = open_with(&classic, ReaderChoice::Native).unwrap();
+    for choice in [ReaderChoice::Native, ReaderChoice::OpenSlide] {
+        let s = open_with(&big, choice).unwrap();
+        assert_eq!(s.level_count(), 2, "{}", s.reader_name());
+        assert_eq!(s.level_dimensions(1), (375, 300));
+        assert!((s.mpp().unwrap() - 0.499).abs() < 1e-9);
+        for (x, y, level, w, h) in [(0, 0, 0, 1500, 1200), (300, 700, 0, 333, 257), (0, 0, 1, 375, 300)] {
+            let (a, b) = (s.read_region(x, y, level, w, h).unwrap(), reference.read_region(x, y, level, w, h).unwrap());
+            let (mean, max) = diff(&a, &b);
+            // The same JPEG tiles: identical through the native reader, within decoder tolerance through OpenSlide.
+            if choice == ReaderChoice::Native {
+                assert_eq!(max, 0);
+            } else {
+                assert!(mean < 0.5 && max <= 8, "{mean} {max}");
+            }
+        }
+    }
+}
+
 fn diff(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
     let d: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
     (d.iter().map(|v| *v as f64).sum::<f64>() / d.len() as f64, d.iter().copied().max().unwrap_or(0))
