@@ -117,23 +117,30 @@ def convert(src, dst):
             storage.data = f.read(nbytes)
             if len(storage.data) != nbytes:
                 raise SystemExit(f"{src}: truncated storage {key}")
-    header, blobs, offset = {}, [], 0
+    entries = []
     for name, t in state.items():
         if not isinstance(t, Tensor):
             raise SystemExit(f"{src}: entry {name} is not a tensor")
-        blob = tensor_bytes(t)
-        header[name] = {"dtype": t.storage.stype.dtype, "shape": list(t.size),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
+        entries.append((name, t.storage.stype.dtype, list(t.size), tensor_bytes(t)))
+    write_safetensors(dst, entries)
+    print(f"{dst}: {len(entries)} tensors")
+
+
+def write_safetensors(dst, entries, metadata=None):
+    """Write (name, dtype, shape, raw little-endian bytes) entries as a safetensors file."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape, blob in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * ((8 - len(head) % 8) % 8)
     with open(dst, "wb") as out:
         out.write(struct.pack("<Q", len(head)))
         out.write(head)
-        for blob in blobs:
+        for _, _, _, blob in entries:
             out.write(blob)
-    print(f"{dst}: {len(header)} tensors")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ pub fn train(
     let params = Params::new(rng.next_u64());
     let model = BagModel::new(model_cfg, params.var_builder(device))?;
     let vars = params.vars();
-    let mut opt = optim::build(&cfg.optimizer, vars.clone(), cfg.lr, cfg.weight_decay)?;
+    let mut opt = optim::build(&cfg.optimizer, params.named_vars(), cfg.lr, cfg.weight_decay)?;
     let accumulate = cfg.grad_accumulation.max(1);
     let mut best: Option<(f64, usize, std::collections::BTreeMap<String, Tensor>)> = None;
     let mut curve = Vec::new();

@@ -2,6 +2,11 @@
 //! 2019) and AdamW. TransMIL trains with Lookahead(RAdam) as in the authors' `MyOptimizer` (timm's
 //! implementations): RAdam with decoupled weight decay and the SGD-with-momentum fallback while the
 //! variance is not yet tractable (N_sma < 5), Lookahead with α = 0.5 and k = 6.
+//!
+//! Two details of the reference that change the numbers: weight decay skips biases and every 1-D
+//! parameter (timm's `add_weight_decay`, which `create_optimizer` applies), and Lookahead's slow
+//! weights are taken from the fast ones at the first synchronisation (step k), not at step 0, so
+//! the first synchronisation moves nothing.
 
 use candle_core::{backprop::GradStore, Result, Tensor, Var};
 
@@ -20,31 +25,33 @@ struct Moments {
 struct AdamState {
     vars: Vec<Var>,
     moments: Vec<Moments>,
+    /// Weight decay of each parameter.
+    decay: Vec<f64>,
     lr: f64,
     beta1: f64,
     beta2: f64,
     eps: f64,
-    weight_decay: f64,
     step: u64,
 }
 
 impl AdamState {
-    fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
+    fn new(vars: Vec<Var>, decay: Vec<f64>, lr: f64) -> Result<Self> {
+        assert_eq!(vars.len(), decay.len(), "one weight decay per parameter");
         let moments =
             vars.iter().map(|v| Ok(Moments { m: v.zeros_like()?, v: v.zeros_like()? })).collect::<Result<_>>()?;
-        Ok(AdamState { vars, moments, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 })
+        Ok(AdamState { vars, moments, decay, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
     }
 
     /// Advance the step, update both moments of every parameter with a gradient, and hand each
-    /// (parameter, moments) to `apply`.
-    fn update(&mut self, grads: &GradStore, mut apply: impl FnMut(&Var, &Moments) -> Result<()>) -> Result<()> {
+    /// (parameter, moments, weight decay) to `apply`.
+    fn update(&mut self, grads: &GradStore, mut apply: impl FnMut(&Var, &Moments, f64) -> Result<()>) -> Result<()> {
         self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);
-        for (var, st) in self.vars.iter().zip(self.moments.iter_mut()) {
+        for ((var, st), wd) in self.vars.iter().zip(self.moments.iter_mut()).zip(&self.decay) {
             let Some(g) = grads.get(var) else { continue };
             st.m = ((&st.m * b1)? + (g * (1.0 - b1))?)?;
             st.v = ((&st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            apply(var, st)?;
+            apply(var, st, *wd)?;
         }
         Ok(())
     }
@@ -54,7 +61,13 @@ pub struct RAdam(AdamState);
 
 impl RAdam {
     pub fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
-        Ok(RAdam(AdamState::new(vars, lr, weight_decay)?))
+        let decay = vec![weight_decay; vars.len()];
+        Self::with_decay(vars, decay, lr)
+    }
+
+    /// Each parameter with its own weight decay.
+    pub fn with_decay(vars: Vec<Var>, decay: Vec<f64>, lr: f64) -> Result<Self> {
+        Ok(RAdam(AdamState::new(vars, decay, lr)?))
     }
 }
 
@@ -62,7 +75,7 @@ impl Optimizer for RAdam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let s = &self.0;
         let t = (s.step + 1) as f64;
-        let (b1, b2, lr, eps, wd) = (s.beta1, s.beta2, s.lr, s.eps, s.weight_decay);
+        let (b1, b2, lr, eps) = (s.beta1, s.beta2, s.lr, s.eps);
         let beta2_t = b2.powf(t);
         let n_sma_max = 2.0 / (1.0 - b2) - 1.0;
         let n_sma = n_sma_max - 2.0 * t * beta2_t / (1.0 - beta2_t);
@@ -75,7 +88,7 @@ impl Optimizer for RAdam {
         } else {
             lr / (1.0 - b1.powf(t))
         };
-        self.0.update(grads, |var, st| {
+        self.0.update(grads, |var, st, wd| {
             let p = if wd != 0.0 { (var.as_tensor() * (1.0 - wd * lr))? } else { var.as_tensor().clone() };
             let update = if rectified { (&st.m / (st.v.sqrt()? + eps)?)? } else { st.m.clone() };
             var.set(&(p - (update * step_size)?)?)
@@ -92,7 +105,13 @@ pub struct AdamW(AdamState);
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
-        Ok(AdamW(AdamState::new(vars, lr, weight_decay)?))
+        let decay = vec![weight_decay; vars.len()];
+        Self::with_decay(vars, decay, lr)
+    }
+
+    /// Each parameter with its own weight decay.
+    pub fn with_decay(vars: Vec<Var>, decay: Vec<f64>, lr: f64) -> Result<Self> {
+        Ok(AdamW(AdamState::new(vars, decay, lr)?))
     }
 }
 
@@ -101,8 +120,8 @@ impl Optimizer for AdamW {
         let s = &self.0;
         let t = (s.step + 1) as f64;
         let (c1, c2) = (1.0 - s.beta1.powf(t), 1.0 - s.beta2.powf(t));
-        let (lr, eps, wd) = (s.lr, s.eps, s.weight_decay);
-        self.0.update(grads, |var, st| {
+        let (lr, eps) = (s.lr, s.eps);
+        self.0.update(grads, |var, st, wd| {
             let p = (var.as_tensor() * (1.0 - lr * wd))?;
             let denom = ((&st.v / c2)?.sqrt()? + eps)?;
             let update = ((&st.m / denom)? * (lr / c1))?;
@@ -116,11 +135,11 @@ impl Optimizer for AdamW {
 }
 
 /// Lookahead: every `k` inner steps, slow weights move `alpha` of the way to the fast weights and
-/// the fast weights restart from them.
+/// the fast weights restart from them. As timm's, the slow weights are first taken at step k.
 pub struct Lookahead<O> {
     inner: O,
     vars: Vec<Var>,
-    slow: Vec<Tensor>,
+    slow: Option<Vec<Tensor>>,
     alpha: f64,
     k: u64,
     steps: u64,
@@ -128,8 +147,7 @@ pub struct Lookahead<O> {
 
 impl<O: Optimizer> Lookahead<O> {
     pub fn new(inner: O, vars: Vec<Var>, alpha: f64, k: u64) -> Result<Self> {
-        let slow = vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<_>>()?;
-        Ok(Lookahead { inner, vars, slow, alpha, k, steps: 0 })
+        Ok(Lookahead { inner, vars, slow: None, alpha, k, steps: 0 })
     }
 }
 
@@ -138,9 +156,14 @@ impl<O: Optimizer> Optimizer for Lookahead<O> {
         self.inner.step(grads)?;
         self.steps += 1;
         if self.steps.is_multiple_of(self.k) {
-            for (var, slow) in self.vars.iter().zip(self.slow.iter_mut()) {
-                *slow = (&*slow + ((var.as_tensor() - &*slow)? * self.alpha)?)?;
-                var.set(slow)?;
+            match &mut self.slow {
+                None => self.slow = Some(self.vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<_>>()?),
+                Some(slow) => {
+                    for (var, slow) in self.vars.iter().zip(slow.iter_mut()) {
+                        *slow = (&*slow + ((var.as_tensor() - &*slow)? * self.alpha)?)?;
+                        var.set(slow)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -151,12 +174,24 @@ impl<O: Optimizer> Optimizer for Lookahead<O> {
     }
 }
 
-/// The optimizer a [`crate::plan::TrainConfig`] names.
-pub fn build(name: &str, vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Box<dyn Optimizer>> {
+/// Weight decay per named parameter as the reference applies it: none for biases and 1-D
+/// parameters (LayerNorm and BatchNorm scales), `weight_decay` for the rest.
+pub fn decay_of(name: &str, var: &Var, weight_decay: f64) -> f64 {
+    if var.rank() <= 1 || name.ends_with(".bias") {
+        0.0
+    } else {
+        weight_decay
+    }
+}
+
+/// The optimizer a [`crate::plan::TrainConfig`] names, over named parameters.
+pub fn build(name: &str, named: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Result<Box<dyn Optimizer>> {
+    let decay: Vec<f64> = named.iter().map(|(n, v)| decay_of(n, v, weight_decay)).collect();
+    let vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
     Ok(match name {
-        "lookahead-radam" => Box::new(Lookahead::new(RAdam::new(vars.clone(), lr, weight_decay)?, vars, 0.5, 6)?),
-        "radam" => Box::new(RAdam::new(vars, lr, weight_decay)?),
-        "adamw" => Box::new(AdamW::new(vars, lr, weight_decay)?),
+        "lookahead-radam" => Box::new(Lookahead::new(RAdam::with_decay(vars.clone(), decay, lr)?, vars, 0.5, 6)?),
+        "radam" => Box::new(RAdam::with_decay(vars, decay, lr)?),
+        "adamw" => Box::new(AdamW::with_decay(vars, decay, lr)?),
         other => candle_core::bail!("unknown optimizer {other:?} (lookahead-radam, radam, adamw)"),
     })
 }
@@ -190,7 +225,7 @@ mod tests {
     fn every_optimizer_minimises_a_quadratic() {
         for name in ["lookahead-radam", "radam", "adamw"] {
             let x = Var::new(&[3.0f32, -1.0, 0.5], &Device::Cpu).unwrap();
-            let mut opt = build(name, vec![x.clone()], 0.05, 0.0).unwrap();
+            let mut opt = build(name, vec![("x".into(), x.clone())], 0.05, 0.0).unwrap();
             let end = quadratic_steps(opt.as_mut(), &x, 1000);
             assert!(end < 0.05, "{name}: {end}");
         }
@@ -198,21 +233,42 @@ mod tests {
 
     #[test]
     fn lookahead_syncs_fast_weights_to_the_slow_ones_every_k_steps() {
-        // Plain SGD-like inner steps on a linear loss move x by a constant; after k steps Lookahead
-        // pulls x back to slow + alpha * (fast - slow).
+        // Adam steps on a linear loss move x by -lr each; the slow weights are taken at step k
+        // (nothing moves), and at step 2k x is pulled back to slow + alpha * (fast - slow).
         let x = Var::new(&[0.0f32], &Device::Cpu).unwrap();
         let mut la = Lookahead::new(AdamW::new(vec![x.clone()], 0.1, 0.0).unwrap(), vec![x.clone()], 0.5, 2).unwrap();
-        for _ in 0..2 {
-            let loss = x.as_tensor().sum_all().unwrap(); // gradient 1: Adam steps -lr each time
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let loss = x.as_tensor().sum_all().unwrap(); // gradient 1
             la.step(&loss.backward().unwrap()).unwrap();
+            seen.push(x.as_tensor().to_vec1::<f32>().unwrap()[0]);
         }
-        let v = x.as_tensor().to_vec1::<f32>().unwrap()[0];
-        assert!((v - (-0.1)).abs() < 1e-4, "{v}"); // fast went to -0.2, halfway back is -0.1
+        let want = [-0.1, -0.2, -0.3, -0.3]; // fast -0.4 at step 4, halfway from slow -0.2
+        assert!(seen.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-4), "{seen:?}");
+    }
+
+    #[test]
+    fn weight_decay_skips_biases_and_one_dimensional_parameters() {
+        let d = Device::Cpu;
+        let w = Var::new(&[[1.0f32]], &d).unwrap();
+        let norm = Var::new(&[1.0f32], &d).unwrap();
+        assert_eq!(decay_of("layer1.attn.to_qkv.weight", &w, 1e-5), 1e-5);
+        assert_eq!(decay_of("_fc1.0.bias", &w, 1e-5), 0.0);
+        assert_eq!(decay_of("norm.weight", &norm, 1e-5), 0.0);
+        // Through the optimizer: RAdam's first step is p·(1 − lr·wd) − lr·g, with gradient 1 here.
+        let mut opt =
+            build("radam", vec![("w".into(), w.clone()), ("n.weight".into(), norm.clone())], 0.5, 0.1).unwrap();
+        let loss = (w.as_tensor().sum_all().unwrap() + norm.as_tensor().sum_all().unwrap()).unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+        let w_now = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        let n_now = norm.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((w_now - (0.95 - 0.5)).abs() < 1e-6, "{w_now}");
+        assert!((n_now - 0.5).abs() < 1e-6, "{n_now}");
     }
 
     #[test]
     fn unknown_optimizer_is_named_in_the_error() {
         let x = Var::new(&[0.0f32], &Device::Cpu).unwrap();
-        assert!(build("sgdx", vec![x], 0.1, 0.0).err().unwrap().to_string().contains("sgdx"));
+        assert!(build("sgdx", vec![("x".into(), x)], 0.1, 0.0).err().unwrap().to_string().contains("sgdx"));
     }
 }

@@ -11,6 +11,12 @@
 //! attention is lucidrains' `nystrom_attention` that the reference imports: front zero padding to a
 //! multiple of the landmarks, landmark means over consecutive groups, iterative pseudo-inverse, a
 //! residual depthwise convolution of 33 taps over the sequence of values.
+//!
+//! One quirk of the reference matters: nystrom-attention 0.0.9, the version the authors pin, returns
+//! the *first* n rows of the front-padded sequence (`out[:, :n]`), so when the sequence is padded the
+//! outputs are shifted by the padding and the cls token receives a padding row's output; 0.0.11 and
+//! later return the last n (`out[:, -n:]`). [`NystromOutput`] picks one; the paper configuration
+//! uses the pinned behaviour, and `tests/transmil_parity.rs` checks it against the reference.
 
 use super::ops::{depthwise_conv2d, dropout, pinv_iterative, DwGeom};
 use super::params::{conv_weight, layer_norm, linear, LayerNorm};
@@ -32,6 +38,20 @@ pub struct TransMilConfig {
     pub residual_kernel: usize,
     /// Dropout after the attention output projection (training only).
     pub dropout: f32,
+    /// Which rows of the padded attention output are kept.
+    #[serde(default)]
+    pub nystrom_output: NystromOutput,
+}
+
+/// Which n rows of the front-padded Nyström attention output a layer returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NystromOutput {
+    /// The first n (nystrom-attention 0.0.9, pinned by the official TransMIL code).
+    #[default]
+    Leading,
+    /// The last n, aligned with the input (nystrom-attention 0.0.11 and later).
+    Trailing,
 }
 
 impl TransMilConfig {
@@ -47,6 +67,7 @@ impl TransMilConfig {
             pinv_iterations: 6,
             residual_kernel: 33,
             dropout: 0.1,
+            nystrom_output: NystromOutput::Leading,
         }
     }
 }
@@ -112,7 +133,10 @@ impl NystromAttention {
         if let Some(rng) = mode.rng() {
             out = dropout(&out, self.cfg.dropout, rng)?;
         }
-        let out = out.narrow(1, pad, n)?;
+        let out = match self.cfg.nystrom_output {
+            NystromOutput::Leading => out.narrow(1, 0, n)?,
+            NystromOutput::Trailing => out.narrow(1, pad, n)?,
+        };
         let row = match probe {
             Some(p) => {
                 let r = left.narrow(2, pad + p.row, 1)?.matmul(&attn3)?; // [B, h, 1, np]
