@@ -132,9 +132,24 @@ pub struct RunPlan {
     pub tiling: TilingSpec,
     pub embedder: EmbedderSpec,
     pub train: TrainConfig,
+    /// Features imported with `wsimil import-bags` under this name: the run trains on them and
+    /// has no tile or embed stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<EmbedderId>,
 }
 
+/// The tiling id under which imported features are stored.
+pub const IMPORTED_TILING: &str = "imported";
+
 impl RunPlan {
+    /// Where the run's features are: `features/<embedder>/<tiling>/`.
+    pub fn feature_ids(&self) -> (EmbedderId, TilingId) {
+        match &self.imported {
+            Some(name) => (name.clone(), TilingId::new(IMPORTED_TILING).expect("safe")),
+            None => (self.embedder.id(), self.tiling.id()),
+        }
+    }
+
     pub fn slide(&self, id: &SlideId) -> Option<&PlannedSlide> {
         self.slides.iter().find(|s| &s.id == id)
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use wsimil_common::grid::TissueParams;
-use wsimil_common::ids::RunId;
+use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::JobKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
 use wsimil_common::plan::{CorruptTiles, TilingSpec, TrainConfig};
@@ -48,8 +48,20 @@ pub enum Command {
     /// Benchmark: write a large test slide from real tissue (bench/tiling.sh).
     #[command(hide = true)]
     MakeSlide(MakeSlideArgs),
+    /// Benchmark: seconds per TransMIL training step (bench/transmil-step.sh).
+    #[command(hide = true)]
+    BenchTransmil(BenchTransmilArgs),
+    /// Benchmark: embedding throughput, model alone or from a slide (bench/embed-cpu.sh).
+    #[command(hide = true)]
+    BenchEmbed(BenchEmbedArgs),
     /// Build the semi-synthetic demo cohort from the real slide and tumour image.
     DemoCohort(DemoCohortArgs),
+    /// Import bags of features from a table (label, bag id, features per row; e.g. Musk1) into the
+    /// store, with a manifest; then `wsimil run --features NAME --manifest MANIFEST`.
+    ImportBags(ImportBagsArgs),
+    /// Import CLAM feature files (h5_files/<slide>.h5 or pt_files/<slide>.pt) for the slides of a
+    /// CLAM dataset CSV, with a manifest; then `wsimil run --features NAME --manifest MANIFEST`.
+    ImportClam(ImportClamArgs),
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +223,9 @@ pub struct RunArgs {
     /// Cross-validation folds when the manifest gives no fold or split column.
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
+    /// Folds from CLAM's split files: a folder of splits_<k>.csv (train,val,test columns of ids).
+    #[arg(long)]
+    pub clam_splits: Option<PathBuf>,
     /// Seed of fold assignment, initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -247,6 +262,10 @@ pub struct RunArgs {
     /// provenance) or fail the slide.
     #[arg(long, default_value = "skip")]
     pub on_corrupt_tile: String,
+
+    /// Train on features imported under this name (`wsimil import-bags`): no tiling or embedding.
+    #[arg(long)]
+    pub features: Option<String>,
 
     /// Bag classifier: transmil or abmil.
     #[arg(long, default_value = "transmil")]
@@ -353,8 +372,98 @@ impl RunArgs {
                 ..TrainConfig::default()
             },
             folds: FoldSettings { k: self.folds.max(1), seed: self.seed },
+            imported: self.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
+            clam_splits: self.clam_splits.clone(),
         })
     }
+}
+
+/// Where imported features go, under which name, and where their manifest is written.
+#[derive(Debug, Args)]
+pub struct ImportTarget {
+    /// Name of the imported feature set (what `run --features` takes).
+    #[arg(long)]
+    pub name: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Where to write the manifest (slide_id,path,label).
+    #[arg(long)]
+    pub manifest_out: PathBuf,
+}
+
+impl ImportTarget {
+    fn open(&self) -> anyhow::Result<(EmbedderId, Store)> {
+        Ok((EmbedderId::new(self.name.clone()).context("--name")?, self.store.open()?))
+    }
+
+    fn finish(&self, manifest: &str, what: &str, store: &Store) -> anyhow::Result<()> {
+        std::fs::write(&self.manifest_out, manifest).with_context(|| format!("{}", self.manifest_out.display()))?;
+        println!(
+            "imported {what} as {} into {}; manifest {}",
+            self.name,
+            store.location(),
+            self.manifest_out.display()
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImportBagsArgs {
+    /// The table: one row per instance.
+    #[arg(long)]
+    pub table: PathBuf,
+    #[command(flatten)]
+    pub target: ImportTarget,
+    /// Column of the label (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub label_col: usize,
+    /// Column of the bag id (0-based).
+    #[arg(long, default_value_t = 1)]
+    pub bag_col: usize,
+    /// The first row is a header.
+    #[arg(long)]
+    pub header: bool,
+    /// Z-score every feature column over all instances (raw benchmark units, e.g. Musk1's).
+    #[arg(long)]
+    pub standardise: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportClamArgs {
+    /// CLAM's feature directory (with h5_files/ and/or pt_files/).
+    #[arg(long)]
+    pub features_dir: PathBuf,
+    /// CLAM's dataset CSV: slide_id and label columns.
+    #[arg(long)]
+    pub csv: PathBuf,
+    #[command(flatten)]
+    pub target: ImportTarget,
+}
+
+/// `wsimil import-clam`.
+pub async fn import_clam(args: ImportClamArgs) -> anyhow::Result<()> {
+    let (name, store) = args.target.open()?;
+    let manifest = crate::import::import_clam(&store, &name, &args.features_dir, &args.csv).await?;
+    args.target.finish(&manifest, &format!("{} slides", manifest.lines().count() - 1), &store)
+}
+
+/// `wsimil import-bags`.
+pub async fn import_bags(args: ImportBagsArgs) -> anyhow::Result<()> {
+    use crate::import::{read_table, standardise, write_bags, TableLayout};
+    let (name, store) = args.target.open()?;
+    let layout = TableLayout { label_col: args.label_col, bag_col: args.bag_col, header: args.header };
+    let mut bags = read_table(&args.table, layout)?;
+    if args.standardise {
+        standardise(&mut bags);
+    }
+    let manifest = write_bags(&store, &name, &bags, &args.table).await?;
+    let instances: usize = bags.iter().map(|b| b.len()).sum();
+    args.target.finish(
+        &manifest,
+        &format!("{} bags ({instances} instances, {} features)", bags.len(), bags[0].dim),
+        &store,
+    )
 }
 
 #[derive(Debug, Args)]
@@ -510,6 +619,61 @@ pub struct BenchReadArgs {
     /// Also time tissue detection alone.
     #[arg(long)]
     pub tissue_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTransmilArgs {
+    /// Instances in the bag.
+    #[arg(long)]
+    pub n: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub in_dim: usize,
+    #[arg(long, default_value_t = 256)]
+    pub landmarks: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEmbedArgs {
+    #[arg(long)]
+    pub embedder: String,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Embed every tissue patch of this slide (256 px at 0.5 µm/px) instead of random images.
+    #[arg(long)]
+    pub slide: Option<PathBuf>,
+}
+
+/// `wsimil bench-embed`: prints `embed ARCH IMAGES_PER_S` (model alone) or
+/// `embed-slide ARCH PATCHES PATCHES_PER_S`.
+pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
+    match &args.slide {
+        None => {
+            let rate = wsimil_worker::bench::embed_model_rate(&args.embedder, args.batch, args.iters)?;
+            println!("embed {} {rate:.2}", args.embedder);
+        }
+        Some(path) => {
+            let slide = wsimil_worker::slide::open(path)?;
+            let tissue =
+                wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
+            let spec =
+                TilingSpec { patch_px: 256, target_mpp: 0.5, step_fraction: 1.0, min_tissue_fraction: 0.25, tissue };
+            let grid = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &spec, None)?.grid;
+            let (n, rate) = wsimil_worker::bench::embed_slide_rate(slide.as_ref(), &grid, &args.embedder, args.batch)?;
+            println!("embed-slide {} {n} {rate:.2}", args.embedder);
+        }
+    }
+    Ok(())
+}
+
+/// `wsimil bench-transmil`: prints `transmil N seconds-per-step`.
+pub fn bench_transmil(args: BenchTransmilArgs) -> anyhow::Result<()> {
+    let s = wsimil_worker::bench::transmil_step_secs(args.n, args.in_dim, args.landmarks, args.steps)?;
+    println!("transmil {} {s:.4}", args.n);
+    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod dispatch;
+pub mod import;
 pub mod jetstream;
 pub mod manifest;
 pub mod planner;

@@ -20,7 +20,11 @@ fn main() -> std::process::ExitCode {
         Command::RetryFailed(args) => tokio_main(cli::retry_failed(args)),
         Command::BenchRead(args) => cli::bench_read(args),
         Command::MakeSlide(args) => cli::make_slide(args),
+        Command::BenchTransmil(args) => cli::bench_transmil(args),
+        Command::BenchEmbed(args) => cli::bench_embed(args),
         Command::DemoCohort(args) => cli::demo_cohort(args),
+        Command::ImportBags(args) => tokio_main(cli::import_bags(args)),
+        Command::ImportClam(args) => tokio_main(cli::import_clam(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,7 +3,9 @@
 //! exist, so their jobs are simply not planned again.
 
 use crate::manifest::{Manifest, Split};
-use wsimil_common::ids::{content_hash, RunId, SlideId};
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use wsimil_common::ids::{content_hash, EmbedderId, RunId, SlideId};
 use wsimil_common::job::{EmbedJob, Job, PredictJob, TileJob, TrainJob};
 use wsimil_common::layout;
 use wsimil_common::plan::{EmbedderSpec, Fold, PlannedSlide, RunPlan, TilingSpec, TrainConfig};
@@ -57,6 +59,51 @@ pub fn assign_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<Fold> {
         .collect()
 }
 
+/// Folds from CLAM's split files (`create_splits_seq.py`): `splits_<k>.csv` in `dir`, each with the
+/// columns `train`, `val`, `test` listing slide ids (pandas writes an unnamed index column first and
+/// leaves the shorter columns' ends empty). Folds are ordered by k. Every id must be in the manifest.
+pub fn load_clam_splits(dir: &Path, manifest: &Manifest) -> anyhow::Result<Vec<Fold>> {
+    let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the CLAM splits folder", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let k = p.file_name()?.to_str()?.strip_prefix("splits_")?.strip_suffix(".csv")?.parse().ok()?;
+            Some((k, p))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no splits_<k>.csv files (CLAM's create_splits_seq.py output)", dir.display());
+    }
+    let known: std::collections::HashSet<&str> = manifest.rows.iter().map(|r| r.slide.as_str()).collect();
+    let mut folds = Vec::new();
+    for (_, path) in files {
+        let mut rd =
+            csv::ReaderBuilder::new().flexible(true).from_path(&path).with_context(|| format!("{}", path.display()))?;
+        let header = rd.headers().with_context(|| format!("{}", path.display()))?.clone();
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| anyhow::anyhow!("{}: no {name:?} column (columns: {:?})", path.display(), header))
+        };
+        let (tr, va, te) = (col("train")?, col("val")?, col("test")?);
+        let mut fold = Fold { train: Vec::new(), val: Vec::new(), test: Vec::new() };
+        for (i, rec) in rd.records().enumerate() {
+            let rec = rec.with_context(|| format!("{}:{}", path.display(), i + 2))?;
+            for (c, set) in [(tr, &mut fold.train), (va, &mut fold.val), (te, &mut fold.test)] {
+                let Some(id) = rec.get(c).map(str::trim).filter(|s| !s.is_empty()) else { continue };
+                if !known.contains(id) {
+                    bail!("{}:{}: slide {id:?} is not in the manifest", path.display(), i + 2);
+                }
+                set.push(SlideId::new(id).expect("manifest ids are valid"));
+            }
+        }
+        folds.push(fold);
+    }
+    Ok(folds)
+}
+
 /// Deal each class's shuffled slides round-robin over k folds (k capped by the smallest class).
 pub fn stratified_folds(labels: &[usize], settings: FoldSettings) -> Vec<usize> {
     let n_classes = labels.iter().copied().max().map_or(0, |m| m + 1);
@@ -85,7 +132,8 @@ pub fn make_plan(
     tiling: TilingSpec,
     embedder: EmbedderSpec,
     train: TrainConfig,
-    folds: FoldSettings,
+    folds: Vec<Fold>,
+    imported: Option<EmbedderId>,
 ) -> RunPlan {
     let slides: Vec<PlannedSlide> = manifest
         .rows
@@ -97,19 +145,22 @@ pub fn make_plan(
             mpp: r.mpp,
         })
         .collect();
-    let folds_v = assign_folds(manifest, folds);
+    let folds_v = folds;
     let run = run.unwrap_or_else(|| {
-        let key =
-            serde_json::to_vec(&(&manifest.classes, &slides, &folds_v, &tiling, &embedder, &train)).expect("json");
+        let key = serde_json::to_vec(&(&manifest.classes, &slides, &folds_v, &tiling, &embedder, &train, &imported))
+            .expect("json");
         RunId::new(format!("run-{}", content_hash([key.as_slice()]))).expect("safe")
     });
-    RunPlan { run, classes: manifest.classes.clone(), slides, folds: folds_v, tiling, embedder, train }
+    RunPlan { run, classes: manifest.classes.clone(), slides, folds: folds_v, tiling, embedder, train, imported }
 }
 
 /// Tile jobs for slides without a patch grid.
 pub async fn tile_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreError> {
     let tiling = plan.tiling.id();
     let mut jobs = Vec::new();
+    if plan.imported.is_some() {
+        return Ok(jobs); // imported features: nothing to tile
+    }
     for s in &plan.slides {
         if !store.exists(&layout::patch_grid(&tiling, &s.id)).await? {
             jobs.push(Job::Tile(TileJob {
@@ -127,6 +178,9 @@ pub async fn tile_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreE
 pub async fn embed_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreError> {
     let (tiling, emb) = (plan.tiling.id(), plan.embedder.id());
     let mut jobs = Vec::new();
+    if plan.imported.is_some() {
+        return Ok(jobs); // imported features: nothing to embed
+    }
     for s in &plan.slides {
         if store.exists(&layout::patch_grid(&tiling, &s.id)).await?
             && !store.exists(&layout::features(&emb, &tiling, &s.id)).await?
@@ -155,7 +209,7 @@ pub async fn train_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec
 
 /// Predict jobs for test slides with features but no attention map yet.
 pub async fn predict_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
-    let (tiling, emb) = (plan.tiling.id(), plan.embedder.id());
+    let (emb, tiling) = plan.feature_ids();
     let mut jobs = Vec::new();
     for s in &plan.slides {
         let testable = plan.test_fold_of(&s.id).is_some();
@@ -189,6 +243,30 @@ mod tests {
             })
             .collect();
         Manifest { source: PathBuf::from("m.csv"), rows, classes: vec!["a".into(), "b".into()] }
+    }
+
+    #[test]
+    fn clam_split_files_become_folds_in_their_order() {
+        let m = manifest(&["a", "b", "a", "b", "a", "b"], None);
+        let dir = tempfile::tempdir().unwrap();
+        // As pandas writes them: an unnamed index column, shorter columns padded with empty cells.
+        std::fs::write(dir.path().join("splits_1.csv"), ",train,val,test\n0,s2,s0,s1\n1,s3,,\n2,s4,,\n3,s5,,\n")
+            .unwrap();
+        std::fs::write(dir.path().join("splits_0.csv"), ",train,val,test\n0,s0,s4,s5\n1,s1,,\n2,s2,,\n3,s3,,\n")
+            .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a split").unwrap();
+        let folds = load_clam_splits(dir.path(), &m).unwrap();
+        let ids = |v: &[SlideId]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(folds.len(), 2);
+        assert_eq!(ids(&folds[0].train), ["s0", "s1", "s2", "s3"]);
+        assert_eq!((ids(&folds[0].val), ids(&folds[0].test)), (vec!["s4".to_string()], vec!["s5".to_string()]));
+        assert_eq!(ids(&folds[1].test), ["s1"]);
+        // An id the manifest does not know is named with its file and line.
+        std::fs::write(dir.path().join("splits_2.csv"), ",train,val,test\n0,s0,s9,s1\n").unwrap();
+        let e = load_clam_splits(dir.path(), &m).unwrap_err().to_string();
+        assert!(e.contains("splits_2.csv:2") && e.contains("\"s9\" is not in the manifest"), "{e}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(load_clam_splits(empty.path(), &m).unwrap_err().to_string().contains("no splits_<k>.csv"));
     }
 
     #[test]
@@ -253,10 +331,11 @@ mod tests {
             corrupt_tiles: Default::default(),
         };
         let fs = FoldSettings { k: 2, seed: 0 };
-        let a = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), fs);
-        let b = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), fs);
+        let a = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), assign_folds(&m, fs), None);
+        let b = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), assign_folds(&m, fs), None);
         assert_eq!(a.run, b.run);
-        let c = make_plan(&m, None, t, e, TrainConfig { lr: 1e-3, ..TrainConfig::default() }, fs);
+        let c =
+            make_plan(&m, None, t, e, TrainConfig { lr: 1e-3, ..TrainConfig::default() }, assign_folds(&m, fs), None);
         assert_ne!(a.run, c.run);
     }
 }

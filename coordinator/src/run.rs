@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
-use wsimil_common::ids::RunId;
+use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::{FailureRecord, Job, JobKind};
 use wsimil_common::layout;
 use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
@@ -49,6 +49,10 @@ pub struct RunSettings {
     pub embedder: EmbedderChoice,
     pub train: TrainConfig,
     pub folds: FoldSettings,
+    /// Train on features imported under this name (`wsimil import-bags`) instead of slides.
+    pub imported: Option<EmbedderId>,
+    /// Folds from CLAM's `splits_<k>.csv` files in this folder instead of the manifest or k-fold.
+    pub clam_splits: Option<PathBuf>,
 }
 
 /// Put the embedder's weights into the store under their content address and return its spec.
@@ -106,17 +110,53 @@ fn hex_sha256(bytes: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Every slide of the manifest must have imported features; list those that do not.
+async fn check_imported(store: &Store, name: &EmbedderId, manifest: &Manifest) -> anyhow::Result<()> {
+    let tiling = wsimil_common::ids::TilingId::new(wsimil_common::plan::IMPORTED_TILING).expect("safe");
+    let mut missing = Vec::new();
+    for r in &manifest.rows {
+        if !store.exists(&layout::features(name, &tiling, &r.slide)).await? {
+            missing.push(r.slide.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "--features {name}: no imported features for {} of {} slides (first: {}); run `wsimil import-bags` into this store",
+            missing.len(),
+            manifest.rows.len(),
+            missing[0]
+        );
+    }
+    Ok(())
+}
+
 /// Validate the manifest, register the embedder and write (or check) the run's plan.
 pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(Manifest, RunPlan)> {
     let manifest = manifest::load(&settings.manifest, settings.classes.as_deref())?;
-    let embedder = register_embedder(store, &settings.embedder).await?;
+    let embedder = match &settings.imported {
+        Some(name) => {
+            check_imported(store, name, &manifest).await?;
+            EmbedderSpec {
+                architecture: "imported".into(),
+                weights: name.to_string(),
+                batch_size: settings.embedder.batch_size,
+                corrupt_tiles: Default::default(),
+            }
+        }
+        None => register_embedder(store, &settings.embedder).await?,
+    };
+    let folds = match &settings.clam_splits {
+        Some(dir) => planner::load_clam_splits(dir, &manifest)?,
+        None => planner::assign_folds(&manifest, settings.folds),
+    };
     let plan = planner::make_plan(
         &manifest,
         settings.run.clone(),
         settings.tiling.clone(),
         embedder,
         settings.train.clone(),
-        settings.folds,
+        folds,
+        settings.imported.clone(),
     );
     let key = layout::run_plan(&plan.run);
     if store.exists(&key).await? {
@@ -395,7 +435,10 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
     };
     out.push_str(&format!("predictions: {}\n", where_(&layout::predictions_csv(&m.run, m.round))));
     out.push_str(&format!("metrics:     {}\n", where_(&layout::round_metrics(&m.run, m.round))));
-    let heat = layout::round_dir(&m.run, m.round);
-    out.push_str(&format!("heatmaps:    {}/heatmaps/\n", where_(&object_store::path::Path::from(heat))));
+    if s.plan.imported.is_none() {
+        // Imported bags have no slide geometry to draw attention on.
+        let heat = layout::round_dir(&m.run, m.round);
+        out.push_str(&format!("heatmaps:    {}/heatmaps/\n", where_(&object_store::path::Path::from(heat))));
+    }
     out
 }

@@ -58,6 +58,8 @@ fn settings(manifest: PathBuf) -> RunSettings {
         },
         train: TrainConfig { max_epochs: 3, patience: 3, landmarks: 16, ..TrainConfig::default() },
         folds: FoldSettings { k: 2, seed: 0 },
+        imported: None,
+        clam_splits: None,
     }
 }
 

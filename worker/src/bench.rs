@@ -69,6 +69,72 @@ pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Res
     Ok((n, t.elapsed().as_secs_f64()))
 }
 
+/// Seconds per TransMIL training step (forward, backward, Lookahead(RAdam) update; dropout on),
+/// the paper's configuration for `in_dim`-wide features with `landmarks` landmarks, on one random
+/// bag of `n` instances, averaged over `steps` after one warm-up step.
+pub fn transmil_step_secs(n: usize, in_dim: usize, landmarks: usize, steps: usize) -> candle_core::Result<f64> {
+    use candle_core::{Device, Tensor};
+    use wsimil_common::models::params::Params;
+    use wsimil_common::models::transmil::{TransMil, TransMilConfig};
+    use wsimil_common::models::{optim, Mode};
+    let dev = Device::Cpu;
+    let params = Params::new(1);
+    let cfg = TransMilConfig { landmarks, ..TransMilConfig::paper(in_dim, 2) };
+    let model = TransMil::new(&cfg, params.var_builder(&dev))?;
+    let mut opt = optim::build("lookahead-radam", params.named_vars(), 2e-4, 1e-5)?;
+    let mut rng = wsimil_common::rng::Rng::new(2);
+    let x = Tensor::randn(0f32, 1.0, (1, n, in_dim), &dev)?;
+    let target = Tensor::new(&[1u32], &dev)?;
+    let mut step = || -> candle_core::Result<()> {
+        let out = model.forward(&x, &mut Mode::Train(&mut rng), false)?;
+        let loss = candle_nn::loss::cross_entropy(&out.logits, &target)?;
+        opt.step(&loss.backward()?)
+    };
+    step()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
+}
+
+/// Images per second of a patch embedder alone (random weights, BatchNorm folded as in every wsimil
+/// run): the best of `iters` forward passes over a batch of `batch` random 224 × 224 images, after
+/// one warm-up pass.
+pub fn embed_model_rate(architecture: &str, batch: usize, iters: usize) -> candle_core::Result<f64> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let params = wsimil_common::models::params::Params::new(1);
+    let model = wsimil_common::models::embedder::build(architecture, params.var_builder(&dev))?;
+    let px = model.preprocessing().input_px as usize;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, px, px), &dev)?;
+    model.forward(&x)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        std::hint::black_box(model.forward(&x)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(batch as f64 / best)
+}
+
+/// Patches per second from a slide to features: every tissue patch of `grid` read, decoded,
+/// resized, normalised and embedded in batches of `batch`, as the embed stage does.
+pub fn embed_slide_rate(
+    slide: &dyn SlideReader,
+    grid: &PatchGrid,
+    architecture: &str,
+    batch: usize,
+) -> Result<(usize, f64), crate::embed::EmbedError> {
+    use candle_core::Device;
+    let params = wsimil_common::models::params::Params::new(1);
+    let model = wsimil_common::models::embedder::build(architecture, params.var_builder(&Device::Cpu))
+        .map_err(|source| crate::embed::EmbedError::Model { slide: grid.provenance.slide.clone(), source })?;
+    let t = Instant::now();
+    let out = crate::embed::embed_patches(slide, grid, model.as_ref(), &Device::Cpu, batch, Default::default())?;
+    Ok((out.kept.len(), out.kept.len() as f64 / t.elapsed().as_secs_f64()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +153,11 @@ mod tests {
         assert_eq!(dims, vec![(100_000, 80_000), (25_000, 20_000), (6_250, 5_000), (1_563, 1_250)]);
         assert!(matches!(levels[3], LevelData::Image(_)));
         assert!(matches!(levels[0], LevelData::Repeated { .. }));
+    }
+
+    #[test]
+    fn a_transmil_training_step_runs_and_is_timed() {
+        let s = transmil_step_secs(40, 24, 8, 2).unwrap();
+        assert!(s > 0.0 && s.is_finite());
     }
 }

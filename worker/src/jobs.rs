@@ -290,7 +290,7 @@ async fn load_bags(
     plan: &RunPlan,
     slides: &[SlideId],
 ) -> Result<(Vec<FeatureBag>, Vec<SlideId>), JobError> {
-    let (emb, tiling) = (plan.embedder.id(), plan.tiling.id());
+    let (emb, tiling) = plan.feature_ids();
     let mut bags = Vec::new();
     let mut missing = Vec::new();
     for s in slides {

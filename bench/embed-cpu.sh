@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Embedding throughput on CPU, images/s at 224 px, for ResNet50-trunc (1024-d) and
+# EfficientNet-Lite0 (1280-d): the model alone, wsimil (BatchNorm folded, as every run embeds)
+# against PyTorch in inference mode (eval, no_grad), in one run, both on one core (Debian's PyTorch
+# CPU build runs one intra-op thread; wsimil is also timed on all cores); and wsimil end to end
+# from a slide (read, decode, resize, normalise, embed) on all cores. Batch 16, best of 3.
+#
+# The PyTorch side needs PyTorch (scripts/dev/torch-env.sh); without it it is skipped with a message.
+# Last line: `embed-cpu: wsimil vs pytorch = N.Nx (...)`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh >/dev/null
+export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
+source bench/lib.sh
+WSIMIL=$(wsimil_bin)
+BATCH=${BATCH:-16}
+work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-embed.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+ONE_CORE=""
+command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
+PY=$(torch_python torch)
+[[ -z $PY ]] && echo "embed-cpu: PyTorch not found (scripts/dev/torch-env.sh installs it): peer skipped" >&2
+# A 20x slide of real tissue, 4096 x 4096: ~250 patches of 256 px.
+"$WSIMIL" make-slide --out "$work/slide.svs" --width 4096 --height 4096 --mpp 0.5
+rows=()
+for arch in resnet50-trunc efficientnet-lite0; do
+  w1=$($ONE_CORE "$WSIMIL" bench-embed --embedder $arch --batch "$BATCH" | awk '{print $3}')
+  wa=$("$WSIMIL" bench-embed --embedder $arch --batch "$BATCH" | awk '{print $3}')
+  read -r n e2e < <("$WSIMIL" bench-embed --embedder $arch --batch "$BATCH" --slide "$work/slide.svs" | awk '{print $3, $4}')
+  line="$arch: wsimil $w1 img/s on 1 core, $wa on $(nproc) cores, end to end from a slide $e2e patches/s ($n patches)"
+  p1=""
+  if [[ -n $PY ]]; then
+    p1=$($ONE_CORE "$PY" bench/py/embed_cpu.py --arch $arch --batch "$BATCH" | awk '{print $3}')
+    line+="; pytorch $p1 img/s on 1 core"
+  fi
+  echo "embed-cpu: $line" >&2
+  rows+=("$arch:$w1:${p1:-0}:$wa:$e2e")
+done
+python3 - "${PY:+$($PY -c 'import torch; print(torch.__version__)')}" "${rows[@]}" <<'PY'
+import sys
+ver, rows = sys.argv[1], [r.split(":") for r in sys.argv[2:]]
+if ver:
+    ratios = [float(w) / float(p) for _, w, p, _, _ in rows]
+    geo = (ratios[0] * ratios[1]) ** 0.5
+    parts = "; ".join(f"{a} {float(w):.1f} vs {float(p):.1f} img/s ({float(w)/float(p):.2f}x)" for a, w, p, _, _ in rows)
+    e2e = ", ".join(f"{a} {float(e):.1f}" for a, _, _, _, e in rows)
+    print(f"embed-cpu: wsimil vs pytorch {ver} = {geo:.1f}x (one core, model alone: {parts}; end to end from a slide on all cores, patches/s: {e2e})")
+else:
+    parts = "; ".join(f"{a} {float(w):.1f} img/s on one core, {float(e):.1f} patches/s end to end" for a, w, _, _, e in rows)
+    print(f"embed-cpu: wsimil {parts} (PyTorch not installed: no ratio)")
+PY

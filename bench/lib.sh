@@ -1,0 +1,18 @@
+# Shared by the benchmarks: build the wsimil binary once and find a PyTorch for the peer side.
+# shellcheck shell=bash
+
+# Build `wsimil` (debug profile: what the tests and the demo use) and print its path.
+wsimil_bin() {
+  cargo build -q -p wsimil-coordinator --bin wsimil
+  echo "$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/wsimil"
+}
+
+# Print a python that imports every module named in "$@" (the torch venv of scripts/dev/torch-env.sh
+# first), or nothing.
+torch_python() {
+  local mods
+  mods=$(IFS=,; echo "$*")
+  for p in "${WSIMIL_TOOLS:-$HOME/.cache/wsimil/tools}/torch-venv/bin/python" python3; do
+    if "$p" -c "import $mods" 2>/dev/null; then echo "$p"; return; fi
+  done
+}
