@@ -9,6 +9,19 @@
 
 pub mod cli;
 pub mod dispatch;
+
+/// Keep freed memory in the process instead of handing it back to the kernel. Tensors of tens of
+/// megabytes are allocated and freed for every layer of every batch; glibc serves blocks over its
+/// mmap threshold (32 MiB at most) with fresh mappings and unmaps them on free, so each one costs
+/// page faults that zero it again. Called first thing in `main`.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
 pub mod import;
 pub mod jetstream;
 pub mod manifest;

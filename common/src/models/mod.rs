@@ -18,7 +18,7 @@ pub mod resnet;
 pub mod transmil;
 
 use crate::rng::Rng;
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Training (dropout on, differentiable kernels) or evaluation.
@@ -40,11 +40,11 @@ impl Mode<'_> {
     }
 }
 
-/// Softmax over the last dimension: candle's fused kernel for inference, the composed (and
-/// differentiable) one for training.
+/// Softmax over the last dimension: candle's fused kernel for inference, ours (fused, with a
+/// backward) for training.
 pub fn softmax(x: &Tensor, train: bool) -> Result<Tensor> {
     if train {
-        candle_nn::ops::softmax(x, D::Minus1)
+        ops::softmax_last_dim(x)
     } else {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
     }

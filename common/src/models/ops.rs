@@ -5,9 +5,13 @@
 //!   stages crawl; this op is a direct loop, parallel over (batch, channel), with its own backward.
 //! - [`pinv_iterative`]: the Moore–Penrose iteration Nyströmformer uses, as plain matmuls.
 //! - [`dropout`]: dropout with a mask from a seeded generator, so training is reproducible.
+//! - [`softmax_last_dim`]: softmax over the last dimension in one pass, with a fused backward.
+//!   candle's fused softmax has no backward, and the composed one keeps four full-size tensors per
+//!   call alive for the backward pass (TransMIL's attention maps are [heads, n, landmarks]); this
+//!   one keeps its input and output only and computes the gradient in one pass.
 
 use crate::rng::Rng;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Geometry of a depthwise convolution: stride and (top, bottom, left, right) zero padding.
@@ -66,6 +70,70 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Softmax over the last dimension, differentiable. CPU f32 runs the fused op; anything else the
+/// composed one.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(SoftmaxLastDim)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax input")?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, row)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, v) in o.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// dx = y ⊙ (g − Σ g ⊙ y), row by row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (f32_slice(s1, l1, "softmax output")?, f32_slice(s2, l2, "softmax gradient")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("softmax gradient: shape {:?} vs output {:?}", l2.shape(), l1.shape())
+        }
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d).zip(y.par_chunks(d).zip(g.par_chunks(d))).for_each(|(o, (y, g))| {
+            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+            for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -337,6 +405,23 @@ mod tests {
             assert!(max_abs_diff(go.get(&x).unwrap(), gt.get(&x).unwrap()) < 1e-4, "grad x, case {i}");
             assert!(max_abs_diff(go.get(&k).unwrap(), gt.get(&k).unwrap()) < 1e-3, "grad k, case {i}");
         }
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_one_forward_and_backward() {
+        let d = Device::Cpu;
+        let x = Var::new(&[[0.3f32, -1.2, 2.0, 0.0], [5.0, 5.0, -3.0, 1.0], [-50.0, 60.0, 0.1, 0.2]], &d).unwrap();
+        let w = Tensor::new(&[[1.0f32, -2.0, 0.5, 3.0], [0.2, 0.1, -1.0, 2.0], [1.5, -0.5, 0.0, 1.0]], &d).unwrap();
+        let ours = softmax_last_dim(x.as_tensor()).unwrap();
+        let theirs = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
+        let g1 = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
+        assert!(a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.1, "a gradient flows");
     }
 
     #[test]
