@@ -9,9 +9,12 @@
 //!   candle's fused softmax has no backward, and the composed one keeps four full-size tensors per
 //!   call alive for the backward pass (TransMIL's attention maps are [heads, n, landmarks]); this
 //!   one keeps its input and output only and computes the gradient in one pass.
+//! - [`layer_norm`]: LayerNorm over the last dimension with its affine part, in one pass, with a
+//!   fused backward; candle's fused LayerNorm has no backward and `layer_norm_slow` keeps about six
+//!   full-size intermediates per call.
 
 use crate::rng::Rng;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Geometry of a depthwise convolution: stride and (top, bottom, left, right) zero padding.
@@ -134,6 +137,138 @@ impl CustomOp2 for SoftmaxGrad {
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// LayerNorm over the last dimension, `x̂·weight + bias`, differentiable in all three. CPU f32 runs
+/// the fused op; anything else candle's composed one.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
+    } else {
+        candle_nn::ops::layer_norm_slow(x, weight, bias, eps)
+    }
+}
+
+/// Mean and 1/σ of one row.
+#[inline]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / d;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm input")?;
+        let (w, b) = (f32_slice(s2, l2, "layer norm weight")?, f32_slice(s3, l3, "layer norm bias")?);
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        if w.len() != d || b.len() != d {
+            candle_core::bail!("layer norm: weight {} and bias {} for rows of {d}", w.len(), b.len())
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, row)| {
+            let (mean, rstd) = row_stats(row, self.eps);
+            for (i, (o, v)) in o.iter_mut().zip(row).enumerate() {
+                *o = (v - mean) * rstd * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One op computes all three: rows 0..n are dx, row n is dweight, row n + 1 is dbias.
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let d = w.elem_count();
+        let n = x.elem_count() / d;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, 1)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + 1, 1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Gradients of [`LayerNormOp`] from (x, weight, dy): [n + 2, d] = dx rows, dweight, dbias.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "grad")?);
+        let d = w.len().max(1);
+        let n = x.len() / d;
+        let mut out = vec![0f32; (n + 2) * d];
+        let (dx, dwb) = out.split_at_mut(n * d);
+        // dx row by row; dweight and dbias summed over blocks of rows, then over blocks.
+        const BLOCK: usize = 64;
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d * BLOCK)
+            .zip(x.par_chunks(d * BLOCK).zip(g.par_chunks(d * BLOCK)))
+            .map(|(dxb, (xb, gb))| {
+                let mut acc = vec![0f32; 2 * d];
+                for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for i in 0..d {
+                        let xh = (xr[i] - mean) * rstd;
+                        let gw = gr[i] * w[i];
+                        m1 += gw;
+                        m2 += gw * xh;
+                        acc[i] += gr[i] * xh;
+                        acc[d + i] += gr[i];
+                    }
+                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    for i in 0..d {
+                        let xh = (xr[i] - mean) * rstd;
+                        dxr[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+                    }
+                }
+                acc
+            })
+            .collect();
+        for acc in partial {
+            for (o, a) in dwb.iter_mut().zip(acc) {
+                *o += a;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n + 2, d))))
     }
 }
 
@@ -422,6 +557,30 @@ mod tests {
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "{diff}");
         assert!(a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.1, "a gradient flows");
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_one_forward_and_backward() {
+        let d = Device::Cpu;
+        let mut r = Rng::new(3);
+        let mut t = |shape: &[usize], scale: f64| {
+            let n = shape.iter().product::<usize>();
+            Tensor::from_vec((0..n).map(|_| (r.normal() * scale) as f32).collect::<Vec<_>>(), shape, &d).unwrap()
+        };
+        // 130 rows: more than one block of the gradient's row blocks.
+        let (x, w, b, m) = (t(&[2, 65, 12], 3.0), t(&[12], 1.0), t(&[12], 1.0), t(&[2, 65, 12], 1.0));
+        let (x, w, b) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let theirs = candle_nn::ops::layer_norm_slow(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let max = |t: Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(max((&ours - &theirs).unwrap()) < 1e-5);
+        let g1 = (&ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(max((a - e).unwrap()) < 1e-4 * max(e.clone()).max(1.0), "{:?}", v.shape());
+            assert!(max(a.clone()) > 1e-3, "a gradient flows");
+        }
     }
 
     #[test]

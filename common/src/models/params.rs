@@ -146,7 +146,8 @@ pub fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
     })
 }
 
-/// LayerNorm that stays differentiable when training (candle's fused kernel has no backward).
+/// LayerNorm: candle's fused kernel for inference (it has no backward), ours, fused with a
+/// backward, for training.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -157,7 +158,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+            super::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
         }

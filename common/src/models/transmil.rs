@@ -237,7 +237,8 @@ impl TransMil {
         let h = self.pos_layer.forward(&h, side)?;
         let probe = want_attention.then_some(Probe { row: 0 });
         let (h, row) = self.layer2.forward(&h, mode, probe)?;
-        let h = self.norm.forward(&h, mode.is_train())?.narrow(1, 0, 1)?.squeeze(1)?;
+        // LayerNorm is per token: normalise the cls token alone.
+        let h = self.norm.forward(&h.narrow(1, 0, 1)?, mode.is_train())?.squeeze(1)?;
         let logits = self.fc2.forward(&h)?;
         // Attention over tokens 1..=N (skip cls, drop the square padding's repeats).
         let attention = match row {
