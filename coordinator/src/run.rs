@@ -121,7 +121,7 @@ async fn check_imported(store: &Store, name: &EmbedderId, manifest: &Manifest) -
     }
     if !missing.is_empty() {
         bail!(
-            "--features {name}: no imported features for {} of {} slides (first: {}); run `wsimil import-bags` into this store",
+            "--features {name}: no imported features for {} of {} slides (first: {}); import them into this store first (`wsimil import-bags` or `wsimil import-clam`)",
             missing.len(),
             manifest.rows.len(),
             missing[0]
