@@ -6,7 +6,7 @@
 //! Being a TensorFlow port it needs TensorFlow's "SAME" padding (the extra pixel of a stride-2
 //! convolution goes bottom/right) and TensorFlow's input scaling ((x − 127) / 128), BN ε = 1e-3.
 
-use super::embedder::{global_avg_pool, ConvBn, ConvKind, Embedder};
+use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder};
 use crate::features::Preprocessing;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -35,9 +35,9 @@ impl MbConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         if let Some(e) = &self.expand {
-            h = e.forward(&h)?.clamp(0f32, 6f32)?;
+            h = e.forward_act(&h, Act::Relu6)?;
         }
-        h = self.depthwise.forward(&h)?.clamp(0f32, 6f32)?;
+        h = self.depthwise.forward_act(&h, Act::Relu6)?;
         h = self.project.forward(&h)?;
         if self.residual {
             h = (h + x)?;
@@ -122,11 +122,11 @@ impl Embedder for EfficientNetLite {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.stem.forward(x)?.clamp(0f32, 6f32)?;
+        let mut h = self.stem.forward_act(x, Act::Relu6)?;
         for b in &self.blocks {
             h = b.forward(&h)?;
         }
-        let h = self.head.forward(&h)?.clamp(0f32, 6f32)?;
+        let h = self.head.forward_act(&h, Act::Relu6)?;
         global_avg_pool(&h)
     }
 }

@@ -3,7 +3,7 @@
 
 use super::ops::{depthwise_conv2d, DwGeom};
 use crate::features::Preprocessing;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 /// A network that turns a batch of normalised patches [B, 3, S, S] into features [B, dim].
@@ -75,7 +75,27 @@ impl ConvBn {
         Ok(ConvBn { weight, bias, kind })
     }
 
+    /// The convolution, its folded bias and `act`, the last two in one pass over the output.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let y = self.conv(x)?;
+        if y.device().is_cpu() && y.dtype() == DType::F32 {
+            return y.apply_op2_no_bwd(&self.bias, &BiasAct(act));
+        }
+        let y = y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?;
+        match act {
+            Act::None => Ok(y),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
+    }
+
+    /// The convolution and its folded bias, no activation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::None)
+    }
+
+    /// The convolution alone (no bias).
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let out_c = self.weight.dim(0)?;
         let y = match self.kind {
@@ -95,11 +115,91 @@ impl ConvBn {
             }
             ConvKind::Dense { stride, pad } => x.conv2d(&self.weight, pad, stride, 1, 1)?,
         };
-        y.broadcast_add(&self.bias.reshape((1, out_c, 1, 1))?)
+        Ok(y)
+    }
+}
+
+/// The activation after a folded convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    /// min(max(x, 0), 6): MobileNet's and EfficientNet-Lite's.
+    Relu6,
+}
+
+/// y = act(x + bias[channel]) over [B, C, H, W] in one pass (inference only: no backward). candle's
+/// broadcast add and clamp take three passes and three full-size allocations.
+struct BiasAct(Act);
+
+impl candle_core::CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let contiguous = |s: &candle_core::CpuStorage, l: &candle_core::Layout| -> Result<Vec<f32>> {
+            let v = s.as_slice::<f32>()?;
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(v[a..b].to_vec()),
+                None => candle_core::bail!("bias-act: expected contiguous tensors"),
+            }
+        };
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let bias = contiguous(s2, l2)?;
+        if bias.len() != c {
+            candle_core::bail!("bias-act: {} biases for {c} channels", bias.len())
+        }
+        let mut y = contiguous(s1, l1)?;
+        let act = self.0;
+        y.par_chunks_mut(h * w).enumerate().for_each(|(plane, v)| {
+            let b = bias[plane % c];
+            match act {
+                Act::None => v.iter_mut().for_each(|x| *x += b),
+                Act::Relu => v.iter_mut().for_each(|x| *x = (*x + b).max(0.0)),
+                Act::Relu6 => v.iter_mut().for_each(|x| *x = (*x + b).clamp(0.0, 6.0)),
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
 /// Global average pooling [B, C, H, W] → [B, C].
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.flatten_from(2)?.mean(D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::params::Params;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_bias_and_activation_match_candles_ops() {
+        let p = Params::new(4);
+        let vb = p.var_builder(&Device::Cpu);
+        let conv =
+            ConvBn::load((6, 3, 3, 3), vb.pp("c"), vb.pp("bn"), 1e-3, ConvKind::Dense { stride: 1, pad: 1 }).unwrap();
+        // A bias far from zero, so both ReLU6 bounds are hit.
+        let conv = ConvBn { bias: (conv.bias.clone() * 40.0).unwrap(), ..conv };
+        let x = (Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &Device::Cpu).unwrap() * 5.0).unwrap();
+        let raw = conv.conv(&x).unwrap().broadcast_add(&conv.bias.reshape((1, 6, 1, 1)).unwrap()).unwrap();
+        for (act, want) in
+            [(Act::None, raw.clone()), (Act::Relu, raw.relu().unwrap()), (Act::Relu6, raw.clamp(0f32, 6f32).unwrap())]
+        {
+            let got = conv.forward_act(&x, act).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{act:?}: {diff}");
+        }
+        let y = conv.forward_act(&x, Act::Relu6).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(y.contains(&0.0) && y.contains(&6.0), "both bounds exercised");
+    }
 }

@@ -327,30 +327,41 @@ impl CustomOp2 for DepthwiseConv {
         let k = f32_slice(s2, l2, "depthwise conv kernel")?;
         let geom = self.geom;
         let (oh, ow) = geom.out_hw(h, w, kh, kw)?;
-        let (sw, pl) = (geom.stride.1, geom.pad.2);
+        let ((sh, sw), (pt, pl)) = (geom.stride, (geom.pad.0, geom.pad.2));
+        let (hp, wp) = (h + geom.pad.0 + geom.pad.1, w + geom.pad.2 + geom.pad.3);
         let mut out = vec![0f32; b * c * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, o)| {
-            let ch = bc % c;
-            let xin = &x[bc * h * w..(bc + 1) * h * w];
-            let ker = &k[ch * kh * kw..(ch + 1) * kh * kw];
-            for_each_tap(geom, (h, w), (kh, kw), (oh, ow), |orow, irow, ki, lo, hi| {
-                let wt = ker[ki];
-                let kx = ki % kw;
-                let orow = &mut o[orow..orow + ow];
-                let irow = &xin[irow..irow + w];
-                if sw == 1 {
-                    let off = kx as isize - pl as isize;
-                    let src = &irow[(lo as isize + off) as usize..(hi as isize + off) as usize];
-                    for (d, s) in orow[lo..hi].iter_mut().zip(src) {
-                        *d += wt * s;
-                    }
-                } else {
-                    for ox in lo..hi {
-                        orow[ox] += wt * irow[ox * sw + kx - pl];
+        // Each plane is copied into a zero-bordered buffer (one per worker, reused: only its
+        // interior is ever written), so every tap is a branch-free pass over a whole output row.
+        out.par_chunks_mut(oh * ow).enumerate().for_each_init(
+            || vec![0f32; hp * wp],
+            |padded, (bc, o)| {
+                let ch = bc % c;
+                let xin = &x[bc * h * w..(bc + 1) * h * w];
+                let ker = &k[ch * kh * kw..(ch + 1) * kh * kw];
+                for (y, row) in xin.chunks(w).enumerate() {
+                    let at = (y + pt) * wp + pl;
+                    padded[at..at + w].copy_from_slice(row);
+                }
+                for (oy, orow) in o.chunks_mut(ow).enumerate() {
+                    for ky in 0..kh {
+                        let iy = oy * sh + ky;
+                        let irow = &padded[iy * wp..(iy + 1) * wp];
+                        for kx in 0..kw {
+                            let wt = ker[ky * kw + kx];
+                            if sw == 1 {
+                                for (d, s) in orow.iter_mut().zip(&irow[kx..kx + ow]) {
+                                    *d += wt * s;
+                                }
+                            } else {
+                                for (d, s) in orow.iter_mut().zip(irow[kx..].iter().step_by(sw)) {
+                                    *d += wt * s;
+                                }
+                            }
+                        }
                     }
                 }
-            });
-        });
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
 

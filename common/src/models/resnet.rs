@@ -2,7 +2,7 @@
 //! patch encoder of CLAM, Lu et al., Nature BME 2021). Parameter names are torchvision's (and timm's
 //! `resnet50.tv_in1k`), so their safetensors load directly; `fc` and `layer4` are never read.
 
-use super::embedder::{global_avg_pool, ConvBn, ConvKind, Embedder};
+use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder};
 use crate::features::Preprocessing;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -40,8 +40,8 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(x)?.relu()?;
-        let h = self.conv2.forward(&h)?.relu()?;
+        let h = self.conv1.forward_act(x, Act::Relu)?;
+        let h = self.conv2.forward_act(&h, Act::Relu)?;
         let h = self.conv3.forward(&h)?;
         let skip = match &self.downsample {
             Some(d) => d.forward(x)?,
@@ -93,7 +93,7 @@ impl Embedder for ResNetTrunc {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.stem.forward(x)?.relu()?;
+        let h = self.stem.forward_act(x, Act::Relu)?;
         // Max pool 3×3, stride 2, padding 1: after ReLU every value is ≥ 0, so zero padding is
         // equivalent to PyTorch's -inf padding.
         let mut h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.max_pool2d_with_stride(3, 2)?;
