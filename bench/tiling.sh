@@ -3,7 +3,7 @@
 # wsimil's native tiled-JPEG reader and with OpenSlide's read_region, in one run, on the real
 # CMU-1-Small-Region slide and on a large multi-level synthetic 40x slide (16384 x 12288, real
 # tissue). Also times tissue detection on a 100,000 x 80,000 slide. Goals: native >= 3x OpenSlide;
-# detection under 2 s. Best of 3 runs per reader.
+# detection under 2 s. Best of 3 runs per reader, each the best of 5 cold-cache passes.
 # Last line: `tiling: native vs openslide = N.Nx (A vs B patches/s) ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -619,6 +619,10 @@ pub struct BenchReadArgs {
     /// Also time tissue detection alone.
     #[arg(long)]
     pub tissue_only: bool,
+    /// Read every patch this many times, each from a freshly opened slide (cold caches), and report
+    /// the fastest: small slides have few patches, so one pass is too short to time steadily.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
 }
 
 #[derive(Debug, Args)]
@@ -727,9 +731,16 @@ pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // A fresh handle, so neither reader starts with a warm cache.
-    let slide = open_with(&args.slide, choice)?;
-    let (n, secs) = wsimil_worker::bench::read_all(slide.as_ref(), &tiled.grid, args.input_px)?;
+    // Fresh handles, so neither reader starts with a warm cache.
+    let mut best: Option<(usize, f64)> = None;
+    for _ in 0..args.repeat.max(1) {
+        let slide = open_with(&args.slide, choice)?;
+        let (n, secs) = wsimil_worker::bench::read_all(slide.as_ref(), &tiled.grid, args.input_px)?;
+        if best.is_none_or(|(_, b)| secs < b) {
+            best = Some((n, secs));
+        }
+    }
+    let (n, secs) = best.expect("at least one pass");
     println!("{} {n} {secs:.3} {:.1}", args.reader, n as f64 / secs);
     Ok(())
 }
