@@ -457,13 +457,10 @@ pub async fn import_bags(args: ImportBagsArgs) -> anyhow::Result<()> {
     if args.standardise {
         standardise(&mut bags);
     }
-    let manifest = write_bags(&store, &name, &bags, &args.table).await?;
     let instances: usize = bags.iter().map(|b| b.len()).sum();
-    args.target.finish(
-        &manifest,
-        &format!("{} bags ({instances} instances, {} features)", bags.len(), bags[0].dim),
-        &store,
-    )
+    let what = format!("{} bags ({instances} instances, {} features)", bags.len(), bags[0].dim);
+    let manifest = write_bags(&store, &name, bags, &args.table).await?;
+    args.target.finish(&manifest, &what, &store)
 }
 
 #[derive(Debug, Args)]

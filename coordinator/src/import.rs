@@ -139,18 +139,33 @@ pub fn standardise(bags: &mut [TableBag]) {
     }
 }
 
+/// Open a CSV written by other tools (CLAM's dataset and split files: rows may be ragged, as pandas
+/// writes them) and find the columns named `names` (header cells compared trimmed). Errors name the
+/// file and, for a missing column, list the columns it has.
+pub fn open_csv_columns<const N: usize>(
+    path: &Path,
+    names: [&str; N],
+) -> anyhow::Result<(csv::Reader<std::fs::File>, [usize; N])> {
+    let mut rd =
+        csv::ReaderBuilder::new().flexible(true).from_path(path).with_context(|| format!("{}", path.display()))?;
+    let header = rd.headers().with_context(|| format!("{}", path.display()))?.clone();
+    let mut at = [0; N];
+    for (slot, name) in at.iter_mut().zip(names) {
+        *slot = header
+            .iter()
+            .position(|h| h.trim() == name)
+            .ok_or_else(|| anyhow::anyhow!("{}: no {name:?} column (columns: {:?})", path.display(), header))?;
+    }
+    Ok((rd, at))
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Store one imported bag under `features/<name>/imported/<slide>.parquet`.
-async fn put_bag(
-    store: &Store,
-    name: &EmbedderId,
-    slide: &SlideId,
-    bag: Imported,
-    source: &Path,
-) -> anyhow::Result<()> {
+/// Store one imported bag under `features/<name>/imported/<slide>.parquet`; `source` is the
+/// absolute path of the file it came from, for its provenance.
+async fn put_bag(store: &Store, name: &EmbedderId, slide: &SlideId, bag: Imported, source: &str) -> anyhow::Result<()> {
     let n = bag.features.len() / bag.dim.max(1);
     let (xs, ys) = match bag.coords {
         Some(c) => c.into_iter().unzip(),
@@ -170,7 +185,7 @@ async fn put_bag(
             tiling_id: None,
             tiling: None,
             patches_skipped: 0,
-            imported_from: Some(absolute(source).display().to_string()),
+            imported_from: Some(source.to_string()),
         },
     };
     let tiling = TilingId::new(IMPORTED_TILING).expect("safe");
@@ -188,12 +203,18 @@ pub struct Imported {
 
 /// Write each bag's features under `features/<name>/imported/` and return the manifest text
 /// (`slide_id,path,label`, the path being the source table).
-pub async fn write_bags(store: &Store, name: &EmbedderId, bags: &[TableBag], source: &Path) -> anyhow::Result<String> {
+pub async fn write_bags(
+    store: &Store,
+    name: &EmbedderId,
+    bags: Vec<TableBag>,
+    source: &Path,
+) -> anyhow::Result<String> {
+    let source = absolute(source).display().to_string();
     let mut manifest = String::from("slide_id,path,label\n");
     for b in bags {
-        let bag = Imported { dim: b.dim, features: b.features.clone(), coords: None };
-        put_bag(store, name, &b.id, bag, source).await?;
-        manifest.push_str(&format!("{},{},{}\n", b.id, absolute(source).display(), b.label));
+        manifest.push_str(&format!("{},{source},{}\n", b.id, b.label));
+        let bag = Imported { dim: b.dim, features: b.features, coords: None };
+        put_bag(store, name, &b.id, bag, &source).await?;
     }
     Ok(manifest)
 }
@@ -228,15 +249,7 @@ pub fn read_clam_h5(path: &Path) -> anyhow::Result<Imported> {
 /// preferred for its coordinates, or `pt_files/<slide>.pt`; or the files directly in `dir`).
 /// Every slide's file is found before anything is written. Returns the manifest text.
 pub async fn import_clam(store: &Store, name: &EmbedderId, dir: &Path, csv_path: &Path) -> anyhow::Result<String> {
-    let mut rd = csv::Reader::from_path(csv_path).with_context(|| format!("{}", csv_path.display()))?;
-    let header = rd.headers().with_context(|| format!("{}", csv_path.display()))?.clone();
-    let col = |n: &str| {
-        header
-            .iter()
-            .position(|h| h.trim() == n)
-            .ok_or_else(|| anyhow::anyhow!("{}: no {n:?} column (columns: {:?})", csv_path.display(), header))
-    };
-    let (id_c, label_c) = (col("slide_id")?, col("label")?);
+    let (mut rd, [id_c, label_c]) = open_csv_columns(csv_path, ["slide_id", "label"])?;
     let mut found = Vec::new();
     let mut missing = Vec::new();
     for (i, rec) in rd.records().enumerate() {
@@ -266,8 +279,9 @@ pub async fn import_clam(store: &Store, name: &EmbedderId, dir: &Path, csv_path:
     let mut manifest = String::from("slide_id,path,label\n");
     for (slide, label, path) in found {
         let bag = if path.extension().is_some_and(|e| e == "h5") { read_clam_h5(&path)? } else { read_clam_pt(&path)? };
-        put_bag(store, name, &slide, bag, &path).await?;
-        manifest.push_str(&format!("{slide},{},{label}\n", absolute(&path).display()));
+        let source = absolute(&path).display().to_string();
+        put_bag(store, name, &slide, bag, &source).await?;
+        manifest.push_str(&format!("{slide},{source},{label}\n"));
     }
     Ok(manifest)
 }

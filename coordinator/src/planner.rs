@@ -78,16 +78,7 @@ pub fn load_clam_splits(dir: &Path, manifest: &Manifest) -> anyhow::Result<Vec<F
     let known: std::collections::HashSet<&str> = manifest.rows.iter().map(|r| r.slide.as_str()).collect();
     let mut folds = Vec::new();
     for (_, path) in files {
-        let mut rd =
-            csv::ReaderBuilder::new().flexible(true).from_path(&path).with_context(|| format!("{}", path.display()))?;
-        let header = rd.headers().with_context(|| format!("{}", path.display()))?.clone();
-        let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| h.trim() == name)
-                .ok_or_else(|| anyhow::anyhow!("{}: no {name:?} column (columns: {:?})", path.display(), header))
-        };
-        let (tr, va, te) = (col("train")?, col("val")?, col("test")?);
+        let (mut rd, [tr, va, te]) = crate::import::open_csv_columns(&path, ["train", "val", "test"])?;
         let mut fold = Fold { train: Vec::new(), val: Vec::new(), test: Vec::new() };
         for (i, rec) in rd.records().enumerate() {
             let rec = rec.with_context(|| format!("{}:{}", path.display(), i + 2))?;
