@@ -658,11 +658,7 @@ pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
         }
         Some(path) => {
             let slide = wsimil_worker::slide::open(path)?;
-            let tissue =
-                wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
-            let spec =
-                TilingSpec { patch_px: 256, target_mpp: 0.5, step_fraction: 1.0, min_tissue_fraction: 0.25, tissue };
-            let grid = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &spec, None)?.grid;
+            let grid = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &bench_tiling(256, 0.5), None)?.grid;
             let (n, rate) = wsimil_worker::bench::embed_slide_rate(slide.as_ref(), &grid, &args.embedder, args.batch)?;
             println!("embed-slide {} {n} {rate:.2}", args.embedder);
         }
@@ -695,6 +691,12 @@ pub struct MakeSlideArgs {
     pub bigtiff: bool,
 }
 
+/// The benchmarks' tiling: `patch_px` at `target_mpp`, no overlap, CLAM's biopsy preset with Otsu.
+fn bench_tiling(patch_px: u32, target_mpp: f64) -> TilingSpec {
+    let tissue = wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
+    TilingSpec { patch_px, target_mpp, step_fraction: 1.0, min_tissue_fraction: 0.25, tissue }
+}
+
 /// `wsimil bench-read`: prints `reader patches seconds rate` (or the tissue detection time).
 pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
     use wsimil_worker::slide::{open_with, ReaderChoice};
@@ -706,15 +708,12 @@ pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
     };
     let t = std::time::Instant::now();
     let slide = open_with(&args.slide, choice)?;
-    let tissue = wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
-    let spec = TilingSpec {
-        patch_px: args.patch_px,
-        target_mpp: args.target_mpp,
-        step_fraction: 1.0,
-        min_tissue_fraction: 0.25,
-        tissue,
-    };
-    let tiled = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &spec, None)?;
+    let tiled = wsimil_worker::tiling::tile_slide(
+        slide.as_ref(),
+        "bench",
+        &bench_tiling(args.patch_px, args.target_mpp),
+        None,
+    )?;
     let detect = t.elapsed().as_secs_f64();
     if args.tissue_only {
         let (w, h) = slide.level_dimensions(0);
