@@ -12,8 +12,8 @@ SMALL=$((N / 10))
 ./scripts/setup.sh >/dev/null
 DATA=$(./scripts/fetch-data.sh)
 TOOLS=$(./scripts/fetch-tools.sh)
-cargo build -q -p wsimil-coordinator --bin wsimil
-WSIMIL=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/wsimil
+source bench/lib.sh
+WSIMIL=$(wsimil_bin)
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-scale.XXXXXX")
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

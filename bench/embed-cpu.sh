@@ -16,8 +16,6 @@ WSIMIL=$(wsimil_bin)
 BATCH=${BATCH:-16}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-embed.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-ONE_CORE=""
-command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
 PY=$(torch_python torch)
 [[ -z $PY ]] && echo "embed-cpu: PyTorch not found (scripts/dev/torch-env.sh installs it): peer skipped" >&2
 # A 20x slide of real tissue, 4096 x 4096: ~250 patches of 256 px.

@@ -7,6 +7,10 @@ wsimil_bin() {
   echo "$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/wsimil"
 }
 
+# Prefix that pins a command to one core (empty where taskset is missing).
+ONE_CORE=""
+command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
+
 # Print a python that imports every module named in "$@" (the torch venv of scripts/dev/torch-env.sh
 # first), or nothing.
 torch_python() {

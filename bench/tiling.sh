@@ -9,12 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 DATA=$(./scripts/fetch-data.sh)
-cargo build -q -p wsimil-coordinator --bin wsimil
-WSIMIL=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/wsimil
+source bench/lib.sh
+WSIMIL=$(wsimil_bin)
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-tiling.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-ONE_CORE=""
-command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
 
 echo "tiling: writing the synthetic slides" >&2
 "$WSIMIL" make-slide --out "$work/large.svs" --width 16384 --height 12288 --mpp 0.25

@@ -13,8 +13,6 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 WSIMIL=$(wsimil_bin)
 STEPS=${STEPS:-3}
-ONE_CORE=""
-command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
 PY=$(torch_python torch nystrom_attention)
 have_peer=1
 if [[ -z $PY ]]; then
