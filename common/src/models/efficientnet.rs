@@ -6,7 +6,7 @@
 //! Being a TensorFlow port it needs TensorFlow's "SAME" padding (the extra pixel of a stride-2
 //! convolution goes bottom/right) and TensorFlow's input scaling ((x − 127) / 128), BN ε = 1e-3.
 
-use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder};
+use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder, Tune};
 use crate::features::Preprocessing;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -46,6 +46,16 @@ impl MbConv {
     }
 }
 
+/// TensorFlow's input scaling, (x − 127) / 128, at 224 px.
+pub fn preprocessing() -> Preprocessing {
+    Preprocessing {
+        input_px: 224,
+        resize: "area-average then bilinear".into(),
+        mean: [127.0 / 255.0; 3],
+        std: [128.0 / 255.0; 3],
+    }
+}
+
 pub struct EfficientNetLite {
     stem: ConvBn,
     blocks: Vec<MbConv>,
@@ -54,51 +64,69 @@ pub struct EfficientNetLite {
 
 impl EfficientNetLite {
     pub fn lite0(vb: VarBuilder) -> Result<Self> {
-        let stem = ConvBn::load(
+        Self::lite0_tuned(vb, Tune::Frozen)
+    }
+
+    /// Lite0 with the layers `tune` names trainable (the 1×1 head trains whenever any block does).
+    pub fn lite0_tuned(vb: VarBuilder, tune: Tune) -> Result<Self> {
+        let n_blocks: usize = STAGES.iter().map(|s| s.0).sum();
+        let stem = ConvBn::load_as(
             (32, 3, 3, 3),
             vb.pp("_conv_stem"),
             vb.pp("_bn0"),
             BN_EPS,
             ConvKind::DenseTfSame { stride: 2 },
+            tune.trains_stem(),
         )?;
         let mut blocks = Vec::new();
         for (repeats, k, stride, expand, cin, cout) in STAGES {
             for r in 0..repeats {
+                let train = tune.trains(blocks.len(), n_blocks);
                 let vb = vb.pp(format!("_blocks.{}", blocks.len()));
                 let (cin, stride) = if r == 0 { (cin, stride) } else { (cout, 1) };
                 let mid = cin * expand;
                 let expand_conv = if expand != 1 {
-                    Some(ConvBn::load(
+                    Some(ConvBn::load_as(
                         (mid, cin, 1, 1),
                         vb.pp("_expand_conv"),
                         vb.pp("_bn0"),
                         BN_EPS,
                         ConvKind::Pointwise,
+                        train,
                     )?)
                 } else {
                     None
                 };
                 blocks.push(MbConv {
                     expand: expand_conv,
-                    depthwise: ConvBn::load(
+                    depthwise: ConvBn::load_as(
                         (mid, 1, k, k),
                         vb.pp("_depthwise_conv"),
                         vb.pp("_bn1"),
                         BN_EPS,
                         ConvKind::DepthwiseTfSame { stride },
+                        train,
                     )?,
-                    project: ConvBn::load(
+                    project: ConvBn::load_as(
                         (cout, mid, 1, 1),
                         vb.pp("_project_conv"),
                         vb.pp("_bn2"),
                         BN_EPS,
                         ConvKind::Pointwise,
+                        train,
                     )?,
                     residual: stride == 1 && cin == cout,
                 });
             }
         }
-        let head = ConvBn::load((1280, 320, 1, 1), vb.pp("_conv_head"), vb.pp("_bn1"), BN_EPS, ConvKind::Pointwise)?;
+        let head = ConvBn::load_as(
+            (1280, 320, 1, 1),
+            vb.pp("_conv_head"),
+            vb.pp("_bn1"),
+            BN_EPS,
+            ConvKind::Pointwise,
+            tune.any(),
+        )?;
         Ok(EfficientNetLite { stem, blocks, head })
     }
 }
@@ -113,12 +141,7 @@ impl Embedder for EfficientNetLite {
     }
 
     fn preprocessing(&self) -> Preprocessing {
-        Preprocessing {
-            input_px: 224,
-            resize: "area-average then bilinear".into(),
-            mean: [127.0 / 255.0; 3],
-            std: [128.0 / 255.0; 3],
-        }
+        preprocessing()
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

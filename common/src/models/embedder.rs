@@ -1,5 +1,12 @@
 //! Patch embedders behind one trait, and the pieces they share: convolutions with BatchNorm folded
-//! into their weights for inference.
+//! into their weights for inference, or kept apart and run on batch statistics for fine-tuning
+//! (ICMIL's student).
+//!
+//! Fine-tuning builds the same network from the same tensors with some layers *trainable*: their
+//! convolution weight and BatchNorm affine parameters stay the VarBuilder's variables (so
+//! gradients reach them), BatchNorm normalises with the batch's statistics and updates the running
+//! ones in place (momentum 0.1, unbiased variance, as PyTorch). Frozen layers are folded and
+//! detached, so backpropagation stops at the first trainable layer.
 
 use super::ops::{depthwise_conv2d, f32_slice, DwGeom};
 use crate::features::Preprocessing;
@@ -20,10 +27,86 @@ pub const ARCHITECTURES: [&str; 2] = ["efficientnet-lite0", "resnet50-trunc"];
 
 /// Build the named embedder from `vb` (a checkpoint's tensors, or seeded random ones).
 pub fn build(architecture: &str, vb: VarBuilder) -> Result<Box<dyn Embedder>> {
+    build_tuned(architecture, vb, Tune::Frozen)
+}
+
+/// How the named architecture wants its patches (without building it).
+pub fn preprocessing_of(architecture: &str) -> Option<Preprocessing> {
     match architecture {
-        "efficientnet-lite0" => Ok(Box::new(super::efficientnet::EfficientNetLite::lite0(vb)?)),
-        "resnet50-trunc" => Ok(Box::new(super::resnet::ResNetTrunc::resnet50(vb)?)),
+        "efficientnet-lite0" => Some(super::efficientnet::preprocessing()),
+        "resnet50-trunc" => Some(super::resnet::preprocessing()),
+        _ => None,
+    }
+}
+
+/// Which layers of an embedder train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tune {
+    /// Inference: every convolution folded with its BatchNorm.
+    Frozen,
+    /// The last `n` blocks (bottlenecks of ResNet, MBConv blocks of EfficientNet, whose 1×1 head
+    /// conv always trains with them) train; `usize::MAX` = the whole network, stem included.
+    LastBlocks(usize),
+}
+
+impl Tune {
+    /// Does block `i` of `n` train?
+    pub fn trains(self, i: usize, n: usize) -> bool {
+        match self {
+            Tune::Frozen => false,
+            Tune::LastBlocks(k) => i + k.min(n) >= n,
+        }
+    }
+
+    /// Does the stem (the first convolution) train?
+    pub fn trains_stem(self) -> bool {
+        self == Tune::LastBlocks(usize::MAX)
+    }
+
+    pub fn any(self) -> bool {
+        !matches!(self, Tune::Frozen | Tune::LastBlocks(0))
+    }
+}
+
+/// The named embedder with the layers `tune` names trainable (see the module docs).
+pub fn build_tuned(architecture: &str, vb: VarBuilder, tune: Tune) -> Result<Box<dyn Embedder>> {
+    match architecture {
+        "efficientnet-lite0" => Ok(Box::new(super::efficientnet::EfficientNetLite::lite0_tuned(vb, tune)?)),
+        "resnet50-trunc" => Ok(Box::new(super::resnet::ResNetTrunc::resnet50_tuned(vb, tune)?)),
         other => candle_core::bail!("unknown embedder {other:?} (known: {})", ARCHITECTURES.join(", ")),
+    }
+}
+
+/// BatchNorm's running-statistics momentum in training mode (PyTorch's default).
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// BatchNorm kept apart from its convolution, for training.
+struct TrainBn {
+    gamma: Tensor,
+    beta: Tensor,
+    /// Share storage with the VarBuilder's tensors: updated in place.
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: f64,
+}
+
+impl TrainBn {
+    /// Normalise `y` [B, C, H, W] with its own per-channel statistics and update the running ones.
+    fn forward(&self, y: &Tensor) -> Result<Tensor> {
+        let c = y.dim(1)?;
+        let n = y.elem_count() / c;
+        let mean = y.mean_keepdim((0, 2, 3))?;
+        let centred = y.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+        let yhat = centred.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
+        let out =
+            yhat.broadcast_mul(&self.gamma.reshape((1, c, 1, 1))?)?.broadcast_add(&self.beta.reshape((1, c, 1, 1))?)?;
+        let m = BN_MOMENTUM;
+        let mean = mean.detach().flatten_all()?;
+        let unbiased = (var.detach().flatten_all()? * (n as f64 / (n.max(2) - 1) as f64))?;
+        self.running_mean.slice_set(&((&self.running_mean * (1.0 - m))? + (mean * m)?)?, 0, 0)?;
+        self.running_var.slice_set(&((&self.running_var * (1.0 - m))? + (unbiased * m)?)?, 0, 0)?;
+        Ok(out)
     }
 }
 
@@ -40,11 +123,15 @@ pub enum ConvKind {
     Dense { stride: usize, pad: usize },
 }
 
-/// A convolution followed by inference-mode BatchNorm, folded into one weight and bias.
+/// A convolution followed by BatchNorm: folded into one weight and bias for inference, or apart
+/// (trainable) for fine-tuning.
 pub struct ConvBn {
+    /// Folded weight; the raw convolution weight when `train` is set.
     weight: Tensor,
+    /// Folded bias (unused when `train` is set).
     bias: Tensor,
     kind: ConvKind,
+    train: Option<TrainBn>,
 }
 
 impl ConvBn {
@@ -57,6 +144,18 @@ impl ConvBn {
         eps: f64,
         kind: ConvKind,
     ) -> Result<Self> {
+        Self::load_as(shape, conv, bn, eps, kind, false)
+    }
+
+    /// As [`ConvBn::load`], trainable (BatchNorm on batch statistics) when `trainable`.
+    pub fn load_as(
+        shape: (usize, usize, usize, usize),
+        conv: VarBuilder,
+        bn: VarBuilder,
+        eps: f64,
+        kind: ConvKind,
+        trainable: bool,
+    ) -> Result<Self> {
         let fan_out = (shape.0 * shape.2 * shape.3) as f64;
         let std = (2.0 / fan_out).sqrt();
         let w = conv.get_with_hints(shape, "weight", Init::Randn { mean: 0.0, stdev: std })?;
@@ -65,23 +164,32 @@ impl ConvBn {
         let beta = bn.get_with_hints(c, "bias", Init::Const(0.0))?;
         let mean = bn.get_with_hints(c, "running_mean", Init::Const(0.0))?;
         let var = bn.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        let as_kind = |w: Tensor| match kind {
+            ConvKind::Pointwise => w.reshape((shape.0, shape.1)),
+            _ => Ok(w),
+        };
+        if trainable {
+            let bias = beta.zeros_like()?;
+            let train = TrainBn { gamma, beta, running_mean: mean, running_var: var, eps };
+            return Ok(ConvBn { weight: as_kind(w)?, bias, kind, train: Some(train) });
+        }
         let scale = (gamma / (var + eps)?.sqrt()?)?;
         let weight = w.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
         let bias = (beta - (mean * &scale)?)?;
-        let weight = match kind {
-            ConvKind::Pointwise => weight.reshape((shape.0, shape.1))?,
-            _ => weight,
-        };
-        Ok(ConvBn { weight, bias, kind })
+        // Detached: a frozen layer is a constant to any training around it.
+        Ok(ConvBn { weight: as_kind(weight)?.detach(), bias: bias.detach(), kind, train: None })
     }
 
     /// The convolution, its folded bias and `act`, the last two in one pass over the output.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let y = self.conv(x)?;
-        if y.device().is_cpu() && y.dtype() == DType::F32 {
+        let y = if let Some(bn) = &self.train {
+            bn.forward(&y)?
+        } else if y.device().is_cpu() && y.dtype() == DType::F32 {
             return y.apply_op2_no_bwd(&self.bias, &BiasAct(act));
-        }
-        let y = y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?;
+        } else {
+            y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?
+        };
         match act {
             Act::None => Ok(y),
             Act::Relu => y.relu(),
@@ -175,7 +283,8 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::models::params::Params;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
+    use std::collections::BTreeMap;
 
     #[test]
     fn fused_bias_and_activation_match_candles_ops() {
@@ -196,5 +305,102 @@ mod tests {
         }
         let y = conv.forward_act(&x, Act::Relu6).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(y.contains(&0.0) && y.contains(&6.0), "both bounds exercised");
+    }
+
+    fn scalar(t: &Tensor) -> f32 {
+        t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_trainable_layer_normalises_with_batch_statistics_and_updates_the_running_ones() {
+        let p = Params::new(1);
+        let vb = p.var_builder(&Device::Cpu);
+        let kind = ConvKind::Dense { stride: 1, pad: 1 };
+        let conv = ConvBn::load_as((4, 3, 3, 3), vb.pp("c"), vb.pp("bn"), 1e-5, kind, true).unwrap();
+        let x = (Tensor::randn(0f32, 1.0, (3, 3, 6, 5), &Device::Cpu).unwrap() + 2.0).unwrap();
+        let raw = conv.conv(&x).unwrap();
+        let y = conv.forward(&x).unwrap();
+        // γ = 1, β = 0 at initialisation: every channel of the output has mean 0 and variance 1.
+        for c in 0..4 {
+            let ch = y.narrow(1, c, 1).unwrap().flatten_all().unwrap();
+            let mean = scalar(&ch.mean_all().unwrap());
+            let var = scalar(&ch.sqr().unwrap().mean_all().unwrap()) - mean * mean;
+            assert!(mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3, "channel {c}: {mean} {var}");
+        }
+        // Running statistics moved 10% of the way from (0, 1) to the batch's (unbiased) ones.
+        let named: BTreeMap<String, Tensor> = p.snapshot().unwrap();
+        let ch0 = raw.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
+        let n = ch0.elem_count() as f32;
+        let m = scalar(&ch0.mean_all().unwrap());
+        let v = (scalar(&ch0.sqr().unwrap().mean_all().unwrap()) - m * m) * n / (n - 1.0);
+        let rm = named["bn.running_mean"].to_vec1::<f32>().unwrap()[0];
+        let rv = named["bn.running_var"].to_vec1::<f32>().unwrap()[0];
+        assert!((rm - 0.1 * m).abs() < 1e-4, "{rm} vs {}", 0.1 * m);
+        assert!((rv - (0.9 + 0.1 * v)).abs() < 1e-3, "{rv} vs {}", 0.9 + 0.1 * v);
+    }
+
+    #[test]
+    fn trainable_layers_have_the_gradients_finite_differences_give() {
+        let kinds = [
+            ((4, 3, 3, 3), ConvKind::Dense { stride: 2, pad: 1 }),
+            ((4, 3, 3, 3), ConvKind::DenseTfSame { stride: 2 }),
+            ((4, 3, 1, 1), ConvKind::Pointwise),
+            ((3, 1, 3, 3), ConvKind::DepthwiseTfSame { stride: 2 }),
+        ];
+        for (shape, kind) in kinds {
+            let p = Params::new(2);
+            let vb = p.var_builder(&Device::Cpu);
+            let conv = ConvBn::load_as(shape, vb.pp("c"), vb.pp("bn"), 1e-5, kind, true).unwrap();
+            // Square, as patches are (candle's conv2d backward takes one output padding for both axes).
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, conv.forward(&x).unwrap().dims(), &Device::Cpu).unwrap();
+            let loss = |c: &ConvBn| (c.forward(&x).unwrap() * &probe).unwrap().sum_all().unwrap();
+            let grads = loss(&conv).backward().unwrap();
+            let vars: BTreeMap<String, Var> = p.named_vars().into_iter().collect();
+            for name in ["c.weight", "bn.weight", "bn.bias"] {
+                let var = &vars[name];
+                let g = grads.get(var).unwrap_or_else(|| panic!("{kind:?}: no gradient for {name}"));
+                let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for i in [0, base.len() / 2, base.len() - 1] {
+                    let h = 1e-2f32;
+                    let at = |d: f32| {
+                        let mut v = base.clone();
+                        v[i] += d;
+                        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                        scalar(&loss(&conv))
+                    };
+                    let fd = (at(h) - at(-h)) / (2.0 * h);
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    assert!((fd - g[i]).abs() < 2e-2 * (1.0 + fd.abs()), "{kind:?} {name}[{i}]: {} vs {fd}", g[i]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_named_blocks_of_an_embedder_receive_gradients() {
+        for (arch, last, trained, frozen) in [
+            (
+                "efficientnet-lite0",
+                1,
+                ["_blocks.15._project_conv.weight", "_conv_head.weight"],
+                "_blocks.14._project_conv.weight",
+            ),
+            ("resnet50-trunc", 2, ["layer3.4.conv1.weight", "layer3.5.bn3.weight"], "layer3.3.conv3.weight"),
+        ] {
+            let p = Params::new(0);
+            let m = build_tuned(arch, p.var_builder(&Device::Cpu), Tune::LastBlocks(last)).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
+            let grads = m.forward(&x).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let vars: BTreeMap<String, Var> = p.named_vars().into_iter().collect();
+            for name in trained {
+                assert!(grads.get(&vars[name]).is_some(), "{arch}: {name} should train");
+            }
+            assert!(grads.get(&vars[frozen]).is_none(), "{arch}: {frozen} should be frozen");
+            assert!(grads
+                .get(&vars[if arch == "resnet50-trunc" { "conv1.weight" } else { "_conv_stem.weight" }])
+                .is_none());
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! patch encoder of CLAM, Lu et al., Nature BME 2021). Parameter names are torchvision's (and timm's
 //! `resnet50.tv_in1k`), so their safetensors load directly; `fc` and `layer4` are never read.
 
-use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder};
+use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder, Tune};
 use crate::features::Preprocessing;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -17,24 +17,39 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
-    fn new(cin: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cin: usize, planes: usize, stride: usize, vb: VarBuilder, train: bool) -> Result<Self> {
         let out = planes * 4;
         let downsample = if stride != 1 || cin != out {
             let kind = if stride == 1 { ConvKind::Pointwise } else { ConvKind::Dense { stride, pad: 0 } };
-            Some(ConvBn::load((out, cin, 1, 1), vb.pp("downsample.0"), vb.pp("downsample.1"), BN_EPS, kind)?)
+            Some(ConvBn::load_as((out, cin, 1, 1), vb.pp("downsample.0"), vb.pp("downsample.1"), BN_EPS, kind, train)?)
         } else {
             None
         };
         Ok(Bottleneck {
-            conv1: ConvBn::load((planes, cin, 1, 1), vb.pp("conv1"), vb.pp("bn1"), BN_EPS, ConvKind::Pointwise)?,
-            conv2: ConvBn::load(
+            conv1: ConvBn::load_as(
+                (planes, cin, 1, 1),
+                vb.pp("conv1"),
+                vb.pp("bn1"),
+                BN_EPS,
+                ConvKind::Pointwise,
+                train,
+            )?,
+            conv2: ConvBn::load_as(
                 (planes, planes, 3, 3),
                 vb.pp("conv2"),
                 vb.pp("bn2"),
                 BN_EPS,
                 ConvKind::Dense { stride, pad: 1 },
+                train,
             )?,
-            conv3: ConvBn::load((out, planes, 1, 1), vb.pp("conv3"), vb.pp("bn3"), BN_EPS, ConvKind::Pointwise)?,
+            conv3: ConvBn::load_as(
+                (out, planes, 1, 1),
+                vb.pp("conv3"),
+                vb.pp("bn3"),
+                BN_EPS,
+                ConvKind::Pointwise,
+                train,
+            )?,
             downsample,
         })
     }
@@ -51,6 +66,16 @@ impl Bottleneck {
     }
 }
 
+/// ImageNet normalisation at 224 px.
+pub fn preprocessing() -> Preprocessing {
+    Preprocessing {
+        input_px: 224,
+        resize: "area-average then bilinear".into(),
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    }
+}
+
 pub struct ResNetTrunc {
     stem: ConvBn,
     layers: Vec<Bottleneck>,
@@ -59,14 +84,26 @@ pub struct ResNetTrunc {
 impl ResNetTrunc {
     /// ResNet50's stem and layers 1–3 (3, 4 and 6 bottlenecks).
     pub fn resnet50(vb: VarBuilder) -> Result<Self> {
-        let stem =
-            ConvBn::load((64, 3, 7, 7), vb.pp("conv1"), vb.pp("bn1"), BN_EPS, ConvKind::Dense { stride: 2, pad: 3 })?;
+        Self::resnet50_tuned(vb, Tune::Frozen)
+    }
+
+    /// The same network with the layers `tune` names trainable.
+    pub fn resnet50_tuned(vb: VarBuilder, tune: Tune) -> Result<Self> {
+        let stem = ConvBn::load_as(
+            (64, 3, 7, 7),
+            vb.pp("conv1"),
+            vb.pp("bn1"),
+            BN_EPS,
+            ConvKind::Dense { stride: 2, pad: 3 },
+            tune.trains_stem(),
+        )?;
         let mut layers = Vec::new();
         let mut cin = 64;
         for (li, (blocks, planes, stride)) in [(3, 64, 1), (4, 128, 2), (6, 256, 2)].into_iter().enumerate() {
             for bi in 0..blocks {
                 let s = if bi == 0 { stride } else { 1 };
-                layers.push(Bottleneck::new(cin, planes, s, vb.pp(format!("layer{}.{bi}", li + 1)))?);
+                let train = tune.trains(layers.len(), 13);
+                layers.push(Bottleneck::new(cin, planes, s, vb.pp(format!("layer{}.{bi}", li + 1)), train)?);
                 cin = planes * 4;
             }
         }
@@ -84,12 +121,7 @@ impl Embedder for ResNetTrunc {
     }
 
     fn preprocessing(&self) -> Preprocessing {
-        Preprocessing {
-            input_px: 224,
-            resize: "area-average then bilinear".into(),
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        }
+        preprocessing()
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
