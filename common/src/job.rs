@@ -22,10 +22,11 @@ pub enum JobKind {
     Embed,
     Train,
     Predict,
+    Finetune,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [JobKind::Tile, JobKind::Embed, JobKind::Train, JobKind::Predict];
+    pub const ALL: [JobKind; 5] = [JobKind::Tile, JobKind::Embed, JobKind::Train, JobKind::Predict, JobKind::Finetune];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +34,7 @@ impl JobKind {
             JobKind::Embed => "embed",
             JobKind::Train => "train",
             JobKind::Predict => "predict",
+            JobKind::Finetune => "finetune",
         }
     }
 }
@@ -77,6 +79,18 @@ pub struct PredictJob {
     pub slide: SlideId,
 }
 
+/// ICMIL: fine-tune fold `fold`'s round `round − 1` embedder on shard `shard` of `shards` of the
+/// fold's training slides, taught by the fold's round `round − 1` classifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneJob {
+    pub run: RunId,
+    /// The round whose embedder this produces (≥ 1).
+    pub round: u32,
+    pub fold: u32,
+    pub shard: u32,
+    pub shards: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Job {
@@ -84,6 +98,7 @@ pub enum Job {
     Embed(EmbedJob),
     Train(TrainJob),
     Predict(PredictJob),
+    Finetune(FinetuneJob),
 }
 
 impl Job {
@@ -93,6 +108,7 @@ impl Job {
             Job::Embed(_) => JobKind::Embed,
             Job::Train(_) => JobKind::Train,
             Job::Predict(_) => JobKind::Predict,
+            Job::Finetune(_) => JobKind::Finetune,
         }
     }
 
@@ -103,6 +119,7 @@ impl Job {
             Job::Embed(j) => format!("embed.{}.{}.{}", j.embedder.id(), j.tiling, j.slide),
             Job::Train(j) => format!("train.{}.r{}.f{}", j.run, j.round, j.fold),
             Job::Predict(j) => format!("predict.{}.r{}.{}", j.run, j.round, j.slide),
+            Job::Finetune(j) => format!("finetune.{}.r{}.f{}.s{}of{}", j.run, j.round, j.fold, j.shard, j.shards),
         };
         JobId::new(s).expect("job ids are built from safe ids")
     }
@@ -113,7 +130,7 @@ impl Job {
             Job::Tile(j) => Some(&j.slide),
             Job::Embed(j) => Some(&j.slide),
             Job::Predict(j) => Some(&j.slide),
-            Job::Train(_) => None,
+            Job::Train(_) | Job::Finetune(_) => None,
         }
     }
 
@@ -135,6 +152,27 @@ pub enum Outcome {
     Failed {
         reason: String,
     },
+}
+
+/// Where a run is: its round and the stage running (or `done`), for `wsimil status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunProgress {
+    pub run: RunId,
+    pub round: u32,
+    /// ICMIL rounds after round 0 in the plan.
+    pub rounds: u32,
+    pub stage: String,
+    pub updated_ms: u64,
+}
+
+impl RunProgress {
+    pub fn new(run: &RunId, round: u32, rounds: u32, stage: &str) -> Self {
+        let updated_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        RunProgress { run: run.clone(), round, rounds, stage: stage.to_string(), updated_ms }
+    }
 }
 
 /// The record of a failed job, as written to the store for `status` and the report.

@@ -15,6 +15,9 @@
 //! runs/<run>/round-<r>/attention/<slide>.parquet     per-patch attention of the slide's test fold
 //! runs/<run>/round-<r>/heatmaps/<slide>.png          attention heatmap over the thumbnail
 //! runs/<run>/round-<r>/metrics.json                  cohort metrics of the round
+//! runs/<run>/round-<r>/fold-<k>/embedder.json        the fold's embedder of round r ≥ 1 (ICMIL)
+//! runs/<run>/round-<r>/fold-<k>/finetune/shard-<s>.safetensors | .json
+//!                                                    one fine-tuning shard's weights and report
 //! ```
 //!
 //! Each object is written whole under its final key, so the existence of a key means "done".
@@ -93,6 +96,20 @@ pub fn attention(run: &RunId, round: u32, slide: &SlideId) -> Path {
 
 pub fn heatmap(run: &RunId, round: u32, slide: &SlideId) -> Path {
     key(format!("{}/heatmaps/{slide}.png", round_dir(run, round)))
+}
+
+/// The [`crate::plan::EmbedderSpec`] of fold `fold`'s features in ICMIL round `round` ≥ 1.
+pub fn fold_embedder(run: &RunId, round: u32, fold: u32) -> Path {
+    key(format!("{}/fold-{fold}/embedder.json", round_dir(run, round)))
+}
+
+pub fn finetune_shard_weights(run: &RunId, round: u32, fold: u32, shard: u32) -> Path {
+    key(format!("{}/fold-{fold}/finetune/shard-{shard}.safetensors", round_dir(run, round)))
+}
+
+/// Written after the shard's weights: its presence means the shard is done.
+pub fn finetune_shard_report(run: &RunId, round: u32, fold: u32, shard: u32) -> Path {
+    key(format!("{}/fold-{fold}/finetune/shard-{shard}.json", round_dir(run, round)))
 }
 
 pub fn round_metrics(run: &RunId, round: u32) -> Path {

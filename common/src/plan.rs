@@ -4,6 +4,8 @@
 
 use crate::grid::TissueParams;
 use crate::ids::{content_hash, EmbedderId, RunId, SlideId, TilingId};
+use crate::layout;
+use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// How slides are cut into patches. Its content hash is the [`TilingId`].
@@ -136,6 +138,50 @@ pub struct RunPlan {
     /// has no tile or embed stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported: Option<EmbedderId>,
+    /// ICMIL rounds after round 0 (none: the run ends after round 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmil: Option<IcmilConfig>,
+}
+
+/// ICMIL fine-tuning rounds (Wang et al., MICCAI 2023): after round r's bag classifier is trained,
+/// it teaches a copy of round r's embedder at the patch level; the result re-embeds every slide and
+/// the classifier is retrained as round r+1. Each fold is its own lineage (its classifier teaches
+/// its embedder from its own training slides only), so no test slide's label ever reaches an
+/// embedder that is evaluated on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IcmilConfig {
+    /// Rounds after round 0.
+    pub rounds: u32,
+    /// Fine-tuning shards per fold (one job each, on any worker); the fold's new embedder is the
+    /// patch-count-weighted average of the shards' results.
+    pub shards: u32,
+    /// Passes over a shard's patches.
+    pub epochs: usize,
+    /// Adam's learning rate (the paper: 1e-5).
+    pub lr: f64,
+    /// Patches per fine-tuning step (BatchNorm needs at least 2).
+    pub batch_size: usize,
+    /// At most this many confident patches per training slide, drawn at random (0 = all).
+    pub patches_per_slide: usize,
+    /// Confidence exponent β in |2·minmax(attention) − 1|^β.
+    pub beta: f64,
+    /// Fine-tune the last this many blocks of the embedder (0 = the whole network, as the paper).
+    pub trainable_blocks: usize,
+}
+
+impl Default for IcmilConfig {
+    fn default() -> Self {
+        IcmilConfig {
+            rounds: 1,
+            shards: 2,
+            epochs: 1,
+            lr: 1e-5,
+            batch_size: 16,
+            patches_per_slide: 0,
+            beta: 1.0,
+            trainable_blocks: 0,
+        }
+    }
 }
 
 /// The tiling id under which imported features are stored.
@@ -152,6 +198,41 @@ impl RunPlan {
 
     pub fn slide(&self, id: &SlideId) -> Option<&PlannedSlide> {
         self.slides.iter().find(|s| &s.id == id)
+    }
+
+    /// Where fold `fold`'s features of `round` are: round 0's are the run's own (or imported);
+    /// an ICMIL round's come from the fold's fine-tuned embedder (see [`RunPlan::fold_embedder`]).
+    pub async fn round_feature_ids(
+        &self,
+        store: &Store,
+        round: u32,
+        fold: u32,
+    ) -> Result<(EmbedderId, TilingId), StoreError> {
+        if round == 0 {
+            return Ok(self.feature_ids());
+        }
+        Ok((self.fold_embedder(store, round, fold).await?.id(), self.tiling.id()))
+    }
+
+    /// The embedder of fold `fold` in `round`: the run's in round 0, else the one ICMIL's merge
+    /// recorded (an error naming the key while that round's fine-tuning is not merged).
+    pub async fn fold_embedder(&self, store: &Store, round: u32, fold: u32) -> Result<EmbedderSpec, StoreError> {
+        if round == 0 {
+            return Ok(self.embedder.clone());
+        }
+        store.get_json(&layout::fold_embedder(&self.run, round, fold)).await
+    }
+
+    /// ICMIL rounds after round 0.
+    pub fn icmil_rounds(&self) -> u32 {
+        self.icmil.as_ref().map_or(0, |c| c.rounds)
+    }
+
+    /// The training slides fine-tuning shard `shard` of `shards` of fold `fold` learns from: every
+    /// `shards`-th slide of the fold's training set.
+    pub fn shard_slides(&self, fold: usize, shard: u32, shards: u32) -> Vec<SlideId> {
+        let Some(f) = self.folds.get(fold) else { return Vec::new() };
+        f.train.iter().skip(shard as usize).step_by(shards.max(1) as usize).cloned().collect()
     }
 
     /// The fold whose test set holds `id`.

@@ -13,7 +13,7 @@ use wsimil_common::grid::TissueParams;
 use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::JobKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
-use wsimil_common::plan::{CorruptTiles, TilingSpec, TrainConfig};
+use wsimil_common::plan::{CorruptTiles, IcmilConfig, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::jobs::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
@@ -179,8 +179,8 @@ pub struct WorkerArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Job kinds this worker serves (comma-separated): tile, embed, train, predict.
-    #[arg(long, value_delimiter = ',', default_value = "tile,embed,train,predict", env = "WSIMIL_KINDS")]
+    /// Job kinds this worker serves (comma-separated): tile, embed, train, predict, finetune.
+    #[arg(long, value_delimiter = ',', default_value = "tile,embed,train,predict,finetune", env = "WSIMIL_KINDS")]
     pub kinds: Vec<String>,
     /// Jobs run at once.
     #[arg(long, default_value_t = 1, env = "WSIMIL_CONCURRENCY")]
@@ -296,13 +296,40 @@ pub struct RunArgs {
     /// tissue masks before embedding it.
     #[arg(long, default_value = "predict")]
     pub until: String,
+
+    /// ICMIL rounds after round 0: each fold's classifier teaches its embedder at the patch level,
+    /// every slide is re-embedded and the classifier retrained (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub icmil_rounds: u32,
+    /// ICMIL: fine-tuning jobs per fold, each on a shard of the fold's training slides; the fold's
+    /// new embedder is their patch-weighted average.
+    #[arg(long, default_value_t = 2)]
+    pub icmil_shards: u32,
+    /// ICMIL: passes over a shard's patches.
+    #[arg(long, default_value_t = 1)]
+    pub icmil_epochs: usize,
+    /// ICMIL: Adam learning rate (the paper's 1e-5).
+    #[arg(long, default_value_t = 1e-5)]
+    pub icmil_lr: f64,
+    /// ICMIL: patches per fine-tuning step.
+    #[arg(long, default_value_t = 16)]
+    pub icmil_batch_size: usize,
+    /// ICMIL: at most this many confident patches per training slide (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub icmil_patches_per_slide: usize,
+    /// ICMIL: confidence exponent β of |2·minmax(attention) − 1|^β.
+    #[arg(long, default_value_t = 1.0)]
+    pub icmil_beta: f64,
+    /// ICMIL: fine-tune only the embedder's last N blocks (0 = the whole network, as the paper).
+    #[arg(long, default_value_t = 0)]
+    pub icmil_trainable_blocks: usize,
 }
 
 fn job_kind(name: &str, flag: &str) -> anyhow::Result<JobKind> {
     JobKind::ALL
         .into_iter()
         .find(|k| k.as_str() == name)
-        .with_context(|| format!("unknown job kind {name:?} in {flag} (tile, embed, train, predict)"))
+        .with_context(|| format!("unknown job kind {name:?} in {flag} (tile, embed, train, predict, finetune)"))
 }
 
 impl RunArgs {
@@ -374,7 +401,33 @@ impl RunArgs {
             folds: FoldSettings { k: self.folds.max(1), seed: self.seed },
             imported: self.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
             clam_splits: self.clam_splits.clone(),
+            icmil: self.icmil()?,
         })
+    }
+
+    fn icmil(&self) -> anyhow::Result<Option<IcmilConfig>> {
+        if self.icmil_rounds == 0 {
+            return Ok(None);
+        }
+        if self.icmil_shards == 0 || self.icmil_epochs == 0 || self.icmil_lr <= 0.0 || self.icmil_beta <= 0.0 {
+            bail!("--icmil-shards, --icmil-epochs, --icmil-lr and --icmil-beta must be positive");
+        }
+        if self.icmil_batch_size < 2 {
+            bail!("--icmil-batch-size must be at least 2 (BatchNorm trains on batch statistics)");
+        }
+        if self.until != "predict" {
+            bail!("--until {} stops round 0 early; it cannot be combined with --icmil-rounds", self.until);
+        }
+        Ok(Some(IcmilConfig {
+            rounds: self.icmil_rounds,
+            shards: self.icmil_shards,
+            epochs: self.icmil_epochs,
+            lr: self.icmil_lr,
+            batch_size: self.icmil_batch_size,
+            patches_per_slide: self.icmil_patches_per_slide,
+            beta: self.icmil_beta,
+            trainable_blocks: self.icmil_trainable_blocks,
+        }))
     }
 }
 
@@ -475,6 +528,13 @@ pub struct DemoCohortArgs {
     pub slides: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Radii of the planted tumour regions, level-0 px (MIN,MAX): smaller regions make a harder
+    /// task (fewer, partly covered positive patches).
+    #[arg(long, value_delimiter = ',', default_values_t = [140.0, 300.0])]
+    pub radius: Vec<f64>,
+    /// Most tumour regions in a positive slide.
+    #[arg(long, default_value_t = 3)]
+    pub max_regions: usize,
 }
 
 /// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
@@ -501,6 +561,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
     };
     let until = job_kind(&args.until, "--until")?;
+    if until == JobKind::Finetune {
+        bail!("--until finetune: round 0 has no fine-tuning stage (tile, embed, train, predict)");
+    }
     let summary = run::run(&store, dispatcher.as_ref(), &plan, until).await?;
     print!("{}", run::render_summary(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
@@ -517,7 +580,17 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
     let source = read_level0(slide.as_ref())?;
     let tumour =
         image::open(&tumour).with_context(|| format!("{}: cannot read tumour image", tumour.display()))?.to_rgb8();
-    let opt = SynthOptions { slides: args.slides, seed: args.seed, ..SynthOptions::default() };
+    let [lo, hi] = args.radius[..] else { bail!("--radius takes MIN,MAX") };
+    if !(lo > 0.0 && lo <= hi) || args.max_regions == 0 {
+        bail!("--radius needs 0 < MIN <= MAX and --max-regions at least 1");
+    }
+    let opt = SynthOptions {
+        slides: args.slides,
+        seed: args.seed,
+        radius: (lo, hi),
+        max_regions: args.max_regions,
+        ..SynthOptions::default()
+    };
     let slides = build_cohort(&source, &tumour, &args.out, &opt)?;
     let positives = slides.iter().filter(|s| s.label == "tumor").count();
     eprintln!(
@@ -532,16 +605,15 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
 
 /// `wsimil worker`.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let kinds = args
-        .kinds
-        .iter()
-        .map(|k| {
-            JobKind::ALL
-                .into_iter()
-                .find(|x| x.as_str() == k)
-                .with_context(|| format!("unknown job kind {k:?} in --kinds (tile, embed, train, predict)"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kinds =
+        args.kinds
+            .iter()
+            .map(|k| {
+                JobKind::ALL.into_iter().find(|x| x.as_str() == k).with_context(|| {
+                    format!("unknown job kind {k:?} in --kinds (tile, embed, train, predict, finetune)")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
     let name = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -587,6 +659,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (_c, queue) = args.nats.open("wsimil-status").await?;
     let keep = run_filter(&args.run);
     let states: Vec<_> = crate::jetstream::all_states(&queue).await?.into_iter().filter(|s| keep(s)).collect();
+    let runs: Vec<_> = crate::jetstream::all_progress(&queue)
+        .await?
+        .into_iter()
+        .filter(|p| args.run.as_ref().is_none_or(|r| p.run.as_str() == r))
+        .collect();
+    print!("{}", crate::jetstream::render_progress(&runs));
     print!("{}", crate::jetstream::render_status(&states, wsimil_common::nats::now_ms()));
     Ok(())
 }

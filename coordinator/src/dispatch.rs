@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, Mutex};
-use wsimil_common::job::{FailureRecord, Job, JobKind};
+use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_worker::jobs::{execute, Decision, Done, RetryPolicy, WorkerContext};
 
 /// What became of a stage's jobs.
@@ -23,6 +23,11 @@ pub struct StageOutcome {
 pub trait Dispatcher: Send + Sync {
     /// Run `jobs` (all of one kind) to completion or failure.
     fn run_stage(&self, kind: JobKind, jobs: Vec<Job>) -> BoxFuture<'_, anyhow::Result<StageOutcome>>;
+
+    /// Say where the run is (round and stage) for `wsimil status`; best effort.
+    fn progress(&self, _p: RunProgress) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Prints a stage's progress as lines (they read well in logs and terminals alike).
@@ -77,7 +82,7 @@ pub fn default_concurrency(kind: JobKind) -> usize {
     match kind {
         JobKind::Tile => cores,
         JobKind::Predict => cores.div_ceil(2),
-        JobKind::Embed | JobKind::Train => 1,
+        JobKind::Embed | JobKind::Train | JobKind::Finetune => 1,
     }
 }
 

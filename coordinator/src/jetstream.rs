@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use wsimil_common::ids::JobId;
-use wsimil_common::job::{FailureRecord, Job, JobKind};
+use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_common::nats::{max_deliveries_advisory, now_ms, JobState, JobStatus, Queue, QueueSettings};
 
 pub struct NatsDispatcher {
@@ -246,6 +246,45 @@ impl Dispatcher for NatsDispatcher {
     fn run_stage(&self, kind: JobKind, jobs: Vec<Job>) -> BoxFuture<'_, anyhow::Result<StageOutcome>> {
         Box::pin(self.run(kind, jobs))
     }
+
+    fn progress(&self, p: RunProgress) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let bytes = serde_json::to_vec(&p).expect("progress serialises");
+            if let Err(e) = self.queue.kv.put(progress_key(&p.run), bytes.into()).await {
+                tracing::warn!(run = %p.run, error = %e, "could not record the run's progress");
+            }
+        })
+    }
+}
+
+/// The KV key of a run's [`RunProgress`] (beside the job states, which it never parses as).
+fn progress_key(run: &wsimil_common::ids::RunId) -> String {
+    format!("progress.{run}")
+}
+
+/// Every run's progress in the bucket.
+pub async fn all_progress(queue: &Queue) -> anyhow::Result<Vec<RunProgress>> {
+    let keys: Vec<String> = queue.kv.keys().await?.filter_map(|k| async move { k.ok() }).collect().await;
+    let mut out = Vec::new();
+    for k in keys.iter().filter(|k| k.starts_with("progress.")) {
+        if let Some(v) = queue.kv.get(k).await? {
+            if let Ok(p) = serde_json::from_slice::<RunProgress>(&v) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.run.as_str().cmp(b.run.as_str()));
+    Ok(out)
+}
+
+/// One line per run: where it is.
+pub fn render_progress(runs: &[RunProgress]) -> String {
+    let mut out = String::new();
+    for p in runs {
+        let round = if p.rounds == 0 { String::new() } else { format!(" round {} of {} (ICMIL),", p.round, p.rounds) };
+        out.push_str(&format!("run {}:{round} stage {}\n", p.run, p.stage));
+    }
+    out
 }
 
 /// Every job state in the bucket.

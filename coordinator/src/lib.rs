@@ -22,6 +22,7 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+pub mod icmil;
 pub mod import;
 pub mod jetstream;
 pub mod manifest;

@@ -6,9 +6,9 @@ use crate::manifest::{Manifest, Split};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use wsimil_common::ids::{content_hash, EmbedderId, RunId, SlideId};
-use wsimil_common::job::{EmbedJob, Job, PredictJob, TileJob, TrainJob};
+use wsimil_common::job::{EmbedJob, FinetuneJob, Job, PredictJob, TileJob, TrainJob};
 use wsimil_common::layout;
-use wsimil_common::plan::{EmbedderSpec, Fold, PlannedSlide, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, Fold, IcmilConfig, PlannedSlide, RunPlan, TilingSpec, TrainConfig};
 use wsimil_common::rng::Rng;
 use wsimil_common::store::{Store, StoreError};
 
@@ -115,17 +115,20 @@ pub fn stratified_folds(labels: &[usize], settings: FoldSettings) -> Vec<usize> 
     out
 }
 
+/// What a run does besides its cohort: everything [`make_plan`] hashes into the run id.
+pub struct PlanParts {
+    pub tiling: TilingSpec,
+    pub embedder: EmbedderSpec,
+    pub train: TrainConfig,
+    pub folds: Vec<Fold>,
+    pub imported: Option<EmbedderId>,
+    pub icmil: Option<IcmilConfig>,
+}
+
 /// The run's plan. Its id, unless given, is a hash of everything that determines its results, so
 /// re-running the same command resumes the same run and changing anything starts a new one.
-pub fn make_plan(
-    manifest: &Manifest,
-    run: Option<RunId>,
-    tiling: TilingSpec,
-    embedder: EmbedderSpec,
-    train: TrainConfig,
-    folds: Vec<Fold>,
-    imported: Option<EmbedderId>,
-) -> RunPlan {
+pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> RunPlan {
+    let PlanParts { tiling, embedder, train, folds, imported, icmil } = parts;
     let slides: Vec<PlannedSlide> = manifest
         .rows
         .iter()
@@ -140,9 +143,12 @@ pub fn make_plan(
     let run = run.unwrap_or_else(|| {
         let key = serde_json::to_vec(&(&manifest.classes, &slides, &folds_v, &tiling, &embedder, &train, &imported))
             .expect("json");
-        RunId::new(format!("run-{}", content_hash([key.as_slice()]))).expect("safe")
+        // ICMIL settings join the hash only when given, so runs without them keep their ids.
+        let extra = icmil.as_ref().map(|c| serde_json::to_vec(c).expect("json"));
+        let parts = std::iter::once(key.as_slice()).chain(extra.as_deref());
+        RunId::new(format!("run-{}", content_hash(parts))).expect("safe")
     });
-    RunPlan { run, classes: manifest.classes.clone(), slides, folds: folds_v, tiling, embedder, train, imported }
+    RunPlan { run, classes: manifest.classes.clone(), slides, folds: folds_v, tiling, embedder, train, imported, icmil }
 }
 
 /// Tile jobs for slides without a patch grid.
@@ -165,23 +171,67 @@ pub async fn tile_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreE
     Ok(jobs)
 }
 
-/// Embed jobs for slides that have a patch grid but no features.
-pub async fn embed_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreError> {
-    let (tiling, emb) = (plan.tiling.id(), plan.embedder.id());
+/// The embedders of `round`: the run's in round 0; each fold's fine-tuned one in an ICMIL round
+/// (the same embedder twice is planned once).
+async fn round_embedders(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<EmbedderSpec>, StoreError> {
+    if round == 0 {
+        return Ok(vec![plan.embedder.clone()]);
+    }
+    let mut specs: Vec<EmbedderSpec> = Vec::new();
+    for k in 0..plan.folds.len() as u32 {
+        let spec = plan.fold_embedder(store, round, k).await?;
+        if !specs.iter().any(|s| s.id() == spec.id()) {
+            specs.push(spec);
+        }
+    }
+    Ok(specs)
+}
+
+/// Embed jobs for slides that have a patch grid but no features from `round`'s embedders. Every
+/// fold's ICMIL embedder embeds every slide: the fold trains, validates and tests on its own.
+pub async fn embed_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
+    let tiling = plan.tiling.id();
     let mut jobs = Vec::new();
     if plan.imported.is_some() {
         return Ok(jobs); // imported features: nothing to embed
     }
-    for s in &plan.slides {
-        if store.exists(&layout::patch_grid(&tiling, &s.id)).await?
-            && !store.exists(&layout::features(&emb, &tiling, &s.id)).await?
-        {
-            jobs.push(Job::Embed(EmbedJob {
-                slide: s.id.clone(),
-                path: s.path.clone(),
-                tiling: tiling.clone(),
-                embedder: plan.embedder.clone(),
-            }));
+    for spec in round_embedders(store, plan, round).await? {
+        let emb = spec.id();
+        for s in &plan.slides {
+            if store.exists(&layout::patch_grid(&tiling, &s.id)).await?
+                && !store.exists(&layout::features(&emb, &tiling, &s.id)).await?
+            {
+                jobs.push(Job::Embed(EmbedJob {
+                    slide: s.id.clone(),
+                    path: s.path.clone(),
+                    tiling: tiling.clone(),
+                    embedder: spec.clone(),
+                }));
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// ICMIL fine-tuning jobs producing `round`'s embedders: every shard of every fold whose round
+/// embedder is not merged yet and whose shard report is missing.
+pub async fn finetune_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
+    let mut jobs = Vec::new();
+    let Some(cfg) = &plan.icmil else { return Ok(jobs) };
+    for k in 0..plan.folds.len() as u32 {
+        if store.exists(&layout::fold_embedder(&plan.run, round, k)).await? {
+            continue;
+        }
+        for s in 0..cfg.shards {
+            if !store.exists(&layout::finetune_shard_report(&plan.run, round, k, s)).await? {
+                jobs.push(Job::Finetune(FinetuneJob {
+                    run: plan.run.clone(),
+                    round,
+                    fold: k,
+                    shard: s,
+                    shards: cfg.shards,
+                }));
+            }
         }
     }
     Ok(jobs)
@@ -200,12 +250,11 @@ pub async fn train_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec
 
 /// Predict jobs for test slides with features but no attention map yet.
 pub async fn predict_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
-    let (emb, tiling) = plan.feature_ids();
     let mut jobs = Vec::new();
     for s in &plan.slides {
-        let testable = plan.test_fold_of(&s.id).is_some();
-        if testable
-            && store.exists(&layout::features(&emb, &tiling, &s.id)).await?
+        let Some(fold) = plan.test_fold_of(&s.id) else { continue };
+        let (emb, tiling) = plan.round_feature_ids(store, round, fold).await?;
+        if store.exists(&layout::features(&emb, &tiling, &s.id)).await?
             && !store.exists(&layout::attention(&plan.run, round, &s.id)).await?
         {
             jobs.push(Job::Predict(PredictJob { run: plan.run.clone(), round, slide: s.id.clone() }));
@@ -322,11 +371,22 @@ mod tests {
             corrupt_tiles: Default::default(),
         };
         let fs = FoldSettings { k: 2, seed: 0 };
-        let a = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), assign_folds(&m, fs), None);
-        let b = make_plan(&m, None, t.clone(), e.clone(), TrainConfig::default(), assign_folds(&m, fs), None);
-        assert_eq!(a.run, b.run);
-        let c =
-            make_plan(&m, None, t, e, TrainConfig { lr: 1e-3, ..TrainConfig::default() }, assign_folds(&m, fs), None);
-        assert_ne!(a.run, c.run);
+        let plan = |train: TrainConfig, icmil: Option<IcmilConfig>| {
+            let folds = assign_folds(&m, fs);
+            make_plan(
+                &m,
+                None,
+                PlanParts { tiling: t.clone(), embedder: e.clone(), train, folds, imported: None, icmil },
+            )
+        };
+        let a = plan(TrainConfig::default(), None);
+        assert_eq!(a.run, plan(TrainConfig::default(), None).run);
+        assert_ne!(a.run, plan(TrainConfig { lr: 1e-3, ..TrainConfig::default() }, None).run);
+        let one_round = plan(TrainConfig::default(), Some(IcmilConfig::default()));
+        assert_ne!(a.run, one_round.run, "ICMIL rounds are part of the run");
+        let two_rounds = plan(TrainConfig::default(), Some(IcmilConfig { rounds: 2, ..IcmilConfig::default() }));
+        assert_ne!(one_round.run, two_rounds.run);
+        // Ids of runs without ICMIL are those earlier versions gave (resuming them still works).
+        assert_eq!(a.run.as_str(), "run-72208d26323c", "{}", a.run);
     }
 }

@@ -1,4 +1,6 @@
-//! A run, stage by stage: plan → tile → embed → train (one job per fold) → predict → summary.
+//! A run, stage by stage: plan → tile → embed → train (one job per fold) → predict → summary,
+//! then for each ICMIL round r ≥ 1: finetune (shards of each fold's training slides) → merge (the
+//! fold's new embedder, content-addressed, with its lineage) → embed → train → predict → summary.
 //!
 //! The same driver serves every mode; only the [`Dispatcher`] differs. Each stage is re-planned
 //! from the store, so running the same command again resumes where the last one stopped.
@@ -14,10 +16,10 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
 use wsimil_common::ids::{EmbedderId, RunId};
-use wsimil_common::job::{FailureRecord, Job, JobKind};
+use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_common::layout;
 use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
-use wsimil_common::plan::{EmbedderSpec, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig};
 use wsimil_common::store::Store;
 use wsimil_common::table::write_parquet;
 use wsimil_worker::train::FoldReport;
@@ -53,6 +55,8 @@ pub struct RunSettings {
     pub imported: Option<EmbedderId>,
     /// Folds from CLAM's `splits_<k>.csv` files in this folder instead of the manifest or k-fold.
     pub clam_splits: Option<PathBuf>,
+    /// ICMIL rounds after round 0.
+    pub icmil: Option<IcmilConfig>,
 }
 
 /// Put the embedder's weights into the store under their content address and return its spec.
@@ -104,7 +108,7 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
     }
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(bytes);
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
@@ -133,6 +137,9 @@ async fn check_imported(store: &Store, name: &EmbedderId, manifest: &Manifest) -
 /// Validate the manifest, register the embedder and write (or check) the run's plan.
 pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(Manifest, RunPlan)> {
     let manifest = manifest::load(&settings.manifest, settings.classes.as_deref())?;
+    if settings.icmil.is_some() && settings.imported.is_some() {
+        bail!("ICMIL rounds fine-tune the patch embedder on slide pixels; imported features (--features) have none");
+    }
     let embedder = match &settings.imported {
         Some(name) => {
             check_imported(store, name, &manifest).await?;
@@ -149,15 +156,15 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
         Some(dir) => planner::load_clam_splits(dir, &manifest)?,
         None => planner::assign_folds(&manifest, settings.folds),
     };
-    let plan = planner::make_plan(
-        &manifest,
-        settings.run.clone(),
-        settings.tiling.clone(),
+    let parts = planner::PlanParts {
+        tiling: settings.tiling.clone(),
         embedder,
-        settings.train.clone(),
+        train: settings.train.clone(),
         folds,
-        settings.imported.clone(),
-    );
+        imported: settings.imported.clone(),
+        icmil: settings.icmil.clone(),
+    };
+    let plan = planner::make_plan(&manifest, settings.run.clone(), parts);
     let key = layout::run_plan(&plan.run);
     if store.exists(&key).await? {
         let existing: RunPlan = store.get_json(&key).await?;
@@ -191,6 +198,7 @@ pub struct RoundMetrics {
 
 #[derive(Debug, Clone)]
 pub struct StageReport {
+    pub round: u32,
     pub kind: JobKind,
     pub planned: usize,
     pub outcome: StageOutcome,
@@ -199,8 +207,10 @@ pub struct StageReport {
 pub struct RunSummary {
     pub plan: RunPlan,
     pub stages: Vec<StageReport>,
-    /// `None` when the run stopped before training (`--until`).
+    /// The last round's; `None` when the run stopped before training (`--until`).
     pub metrics: Option<RoundMetrics>,
+    /// Every round's, in order (round 0, then each ICMIL round).
+    pub rounds: Vec<RoundMetrics>,
 }
 
 async fn record_failures(store: &Store, run: &RunId, jobs: &[Job], outcome: &StageOutcome) -> anyhow::Result<()> {
@@ -220,52 +230,87 @@ async fn stage(
     store: &Store,
     d: &dyn Dispatcher,
     plan: &RunPlan,
+    round: u32,
     kind: JobKind,
     jobs: Vec<Job>,
 ) -> anyhow::Result<StageReport> {
     let planned = jobs.len();
+    d.progress(RunProgress::new(&plan.run, round, plan.icmil_rounds(), kind.as_str())).await;
     if planned == 0 {
-        eprintln!("  {:<8} nothing to do", kind.as_str());
-        return Ok(StageReport { kind, planned, outcome: StageOutcome::default() });
+        eprintln!("  {:<8} nothing to do{}", kind.as_str(), round_suffix(round));
+        return Ok(StageReport { round, kind, planned, outcome: StageOutcome::default() });
+    }
+    if round > 0 {
+        eprintln!("round {round} of {}: {}", plan.icmil_rounds(), kind.as_str());
     }
     let outcome = d.run_stage(kind, jobs.clone()).await?;
     record_failures(store, &plan.run, &jobs, &outcome).await?;
-    Ok(StageReport { kind, planned, outcome })
+    Ok(StageReport { round, kind, planned, outcome })
 }
 
-/// Run the stages of round 0 up to and including `until`, and summarise.
+fn round_suffix(round: u32) -> String {
+    if round == 0 {
+        String::new()
+    } else {
+        format!(" (round {round})")
+    }
+}
+
+/// The stages of one round, in order: round 0 tiles, embeds, trains and predicts; an ICMIL round
+/// fine-tunes (then merges) before it embeds.
+fn round_stages(round: u32) -> &'static [JobKind] {
+    if round == 0 {
+        &[JobKind::Tile, JobKind::Embed, JobKind::Train, JobKind::Predict]
+    } else {
+        &[JobKind::Finetune, JobKind::Embed, JobKind::Train, JobKind::Predict]
+    }
+}
+
+/// Run round 0's stages up to and including `until`, then (when `until` is the last stage) every
+/// ICMIL round of the plan; summarise each round that predicted.
 pub async fn run(
     store: &Store,
     dispatcher: &dyn Dispatcher,
     plan: &RunPlan,
     until: JobKind,
 ) -> anyhow::Result<RunSummary> {
-    let round = 0;
     let mut stages = Vec::new();
-    for kind in JobKind::ALL {
-        let jobs = match kind {
-            JobKind::Tile => planner::tile_jobs(store, plan).await?,
-            JobKind::Embed => planner::embed_jobs(store, plan).await?,
-            JobKind::Train => planner::train_jobs(store, plan, round).await?,
-            JobKind::Predict => planner::predict_jobs(store, plan, round).await?,
-        };
-        let report = stage(store, dispatcher, plan, kind, jobs).await?;
-        if kind == JobKind::Train {
+    let mut rounds = Vec::new();
+    let last_round = if until == JobKind::Predict { plan.icmil_rounds() } else { 0 };
+    for round in 0..=last_round {
+        for &kind in round_stages(round) {
+            let jobs = match kind {
+                JobKind::Tile => planner::tile_jobs(store, plan).await?,
+                JobKind::Embed => planner::embed_jobs(store, plan, round).await?,
+                JobKind::Train => planner::train_jobs(store, plan, round).await?,
+                JobKind::Predict => planner::predict_jobs(store, plan, round).await?,
+                JobKind::Finetune => planner::finetune_jobs(store, plan, round).await?,
+            };
+            let report = stage(store, dispatcher, plan, round, kind, jobs).await?;
             let failed: Vec<&FailureRecord> = report.outcome.failed.iter().collect();
-            if failed.len() == plan.folds.len() {
+            if kind == JobKind::Train && failed.len() == plan.folds.len() {
                 bail!(
-                    "no fold could be trained: {}",
+                    "no fold could be trained{}: {}",
+                    round_suffix(round),
                     failed.iter().map(|f| f.reason.clone()).collect::<Vec<_>>().join("; ")
                 );
             }
+            stages.push(report);
+            if kind == JobKind::Finetune {
+                for k in 0..plan.folds.len() as u32 {
+                    crate::icmil::merge(store, plan, round, k).await?;
+                }
+            }
+            if round == 0 && kind == until {
+                break;
+            }
         }
-        stages.push(report);
-        if kind == until {
-            break;
+        if until == JobKind::Predict {
+            rounds.push(summarise(store, plan, round).await?);
         }
     }
-    let metrics = if until == JobKind::Predict { Some(summarise(store, plan, round).await?) } else { None };
-    Ok(RunSummary { plan: plan.clone(), stages, metrics })
+    dispatcher.progress(RunProgress::new(&plan.run, last_round, plan.icmil_rounds(), "done")).await;
+    Ok(RunSummary { plan: plan.clone(), stages, metrics: rounds.last().cloned(), rounds })
 }
 
 /// Gather fold reports into out-of-fold predictions (Parquet and CSV) and the round's metrics.
@@ -374,9 +419,10 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
     ));
     for st in &s.stages {
         let o = &st.outcome;
+        let name = if st.round == 0 { st.kind.as_str().to_string() } else { format!("r{} {}", st.round, st.kind) };
         out.push_str(&format!(
-            "  {:<8} {:>4} planned, {:>4} computed, {:>4} already done, {:>3} failed  {:>7.1} s\n",
-            st.kind.as_str(),
+            "  {:<11} {:>4} planned, {:>4} computed, {:>4} already done, {:>3} failed  {:>7.1} s\n",
+            name,
             st.planned,
             o.computed,
             o.already_done,
@@ -416,6 +462,20 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
         ms(&m.accuracy),
         ms(&m.balanced_accuracy)
     ));
+    if s.rounds.len() > 1 {
+        out.push_str("ICMIL rounds, side by side (out-of-fold, pooled | per fold mean ± sd):\n");
+        for r in &s.rounds {
+            let (auc, acc, bacc) = r
+                .pooled
+                .as_ref()
+                .map_or(("n/a".into(), f64::NAN, f64::NAN), |p| (fmt_opt(p.auc), p.accuracy, p.balanced_accuracy));
+            out.push_str(&format!(
+                "  round {}: AUC {auc}  accuracy {acc:.3}  balanced accuracy {bacc:.3} | AUC {}\n",
+                r.round,
+                ms(&r.auc)
+            ));
+        }
+    }
     if !m.failures.is_empty() {
         out.push_str(&format!("{} job(s) failed:\n", m.failures.len()));
         for f in &m.failures {

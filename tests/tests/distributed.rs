@@ -35,10 +35,25 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let manifest = cohort(&d.join("cohort"), 4, 1024, 1280, true);
+    // Round 0, then one ICMIL round: two fine-tuning shards per fold, taken by either worker.
+    let icmil = [
+        "--icmil-rounds",
+        "1",
+        "--icmil-shards",
+        "2",
+        "--icmil-batch-size",
+        "4",
+        "--icmil-patches-per-slide",
+        "4",
+        "--icmil-trainable-blocks",
+        "2",
+        "--icmil-lr",
+        "1e-4",
+    ];
 
     // The embedded run, as the reference.
     let local = d.join("embedded-store");
-    let mut args = run_flags(&manifest, &[]);
+    let mut args = run_flags(&manifest, &icmil);
     args.extend(["--store".to_string(), local.display().to_string()]);
     let out = wsimil().args(&args).output().unwrap();
     assert!(out.status.success(), "embedded run failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -49,7 +64,7 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
     let store_flags = s3.flags("two-workers");
     let mut w1 = spawn("w1", d, &worker_flags(&nats, &store_flags, "w1"));
     let mut w2 = spawn("w2", d, &worker_flags(&nats, &store_flags, "w2"));
-    let mut args = run_flags(&manifest, &[]);
+    let mut args = run_flags(&manifest, &icmil);
     args.extend(nats_flags(&nats));
     args.extend(store_flags.clone());
     let mut coord = spawn("coordinator", d, &args);
@@ -57,20 +72,29 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
     let report = log(d, "coordinator");
     assert!(report.contains("(distributed)") && report.contains("AUC"), "{report}");
 
-    // Outputs identical to the embedded run: every feature file and the predictions.
+    // Outputs identical to the embedded run: every feature file (round 0's and both folds' ICMIL
+    // embedders'), the fine-tuned embedders, every classifier and both rounds' predictions.
     let remote = s3.store("two-workers");
     let mut compared = 0;
-    for path in walk(&local.join("features")) {
+    // (Embedder cards hold the shards' timings: their weights are compared.)
+    let same = |p: &std::path::Path| p.starts_with(local.join("features")) || p.ends_with("model.safetensors");
+    for path in walk(&local).into_iter().filter(|p| same(p)) {
         let key = path.strip_prefix(&local).unwrap().to_str().unwrap().to_string();
         let theirs = remote.get(&object_store::path::Path::from(key.as_str())).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), theirs.to_vec(), "{key} differs");
         compared += 1;
     }
-    assert_eq!(compared, 4);
-    let preds = walk(&local.join("runs")).into_iter().find(|p| p.ends_with("round-0/predictions.csv")).unwrap();
-    let key = preds.strip_prefix(&local).unwrap().to_str().unwrap().to_string();
-    let remote_preds = remote.get(&object_store::path::Path::from(key.as_str())).await.unwrap();
-    assert_eq!(file_text(&preds), String::from_utf8(remote_preds.to_vec()).unwrap());
+    // 4 slides x (1 + 2 fold embedders) feature files; the weights of the base embedder and of the
+    // 2 fine-tuned ones; the bag classifiers of 2 folds x 2 rounds.
+    assert_eq!(compared, 12 + 3 + 4);
+    for round in ["round-0", "round-1"] {
+        let suffix = format!("{round}/predictions.csv");
+        let preds = walk(&local.join("runs")).into_iter().find(|p| p.ends_with(&suffix)).unwrap();
+        let key = preds.strip_prefix(&local).unwrap().to_str().unwrap().to_string();
+        let remote_preds = remote.get(&object_store::path::Path::from(key.as_str())).await.unwrap();
+        assert_eq!(file_text(&preds), String::from_utf8(remote_preds.to_vec()).unwrap(), "{round}");
+    }
+    assert!(report.contains("round 1: AUC"), "{report}");
 
     // Both workers took jobs; the corrupt slide failed alone, with its reason shown by `status`.
     for w in ["w1", "w2"] {
@@ -80,6 +104,11 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
     status_args.extend(nats_flags(&nats));
     let status = String::from_utf8(wsimil().args(&status_args).output().unwrap().stdout).unwrap();
     assert!(status.contains("tile            0        0        4        1"), "{status}");
+    assert!(status.contains("finetune        0        0        4        0"), "{status}");
+    assert!(status.contains("round 1 of 1 (ICMIL), stage done"), "{status}");
+    let finetuned: Vec<usize> =
+        ["w1", "w2"].iter().map(|w| log(d, w).lines().filter(|l| l.contains("fine-tuned")).count()).collect();
+    assert_eq!(finetuned.iter().sum::<usize>(), 4, "{finetuned:?}");
     assert!(status.contains(".corrupt  after 1 attempt(s):") && status.contains("could not be decoded"), "{status}");
 
     // retry-failed queues it again (a new generation), and it fails again for the same reason.

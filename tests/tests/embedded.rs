@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use wsimil_common::features::FeatureBag;
 use wsimil_common::grid::TissueParams;
 use wsimil_common::ids::SlideId;
 use wsimil_common::job::JobKind;
 use wsimil_common::layout;
-use wsimil_common::plan::{TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, IcmilConfig, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_coordinator::dispatch::LocalDispatcher;
 use wsimil_coordinator::planner::FoldSettings;
@@ -60,6 +61,7 @@ fn settings(manifest: PathBuf) -> RunSettings {
         folds: FoldSettings { k: 2, seed: 0 },
         imported: None,
         clam_splits: None,
+        icmil: None,
     }
 }
 
@@ -278,4 +280,84 @@ async fn until_stops_after_the_named_stage() {
         .await
         .unwrap());
     assert!(run::render_summary(&s, &store).contains("stopped after tile"));
+}
+
+/// One ICMIL round in embedded mode: each fold's classifier teaches its own copy of the embedder on
+/// its training slides (two shards per fold, averaged), every slide is re-embedded by each fold's
+/// new embedder, the folds retrain, and the report shows both rounds. The corrupt slide stays
+/// failed and out of the way; a second run resumes with nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = make_cohort(&dir.path().join("cohort"));
+    let store = Store::open(dir.path().join("store").to_str().unwrap(), &S3Options::default()).unwrap();
+    let mut st = settings(manifest);
+    st.train.model = "abmil".into();
+    st.icmil = Some(IcmilConfig {
+        rounds: 1,
+        shards: 2,
+        epochs: 1,
+        lr: 1e-4,
+        batch_size: 4,
+        patches_per_slide: 4,
+        beta: 1.0,
+        trainable_blocks: 2,
+    });
+    let s = run_once(&store, &st).await;
+    let run = s.plan.run.clone();
+    let ft = s.stages.iter().find(|x| x.kind == JobKind::Finetune).expect("a finetune stage");
+    assert_eq!((ft.round, ft.planned, ft.outcome.computed), (1, 4, 4), "{:?}", ft.outcome.failed);
+    let re_embed = s.stages.iter().find(|x| x.kind == JobKind::Embed && x.round == 1).unwrap();
+    assert_eq!(re_embed.outcome.computed, 12, "6 readable slides x 2 fold embedders");
+    assert_eq!(s.rounds.len(), 2);
+    assert_eq!(s.rounds[1].predicted, 6);
+
+    // Each fold has its own content-addressed embedder whose card names its parent and lineage.
+    let base = s.plan.embedder.id();
+    let mut ids = Vec::new();
+    for k in 0..2u32 {
+        let spec: EmbedderSpec = store.get_json(&layout::fold_embedder(&run, 1, k)).await.unwrap();
+        let id = spec.id();
+        assert_ne!(id, base, "fold {k}: fine-tuning changed the weights");
+        let card: serde_json::Value = store.get_json(&layout::embedder_card(&id)).await.unwrap();
+        assert_eq!(card["parent"], base.as_str());
+        assert_eq!((card["lineage"]["round"].as_u64(), card["lineage"]["fold"].as_u64()), (Some(1), Some(k as u64)));
+        let shards = card["lineage"]["shards"].as_array().unwrap();
+        assert_eq!(shards.len(), 2);
+        assert!(
+            shards.iter().all(|r| r["patches"].as_u64().unwrap() > 0 && r["steps"].as_u64().unwrap() > 0),
+            "{card}"
+        );
+        // The stored weights hash to the id's address and build the embedder.
+        let bytes = store.get(&layout::embedder_weights(&id)).await.unwrap();
+        assert!(spec.weights.starts_with(&sha256_hex(&bytes)[..12]));
+        for slide in (0..6).map(|i| SlideId::new(format!("demo-{i:03}")).unwrap()) {
+            let f = store.get(&layout::features(&id, &s.plan.tiling.id(), &slide)).await.unwrap();
+            let bag = FeatureBag::from_parquet("f", f).unwrap();
+            let old = store.get(&layout::features(&base, &s.plan.tiling.id(), &slide)).await.unwrap();
+            let old = FeatureBag::from_parquet("f", old).unwrap();
+            assert_eq!((bag.xs.clone(), bag.provenance.embedder.clone()), (old.xs.clone(), id.to_string()));
+            assert_ne!(bag.features, old.features, "{slide}: re-embedded with the new weights");
+        }
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1], "each fold learns from its own training slides");
+    let report = run::render_summary(&s, &store);
+    assert!(
+        report.contains("round 0: AUC") && report.contains("round 1: AUC") && report.contains("r1 finetune"),
+        "{report}"
+    );
+    assert!(store.exists(&layout::predictions_csv(&run, 1)).await.unwrap());
+
+    // Resume: every stage of both rounds is already done (the corrupt slide is retried, alone).
+    let again = run_once(&store, &st).await;
+    for st in &again.stages {
+        let expected = usize::from(st.kind == JobKind::Tile);
+        assert_eq!(st.planned, expected, "round {} {} planned again", st.round, st.kind);
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

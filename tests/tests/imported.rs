@@ -60,7 +60,7 @@ fn musk1_imports_and_trains_with_the_run_command() {
         "--patience",
         "8",
     ]);
-    assert!(text.contains("tile        0 planned") && text.contains("embed       0 planned"), "{text}");
+    assert!(text.contains("tile           0 planned") && text.contains("embed          0 planned"), "{text}");
     assert!(!text.contains("heatmaps:"), "no slide geometry, no heatmaps: {text}");
     let run_dir = std::fs::read_dir(store.join("runs")).unwrap().next().unwrap().unwrap().path();
     let preds = std::fs::read_to_string(run_dir.join("round-0/predictions.csv")).unwrap();

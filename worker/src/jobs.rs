@@ -9,8 +9,9 @@ use crate::heatmap;
 use crate::slide::{self, SlideError};
 use crate::tiling::{png_bytes_rgb, tile_slide};
 use crate::train::{self, Bag, FoldReport};
-use candle_core::{DType, Device};
-use std::collections::HashMap;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +19,8 @@ use tracing::{info, warn};
 use wsimil_common::attention::{AttentionMap, PredictionProvenance};
 use wsimil_common::features::{EmbeddingProvenance, FeatureBag};
 use wsimil_common::grid::PatchGrid;
-use wsimil_common::ids::{EmbedderId, RunId, SlideId};
-use wsimil_common::job::{EmbedJob, Job, PredictJob, TileJob, TrainJob};
+use wsimil_common::ids::{EmbedderId, RunId, SlideId, TilingId};
+use wsimil_common::job::{EmbedJob, FinetuneJob, Job, PredictJob, TileJob, TrainJob};
 use wsimil_common::layout;
 use wsimil_common::models::embedder::{self, Embedder};
 use wsimil_common::models::params::{load_safetensors, Params};
@@ -155,27 +156,30 @@ impl WorkerContext {
         if let Some(e) = self.embedders.lock().unwrap().get(&id) {
             return Ok(e.clone());
         }
+        let tensors = self.embedder_tensors(spec).await?;
+        let (device, arch) = (self.device.clone(), spec.architecture.clone());
+        let e = blocking(move || -> Result<Arc<dyn Embedder>, JobError> {
+            let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &device);
+            Ok(Arc::from(embedder::build(&arch, vb).map_err(candle_err(&arch))?))
+        })
+        .await?;
+        self.embedders.lock().unwrap().insert(id, e.clone());
+        Ok(e)
+    }
+
+    /// Every tensor of `spec`'s checkpoint: from the store, or seeded random ones.
+    async fn embedder_tensors(&self, spec: &EmbedderSpec) -> Result<BTreeMap<String, Tensor>, JobError> {
         let device = self.device.clone();
-        let e: Arc<dyn Embedder> = if let Some(seed) = spec.weights.strip_prefix("random-") {
+        let arch = spec.architecture.clone();
+        if let Some(seed) = spec.weights.strip_prefix("random-") {
             let seed: u64 =
                 seed.parse().map_err(|_| JobError::Permanent(format!("bad random weights spec {:?}", spec.weights)))?;
             let p = Params::new(seed);
-            Arc::from(
-                embedder::build(&spec.architecture, p.var_builder(&device)).map_err(candle_err(&spec.architecture))?,
-            )
-        } else {
-            let bytes = self.store.get(&layout::embedder_weights(&id)).await?;
-            let arch = spec.architecture.clone();
-            tokio::task::spawn_blocking(move || -> Result<Arc<dyn Embedder>, JobError> {
-                let tensors = load_safetensors(&bytes, &device).map_err(candle_err(&arch))?;
-                let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &device);
-                Ok(Arc::from(embedder::build(&arch, vb).map_err(candle_err(&arch))?))
-            })
-            .await
-            .map_err(|e| JobError::Permanent(format!("embedder load panicked: {e}")))??
-        };
-        self.embedders.lock().unwrap().insert(id, e.clone());
-        Ok(e)
+            embedder::build(&arch, p.var_builder(&device)).map_err(candle_err(&arch))?;
+            return p.snapshot().map_err(candle_err(&arch));
+        }
+        let bytes = self.store.get(&layout::embedder_weights(&spec.id())).await?;
+        blocking(move || load_safetensors(&bytes, &device).map_err(candle_err(&arch))).await
     }
 }
 
@@ -191,6 +195,7 @@ pub async fn execute(ctx: &WorkerContext, job: &Job) -> Result<Done, JobError> {
         Job::Embed(j) => embed(ctx, j).await,
         Job::Train(j) => train_fold(ctx, j).await,
         Job::Predict(j) => predict(ctx, j).await,
+        Job::Finetune(j) => finetune(ctx, j).await,
     }
 }
 
@@ -284,17 +289,17 @@ pub async fn load_plan(store: &Store, run: &RunId) -> Result<RunPlan, JobError> 
     Ok(store.get_json(&layout::run_plan(run)).await?)
 }
 
-/// Feature bags of `slides` (those whose features exist; the others are reported missing).
+/// Feature bags of `slides` under `features/<emb>/<tiling>/` (those that exist; the others are
+/// reported missing).
 async fn load_bags(
     ctx: &WorkerContext,
-    plan: &RunPlan,
+    (emb, tiling): &(EmbedderId, TilingId),
     slides: &[SlideId],
 ) -> Result<(Vec<FeatureBag>, Vec<SlideId>), JobError> {
-    let (emb, tiling) = plan.feature_ids();
     let mut bags = Vec::new();
     let mut missing = Vec::new();
     for s in slides {
-        let key = layout::features(&emb, &tiling, s);
+        let key = layout::features(emb, tiling, s);
         match ctx.store.get(&key).await {
             Ok(bytes) => {
                 let bag = FeatureBag::from_parquet(key.as_ref(), bytes)?;
@@ -327,9 +332,10 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         .get(job.fold as usize)
         .ok_or_else(|| JobError::Permanent(format!("run {} has no fold {}", job.run, job.fold)))?
         .clone();
-    let (train_bags, miss_train) = load_bags(ctx, &plan, &fold.train).await?;
-    let (val_bags, miss_val) = load_bags(ctx, &plan, &fold.val).await?;
-    let (test_bags, miss_test) = load_bags(ctx, &plan, &fold.test).await?;
+    let ids = plan.round_feature_ids(&ctx.store, job.round, job.fold).await?;
+    let (train_bags, miss_train) = load_bags(ctx, &ids, &fold.train).await?;
+    let (val_bags, miss_val) = load_bags(ctx, &ids, &fold.val).await?;
+    let (test_bags, miss_test) = load_bags(ctx, &ids, &fold.test).await?;
     let missing: Vec<String> = miss_train.iter().chain(&miss_val).chain(&miss_test).map(|s| s.to_string()).collect();
     if !missing.is_empty() {
         warn!(fold = job.fold, ?missing, "slides without features are left out of this fold");
@@ -403,7 +409,8 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
         .ok_or_else(|| JobError::Permanent(format!("{}: in no test fold of run {}", job.slide, job.run)))?;
     let report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, job.round, fold)).await?;
     let weights = ctx.store.get(&layout::fold_model(&job.run, job.round, fold)).await?;
-    let (bags, _) = load_bags(ctx, &plan, std::slice::from_ref(&job.slide)).await?;
+    let ids = plan.round_feature_ids(&ctx.store, job.round, fold).await?;
+    let (bags, _) = load_bags(ctx, &ids, std::slice::from_ref(&job.slide)).await?;
     let Some(bag) = bags.into_iter().next() else {
         return Err(JobError::Permanent(format!("{}: no features to predict from", job.slide)));
     };
@@ -446,6 +453,104 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
         ctx.store.put(&layout::heatmap(&job.run, job.round, &job.slide), png_bytes_rgb(&img)).await?;
     }
     ctx.store.put(&att_key, map.to_parquet()?).await?;
+    Ok(Done::Computed)
+}
+
+/// ICMIL: fine-tune one shard of a fold's training slides (see [`crate::finetune`]). The weights
+/// are written first, the report last: the report's presence means the shard is done.
+async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobError> {
+    let report_key = layout::finetune_shard_report(&job.run, job.round, job.fold, job.shard);
+    if ctx.store.exists(&report_key).await? {
+        return Ok(Done::AlreadyDone);
+    }
+    if job.round == 0 {
+        return Err(JobError::Permanent("ICMIL fine-tuning starts at round 1".into()));
+    }
+    let started = Instant::now();
+    let plan = load_plan(&ctx.store, &job.run).await?;
+    let cfg = plan.icmil.clone().ok_or_else(|| JobError::Permanent(format!("run {} has no ICMIL rounds", job.run)))?;
+    let prev = job.round - 1;
+    let teacher = plan.fold_embedder(&ctx.store, prev, job.fold).await?;
+    let ids = (teacher.id(), plan.tiling.id());
+    let slides = plan.shard_slides(job.fold as usize, job.shard, job.shards);
+    let (bags, missing) = load_bags(ctx, &ids, &slides).await?;
+    if !missing.is_empty() {
+        warn!(fold = job.fold, shard = job.shard, ?missing, "training slides without features are left out");
+    }
+    let fold_report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, prev, job.fold)).await?;
+    let heads = ctx.store.get(&layout::fold_model(&job.run, prev, job.fold)).await?;
+    let mut inputs = Vec::new();
+    for bag in bags {
+        let slide = SlideId::new(bag.provenance.slide.clone()).map_err(|e| JobError::Permanent(e.to_string()))?;
+        let grid_key = layout::patch_grid(&ids.1, &slide);
+        let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
+        let path = plan.slide(&slide).map(|s| s.path.clone()).unwrap_or_default();
+        inputs.push((bag, grid, path));
+    }
+    let teacher_tensors = ctx.embedder_tensors(&teacher).await?;
+    let device = ctx.device.clone();
+    let seed = plan.train.seed ^ 0x1c31 ^ ((job.round as u64) << 40) ^ ((job.fold as u64) << 20) ^ job.shard as u64;
+    let (arch, model_cfg, teacher_id) = (teacher.architecture.clone(), fold_report.model.clone(), teacher.id());
+    let slide_names: Vec<String> = inputs.iter().map(|(b, _, _)| b.provenance.slide.clone()).collect();
+    let (result, patches) = blocking(move || {
+        let err = candle_err("ICMIL fine-tuning");
+        let heads = load_safetensors(&heads, &device).map_err(&err)?;
+        let classifier = crate::finetune::classifier(&model_cfg, &heads, &device).map_err(&err)?;
+        let mut data = crate::finetune::TeacherData::default();
+        let mut rng = wsimil_common::rng::Rng::new(seed);
+        let pre_px = embedder::preprocessing_of(&arch)
+            .ok_or_else(|| JobError::Permanent(format!("unknown embedder {arch:?}")))?
+            .input_px;
+        for (bag, grid, path) in &inputs {
+            let feats = Tensor::from_vec(bag.features.clone(), (bag.len(), bag.dim), &device).map_err(&err)?;
+            let targets = crate::finetune::slide_targets(&classifier, &feats, cfg.beta).map_err(&err)?;
+            let mut picked: Vec<usize> = (0..bag.len()).filter(|&i| targets.weights[i] > 0.0).collect();
+            rng.shuffle(&mut picked);
+            if cfg.patches_per_slide > 0 {
+                picked.truncate(cfg.patches_per_slide);
+            }
+            picked.sort_unstable();
+            let s = slide::open(Path::new(path))?;
+            let images: Vec<_> = picked
+                .par_iter()
+                .map(|&i| {
+                    let p = wsimil_common::grid::Patch { x: bag.xs[i], y: bag.ys[i], tissue: 0.0 };
+                    crate::embed::read_patch(s.as_ref(), grid, &p, pre_px)
+                })
+                .collect::<Result<_, _>>()?;
+            for (i, img) in picked.into_iter().zip(images) {
+                data.push(&targets, i, img);
+            }
+        }
+        let patches = data.len();
+        if patches < 2 {
+            return Ok((None, patches));
+        }
+        let out = crate::finetune::finetune(&arch, &teacher_tensors, (&model_cfg, &heads), &data, &cfg, seed, &device)
+            .map_err(&err)?;
+        let bytes = wsimil_common::models::params::safetensors_bytes(&out.tensors).map_err(&err)?;
+        Ok((Some((bytes, out.steps, out.epoch_losses)), patches))
+    })
+    .await?;
+    let (steps, epoch_losses, patches) = match result {
+        Some((bytes, steps, losses)) => {
+            ctx.store.put(&layout::finetune_shard_weights(&job.run, job.round, job.fold, job.shard), bytes).await?;
+            (steps, losses, patches)
+        }
+        // Fewer than two confident patches: nothing to learn from; the shard weighs nothing.
+        None => (0, Vec::new(), 0),
+    };
+    let report = crate::finetune::ShardReport {
+        shard: job.shard,
+        teacher: teacher_id.to_string(),
+        slides: slide_names,
+        patches,
+        steps,
+        epoch_losses,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    ctx.store.put_json(&report_key, &report).await?;
+    info!(round = job.round, fold = job.fold, shard = job.shard, patches, steps, secs = report.seconds, "fine-tuned");
     Ok(Done::Computed)
 }
 

@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod contours;
 pub mod embed;
+pub mod finetune;
 pub mod heatmap;
 pub mod jobs;
 pub mod resample;

@@ -7,10 +7,12 @@
 //! - [`ops`]: depthwise convolution with backward, iterative pseudo-inverse, seeded dropout.
 //! - [`params`]: seeded parameter creation and safetensors IO.
 //! - [`optim`]: RAdam, Lookahead and AdamW.
+//! - [`icmil`]: ICMIL's pseudo-label weighting, distillation loss and shard averaging.
 
 pub mod abmil;
 pub mod efficientnet;
 pub mod embedder;
+pub mod icmil;
 pub mod ops;
 pub mod optim;
 pub mod params;
@@ -109,5 +111,61 @@ impl BagModel {
             BagModel::Transmil(m) => m.forward(bag, mode, want_attention),
             BagModel::Abmil(m) => m.forward(bag, mode, want_attention),
         }
+    }
+
+    /// The instance-level path (ICMIL's teacher): feature reduction and head on each instance of
+    /// `feats` [N, in_dim], no attention → (reduced [N, R], logits [N, C]). Differentiable (for
+    /// gradients to reach `feats` through a frozen copy too).
+    pub fn instance_path(&self, feats: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self {
+            BagModel::Transmil(m) => m.instance_path(feats, true),
+            BagModel::Abmil(m) => m.instance_path(feats),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::params::Params;
+    use candle_core::Device;
+
+    #[test]
+    fn abmil_instance_path_is_the_bag_prediction_of_a_one_instance_bag() {
+        // One instance gets all the attention, so the bag's logits are the head on that instance:
+        // the pseudo-label of a patch is what the classifier says of a slide made of it alone.
+        let p = Params::new(3);
+        let m = BagModel::new(&BagModelConfig::named("abmil", 6, 2).unwrap(), p.var_builder(&Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 6), &Device::Cpu).unwrap();
+        let (reduced, logits) = m.instance_path(&x).unwrap();
+        assert_eq!(reduced.dims()[0], 4);
+        for i in 0..4 {
+            let bag = x.narrow(0, i, 1).unwrap().unsqueeze(0).unwrap();
+            let want = m.forward(&bag, &mut Mode::Eval, false).unwrap().logits.squeeze(0).unwrap();
+            let got = logits.get(i).unwrap();
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "instance {i}: {d}");
+        }
+    }
+
+    #[test]
+    fn transmil_instance_path_is_fc1_norm_fc2_per_instance() {
+        let cfg = transmil::TransMilConfig {
+            dim: 16,
+            heads: 2,
+            dim_head: 8,
+            landmarks: 4,
+            ..transmil::TransMilConfig::paper(6, 3)
+        };
+        let p = Params::new(5);
+        let m = BagModel::new(&BagModelConfig::Transmil(cfg), p.var_builder(&Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 6), &Device::Cpu).unwrap();
+        let (reduced, logits) = m.instance_path(&x).unwrap();
+        assert_eq!((reduced.dims(), logits.dims()), (&[5, 16][..], &[5, 3][..]));
+        // Each row on its own gives the same answer: no mixing between instances.
+        let (_, one) = m.instance_path(&x.narrow(0, 2, 1).unwrap()).unwrap();
+        let d = (one.squeeze(0).unwrap() - logits.get(2).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(reduced.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0, "reduced features are post-ReLU");
     }
 }

@@ -1,0 +1,318 @@
+//! ICMIL fine-tuning of the patch embedder: one shard of one fold's training slides.
+//!
+//! The teacher is the fold's round-r classifier read at the instance level on the round-r features
+//! already in the store (see [`wsimil_common::models::icmil`] for the targets, the confidence
+//! weights and the loss), so the only network that runs per step is the student: a trainable copy
+//! of the round-r embedder (BatchNorm on batch statistics in its trainable layers) followed by
+//! trainable copies of the classifier's instance-level heads, on random views of the patches
+//! (random resized crop, horizontal and vertical flips). Adam at the paper's lr 1e-5.
+//!
+//! Patches with zero confidence carry no loss and are not read. The shard's result is the full set
+//! of the embedder's tensors (the trained ones updated, the rest as the teacher's), to be averaged
+//! with the fold's other shards by the coordinator.
+
+use crate::embed::normalise;
+use crate::resample::resize_rgb;
+use candle_core::{DType, Device, Result, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use wsimil_common::features::Preprocessing;
+use wsimil_common::models::embedder::{self, Tune};
+use wsimil_common::models::icmil::{self, StudentOut, Targets};
+use wsimil_common::models::optim::{AdamW, Optimizer};
+use wsimil_common::models::params::Params;
+use wsimil_common::models::{BagModel, BagModelConfig, Mode};
+use wsimil_common::plan::IcmilConfig;
+use wsimil_common::rng::Rng;
+
+/// What a fine-tuning shard did; stored beside its weights and in the merged embedder's card.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub shard: u32,
+    /// The round-r embedder it started from (the teacher's).
+    pub teacher: String,
+    pub slides: Vec<String>,
+    /// Confident patches it trained on (its weight in the fold's average).
+    pub patches: usize,
+    pub steps: usize,
+    /// Mean weighted loss per epoch.
+    pub epoch_losses: Vec<f64>,
+    pub seconds: f64,
+}
+
+/// The patches a shard learns from, with the teacher's targets, row-aligned.
+#[derive(Default)]
+pub struct TeacherData {
+    /// At the embedder's input size.
+    pub images: Vec<RgbImage>,
+    /// Instance logits, `[n, n_classes]` row-major.
+    pub logits: Vec<f32>,
+    /// Reduced features, `[n, reduced_dim]` row-major.
+    pub reduced: Vec<f32>,
+    pub weights: Vec<f32>,
+    pub n_classes: usize,
+    pub reduced_dim: usize,
+}
+
+/// The teacher's view of one slide: instance logits, reduced features and confidence weights for
+/// each of its `feats` [N, D] (round-r features).
+pub struct SlideTargets {
+    pub logits: Vec<Vec<f32>>,
+    pub reduced: Vec<Vec<f32>>,
+    pub weights: Vec<f32>,
+}
+
+pub fn slide_targets(classifier: &BagModel, feats: &Tensor, beta: f64) -> Result<SlideTargets> {
+    let out = classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?;
+    let attention = out.attention.expect("asked for attention").to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let (reduced, logits) = classifier.instance_path(feats)?;
+    Ok(SlideTargets {
+        logits: logits.detach().to_vec2::<f32>()?,
+        reduced: reduced.detach().to_vec2::<f32>()?,
+        weights: icmil::confidence_weights(&attention, beta),
+    })
+}
+
+impl TeacherData {
+    /// Add patch `i` of a slide's targets with its image.
+    pub fn push(&mut self, t: &SlideTargets, i: usize, image: RgbImage) {
+        self.n_classes = t.logits[i].len();
+        self.reduced_dim = t.reduced[i].len();
+        self.logits.extend_from_slice(&t.logits[i]);
+        self.reduced.extend_from_slice(&t.reduced[i]);
+        self.weights.push(t.weights[i]);
+        self.images.push(image);
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+}
+
+/// A random view of a patch: a crop of 50–100 % of its area with aspect ratio 3/4–4/3
+/// (log-uniform), resized back to the patch's size, then flipped horizontally and vertically with
+/// probability ½ each.
+pub fn augment(img: &RgbImage, rng: &mut Rng) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let area = (w * h) as f64 * rng.range(0.5, 1.0);
+    let aspect = rng.range((3f64 / 4.0).ln(), (4f64 / 3.0).ln()).exp();
+    let cw = ((area * aspect).sqrt().round() as u32).clamp(1, w);
+    let ch = ((area / aspect).sqrt().round() as u32).clamp(1, h);
+    let x0 = rng.below((w - cw + 1) as usize) as u32;
+    let y0 = rng.below((h - ch + 1) as usize) as u32;
+    let crop = image::imageops::crop_imm(img, x0, y0, cw, ch).to_image();
+    let mut out = if (cw, ch) == (w, h) { crop } else { resize_rgb(&crop, w, h) };
+    if rng.uniform() < 0.5 {
+        image::imageops::flip_horizontal_in_place(&mut out);
+    }
+    if rng.uniform() < 0.5 {
+        image::imageops::flip_vertical_in_place(&mut out);
+    }
+    out
+}
+
+/// The classifier of a fold as a model over `tensors` (its own parameters, not shared).
+pub fn classifier(cfg: &BagModelConfig, tensors: &BTreeMap<String, Tensor>, device: &Device) -> Result<BagModel> {
+    let p = Params::new(0);
+    p.preload(tensors.iter().map(|(k, v)| (k.clone(), v.clone())))?;
+    BagModel::new(cfg, p.var_builder(device))
+}
+
+/// What fine-tuning produced.
+pub struct Finetuned {
+    /// Every tensor of the teacher's checkpoint, the trained ones updated.
+    pub tensors: BTreeMap<String, Tensor>,
+    pub steps: usize,
+    pub epoch_losses: Vec<f64>,
+}
+
+/// The layers a config trains.
+pub fn tune_of(cfg: &IcmilConfig) -> Tune {
+    match cfg.trainable_blocks {
+        0 => Tune::LastBlocks(usize::MAX),
+        n => Tune::LastBlocks(n),
+    }
+}
+
+/// Fine-tune `architecture` starting from `teacher`'s tensors on `data`, with copies of the
+/// classifier's heads (`heads`) as the student's and the originals frozen as the teacher's.
+pub fn finetune(
+    architecture: &str,
+    teacher: &BTreeMap<String, Tensor>,
+    heads: (&BagModelConfig, &BTreeMap<String, Tensor>),
+    data: &TeacherData,
+    cfg: &IcmilConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<Finetuned> {
+    let student_params = Params::new(seed);
+    student_params
+        .preload(teacher.iter().filter(|(_, t)| t.dtype().is_float()).map(|(k, v)| (k.clone(), v.clone())))?;
+    let student = embedder::build_tuned(architecture, student_params.var_builder(device), tune_of(cfg))?;
+    let pre: Preprocessing = student.preprocessing();
+    let head_params = Params::new(seed ^ 1);
+    head_params.preload(heads.1.iter().map(|(k, v)| (k.clone(), v.clone())))?;
+    let student_heads = BagModel::new(heads.0, head_params.var_builder(device))?;
+    let teacher_heads = classifier(heads.0, heads.1, device)?;
+    let mut vars: Vec<_> = student_params
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with(".running_mean") && !n.ends_with(".running_var"))
+        .map(|(_, v)| v)
+        .collect();
+    vars.extend(head_params.vars());
+    let mut opt = AdamW::new(vars, cfg.lr, 0.0)?;
+
+    let s = pre.input_px as usize;
+    let (c, r) = (data.n_classes, data.reduced_dim);
+    let rows = |src: &[f32], idx: &[usize], width: usize| -> Result<Tensor> {
+        let v: Vec<f32> = idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect();
+        Tensor::from_vec(v, (idx.len(), width), device)
+    };
+    let mut rng = Rng::new(seed);
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let (mut steps, mut epoch_losses) = (0, Vec::new());
+    for _ in 0..cfg.epochs {
+        rng.shuffle(&mut order);
+        let (mut total, mut batches) = (0.0, 0);
+        // BatchNorm needs two patches: a last batch of one is dropped.
+        for idx in order.chunks(cfg.batch_size.max(2)).filter(|b| b.len() >= 2) {
+            let seeds: Vec<u64> = idx.iter().map(|_| rng.next_u64()).collect();
+            let planes: Vec<f32> = idx
+                .par_iter()
+                .zip(seeds)
+                .flat_map_iter(|(&i, sd)| normalise(&augment(&data.images[i], &mut Rng::new(sd)), &pre))
+                .collect();
+            let x = Tensor::from_vec(planes, (idx.len(), 3, s, s), device)?;
+            let f = student.forward(&x)?;
+            let (reduced, logits) = student_heads.instance_path(&f)?;
+            let (_, teacher_head_logits) = teacher_heads.instance_path(&f)?;
+            let (tl, tr) = (rows(&data.logits, idx, c)?, rows(&data.reduced, idx, r)?);
+            let w = rows(&data.weights, idx, 1)?.flatten_all()?;
+            let loss = icmil::weighted_loss(
+                &Targets { logits: &tl, reduced: &tr, weights: &w },
+                &StudentOut { logits: &logits, teacher_head_logits: &teacher_head_logits, reduced: &reduced },
+            )?;
+            opt.step(&loss.backward()?)?;
+            total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            batches += 1;
+            steps += 1;
+        }
+        epoch_losses.push(if batches == 0 { f64::NAN } else { total / batches as f64 });
+    }
+    let mut tensors = teacher.clone();
+    for (name, t) in student_params.snapshot()? {
+        if let Some(orig) = teacher.get(&name) {
+            tensors.insert(name, t.to_dtype(orig.dtype())?);
+        }
+    }
+    Ok(Finetuned { tensors, steps, epoch_losses })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 77]))
+    }
+
+    #[test]
+    fn augmented_views_keep_the_size_and_vary_crop_and_orientation() {
+        let img = gradient(32, 32);
+        let mut rng = Rng::new(3);
+        let mut flipped_x = 0;
+        let mut cropped = 0;
+        for _ in 0..200 {
+            let v = augment(&img, &mut rng);
+            assert_eq!(v.dimensions(), (32, 32));
+            // The red ramp runs left→right unless flipped horizontally.
+            if v.get_pixel(0, 16)[0] > v.get_pixel(31, 16)[0] {
+                flipped_x += 1;
+            }
+            // A crop stretches the ramp: its ends move inwards from 0 and ~247.
+            let (lo, hi) =
+                (v.get_pixel(0, 16)[0].min(v.get_pixel(31, 16)[0]), v.get_pixel(0, 16)[0].max(v.get_pixel(31, 16)[0]));
+            if lo > 8 || hi < 239 {
+                cropped += 1;
+            }
+            assert_eq!(v.get_pixel(5, 5)[2], 77, "colour untouched");
+        }
+        assert!((70..130).contains(&flipped_x), "horizontal flips: {flipped_x} of 200");
+        assert!(cropped > 100, "most views are crops: {cropped} of 200");
+    }
+
+    #[test]
+    fn fine_tuning_lowers_the_loss_and_changes_only_the_trainable_layers() {
+        let d = Device::Cpu;
+        let tp = Params::new(9);
+        embedder::build("efficientnet-lite0", tp.var_builder(&d)).unwrap();
+        let teacher = tp.snapshot().unwrap();
+        let hcfg = BagModelConfig::named("abmil", 1280, 2).unwrap();
+        let hp = Params::new(10);
+        BagModel::new(&hcfg, hp.var_builder(&d)).unwrap();
+        let heads = hp.snapshot().unwrap();
+        // Eight patches of two looks, each with a confident target for its class.
+        let mut data = TeacherData::default();
+        let mut rng = Rng::new(1);
+        for i in 0..8 {
+            let img = RgbImage::from_fn(224, 224, |x, y| {
+                let v = if i % 2 == 0 { ((x / 16 + y / 16) % 2 * 200) as u8 } else { 120 };
+                image::Rgb([v, (rng.below(50) + 100) as u8, 150])
+            });
+            let cls = i % 2;
+            let t = SlideTargets {
+                logits: vec![if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] }],
+                reduced: vec![(0..512).map(|j| ((j + i) % 7) as f32 * 0.3).collect()],
+                weights: vec![1.0],
+            };
+            data.push(&t, 0, img);
+        }
+        // The whole network (a random one needs its BatchNorms to train to separate anything).
+        let cfg = IcmilConfig { epochs: 3, lr: 3e-3, batch_size: 4, trainable_blocks: 0, ..IcmilConfig::default() };
+        let out = finetune("efficientnet-lite0", &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        assert_eq!(out.steps, 6);
+        let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
+        assert!(last < first * 0.8, "loss {:?}", out.epoch_losses);
+        let changed = |out: &Finetuned, name: &str| {
+            let diff = (&out.tensors[name] - &teacher[name]).unwrap().abs().unwrap().max_all().unwrap();
+            diff.to_scalar::<f32>().unwrap() > 0.0
+        };
+        assert!(changed(&out, "_conv_stem.weight") && changed(&out, "_bn0.running_var"));
+        assert_eq!(out.tensors.len(), teacher.len());
+        // The result is an ordinary checkpoint: it builds the inference embedder.
+        let vb = candle_nn::VarBuilder::from_tensors(out.tensors.into_iter().collect(), DType::F32, &d);
+        assert!(embedder::build("efficientnet-lite0", vb).is_ok());
+
+        // The last block only: one step changes it and the head, nothing before it.
+        let cfg = IcmilConfig { epochs: 1, batch_size: 8, trainable_blocks: 1, ..cfg };
+        let out = finetune("efficientnet-lite0", &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        for name in ["_blocks.15._project_conv.weight", "_conv_head.weight", "_bn1.running_mean", "_bn1.weight"] {
+            assert!(changed(&out, name), "{name} should have trained");
+        }
+        for name in ["_blocks.14._project_conv.weight", "_blocks.0._bn1.running_var", "_conv_stem.weight"] {
+            assert!(!changed(&out, name), "{name} should be frozen");
+        }
+    }
+
+    #[test]
+    fn teacher_targets_are_the_instance_path_and_weights_follow_attention() {
+        let d = Device::Cpu;
+        let cfg = BagModelConfig::named("abmil", 5, 2).unwrap();
+        let p = Params::new(4);
+        let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
+        let feats = Tensor::randn(0f32, 1.0, (6, 5), &d).unwrap();
+        let t = slide_targets(&model, &feats, 1.0).unwrap();
+        let (_, logits) = model.instance_path(&feats).unwrap();
+        assert_eq!(t.logits, logits.to_vec2::<f32>().unwrap());
+        let att = model.forward(&feats.unsqueeze(0).unwrap(), &mut Mode::Eval, true).unwrap().attention.unwrap();
+        assert_eq!(t.weights, icmil::confidence_weights(&att.to_vec1::<f32>().unwrap(), 1.0));
+        assert_eq!(t.weights.iter().filter(|w| **w == 1.0).count(), 2, "the most and least attended patches");
+    }
+}
