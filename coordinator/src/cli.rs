@@ -229,6 +229,10 @@ pub struct RunArgs {
     /// Seed of fold assignment, initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Seed of the classifier's initialisation and shuffling alone (default: --seed), to see how
+    /// much results move with training noise on the same folds.
+    #[arg(long)]
+    pub train_seed: Option<u64>,
 
     /// Patch side in pixels at the target resolution.
     #[arg(long, default_value_t = 256)]
@@ -395,7 +399,7 @@ impl RunArgs {
                 grad_accumulation: self.grad_accumulation.max(1),
                 max_train_instances: self.max_train_instances,
                 landmarks: self.landmarks.max(1),
-                seed: self.seed,
+                seed: self.train_seed.unwrap_or(self.seed),
                 ..TrainConfig::default()
             },
             folds: FoldSettings { k: self.folds.max(1), seed: self.seed },
@@ -840,4 +844,43 @@ pub fn make_slide(args: MakeSlideArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, write_levels(&levels, "bench", &opt)?)
         .with_context(|| format!("{}", args.out.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["wsimil", "run", "--manifest", "m.csv", "--random-weights", "1", "--seed", "7"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn icmil_flags_become_the_plans_icmil_settings_and_bad_ones_are_refused() {
+        assert_eq!(run_args(&[]).settings().unwrap().icmil, None, "no rounds unless asked");
+        let s = run_args(&["--icmil-rounds", "2", "--icmil-shards", "3", "--icmil-trainable-blocks", "4"]).settings();
+        let c = s.unwrap().icmil.unwrap();
+        assert_eq!((c.rounds, c.shards, c.trainable_blocks, c.lr), (2, 3, 4, 1e-5));
+        for (bad, why) in [
+            (&["--icmil-rounds", "1", "--icmil-batch-size", "1"][..], "at least 2"),
+            (&["--icmil-rounds", "1", "--icmil-shards", "0"][..], "must be positive"),
+            (&["--icmil-rounds", "1", "--until", "embed"][..], "cannot be combined"),
+        ] {
+            let err = run_args(bad).settings().unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn train_seed_changes_initialisation_but_not_the_folds() {
+        let base = run_args(&[]).settings().unwrap();
+        let other = run_args(&["--train-seed", "9"]).settings().unwrap();
+        assert_eq!((base.train.seed, other.train.seed), (7, 9));
+        assert_eq!(base.folds.seed, other.folds.seed);
+    }
 }
