@@ -161,7 +161,8 @@ pub struct IcmilConfig {
     pub lr: f64,
     /// Patches per fine-tuning step (BatchNorm needs at least 2).
     pub batch_size: usize,
-    /// At most this many confident patches per training slide, drawn at random (0 = all).
+    /// At most this many confident patches per training slide, drawn at random (0 = all). A shard
+    /// holds its patches in memory (about 150 KB each at 224 px), so this bounds a job's memory.
     pub patches_per_slide: usize,
     /// Confidence exponent β in |2·minmax(attention) − 1|^β.
     pub beta: f64,
@@ -177,7 +178,7 @@ impl Default for IcmilConfig {
             epochs: 1,
             lr: 1e-5,
             batch_size: 16,
-            patches_per_slide: 0,
+            patches_per_slide: 256,
             beta: 1.0,
             trainable_blocks: 0,
         }

@@ -318,8 +318,9 @@ pub struct RunArgs {
     /// ICMIL: patches per fine-tuning step.
     #[arg(long, default_value_t = 16)]
     pub icmil_batch_size: usize,
-    /// ICMIL: at most this many confident patches per training slide (0 = all).
-    #[arg(long, default_value_t = 0)]
+    /// ICMIL: at most this many confident patches per training slide (0 = all). A fine-tuning job
+    /// holds its shard's patches in memory, ~150 KB each: more shards, less memory per job.
+    #[arg(long, default_value_t = 256)]
     pub icmil_patches_per_slide: usize,
     /// ICMIL: confidence exponent β of |2·minmax(attention) − 1|^β.
     #[arg(long, default_value_t = 1.0)]
