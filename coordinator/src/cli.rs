@@ -56,6 +56,9 @@ pub enum Command {
     BenchEmbed(BenchEmbedArgs),
     /// Build the semi-synthetic demo cohort from the real slide and tumour image.
     DemoCohort(DemoCohortArgs),
+    /// Diagnostic: a round's ICMIL teachers against the demo cohort's patch-level truth.
+    #[command(hide = true)]
+    IcmilTeacherCheck(TeacherCheckArgs),
     /// Import bags of features from a table (label, bag id, features per row; e.g. Musk1) into the
     /// store, with a manifest; then `wsimil run --features NAME --manifest MANIFEST`.
     ImportBags(ImportBagsArgs),
@@ -716,6 +719,28 @@ pub struct BenchTransmilArgs {
     pub landmarks: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TeacherCheckArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long)]
+    pub run: String,
+    #[arg(long, default_value_t = 0)]
+    pub round: u32,
+    /// The `wsimil demo-cohort` folder (truth.json, truth/).
+    #[arg(long)]
+    pub cohort: PathBuf,
+}
+
+/// `wsimil icmil-teacher-check`.
+pub async fn icmil_teacher_check(args: TeacherCheckArgs) -> anyhow::Result<()> {
+    let store = args.store.open()?;
+    let plan: wsimil_common::plan::RunPlan =
+        store.get_json(&wsimil_common::layout::run_plan(&RunId::new(&args.run)?)).await?;
+    print!("{}", crate::icmil::teacher_check(&store, &plan, args.round, &args.cohort).await?);
+    Ok(())
 }
 
 #[derive(Debug, Args)]

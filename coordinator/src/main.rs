@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
         Command::BenchTransmil(args) => cli::bench_transmil(args),
         Command::BenchEmbed(args) => cli::bench_embed(args),
         Command::DemoCohort(args) => cli::demo_cohort(args),
+        Command::IcmilTeacherCheck(args) => tokio_main(cli::icmil_teacher_check(args)),
         Command::ImportBags(args) => tokio_main(cli::import_bags(args)),
         Command::ImportClam(args) => tokio_main(cli::import_clam(args)),
     };

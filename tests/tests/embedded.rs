@@ -348,6 +348,13 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         "{report}"
     );
     assert!(store.exists(&layout::predictions_csv(&run, 1)).await.unwrap());
+    // The teacher diagnostic reads the cohort's truth masks: one report per fold and round.
+    for round in [0, 1] {
+        let check =
+            wsimil_coordinator::icmil::teacher_check(&store, &s.plan, round, &dir.path().join("cohort")).await.unwrap();
+        assert_eq!(check.matches("pseudo-label AUC vs truth").count(), 2, "{check}");
+        assert!(check.contains(&format!("round {round} fold 1")) && check.contains("negative slides:"), "{check}");
+    }
 
     // Resume: every stage of both rounds is already done (the corrupt slide is retried, alone).
     let again = run_once(&store, &st).await;
