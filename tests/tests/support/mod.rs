@@ -141,40 +141,72 @@ pub struct S3 {
     _dir: tempfile::TempDir,
 }
 
+/// A loopback port in 20000-29999 that is free, and so is the port 10000 above it (weed's gRPC).
+fn free_weed_port() -> u16 {
+    loop {
+        let p = 20000 + free_port() % 10000;
+        let pair = (TcpListener::bind(("127.0.0.1", p)), TcpListener::bind(("127.0.0.1", p + 10000)));
+        if pair.0.is_ok() && pair.1.is_ok() {
+            return p;
+        }
+    }
+}
+
 pub fn s3() -> &'static S3 {
     static S3_SERVER: OnceLock<S3> = OnceLock::new();
     S3_SERVER.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
-        // weed also listens on each port + 10000 for gRPC: keep the base ports low enough.
-        let ports: Vec<u16> = ports.iter().map(|p| 20000 + p % 10000).collect();
-        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
-        let child = Command::new(tool("weed"))
-            .arg("mini")
-            .arg(format!("-dir={}", dir.path().display()))
-            .args([
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-                "-webdav=false",
-                "-admin.ui=false",
-            ])
-            .arg(format!("-master.port={}", ports[0]))
-            .arg(format!("-volume.port={}", ports[1]))
-            .arg(format!("-filer.port={}", ports[2]))
-            .arg(format!("-s3.port={}", ports[3]))
-            .arg(format!("-admin.port={}", ports[4]))
-            .arg(format!("-s3.port.iceberg={}", ports[5]))
-            .arg(format!("-debug.port={}", ports[6]))
-            .env("AWS_ACCESS_KEY_ID", S3_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let proc = Proc { child, name: "weed".into() };
-        wait_for_port(ports[3], "weed s3", Duration::from_secs(60));
-        S3 { port: ports[3], _proc: proc, _dir: dir }
+        // A port taken between choosing and binding makes weed exit: try again with others.
+        for attempt in 1..=3 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut ports: Vec<u16> = Vec::new();
+            while ports.len() < 7 {
+                let p = free_weed_port();
+                if !ports.contains(&p) {
+                    ports.push(p);
+                }
+            }
+            let log_path = dir.path().join("weed.log");
+            let child = Command::new(tool("weed"))
+                .arg("mini")
+                .arg(format!("-dir={}", dir.path().display()))
+                .args([
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    "-master.telemetry=false",
+                    "-webdav=false",
+                    "-admin.ui=false",
+                ])
+                .arg(format!("-master.port={}", ports[0]))
+                .arg(format!("-volume.port={}", ports[1]))
+                .arg(format!("-filer.port={}", ports[2]))
+                .arg(format!("-s3.port={}", ports[3]))
+                .arg(format!("-admin.port={}", ports[4]))
+                .arg(format!("-s3.port.iceberg={}", ports[5]))
+                .arg(format!("-debug.port={}", ports[6]))
+                .env("AWS_ACCESS_KEY_ID", S3_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .unwrap();
+            let mut proc = Proc { child, name: "weed".into() };
+            // Other tests load both cores while weed starts: give it time, but not if it died.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(180) {
+                if std::net::TcpStream::connect(("127.0.0.1", ports[3])).is_ok() {
+                    return S3 { port: ports[3], _proc: proc, _dir: dir };
+                }
+                if let Ok(Some(status)) = proc.child.try_wait() {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                    eprintln!("weed exited ({status}) on attempt {attempt}: {tail}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            proc.kill9();
+        }
+        panic!("weed s3 did not start in 3 attempts (see the lines above)");
     })
 }
 
