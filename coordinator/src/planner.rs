@@ -139,16 +139,15 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
             mpp: r.mpp,
         })
         .collect();
-    let folds_v = folds;
     let run = run.unwrap_or_else(|| {
-        let key = serde_json::to_vec(&(&manifest.classes, &slides, &folds_v, &tiling, &embedder, &train, &imported))
+        let key = serde_json::to_vec(&(&manifest.classes, &slides, &folds, &tiling, &embedder, &train, &imported))
             .expect("json");
         // ICMIL settings join the hash only when given, so runs without them keep their ids.
         let extra = icmil.as_ref().map(|c| serde_json::to_vec(c).expect("json"));
         let parts = std::iter::once(key.as_slice()).chain(extra.as_deref());
         RunId::new(format!("run-{}", content_hash(parts))).expect("safe")
     });
-    RunPlan { run, classes: manifest.classes.clone(), slides, folds: folds_v, tiling, embedder, train, imported, icmil }
+    RunPlan { run, classes: manifest.classes.clone(), slides, folds, tiling, embedder, train, imported, icmil }
 }
 
 /// Tile jobs for slides without a patch grid.
@@ -171,12 +170,9 @@ pub async fn tile_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreE
     Ok(jobs)
 }
 
-/// The embedders of `round`: the run's in round 0; each fold's fine-tuned one in an ICMIL round
-/// (the same embedder twice is planned once).
+/// The embedders of `round`, each once: the run's in round 0 (every fold's), each fold's
+/// fine-tuned one in an ICMIL round.
 async fn round_embedders(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<EmbedderSpec>, StoreError> {
-    if round == 0 {
-        return Ok(vec![plan.embedder.clone()]);
-    }
     let mut specs: Vec<EmbedderSpec> = Vec::new();
     for k in 0..plan.folds.len() as u32 {
         let spec = plan.fold_embedder(store, round, k).await?;
@@ -195,12 +191,13 @@ pub async fn embed_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec
     if plan.imported.is_some() {
         return Ok(jobs); // imported features: nothing to embed
     }
-    for spec in round_embedders(store, plan, round).await? {
-        let emb = spec.id();
-        for s in &plan.slides {
-            if store.exists(&layout::patch_grid(&tiling, &s.id)).await?
-                && !store.exists(&layout::features(&emb, &tiling, &s.id)).await?
-            {
+    let specs = round_embedders(store, plan, round).await?;
+    for s in &plan.slides {
+        if !store.exists(&layout::patch_grid(&tiling, &s.id)).await? {
+            continue;
+        }
+        for spec in &specs {
+            if !store.exists(&layout::features(&spec.id(), &tiling, &s.id)).await? {
                 jobs.push(Job::Embed(EmbedJob {
                     slide: s.id.clone(),
                     path: s.path.clone(),
@@ -251,10 +248,14 @@ pub async fn train_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec
 /// Predict jobs for test slides with features but no attention map yet.
 pub async fn predict_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
     let mut jobs = Vec::new();
+    let mut fold_ids = Vec::new();
+    for k in 0..plan.folds.len() as u32 {
+        fold_ids.push(plan.round_feature_ids(store, round, k).await?);
+    }
     for s in &plan.slides {
         let Some(fold) = plan.test_fold_of(&s.id) else { continue };
-        let (emb, tiling) = plan.round_feature_ids(store, round, fold).await?;
-        if store.exists(&layout::features(&emb, &tiling, &s.id)).await?
+        let (emb, tiling) = &fold_ids[fold as usize];
+        if store.exists(&layout::features(emb, tiling, &s.id)).await?
             && !store.exists(&layout::attention(&plan.run, round, &s.id)).await?
         {
             jobs.push(Job::Predict(PredictJob { run: plan.run.clone(), round, slide: s.id.clone() }));
