@@ -257,22 +257,16 @@ impl Dispatcher for NatsDispatcher {
     }
 }
 
-/// The KV key of a run's [`RunProgress`] (beside the job states, which it never parses as).
+/// Where runs' [`RunProgress`] lives in the bucket, beside the job states.
+const PROGRESS_PREFIX: &str = "progress.";
+
 fn progress_key(run: &wsimil_common::ids::RunId) -> String {
-    format!("progress.{run}")
+    format!("{PROGRESS_PREFIX}{run}")
 }
 
 /// Every run's progress in the bucket.
 pub async fn all_progress(queue: &Queue) -> anyhow::Result<Vec<RunProgress>> {
-    let keys: Vec<String> = queue.kv.keys().await?.filter_map(|k| async move { k.ok() }).collect().await;
-    let mut out = Vec::new();
-    for k in keys.iter().filter(|k| k.starts_with("progress.")) {
-        if let Some(v) = queue.kv.get(k).await? {
-            if let Ok(p) = serde_json::from_slice::<RunProgress>(&v) {
-                out.push(p);
-            }
-        }
-    }
+    let mut out: Vec<RunProgress> = kv_values(queue, |k| k.starts_with(PROGRESS_PREFIX)).await?;
     out.sort_by(|a, b| a.run.as_str().cmp(b.run.as_str()));
     Ok(out)
 }
@@ -287,18 +281,23 @@ pub fn render_progress(runs: &[RunProgress]) -> String {
     out
 }
 
-/// Every job state in the bucket.
-pub async fn all_states(queue: &Queue) -> anyhow::Result<Vec<JobStatus>> {
+/// Every value in the bucket under a key `keep` accepts that parses as a `T`.
+async fn kv_values<T: serde::de::DeserializeOwned>(queue: &Queue, keep: fn(&str) -> bool) -> anyhow::Result<Vec<T>> {
     let keys: Vec<String> = queue.kv.keys().await?.filter_map(|k| async move { k.ok() }).collect().await;
     let mut out = Vec::new();
-    for k in keys {
-        if let Some(v) = queue.kv.get(&k).await? {
-            if let Ok(s) = serde_json::from_slice::<JobStatus>(&v) {
-                out.push(s);
+    for k in keys.iter().filter(|k| keep(k)) {
+        if let Some(v) = queue.kv.get(k).await? {
+            if let Ok(t) = serde_json::from_slice::<T>(&v) {
+                out.push(t);
             }
         }
     }
     Ok(out)
+}
+
+/// Every job state in the bucket.
+pub async fn all_states(queue: &Queue) -> anyhow::Result<Vec<JobStatus>> {
+    kv_values(queue, |k| !k.starts_with(PROGRESS_PREFIX)).await
 }
 
 /// `wsimil status`: per-stage counts, running jobs with their worker and age, failures.
