@@ -207,10 +207,16 @@ pub struct StageReport {
 pub struct RunSummary {
     pub plan: RunPlan,
     pub stages: Vec<StageReport>,
-    /// The last round's; `None` when the run stopped before training (`--until`).
-    pub metrics: Option<RoundMetrics>,
-    /// Every round's, in order (round 0, then each ICMIL round).
+    /// Every round's metrics, in order (round 0, then each ICMIL round); none when the run stopped
+    /// before predicting (`--until`).
     pub rounds: Vec<RoundMetrics>,
+}
+
+impl RunSummary {
+    /// The last round's metrics.
+    pub fn metrics(&self) -> Option<&RoundMetrics> {
+        self.rounds.last()
+    }
 }
 
 async fn record_failures(store: &Store, run: &RunId, jobs: &[Job], outcome: &StageOutcome) -> anyhow::Result<()> {
@@ -310,7 +316,7 @@ pub async fn run(
         }
     }
     dispatcher.progress(RunProgress::new(&plan.run, last_round, plan.icmil_rounds(), "done")).await;
-    Ok(RunSummary { plan: plan.clone(), stages, metrics: rounds.last().cloned(), rounds })
+    Ok(RunSummary { plan: plan.clone(), stages, rounds })
 }
 
 /// Gather fold reports into out-of-fold predictions (Parquet and CSV) and the round's metrics.
@@ -430,7 +436,7 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
             o.seconds
         ));
     }
-    let Some(m) = &s.metrics else {
+    let Some(m) = s.metrics() else {
         let last = s.stages.last().map_or("plan", |st| st.kind.as_str());
         out.push_str(&format!("stopped after {last} (--until); run again without it to continue\n"));
         for st in &s.stages {

@@ -102,7 +102,7 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
 
     // Outputs where the layout says, for every slide that could be read.
     let run = &s.plan.run;
-    let m = s.metrics.as_ref().unwrap();
+    let m = s.metrics().unwrap();
     assert_eq!(m.predicted, 6);
     let pooled = m.pooled.expect("pooled metrics");
     assert!(pooled.auc.is_some() && (0.0..=1.0).contains(&pooled.accuracy));
@@ -274,7 +274,7 @@ async fn until_stops_after_the_named_stage() {
     let s = run::run(&store, &d, &plan, JobKind::Tile).await.unwrap();
     assert_eq!(s.stages.len(), 1);
     assert_eq!(s.stages[0].outcome.computed, 2);
-    assert!(s.metrics.is_none());
+    assert!(s.metrics().is_none());
     assert!(!store
         .exists(&layout::features(&plan.embedder.id(), &plan.tiling.id(), &SlideId::new("a").unwrap()))
         .await
