@@ -13,7 +13,7 @@ pub mod dispatch;
 /// Keep freed memory in the process instead of handing it back to the kernel. Tensors of tens of
 /// megabytes are allocated and freed for every layer of every batch; glibc serves blocks over its
 /// mmap threshold (32 MiB at most) with fresh mappings and unmaps them on free, so each one costs
-/// page faults that zero it again. Called first thing in `main`.
+/// page faults that zero it again. Called first thing in `main` (through [`prepare_process`]).
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
@@ -22,6 +22,13 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+/// What `main` does before anything else, while the process has one thread: the allocator policy
+/// and OpenBLAS's environment (read when it loads; see `wsimil_common::models::blas`).
+pub fn prepare_process() {
+    tune_allocator();
+    wsimil_common::models::blas::prepare_env();
+}
+
 pub mod icmil;
 pub mod import;
 pub mod jetstream;

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use wsimil_coordinator::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
-    wsimil_coordinator::tune_allocator();
+    wsimil_coordinator::prepare_process();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WSIMIL_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

@@ -38,11 +38,11 @@ impl MbConv {
             h = e.forward_act(&h, Act::Relu6)?;
         }
         h = self.depthwise.forward_act(&h, Act::Relu6)?;
-        h = self.project.forward(&h)?;
         if self.residual {
-            h = (h + x)?;
+            self.project.forward_residual_act(&h, x, Act::None)
+        } else {
+            self.project.forward(&h)
         }
-        Ok(h)
     }
 }
 

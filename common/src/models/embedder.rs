@@ -8,6 +8,7 @@
 //! ones in place (momentum 0.1, unbiased variance, as PyTorch). Frozen layers are folded and
 //! detached, so backpropagation stops at the first trainable layer.
 
+use super::conv::{FrozenConv, Padding};
 use super::ops::{depthwise_conv2d, f32_slice, DwGeom};
 use crate::features::Preprocessing;
 use candle_core::{DType, Result, Tensor, D};
@@ -132,6 +133,8 @@ pub struct ConvBn {
     bias: Tensor,
     kind: ConvKind,
     train: Option<TrainBn>,
+    /// The same frozen layer for the CPU's OpenBLAS path (dense and pointwise, f32 on the CPU).
+    frozen: Option<FrozenConv>,
 }
 
 impl ConvBn {
@@ -158,12 +161,16 @@ impl ConvBn {
     ) -> Result<Self> {
         let fan_out = (shape.0 * shape.2 * shape.3) as f64;
         let std = (2.0 / fan_out).sqrt();
-        let w = conv.get_with_hints(shape, "weight", Init::Randn { mean: 0.0, stdev: std })?;
+        // Trainable layers keep the VarBuilder's dtype; frozen ones fold in f32 and are cast to it
+        // afterwards (half-precision inference keeps the fold exact).
+        let compute = conv.dtype();
+        let load = if trainable { compute } else { DType::F32 };
+        let w = conv.get_with_hints_dtype(shape, "weight", Init::Randn { mean: 0.0, stdev: std }, load)?;
         let c = shape.0;
-        let gamma = bn.get_with_hints(c, "weight", Init::Const(1.0))?;
-        let beta = bn.get_with_hints(c, "bias", Init::Const(0.0))?;
-        let mean = bn.get_with_hints(c, "running_mean", Init::Const(0.0))?;
-        let var = bn.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        let gamma = bn.get_with_hints_dtype(c, "weight", Init::Const(1.0), load)?;
+        let beta = bn.get_with_hints_dtype(c, "bias", Init::Const(0.0), load)?;
+        let mean = bn.get_with_hints_dtype(c, "running_mean", Init::Const(0.0), load)?;
+        let var = bn.get_with_hints_dtype(c, "running_var", Init::Const(1.0), load)?;
         let as_kind = |w: Tensor| match kind {
             ConvKind::Pointwise => w.reshape((shape.0, shape.1)),
             _ => Ok(w),
@@ -171,17 +178,31 @@ impl ConvBn {
         if trainable {
             let bias = beta.zeros_like()?;
             let train = TrainBn { gamma, beta, running_mean: mean, running_var: var, eps };
-            return Ok(ConvBn { weight: as_kind(w)?, bias, kind, train: Some(train) });
+            return Ok(ConvBn { weight: as_kind(w)?, bias, kind, train: Some(train), frozen: None });
         }
         let scale = (gamma / (var + eps)?.sqrt()?)?;
         let weight = w.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
         let bias = (beta - (mean * &scale)?)?;
         // Detached: a frozen layer is a constant to any training around it.
-        Ok(ConvBn { weight: as_kind(weight)?.detach(), bias: bias.detach(), kind, train: None })
+        let k = (shape.2, shape.3);
+        let frozen = match kind {
+            _ if compute != DType::F32 || !weight.device().is_cpu() => None,
+            ConvKind::Pointwise => Some(FrozenConv::new(&weight, &bias, k, 1, Padding::Symmetric(0))?),
+            ConvKind::DenseTfSame { stride } => Some(FrozenConv::new(&weight, &bias, k, stride, Padding::TfSame)?),
+            ConvKind::Dense { stride, pad } => {
+                Some(FrozenConv::new(&weight, &bias, k, stride, Padding::Symmetric(pad))?)
+            }
+            ConvKind::DepthwiseTfSame { .. } => None,
+        };
+        let (weight, bias) = (as_kind(weight)?.to_dtype(compute)?, bias.to_dtype(compute)?);
+        Ok(ConvBn { weight: weight.detach(), bias: bias.detach(), kind, train: None, frozen })
     }
 
     /// The convolution, its folded bias and `act`, the last two in one pass over the output.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        if let Some(f) = self.frozen.as_ref().filter(|_| FrozenConv::applies(x)) {
+            return f.forward(x, act, None);
+        }
         let y = self.conv(x)?;
         let y = if let Some(bn) = &self.train {
             bn.forward(&y)?
@@ -200,6 +221,20 @@ impl ConvBn {
     /// The convolution and its folded bias, no activation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, Act::None)
+    }
+
+    /// `act(conv(x) + bias + residual)`: a residual block's last convolution and its skip
+    /// connection, in one pass on the CPU's OpenBLAS path.
+    pub fn forward_residual_act(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
+        if let Some(f) = self.frozen.as_ref().filter(|_| FrozenConv::applies(x) && !residual.track_op()) {
+            return f.forward(x, act, Some(residual));
+        }
+        let y = (self.forward(x)? + residual)?;
+        match act {
+            Act::None => Ok(y),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
     }
 
     /// The convolution alone (no bias).
@@ -376,6 +411,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The half-precision path is the one a GPU runs (broadcast bias and activation instead of the
+    /// fused CPU op). candle's CPU matmul has f16 but not bf16, so f16 stands in for it here: the
+    /// features must match f32's to half precision. (EfficientNet-Lite0 with random weights has
+    /// features near 1e-9, below f16's range: it is checked with its real weights on real patches
+    /// in the worker's slide tests.)
+    #[test]
+    fn half_precision_embedders_fold_in_f32_and_match_the_f32_features() {
+        let arch = "resnet50-trunc";
+        let p = Params::new(3);
+        let full = build(arch, p.var_builder(&Device::Cpu)).unwrap();
+        let half = build(arch, p.var_builder_as(&Device::Cpu, DType::F16)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).unwrap();
+        let a = full.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let hb = half.forward(&x.to_dtype(DType::F16).unwrap()).unwrap();
+        assert_eq!(hb.dtype(), DType::F16, "{arch}");
+        let b = hb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let rel = norm(&diff) / norm(&a);
+        assert!(norm(&a) > 0.0 && rel < 0.02, "{arch}: f16 features differ from f32 by {rel}");
     }
 
     #[test]

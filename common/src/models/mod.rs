@@ -10,6 +10,8 @@
 //! - [`icmil`]: ICMIL's pseudo-label weighting, distillation loss and shard averaging.
 
 pub mod abmil;
+pub mod blas;
+pub mod conv;
 pub mod efficientnet;
 pub mod embedder;
 pub mod icmil;

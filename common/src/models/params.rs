@@ -25,7 +25,12 @@ impl Params {
 
     /// A VarBuilder that creates missing parameters from the seeded generator.
     pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
+        self.var_builder_as(device, DType::F32)
+    }
+
+    /// As [`Params::var_builder`], the tensors handed out as `dtype` (kept as f32 here).
+    pub fn var_builder_as(&self, device: &Device, dtype: DType) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
     }
 
     /// Parameters in name order (a stable order for optimizers).

@@ -57,12 +57,11 @@ impl Bottleneck {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward_act(x, Act::Relu)?;
         let h = self.conv2.forward_act(&h, Act::Relu)?;
-        let h = self.conv3.forward(&h)?;
         let skip = match &self.downsample {
             Some(d) => d.forward(x)?,
             None => x.clone(),
         };
-        (h + skip)?.relu()
+        self.conv3.forward_residual_act(&h, &skip, Act::Relu)
     }
 }
 
