@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: install what the tests need (libopenslide, the real
+# The whole test suite on a fresh machine: install what the tests need (libopenslide, OpenBLAS, the real
 # data, nats-server and SeaweedFS for the distributed tests), then build and run every test of the
 # workspace in one cargo invocation. The tests start their own servers on free loopback ports.
 set -euo pipefail
@@ -9,4 +9,7 @@ export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
 WSIMIL_TOOLS=$(dirname "$(./scripts/fetch-tools.sh)")
 export WSIMIL_TOOLS
 cargo fmt --all -- --check
+# The cuda feature must keep compiling: type-checked with CUDA 13 from PyPI (no GPU needed).
+# WSIMIL_SKIP_CUDA_CHECK=1 skips it (local iterations).
+[[ -n ${WSIMIL_SKIP_CUDA_CHECK:-} ]] || ./scripts/build-cuda.sh --check
 cargo test --workspace --no-fail-fast "$@"

@@ -36,6 +36,10 @@ pub struct EmbeddingProvenance {
     pub patches_skipped: usize,
     /// Where the bag was imported from, for bags not embedded by wsimil.
     pub imported_from: Option<String>,
+    /// Device and precision the embedder ran in (`cpu f32`, `cuda:0 bf16`); features from
+    /// different precisions differ in their last bits.
+    #[serde(default)]
+    pub compute: Option<String>,
 }
 
 /// The bag of one slide: `n` patches with their `dim`-wide features, row-major.
@@ -129,6 +133,7 @@ mod tests {
                 tiling: None,
                 patches_skipped: 1,
                 imported_from: None,
+                compute: None,
             },
         }
     }

@@ -15,6 +15,7 @@ use wsimil_common::job::JobKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
 use wsimil_common::plan::{CorruptTiles, IcmilConfig, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
+use wsimil_worker::device::{BatchChoice, Compute, DeviceChoice, Precision};
 use wsimil_worker::jobs::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
 
@@ -197,6 +198,31 @@ pub struct WorkerArgs {
     /// Acknowledge jobs without doing them (for benchmarking the queue only).
     #[arg(long, hide = true)]
     pub noop: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Where this process's networks run (a worker's, or the embedded run's).
+#[derive(Debug, Args, Clone)]
+pub struct ComputeArgs {
+    /// auto (the first GPU of a CUDA build if one opens, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", env = "WSIMIL_DEVICE")]
+    pub device: DeviceChoice,
+    /// The embedders' precision: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto", env = "WSIMIL_PRECISION")]
+    pub precision: Precision,
+    /// Patches per embedding pass here: plan (the run's --batch-size), a number, or auto (the
+    /// fastest that fits, measured on the GPU; the plan's on the CPU).
+    #[arg(long, default_value = "plan", env = "WSIMIL_EMBED_BATCH")]
+    pub embed_batch: BatchChoice,
+}
+
+impl ComputeArgs {
+    pub fn open(&self) -> anyhow::Result<Compute> {
+        let c = Compute::open(self.device, self.precision, self.embed_batch).map_err(anyhow::Error::msg)?;
+        eprintln!("wsimil: computing on {}", c.describe());
+        Ok(c)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +238,9 @@ pub struct StatusArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// Where the embedded run computes (ignored with --nats: the workers choose).
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Cohort CSV: slide_id,path,label[,fold|split][,mpp]. Relative paths are relative to it.
     #[arg(long)]
     pub manifest: PathBuf,
@@ -565,7 +594,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (client, queue) = args.nats.open("wsimil-coordinator").await?;
         Box::new(crate::jetstream::NatsDispatcher::new(client, queue))
     } else {
-        let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "embedded"));
+        let ctx = Arc::new(WorkerContext::new(store.clone(), args.compute.open()?, "embedded"));
         Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
     };
     let until = job_kind(&args.until, "--until")?;
@@ -630,7 +659,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     });
     let store = args.store.open()?;
     let (_client, queue) = args.nats.open(&format!("wsimil-worker-{name}")).await?;
-    let ctx = Arc::new(WorkerContext::new(store, candle_core::Device::Cpu, name.clone()));
+    let ctx = Arc::new(WorkerContext::new(store, args.compute.open()?, name.clone()));
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -719,6 +748,8 @@ pub struct BenchTransmilArgs {
     pub landmarks: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -754,20 +785,45 @@ pub struct BenchEmbedArgs {
     /// Embed every tissue patch of this slide (256 px at 0.5 µm/px) instead of random images.
     #[arg(long)]
     pub slide: Option<PathBuf>,
+    /// With --slide: write the patches embedded (`x,y,level0_side` per line, level-0 pixels) here,
+    /// so a peer can embed the same ones.
+    #[arg(long, requires = "slide")]
+    pub coords_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
-/// `wsimil bench-embed`: prints `embed ARCH IMAGES_PER_S` (model alone) or
+/// `wsimil bench-embed`: prints `embed ARCH IMAGES_PER_S batch B` (model alone) or
 /// `embed-slide ARCH PATCHES PATCHES_PER_S`.
 pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
+    let compute = args.compute.open()?;
+    let batch = match compute.batch {
+        BatchChoice::Plan => args.batch,
+        BatchChoice::Fixed(n) => n,
+        BatchChoice::Auto => {
+            let model = wsimil_worker::bench::random_embedder(&args.embedder, &compute)?;
+            let (b, trials) =
+                wsimil_worker::device::tune_batch(model.as_ref(), &compute.device, compute.dtype, 16, 1024)?;
+            eprintln!("batch size {b} (tried {trials:?})");
+            b
+        }
+    };
+    let args = BenchEmbedArgs { batch, ..args };
     match &args.slide {
         None => {
-            let rate = wsimil_worker::bench::embed_model_rate(&args.embedder, args.batch, args.iters)?;
-            println!("embed {} {rate:.2}", args.embedder);
+            let rate = wsimil_worker::bench::embed_model_rate(&args.embedder, args.batch, args.iters, &compute)?;
+            println!("embed {} {rate:.2} batch {}", args.embedder, args.batch);
         }
         Some(path) => {
             let slide = wsimil_worker::slide::open(path)?;
             let grid = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &bench_tiling(256, 0.5), None)?.grid;
-            let (n, rate) = wsimil_worker::bench::embed_slide_rate(slide.as_ref(), &grid, &args.embedder, args.batch)?;
+            if let Some(out) = &args.coords_out {
+                let side = grid.provenance.patch_level0;
+                let lines: String = grid.patches.iter().map(|p| format!("{},{},{side}\n", p.x, p.y)).collect();
+                std::fs::write(out, lines).with_context(|| format!("{}", out.display()))?;
+            }
+            let (n, rate) =
+                wsimil_worker::bench::embed_slide_rate(slide.as_ref(), &grid, &args.embedder, args.batch, &compute)?;
             println!("embed-slide {} {n} {rate:.2}", args.embedder);
         }
     }
@@ -776,7 +832,8 @@ pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
 
 /// `wsimil bench-transmil`: prints `transmil N seconds-per-step`.
 pub fn bench_transmil(args: BenchTransmilArgs) -> anyhow::Result<()> {
-    let s = wsimil_worker::bench::transmil_step_secs(args.n, args.in_dim, args.landmarks, args.steps)?;
+    let device = args.compute.open()?.device;
+    let s = wsimil_worker::bench::transmil_step_secs(args.n, args.in_dim, args.landmarks, args.steps, &device)?;
     println!("transmil {} {s:.4}", args.n);
     Ok(())
 }

@@ -186,6 +186,7 @@ async fn put_bag(store: &Store, name: &EmbedderId, slide: &SlideId, bag: Importe
             tiling: None,
             patches_skipped: 0,
             imported_from: Some(source.to_string()),
+            compute: None,
         },
     };
     let tiling = TilingId::new(IMPORTED_TILING).expect("safe");

@@ -67,7 +67,7 @@ fn settings(manifest: PathBuf) -> RunSettings {
 
 async fn run_once(store: &Store, settings: &RunSettings) -> RunSummary {
     let (_, plan) = run::prepare(store, settings).await.unwrap();
-    let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "test"));
+    let ctx = Arc::new(WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "test"));
     let d = LocalDispatcher::new(ctx, RetryPolicy { max_attempts: 2, backoff: std::time::Duration::from_millis(10) });
     run::run(store, &d, &plan, JobKind::Predict).await.unwrap()
 }
@@ -222,7 +222,7 @@ async fn resnet50_trunc_loads_torchvision_safetensors_and_embeds_a_real_slide() 
     assert!(spec.id().as_str().starts_with("resnet50-trunc-"));
     assert!(store.exists(&layout::embedder_weights(&spec.id())).await.unwrap());
     // Tile the real CMU slide with large patches (few of them), then embed with the checkpoint.
-    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    let ctx = WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "t");
     let slide = SlideId::new("cmu").unwrap();
     let path = data("cmu_small_region.svs").display().to_string();
     let tiling = TilingSpec { patch_px: 224, target_mpp: 2.0, ..settings(PathBuf::new()).tiling };
@@ -240,6 +240,7 @@ async fn resnet50_trunc_loads_torchvision_safetensors_and_embeds_a_real_slide() 
     assert_eq!(prov.architecture, "resnet50-trunc");
     assert_eq!(prov.preprocessing.as_ref().unwrap().mean, [0.485, 0.456, 0.406]);
     assert_eq!(prov.tiling.as_ref().unwrap().patch_px, 224);
+    assert_eq!(prov.compute.as_deref(), Some("cpu f32"));
 }
 
 #[tokio::test]
@@ -269,7 +270,7 @@ async fn until_stops_after_the_named_stage() {
     let mut st = settings(manifest);
     st.embedder.weights = Weights::Random(1);
     let (_, plan) = run::prepare(&store, &st).await.unwrap();
-    let ctx = Arc::new(WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t"));
+    let ctx = Arc::new(WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "t"));
     let d = LocalDispatcher::new(ctx, RetryPolicy::default());
     let s = run::run(&store, &d, &plan, JobKind::Tile).await.unwrap();
     assert_eq!(s.stages.len(), 1);

@@ -1,6 +1,7 @@
 //! Measurement helpers behind `wsimil bench-read` and `wsimil make-slide` (hidden commands used by
 //! bench/tiling.sh): large test slides from real tissue, and single-threaded patch reading.
 
+use crate::device::Compute;
 use crate::embed::read_patch;
 use crate::resample::resize_rgb;
 use crate::slide::{SlideError, SlideReader};
@@ -8,6 +9,7 @@ use crate::tiff::LevelData;
 use image::RgbImage;
 use std::time::Instant;
 use wsimil_common::grid::PatchGrid;
+use wsimil_common::models::embedder::Embedder;
 
 /// A `width × height` image tiled with flipped and rotated copies of `source` (real tissue at any
 /// size).
@@ -72,23 +74,30 @@ pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Res
 /// Seconds per TransMIL training step (forward, backward, Lookahead(RAdam) update; dropout on),
 /// the paper's configuration for `in_dim`-wide features with `landmarks` landmarks, on one random
 /// bag of `n` instances, averaged over `steps` after one warm-up step.
-pub fn transmil_step_secs(n: usize, in_dim: usize, landmarks: usize, steps: usize) -> candle_core::Result<f64> {
-    use candle_core::{Device, Tensor};
+pub fn transmil_step_secs(
+    n: usize,
+    in_dim: usize,
+    landmarks: usize,
+    steps: usize,
+    dev: &candle_core::Device,
+) -> candle_core::Result<f64> {
+    use candle_core::Tensor;
     use wsimil_common::models::params::Params;
     use wsimil_common::models::transmil::{TransMil, TransMilConfig};
     use wsimil_common::models::{optim, Mode};
-    let dev = Device::Cpu;
     let params = Params::new(1);
     let cfg = TransMilConfig { landmarks, ..TransMilConfig::paper(in_dim, 2) };
-    let model = TransMil::new(&cfg, params.var_builder(&dev))?;
+    let model = TransMil::new(&cfg, params.var_builder(dev))?;
     let mut opt = optim::build("lookahead-radam", params.named_vars(), 2e-4, 1e-5)?;
     let mut rng = wsimil_common::rng::Rng::new(2);
-    let x = Tensor::randn(0f32, 1.0, (1, n, in_dim), &dev)?;
-    let target = Tensor::new(&[1u32], &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, n, in_dim), dev)?;
+    let target = Tensor::new(&[1u32], dev)?;
     let mut step = || -> candle_core::Result<()> {
         let out = model.forward(&x, &mut Mode::Train(&mut rng), false)?;
         let loss = candle_nn::loss::cross_entropy(&out.logits, &target)?;
-        opt.step(&loss.backward()?)
+        opt.step(&loss.backward()?)?;
+        // Reading the loss back waits for a GPU to finish the step.
+        loss.to_scalar::<f32>().map(|_| ())
     };
     step()?;
     let t = Instant::now();
@@ -98,22 +107,31 @@ pub fn transmil_step_secs(n: usize, in_dim: usize, landmarks: usize, steps: usiz
     Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
 
-/// Images per second of a patch embedder alone (random weights, BatchNorm folded as in every wsimil
-/// run): the best of `iters` forward passes over a batch of `batch` random 224 × 224 images, after
-/// one warm-up pass.
-pub fn embed_model_rate(architecture: &str, batch: usize, iters: usize) -> candle_core::Result<f64> {
-    use candle_core::{Device, Tensor};
-    let dev = Device::Cpu;
+/// A patch embedder with random weights (BatchNorm folded as in every wsimil run) in `compute`'s
+/// device and precision.
+pub fn random_embedder(architecture: &str, compute: &Compute) -> candle_core::Result<Box<dyn Embedder>> {
     let params = wsimil_common::models::params::Params::new(1);
-    let model = wsimil_common::models::embedder::build(architecture, params.var_builder(&dev))?;
+    wsimil_common::models::embedder::build(architecture, params.var_builder_as(&compute.device, compute.dtype))
+}
+
+/// Images per second of a patch embedder alone: the best of `iters` forward passes over a batch of
+/// `batch` random 224 × 224 images, after one warm-up pass, each pass ending with the features
+/// back in host memory as f32 (so a GPU's time is all counted).
+pub fn embed_model_rate(architecture: &str, batch: usize, iters: usize, compute: &Compute) -> candle_core::Result<f64> {
+    use candle_core::{DType, Tensor};
+    let model = random_embedder(architecture, compute)?;
     let px = model.preprocessing().input_px as usize;
-    let x = Tensor::randn(0f32, 1.0, (batch, 3, px, px), &dev)?;
-    model.forward(&x)?;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, px, px), &compute.device)?.to_dtype(compute.dtype)?;
+    let pass = || -> candle_core::Result<f64> {
+        let t = Instant::now();
+        let y = model.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        std::hint::black_box(y);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    pass()?;
     let mut best = f64::INFINITY;
     for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        std::hint::black_box(model.forward(&x)?);
-        best = best.min(t.elapsed().as_secs_f64());
+        best = best.min(pass()?);
     }
     Ok(batch as f64 / best)
 }
@@ -125,13 +143,16 @@ pub fn embed_slide_rate(
     grid: &PatchGrid,
     architecture: &str,
     batch: usize,
+    compute: &Compute,
 ) -> Result<(usize, f64), crate::embed::EmbedError> {
-    use candle_core::Device;
-    let params = wsimil_common::models::params::Params::new(1);
-    let model = wsimil_common::models::embedder::build(architecture, params.var_builder(&Device::Cpu))
-        .map_err(|source| crate::embed::EmbedError::Model { slide: grid.provenance.slide.clone(), source })?;
+    let model_err = |source| crate::embed::EmbedError::Model { slide: grid.provenance.slide.clone(), source };
+    let model = random_embedder(architecture, compute).map_err(model_err)?;
+    let opts = crate::embed::EmbedOptions { batch_size: batch, dtype: compute.dtype, corrupt: Default::default() };
+    // One warm-up batch (a GPU compiles and allocates on the first pass).
+    let warm = PatchGrid { patches: grid.patches.iter().take(batch).cloned().collect(), ..grid.clone() };
+    crate::embed::embed_patches(slide, &warm, model.as_ref(), &compute.device, opts)?;
     let t = Instant::now();
-    let out = crate::embed::embed_patches(slide, grid, model.as_ref(), &Device::Cpu, batch, Default::default())?;
+    let out = crate::embed::embed_patches(slide, grid, model.as_ref(), &compute.device, opts)?;
     Ok((out.kept.len(), out.kept.len() as f64 / t.elapsed().as_secs_f64()))
 }
 
@@ -157,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_transmil_training_step_runs_and_is_timed() {
-        let s = transmil_step_secs(40, 24, 8, 2).unwrap();
+        let s = transmil_step_secs(40, 24, 8, 2, &candle_core::Device::Cpu).unwrap();
         assert!(s > 0.0 && s.is_finite());
     }
 }

@@ -11,7 +11,7 @@
 //! of the embedder's tensors (the trained ones updated, the rest as the teacher's), to be averaged
 //! with the fold's other shards by the coordinator.
 
-use crate::embed::normalise;
+use crate::embed::to_input;
 use crate::resample::resize_rgb;
 use candle_core::{DType, Device, Result, Tensor};
 use image::RgbImage;
@@ -184,12 +184,12 @@ pub fn finetune(
         // BatchNorm needs two patches: a last batch of one is dropped.
         for idx in order.chunks(cfg.batch_size.max(2)).filter(|b| b.len() >= 2) {
             let seeds: Vec<u64> = idx.iter().map(|_| rng.next_u64()).collect();
-            let planes: Vec<f32> = idx
+            let pixels: Vec<u8> = idx
                 .par_iter()
                 .zip(seeds)
-                .flat_map_iter(|(&i, sd)| normalise(&augment(&data.images[i], &mut Rng::new(sd)), &pre))
+                .flat_map_iter(|(&i, sd)| augment(&data.images[i], &mut Rng::new(sd)).into_raw())
                 .collect();
-            let x = Tensor::from_vec(planes, (idx.len(), 3, s, s), device)?;
+            let x = to_input(pixels, idx.len(), s, &pre, device, DType::F32)?;
             let f = student.forward(&x)?;
             let (reduced, logits) = student_heads.instance_path(&f)?;
             let (_, teacher_head_logits) = teacher_heads.instance_path(&f)?;

@@ -4,12 +4,13 @@
 //!
 //! [`JobError`] is the one place that decides whether a failure is worth retrying.
 
-use crate::embed::{embed_patches, EmbedError};
+use crate::device::{tune_batch, BatchChoice, Compute};
+use crate::embed::{embed_patches, EmbedError, EmbedOptions};
 use crate::heatmap;
 use crate::slide::{self, SlideError};
 use crate::tiling::{png_bytes_rgb, tile_slide};
 use crate::train::{self, Bag, FoldReport};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -139,37 +140,59 @@ pub enum Done {
 /// What a worker holds across jobs.
 pub struct WorkerContext {
     pub store: Store,
-    pub device: Device,
+    /// Where the networks run, and the embedders' precision and batch size.
+    pub compute: Compute,
     /// Name recorded in failure records and status.
     pub name: String,
-    embedders: Mutex<HashMap<EmbedderId, Arc<dyn Embedder>>>,
+    /// Embedders loaded for inference.
+    embedders: Mutex<HashMap<EmbedderId, Loaded>>,
 }
 
+/// An embedder loaded for inference, with the batch size it runs at here.
+type Loaded = (Arc<dyn Embedder>, usize);
+
 impl WorkerContext {
-    pub fn new(store: Store, device: Device, name: impl Into<String>) -> Self {
-        WorkerContext { store, device, name: name.into(), embedders: Mutex::new(HashMap::new()) }
+    pub fn new(store: Store, compute: Compute, name: impl Into<String>) -> Self {
+        WorkerContext { store, compute, name: name.into(), embedders: Mutex::new(HashMap::new()) }
     }
 
-    /// The embedder of `spec`, loaded once per worker.
-    async fn embedder(&self, spec: &EmbedderSpec) -> Result<Arc<dyn Embedder>, JobError> {
+    /// The device everything runs on.
+    pub fn device(&self) -> &Device {
+        &self.compute.device
+    }
+
+    /// The embedder of `spec` in the worker's precision, loaded once per worker, and its batch size
+    /// (the plan's, the worker's `--embed-batch`, or tuned on the device the first time).
+    async fn embedder(&self, spec: &EmbedderSpec) -> Result<Loaded, JobError> {
         let id = spec.id();
         if let Some(e) = self.embedders.lock().unwrap().get(&id) {
             return Ok(e.clone());
         }
         let tensors = self.embedder_tensors(spec).await?;
-        let (device, arch) = (self.device.clone(), spec.architecture.clone());
-        let e = blocking(move || -> Result<Arc<dyn Embedder>, JobError> {
-            let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &device);
-            Ok(Arc::from(embedder::build(&arch, vb).map_err(candle_err(&arch))?))
+        let (compute, arch, plan_batch) = (self.compute.clone(), spec.architecture.clone(), spec.batch_size);
+        let e = blocking(move || -> Result<Loaded, JobError> {
+            let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), compute.dtype, &compute.device);
+            let model: Arc<dyn Embedder> = Arc::from(embedder::build(&arch, vb).map_err(candle_err(&arch))?);
+            let batch = match compute.batch {
+                BatchChoice::Fixed(n) => n,
+                BatchChoice::Auto if !compute.device.is_cpu() => {
+                    let (b, trials) = tune_batch(model.as_ref(), &compute.device, compute.dtype, 16, 1024)
+                        .map_err(candle_err(&arch))?;
+                    info!(embedder = %arch, batch = b, ?trials, "batch size tuned on {}", compute.describe());
+                    b
+                }
+                BatchChoice::Plan | BatchChoice::Auto => plan_batch,
+            };
+            Ok((model, batch.max(1)))
         })
         .await?;
         self.embedders.lock().unwrap().insert(id, e.clone());
         Ok(e)
     }
 
-    /// Every tensor of `spec`'s checkpoint: from the store, or seeded random ones.
+    /// Every tensor of `spec`'s checkpoint (f32): from the store, or seeded random ones.
     async fn embedder_tensors(&self, spec: &EmbedderSpec) -> Result<BTreeMap<String, Tensor>, JobError> {
-        let device = self.device.clone();
+        let device = self.compute.device.clone();
         let arch = spec.architecture.clone();
         if let Some(seed) = spec.weights.strip_prefix("random-") {
             let seed: u64 =
@@ -249,12 +272,12 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
     let started = Instant::now();
     let grid_key = layout::patch_grid(&job.tiling, &job.slide);
     let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
-    let model = ctx.embedder(&job.embedder).await?;
-    let (path, device, batch) = (job.path.clone(), ctx.device.clone(), job.embedder.batch_size);
-    let corrupt = job.embedder.corrupt_tiles;
+    let (model, batch_size) = ctx.embedder(&job.embedder).await?;
+    let (path, device) = (job.path.clone(), ctx.device().clone());
+    let opts = EmbedOptions { batch_size, dtype: ctx.compute.dtype, corrupt: job.embedder.corrupt_tiles };
     let (done, grid, model) = blocking(move || {
         let s = slide::open(Path::new(&path))?;
-        let f = embed_patches(s.as_ref(), &grid, model.as_ref(), &device, batch, corrupt)?;
+        let f = embed_patches(s.as_ref(), &grid, model.as_ref(), &device, opts)?;
         Ok((f, grid, model))
     })
     .await?;
@@ -276,6 +299,7 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
             tiling: Some(grid.provenance.clone()),
             patches_skipped: done.skipped.len(),
             imported_from: None,
+            compute: Some(ctx.compute.describe()),
         },
     };
     ctx.store.put(&out_key, bag.to_parquet()?).await?;
@@ -349,7 +373,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         .ok_or_else(|| JobError::Permanent(format!("unknown model {:?}", plan.train.model)))?
         .with_dropout(plan.train.dropout)
         .with_landmarks(plan.train.landmarks);
-    let device = ctx.device.clone();
+    let device = ctx.device().clone();
     let (fold_no, round, cfg) = (job.fold, job.round, plan.train.clone());
     let plan2 = plan.clone();
     let (report, weights) = blocking(move || {
@@ -414,7 +438,7 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
     let Some(bag) = bags.into_iter().next() else {
         return Err(JobError::Permanent(format!("{}: no features to predict from", job.slide)));
     };
-    let device = ctx.device.clone();
+    let device = ctx.device().clone();
     let model_cfg = report.model.clone();
     let label = label_of(&plan, job.slide.as_str());
     let (probs, attention, bag) = blocking(move || {
@@ -488,7 +512,7 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         inputs.push((bag, grid, path));
     }
     let teacher_tensors = ctx.embedder_tensors(&teacher).await?;
-    let device = ctx.device.clone();
+    let device = ctx.device().clone();
     let seed = plan.train.seed ^ 0x1c31 ^ ((job.round as u64) << 40) ^ ((job.fold as u64) << 20) ^ job.shard as u64;
     let (arch, model_cfg, teacher_id) = (teacher.architecture.clone(), fold_report.model.clone(), teacher.id());
     let slide_names: Vec<String> = inputs.iter().map(|(b, _, _)| b.provenance.slide.clone()).collect();

@@ -15,6 +15,7 @@
 
 pub mod bench;
 pub mod contours;
+pub mod device;
 pub mod embed;
 pub mod finetune;
 pub mod heatmap;

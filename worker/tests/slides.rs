@@ -139,15 +139,36 @@ fn efficientnet_lite0_embeds_real_patches() {
     let s = slide::open(&data("cmu_small_region.svs")).unwrap();
     let mut grid = tile_slide(s.as_ref(), "cmu", &spec(), None).unwrap().grid;
     grid.patches.truncate(4);
-    let f = wsimil_worker::embed::embed_patches(s.as_ref(), &grid, model.as_ref(), &Device::Cpu, 2, Default::default())
-        .unwrap()
-        .features;
+    let f = wsimil_worker::embed::embed_patches(
+        s.as_ref(),
+        &grid,
+        model.as_ref(),
+        &Device::Cpu,
+        wsimil_worker::embed::EmbedOptions::f32(2),
+    )
+    .unwrap()
+    .features;
     assert_eq!(f.len(), 4 * 1280);
     assert!(f.iter().all(|v| v.is_finite() && *v >= 0.0 && *v <= 6.0), "ReLU6 features, pooled");
     // Different patches give different features; ImageNet weights are far from constant.
     assert!(f[..1280].iter().zip(&f[1280..2560]).any(|(a, b)| (a - b).abs() > 1e-2));
     let active = f[..1280].iter().filter(|v| **v > 0.0).count();
     assert!(active > 100, "{active} active channels");
+
+    // Half precision, the path a GPU runs (folded in f32, then cast; candle's grouped convolution
+    // for the depthwise stages): f16 stands in for bf16, which candle's CPU matmul lacks.
+    let vb = candle_nn::VarBuilder::from_tensors(
+        load_safetensors(&bytes, &Device::Cpu).unwrap().into_iter().collect(),
+        DType::F16,
+        &Device::Cpu,
+    );
+    let half = embedder::build("efficientnet-lite0", vb).unwrap();
+    let opts = wsimil_worker::embed::EmbedOptions { batch_size: 2, dtype: DType::F16, corrupt: Default::default() };
+    let h = wsimil_worker::embed::embed_patches(s.as_ref(), &grid, half.as_ref(), &Device::Cpu, opts).unwrap().features;
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff: Vec<f32> = f.iter().zip(&h).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&f);
+    assert!(rel < 0.02, "f16 features differ from f32 by {rel}");
 }
 
 #[tokio::test]
@@ -162,7 +183,7 @@ async fn a_slide_without_tissue_fails_its_tile_job_with_the_reason() {
     let path = dir.path().join("glass.svs");
     std::fs::write(&path, wsimil_worker::tiff::write_slide(&glass, "glass", &Default::default()).unwrap()).unwrap();
     let store = Store::memory();
-    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    let ctx = WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "t");
     let job =
         TileJob { slide: SlideId::new("glass").unwrap(), path: path.display().to_string(), mpp: None, tiling: spec() };
     let err = execute(&ctx, &Job::Tile(job.clone())).await.unwrap_err();
@@ -182,7 +203,7 @@ async fn the_tile_job_writes_tissue_contours_as_level0_geojson() {
     use wsimil_common::store::Store;
     use wsimil_worker::jobs::{execute, WorkerContext};
     let store = Store::memory();
-    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    let ctx = WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "t");
     let path = data("cmu_small_region.svs");
     let job =
         TileJob { slide: SlideId::new("cmu").unwrap(), path: path.display().to_string(), mpp: None, tiling: spec() };
@@ -398,7 +419,7 @@ async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
     let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::memory();
-    let ctx = WorkerContext::new(store.clone(), candle_core::Device::Cpu, "t");
+    let ctx = WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "t");
     // A slide of real tumour tissue (every patch is tissue) whose first level-0 tile is broken:
     // the header is 8 bytes and that tile's data follows; wipe its tables.
     let broken_slide = |name: &str, side: u32| {
@@ -463,4 +484,45 @@ async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
             }
         }
     }
+}
+
+#[test]
+fn the_embedding_pipeline_gives_the_same_features_at_any_batch_size_and_stops_at_a_broken_patch() {
+    use candle_core::{DType, Device};
+    use wsimil_common::plan::CorruptTiles;
+    use wsimil_worker::embed::{embed_patches, EmbedOptions};
+    let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
+    let dir = tempfile::tempdir().unwrap();
+    // Real tumour tissue, 4096² at 0.5 µm/px, its first level-0 tile broken (as above).
+    let img = wsimil_worker::bench::mosaic(&tumour, 4096, 4096);
+    let opt = wsimil_worker::tiff::TiffOptions { mpp: 0.5, ..Default::default() };
+    let mut bytes = wsimil_worker::tiff::write_slide(&img, "broken", &opt).unwrap();
+    bytes[10..60].fill(0);
+    let path = dir.path().join("broken.svs");
+    std::fs::write(&path, bytes).unwrap();
+    let s = slide::open(&path).unwrap();
+    let tiling = TilingSpec { patch_px: 512, target_mpp: 1.0, min_tissue_fraction: 0.5, ..spec() };
+    let mut grid = tile_slide(s.as_ref(), "broken", &tiling, None).unwrap().grid;
+    assert_eq!(grid.patches.len(), 16);
+    // The broken patch last: the decoder meets it in the last batch, after the network has run.
+    let broken = grid.patches.iter().position(|p| (p.x, p.y) == (0, 0)).unwrap();
+    grid.patches.rotate_left(broken + 1);
+    let p = wsimil_common::models::params::Params::new(5);
+    let model = wsimil_common::models::embedder::build("efficientnet-lite0", p.var_builder(&Device::Cpu)).unwrap();
+    let run = |batch: usize, corrupt| {
+        let opts = EmbedOptions { batch_size: batch, dtype: DType::F32, corrupt };
+        embed_patches(s.as_ref(), &grid, model.as_ref(), &Device::Cpu, opts)
+    };
+    let one = run(1, CorruptTiles::Skip).unwrap();
+    assert_eq!(one.kept, (0..15).collect::<Vec<_>>());
+    assert_eq!(one.skipped.len(), 1);
+    assert_eq!(one.skipped[0].0, 15);
+    for batch in [4, 16] {
+        let other = run(batch, CorruptTiles::Skip).unwrap();
+        assert_eq!((&other.kept, other.skipped.len()), (&one.kept, 1));
+        let worst = one.features.iter().zip(&other.features).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "batch {batch}: features differ by {worst}");
+    }
+    let err = run(4, CorruptTiles::Fail).err().expect("a broken patch fails the slide").to_string();
+    assert!(err.contains("broken.svs") && err.contains("corrupt tile"), "{err}");
 }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The `cuda` build of wsimil, on a machine with or without a GPU: CUDA 13.0 comes from PyPI
+# (scripts/cuda-toolkit.sh), candle's kernels are compiled by nvcc for CUDA_COMPUTE_CAP (default 90:
+# H100/H200).
+#
+#   scripts/build-cuda.sh           # release binary in target/cuda/release/wsimil; prints its path
+#   scripts/build-cuda.sh --check   # type-check every target with the cuda feature (what CI runs)
+#
+# The binary links cuBLAS, cuRAND, NVRTC and cudart by soname and the driver (libcuda.so.1) through
+# a stub: on the GPU machine they come from its driver and its PyTorch (docs/gpu.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+  --check)
+    # shellcheck disable=SC1090
+    source "$(./scripts/cuda-toolkit.sh)"
+    # Same target folder as the tests: build-script outputs (ring, zstd) are shared.
+    cargo check -q --workspace --all-targets --features wsimil-coordinator/cuda
+    echo "build-cuda: the cuda feature type-checks (kernels compiled for sm_$CUDA_COMPUTE_CAP)" >&2
+    ;;
+  "")
+    # shellcheck disable=SC1090
+    source "$(./scripts/cuda-toolkit.sh --libs)"
+    # The driver's symbols resolve at run time on the GPU machine; --no-as-needed keeps the stub's
+    # soname (libcuda.so.1) recorded.
+    export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,--no-as-needed -C link-arg=-lcuda -C link-arg=-Wl,--as-needed -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files"
+    CARGO_TARGET_DIR=target/cuda cargo build -q --release -p wsimil-coordinator --bin wsimil --features cuda
+    echo "$PWD/target/cuda/release/wsimil"
+    ;;
+  *)
+    echo "usage: scripts/build-cuda.sh [--check]" >&2
+    exit 2
+    ;;
+esac
