@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""The PyTorch side of bench/embed-cpu.sh: images/s of a patch embedder on CPU, model alone, in
-inference mode (eval, no_grad, BatchNorm as modules as PyTorch users run them), random weights, on a
-batch of BATCH random 224x224 images, best of ITERS batches after one warm-up.
-Prints `embed ARCH IMAGES_PER_S`. The networks are written here (torchvision is not needed):
-ResNet50 truncated after layer3 + global average pool (1024-d, CLAM's), EfficientNet-Lite0 (1280-d)."""
+"""The PyTorch side of bench/embed-cpu.sh and bench/embed-gpu.sh: images/s of a patch embedder,
+model alone, in inference mode (eval, no_grad, BatchNorm as modules as PyTorch users run them),
+random weights, on a batch of BATCH random 224x224 images, best of ITERS batches after warm-up,
+each batch ending with its features in host memory as float32.
+On a GPU (--device cuda) the model runs as a tuned PyTorch user would run it: weights and input in
+--dtype (bf16 by default), channels-last, cudnn.benchmark on.
+Prints `embed ARCH IMAGES_PER_S MACS_PER_IMAGE`. The networks are written here (torchvision is not
+needed): ResNet50 truncated after layer3 + global average pool (1024-d, CLAM's), EfficientNet-Lite0
+(1280-d)."""
 import argparse
 import time
 
@@ -67,20 +71,46 @@ def efficientnet_lite0():
     return nn.Sequential(*layers)
 
 
+def conv_macs(model, x):
+    """Multiply-accumulates per image of every convolution, from the shapes one pass produces."""
+    total = []
+
+    def hook(m, _inp, out):
+        cin_per_group = m.in_channels // m.groups
+        total.append(out.numel() // out.shape[0] * cin_per_group * m.kernel_size[0] * m.kernel_size[1])
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model(x[:1])
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--arch", required=True, choices=["resnet50-trunc", "efficientnet-lite0"])
 ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--iters", type=int, default=3)
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="on a GPU")
 args = ap.parse_args()
 torch.manual_seed(0)
 model = (resnet50_trunc if args.arch == "resnet50-trunc" else efficientnet_lite0)().eval()
 x = torch.randn(args.batch, 3, 224, 224)
+dev = torch.device(args.device)
+if dev.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+    dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    model = model.to(dev, dtype=dt, memory_format=torch.channels_last)
+    x = x.to(dev, dtype=dt).contiguous(memory_format=torch.channels_last)
 with torch.no_grad():
-    out = model(x)
+    macs = conv_macs(model, x)
+    out = model(x).float().cpu()
     assert out.shape == (args.batch, 1024 if args.arch == "resnet50-trunc" else 1280), out.shape
+    for _ in range(2 if dev.type == "cuda" else 0):
+        model(x).float().cpu()
     best = float("inf")
     for _ in range(args.iters):
         t = time.perf_counter()
-        model(x)
+        model(x).float().cpu()
         best = min(best, time.perf_counter() - t)
-print(f"embed {args.arch} {args.batch / best:.2f}")
+print(f"embed {args.arch} {args.batch / best:.2f} {macs}")

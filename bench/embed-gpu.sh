@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# ResNet50-trunc embedding at 224 px on a GPU, in one run: wsimil's CUDA build (bf16, batch size
+# tuned on the device) against PyTorch (bf16, channels-last, cudnn.benchmark; bench/py/embed.py),
+# model alone; wsimil end to end from a slide (read, decode, resize on CPU threads, normalise and
+# embed on the GPU) as a fraction of its model-alone rate; both as a fraction of the GPU's dense
+# bf16 peak. Then the TransMIL training step on the GPU (N = 4,000 and 16,000) against the official
+# code when TRANSMIL_REPO and nystrom-attention are there.
+#
+# Here (no GPU): builds the CUDA binary (scripts/build-cuda.sh) and says so. On the GPU machine,
+# which cannot reach a registry, carry the binary and either a slide (SLIDE) or a folder holding
+# cmu_small_region.svs (WSIMIL_DATA, 2 MB: a 16384² slide of its tissue is made there):
+#   WSIMIL_BIN=path/to/wsimil WSIMIL_DATA=path/to/data bench/embed-gpu.sh
+# The CUDA libraries come from the machine's PyTorch (docs/gpu.md).
+# Last line: `embed-gpu: wsimil vs pytorch = N.Nx (...)`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  bin=$(./scripts/build-cuda.sh)
+  echo "embed-gpu: built $bin; carry it to a GPU machine and run WSIMIL_BIN=... SLIDE=... bench/embed-gpu.sh" >&2
+  echo "embed-gpu: no GPU on this machine: nothing measured"
+  exit 0
+fi
+WSIMIL=${WSIMIL_BIN:-$(./scripts/build-cuda.sh)}
+PY=$(torch_python torch)
+# cuBLAS, cuRAND, NVRTC and cudart for CUDA 13 from PyTorch's wheels, when the system has none.
+if [[ -n $PY ]]; then
+  libs=$("$PY" - <<'PY'
+import os, torch
+site = os.path.dirname(os.path.dirname(torch.__file__))
+dirs = sorted({r for r, _, fs in os.walk(os.path.join(site, "nvidia")) for f in fs if f.startswith(("libcublas", "libcurand", "libnvrtc", "libcudart"))})
+print(":".join(dirs))
+PY
+)
+  export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if ldd "$WSIMIL" | grep -q 'not found'; then
+  ldd "$WSIMIL" | grep 'not found' >&2
+  echo "embed-gpu: the CUDA binary's libraries are missing (see above; docs/gpu.md)" >&2
+  exit 1
+fi
+work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-gpu.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+if [[ -z ${SLIDE:-} ]]; then
+  export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
+  SLIDE="$work/slide.svs"
+  # 20x, 16384 x 16384 of real tissue: ~4,000 patches of 256 px.
+  "$WSIMIL" make-slide --out "$SLIDE" --width 16384 --height 16384 --mpp 0.5
+fi
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+# Dense bf16 tensor-core peak (TFLOPS) of the GPUs we meet, from NVIDIA's data sheets.
+case "$gpu" in
+  *H100*PCIe*) peak=756 ;;
+  *H100* | *H200* | *GH200*) peak=989 ;;
+  *A100*) peak=312 ;;
+  *L40S*) peak=362 ;;
+  *) peak=0 ;;
+esac
+ARCH=resnet50-trunc
+read -r w batch < <("$WSIMIL" bench-embed --embedder $ARCH --device cuda --embed-batch auto --iters 5 | awk '{print $3, $5}')
+read -r n e2e < <("$WSIMIL" bench-embed --embedder $ARCH --device cuda --embed-batch "$batch" --slide "$SLIDE" | awk '{print $3, $4}')
+echo "embed-gpu: $gpu; wsimil model alone $w img/s (batch $batch), end to end $e2e patches/s ($n patches)" >&2
+p=0; macs=0; ver=""
+if [[ -n $PY ]]; then
+  read -r p macs < <("$PY" bench/py/embed.py --arch $ARCH --device cuda --dtype bf16 --batch "$batch" --iters 5 | awk '{print $3, $4}')
+  ver=$("$PY" -c 'import torch; print(torch.__version__)')
+  echo "embed-gpu: pytorch $ver model alone $p img/s (batch $batch)" >&2
+else
+  echo "embed-gpu: PyTorch not found: peer skipped" >&2
+fi
+tm=""
+if [[ -n $PY && -n ${TRANSMIL_REPO:-} ]] && "$PY" -c 'import nystrom_attention' 2>/dev/null; then
+  for nn in 4000 16000; do
+    ws=$("$WSIMIL" bench-transmil --device cuda --n $nn --steps 5 | awk '{print $3}')
+    ps=$("$PY" bench/py/transmil_step.py --transmil "$TRANSMIL_REPO" --device cuda --n $nn --steps 5 | awk '{print $3}')
+    tm+="; transmil step N=$nn: $ws vs $ps s"
+  done
+else
+  for nn in 4000 16000; do
+    ws=$("$WSIMIL" bench-transmil --device cuda --n $nn --steps 5 | awk '{print $3}')
+    tm+="; transmil step N=$nn: wsimil $ws s"
+  done
+  echo "embed-gpu: official TransMIL (TRANSMIL_REPO + nystrom-attention) not found: TransMIL peer skipped" >&2
+fi
+python3 - "$gpu" "$peak" "$w" "$p" "$e2e" "$macs" "$batch" "$ver" "$tm" <<'PY'
+import sys
+gpu, peak, w, p, e2e, macs, batch, ver, tm = sys.argv[1:]
+peak, w, p, e2e, macs = float(peak), float(w), float(p), float(e2e), float(macs)
+frac = lambda r: f"{100 * r * 2 * macs / (peak * 1e12):.1f}% of bf16 peak" if peak and macs else "peak unknown"
+detail = (f"{gpu}, resnet50-trunc bf16 224 px, batch {batch}: model alone {w:.0f} vs {p:.0f} img/s ({frac(w)} vs {frac(p)}); "
+          f"end to end from a slide {e2e:.0f} patches/s = {100 * e2e / w:.0f}% of model alone{tm}")
+if p:
+    print(f"embed-gpu: wsimil vs pytorch {ver} = {w / p:.1f}x ({detail})")
+else:
+    print(f"embed-gpu: wsimil {detail} (no PyTorch peer: no ratio)")
+PY
