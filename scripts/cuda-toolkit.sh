@@ -51,10 +51,13 @@ if ((LIBS)); then
     link="$CU/lib/${base%%.so.*}.so"
     [[ -e "$link" ]] || ln -s "$base" "$link"
   done
-  # No libcuda on PyPI: an empty shared object with the driver's soname, recorded as needed.
-  if [[ ! -e "$CU/lib/stubs/libcuda.so" ]]; then
+  # No libcuda on PyPI: an empty shared object with the driver's soname, recorded as needed. The
+  # libcuda.so.1 name lets build scripts (linked with the same flags) start here; never put this
+  # folder on LD_LIBRARY_PATH on a GPU machine, it would hide the driver.
+  if [[ ! -e "$CU/lib/stubs/libcuda.so.1" ]]; then
     mkdir -p "$CU/lib/stubs"
     echo "" | ${CC:-cc} -x c -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/stubs/libcuda.so" -
+    ln -sf libcuda.so "$CU/lib/stubs/libcuda.so.1"
   fi
 fi
 

@@ -9,7 +9,7 @@
 //! detached, so backpropagation stops at the first trainable layer.
 
 use super::conv::{FrozenConv, Padding};
-use super::ops::{depthwise_conv2d, f32_slice, DwGeom};
+use super::ops::{depthwise_conv2d, depthwise_conv2d_bias_act, f32_slice, DwGeom};
 use crate::features::Preprocessing;
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -202,6 +202,13 @@ impl ConvBn {
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         if let Some(f) = self.frozen.as_ref().filter(|_| FrozenConv::applies(x)) {
             return f.forward(x, act, None);
+        }
+        if let ConvKind::DepthwiseTfSame { stride } = self.kind {
+            if self.train.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+                let (h, w) = (x.dim(2)?, x.dim(3)?);
+                let g = DwGeom::tf_same(h, w, self.weight.dim(2)?, self.weight.dim(3)?, stride);
+                return depthwise_conv2d_bias_act(x, &self.weight, &self.bias, g, act);
+            }
         }
         let y = self.conv(x)?;
         let y = if let Some(bn) = &self.train {

@@ -13,6 +13,7 @@
 //!   fused backward; candle's fused LayerNorm has no backward and `layer_norm_slow` keeps about six
 //!   full-size intermediates per call.
 
+use super::embedder::Act;
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -52,7 +53,7 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> 
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.apply_op2(&w, DepthwiseConv { geom });
+        return x.apply_op2(&w, DepthwiseConv { geom, epilogue: None });
     }
     // Other devices/dtypes: candle's grouped convolution (slower, but correct and differentiable).
     let (_, c, _, _) = x.dims4()?;
@@ -64,8 +65,23 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> 
     x.conv2d(&w, 0, geom.stride.0, 1, c)
 }
 
+/// `act(depthwise(x, w) + bias[channel])` for inference (no backward), CPU f32: bias and
+/// activation applied to each output plane right after it is computed, while it is in cache.
+pub fn depthwise_conv2d_bias_act(x: &Tensor, w: &Tensor, bias: &Tensor, geom: DwGeom, act: Act) -> Result<Tensor> {
+    let bias = bias.flatten_all()?.to_vec1::<f32>()?;
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &DepthwiseConv { geom, epilogue: Some((bias, act)) })
+}
+
 struct DepthwiseConv {
     geom: DwGeom,
+    /// Inference only: per-channel bias and the activation after it.
+    epilogue: Option<(Vec<f32>, Act)>,
+}
+
+thread_local! {
+    /// Each thread's zero-bordered plane for the depthwise convolution, with the geometry
+    /// ((h, w), (hp, wp), (pt, pl)) whose border it holds zeros for.
+    static PADDED: std::cell::RefCell<(Vec<f32>, [usize; 6])> = const { std::cell::RefCell::new((Vec::new(), [0; 6])) };
 }
 
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -329,12 +345,21 @@ impl CustomOp2 for DepthwiseConv {
         let (oh, ow) = geom.out_hw(h, w, kh, kw)?;
         let ((sh, sw), (pt, pl)) = (geom.stride, (geom.pad.0, geom.pad.2));
         let (hp, wp) = (h + geom.pad.0 + geom.pad.1, w + geom.pad.2 + geom.pad.3);
+        if self.epilogue.as_ref().is_some_and(|(bias, _)| bias.len() != c) {
+            candle_core::bail!("depthwise conv: bias does not have {c} channels")
+        }
         let mut out = vec![0f32; b * c * oh * ow];
-        // Each plane is copied into a zero-bordered buffer (one per worker, reused: only its
-        // interior is ever written), so every tap is a branch-free pass over a whole output row.
-        out.par_chunks_mut(oh * ow).enumerate().for_each_init(
-            || vec![0f32; hp * wp],
-            |padded, (bc, o)| {
+        // Each plane is copied into a zero-bordered buffer (one per thread, kept between calls;
+        // while the geometry stays the same only its interior is written), so every tap is a
+        // branch-free pass over a whole output row.
+        let shape_key = [h, w, hp, wp, pt, pl];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, o)| {
+            PADDED.with_borrow_mut(|(padded, key)| {
+                if *key != shape_key || padded.len() != hp * wp {
+                    padded.clear();
+                    padded.resize(hp * wp, 0.0);
+                    *key = shape_key;
+                }
                 let ch = bc % c;
                 let xin = &x[bc * h * w..(bc + 1) * h * w];
                 let ker = &k[ch * kh * kw..(ch + 1) * kh * kw];
@@ -360,8 +385,16 @@ impl CustomOp2 for DepthwiseConv {
                         }
                     }
                 }
-            },
-        );
+                if let Some((bias, act)) = &self.epilogue {
+                    let bias = bias[ch];
+                    match act {
+                        Act::None => o.iter_mut().for_each(|v| *v += bias),
+                        Act::Relu => o.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+                        Act::Relu6 => o.iter_mut().for_each(|v| *v = (*v + bias).clamp(0.0, 6.0)),
+                    }
+                }
+            })
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
 
@@ -516,6 +549,8 @@ mod tests {
             ((1, 2, 11, 11), (5, 5), DwGeom::tf_same(11, 11, 5, 5, 2)),
             ((1, 8, 40, 16), (33, 1), DwGeom { stride: (1, 1), pad: (16, 16, 0, 0) }),
             ((1, 5, 6, 6), (7, 7), DwGeom::same_pad(7, 7, 1)),
+            // The first geometry again: each thread's padded plane was reshaped in between.
+            ((2, 3, 9, 9), (3, 3), DwGeom::same_pad(3, 3, 1)),
         ];
         for (i, ((b, c, h, w), (kh, kw), g)) in cases.into_iter().enumerate() {
             let x = rand_tensor(&[b, c, h, w], i as u64);
@@ -524,6 +559,11 @@ mod tests {
             let theirs = reference(&x, &k, g);
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
             assert!(max_abs_diff(&ours, &theirs) < 1e-4, "case {i}");
+            // The inference variant with its bias and activation fused in.
+            let bias = rand_tensor(&[c], 200 + i as u64);
+            let fused = depthwise_conv2d_bias_act(&x, &k, &bias, g, Act::Relu6).unwrap();
+            let want = theirs.broadcast_add(&bias.reshape((1, c, 1, 1)).unwrap()).unwrap().clamp(0f32, 6f32).unwrap();
+            assert!(max_abs_diff(&fused, &want) < 1e-4, "case {i}, fused bias and ReLU6");
         }
     }
 
