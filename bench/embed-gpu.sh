@@ -9,7 +9,8 @@
 # Here (no GPU): builds the CUDA binary (scripts/build-cuda.sh) and says so. On the GPU machine,
 # which cannot reach a registry, carry the binary and either a slide (SLIDE) or a folder holding
 # cmu_small_region.svs (WSIMIL_DATA, 2 MB: a 16384² slide of its tissue is made there):
-#   WSIMIL_BIN=path/to/wsimil WSIMIL_DATA=path/to/data bench/embed-gpu.sh
+#   WSIMIL_BIN=path/to/wsimil.gz WSIMIL_DATA=path/to/data bench/embed-gpu.sh
+# (target/cuda/wsimil.gz from scripts/build-cuda.sh: ~24 MB, within what travels to the GPU machine).
 # The CUDA libraries come from the machine's PyTorch (docs/gpu.md).
 # Last line: `embed-gpu: wsimil vs pytorch = N.Nx (...)`.
 set -euo pipefail
@@ -17,11 +18,16 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 if ! nvidia-smi -L >/dev/null 2>&1; then
   bin=$(./scripts/build-cuda.sh)
-  echo "embed-gpu: built $bin; carry it to a GPU machine and run WSIMIL_BIN=... SLIDE=... bench/embed-gpu.sh" >&2
+  echo "embed-gpu: built $bin; carry target/cuda/wsimil.gz to a GPU machine and run WSIMIL_BIN=.../wsimil.gz WSIMIL_DATA=... bench/embed-gpu.sh" >&2
   echo "embed-gpu: no GPU on this machine: nothing measured"
   exit 0
 fi
 WSIMIL=${WSIMIL_BIN:-$(./scripts/build-cuda.sh)}
+work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-gpu.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+if [[ $WSIMIL == *.gz ]]; then  # the carryable copy from scripts/build-cuda.sh
+  gunzip -c "$WSIMIL" >"$work/wsimil" && chmod +x "$work/wsimil" && WSIMIL="$work/wsimil"
+fi
 PY=$(torch_python torch)
 # cuBLAS, cuRAND, NVRTC and cudart for CUDA 13 from PyTorch's wheels, when the system has none.
 if [[ -n $PY ]]; then
@@ -39,8 +45,6 @@ if ldd "$WSIMIL" | grep -q 'not found'; then
   echo "embed-gpu: the CUDA binary's libraries are missing (see above; docs/gpu.md)" >&2
   exit 1
 fi
-work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-gpu.XXXXXX")
-trap 'rm -rf "$work"' EXIT
 if [[ -z ${SLIDE:-} ]]; then
   export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
   SLIDE="$work/slide.svs"

@@ -3,7 +3,8 @@
 # (scripts/cuda-toolkit.sh), candle's kernels are compiled by nvcc for CUDA_COMPUTE_CAP (default 90:
 # H100/H200).
 #
-#   scripts/build-cuda.sh           # release binary in target/cuda/release/wsimil; prints its path
+#   scripts/build-cuda.sh           # release binary in target/cuda/release/wsimil (prints its path)
+#                                   # and a stripped, gzipped copy to carry: target/cuda/wsimil.gz
 #   scripts/build-cuda.sh --check   # type-check every target with the cuda feature (what CI runs)
 #
 # The binary links cuBLAS, cuRAND, NVRTC and cudart by soname and the driver (libcuda.so.1) through
@@ -25,6 +26,11 @@ case "${1:-}" in
     # soname (libcuda.so.1) recorded.
     export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,--no-as-needed -C link-arg=-lcuda -C link-arg=-Wl,--as-needed -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files"
     CARGO_TARGET_DIR=target/cuda cargo build -q --release -p wsimil-coordinator --bin wsimil --features cuda
+    # The binary is ~95 MB (candle's kernels are inside); stripped and gzipped it is ~24 MB, small
+    # enough to carry to a machine that cannot build (bench/embed-gpu.sh unpacks it).
+    strip -o target/cuda/wsimil target/cuda/release/wsimil
+    gzip -f -9 target/cuda/wsimil
+    echo "build-cuda: carryable copy in $PWD/target/cuda/wsimil.gz" >&2
     echo "$PWD/target/cuda/release/wsimil"
     ;;
   *)
