@@ -802,8 +802,9 @@ pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
         BatchChoice::Fixed(n) => n,
         BatchChoice::Auto => {
             let model = wsimil_worker::bench::random_embedder(&args.embedder, &compute)?;
+            let (lo, hi) = wsimil_worker::device::TUNED_BATCHES;
             let (b, trials) =
-                wsimil_worker::device::tune_batch(model.as_ref(), &compute.device, compute.dtype, 16, 1024)?;
+                wsimil_worker::device::tune_batch(model.as_ref(), &compute.device, compute.dtype, lo, hi)?;
             eprintln!("batch size {b} (tried {trials:?})");
             b
         }

@@ -175,6 +175,9 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
+/// The batch sizes `--embed-batch auto` tries: from the first, doubling, up to the second.
+pub const TUNED_BATCHES: (usize, usize) = (16, 1024);
+
 /// One trial of [`tune_batch`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trial {

@@ -4,7 +4,7 @@
 //!
 //! [`JobError`] is the one place that decides whether a failure is worth retrying.
 
-use crate::device::{tune_batch, BatchChoice, Compute};
+use crate::device::{tune_batch, BatchChoice, Compute, TUNED_BATCHES};
 use crate::embed::{embed_patches, EmbedError, EmbedOptions};
 use crate::heatmap;
 use crate::slide::{self, SlideError};
@@ -176,7 +176,8 @@ impl WorkerContext {
             let batch = match compute.batch {
                 BatchChoice::Fixed(n) => n,
                 BatchChoice::Auto if !compute.device.is_cpu() => {
-                    let (b, trials) = tune_batch(model.as_ref(), &compute.device, compute.dtype, 16, 1024)
+                    let (lo, hi) = TUNED_BATCHES;
+                    let (b, trials) = tune_batch(model.as_ref(), &compute.device, compute.dtype, lo, hi)
                         .map_err(candle_err(&arch))?;
                     info!(embedder = %arch, batch = b, ?trials, "batch size tuned on {}", compute.describe());
                     b
