@@ -218,11 +218,7 @@ impl ConvBn {
         } else {
             y.broadcast_add(&self.bias.reshape((1, self.bias.elem_count(), 1, 1))?)?
         };
-        match act {
-            Act::None => Ok(y),
-            Act::Relu => y.relu(),
-            Act::Relu6 => y.clamp(0f32, 6f32),
-        }
+        act.apply(&y)
     }
 
     /// The convolution and its folded bias, no activation.
@@ -237,11 +233,7 @@ impl ConvBn {
             return f.forward(x, act, Some(residual));
         }
         let y = (self.forward(x)? + residual)?;
-        match act {
-            Act::None => Ok(y),
-            Act::Relu => y.relu(),
-            Act::Relu6 => y.clamp(0f32, 6f32),
-        }
+        act.apply(&y)
     }
 
     /// The convolution alone (no bias).
@@ -276,6 +268,17 @@ pub enum Act {
     Relu,
     /// min(max(x, 0), 6): MobileNet's and EfficientNet-Lite's.
     Relu6,
+}
+
+impl Act {
+    /// The activation over a tensor (candle's ops, differentiable).
+    pub fn apply(self, y: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::None => Ok(y.clone()),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
+    }
 }
 
 /// y = act(x + bias[channel]) over [B, C, H, W] in one pass (inference only: no backward). candle's
