@@ -136,6 +136,8 @@ pub fn train(
     log: &mut dyn FnMut(&EpochRecord),
 ) -> candle_core::Result<Trained> {
     let mut rng = Rng::new(seed);
+    // Dropout masks off the CPU come from the device's generator (the CPU's from `rng`).
+    wsimil_common::models::ops::seed_device(device, seed)?;
     let params = Params::new(rng.next_u64());
     let model = BagModel::new(model_cfg, params.var_builder(device))?;
     let vars = params.vars();

@@ -2,9 +2,12 @@
 //!
 //! - [`depthwise_conv2d`]: one kernel per channel. candle's grouped conv2d runs one convolution per
 //!   group, which makes PPEG (512 groups), Nyström's residual conv and EfficientNet's depthwise
-//!   stages crawl; this op is a direct loop, parallel over (batch, channel), with its own backward.
+//!   stages crawl; on the CPU this op is a direct loop, parallel over (batch, channel), with its own
+//!   backward; on other devices the tap sum [`depthwise_conv2d_taps`] (KH·KW element-wise passes,
+//!   its backward written out).
 //! - [`pinv_iterative`]: the Moore–Penrose iteration Nyströmformer uses, as plain matmuls.
-//! - [`dropout`]: dropout with a mask from a seeded generator, so training is reproducible.
+//! - [`dropout`]: dropout with a mask from a seeded generator, so training is reproducible (on a
+//!   GPU the device's generator, seeded per run by [`seed_device`]).
 //! - [`softmax_last_dim`]: softmax over the last dimension in one pass, with a fused backward.
 //!   candle's fused softmax has no backward, and the composed one keeps four full-size tensors per
 //!   call alive for the backward pass (TransMIL's attention maps are [heads, n, landmarks]); this
@@ -15,7 +18,11 @@
 
 use super::embedder::Act;
 use crate::rng::Rng;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 use rayon::prelude::*;
 
 /// Geometry of a depthwise convolution: stride and (top, bottom, left, right) zero padding.
@@ -49,20 +56,235 @@ impl DwGeom {
 }
 
 /// `x`: [B, C, H, W], `w`: [C, 1, KH, KW] → [B, C, OH, OW]. No bias (add it with a broadcast).
+/// CPU f32 runs the direct op; every other device and dtype [`depthwise_conv2d_taps`].
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.apply_op2(&w, DepthwiseConv { geom, epilogue: None });
+        return x.contiguous()?.apply_op2(&w.contiguous()?, DepthwiseConv { geom, epilogue: None });
     }
-    // Other devices/dtypes: candle's grouped convolution (slower, but correct and differentiable).
-    let (_, c, _, _) = x.dims4()?;
-    let (pt, pb, pl, pr) = geom.pad;
-    let x = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
-    if geom.stride.0 != geom.stride.1 {
-        candle_core::bail!("depthwise conv: unequal strides need the CPU path")
+    depthwise_conv2d_taps(x, w, geom)
+}
+
+/// The depthwise convolution from operations every device has: one strided view of the padded
+/// input per kernel tap, scaled by that tap's weight per channel and summed. On a GPU this is
+/// KH·KW element-wise passes over the output, against the one convolution per channel (up to 512
+/// launches of tiny GEMMs, and as many again backwards) that candle's grouped conv2d makes.
+///
+/// Strides go through a polyphase view: the padded input [B, C, H', W'], with H' and W' made
+/// multiples of the stride, seen as [B, C, H'/s, s, W'/s, s], so that the rows `oy·s + ky` of tap
+/// `ky` are the rows `oy + ky/s` of phase `ky % s`. Half-precision inputs are summed in f32 and the
+/// result cast back (a 7×7 kernel sums 49 products).
+///
+/// On the CPU and CUDA this runs inside one custom op whose backward pass is written out
+/// ([`taps_backward`]: the gradient scattered back tap by tap, and each tap's weight gradient as one
+/// reduction), so training keeps only the op's inputs; left to autograd, every tap's product and
+/// every partial sum would stay alive until the backward pass (PPEG's 7×7 at N = 16,000: 3 GB in
+/// f32). Other devices get exactly that autograd form.
+pub fn depthwise_conv2d_taps(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> {
+    check_depthwise(x, w)?;
+    if x.device().is_cpu() || x.device().is_cuda() {
+        let whole =
+            |t: &Tensor| if t.is_contiguous() && t.layout().start_offset() == 0 { Ok(t.clone()) } else { t.copy() };
+        whole(x)?.apply_op2(&whole(w)?, DepthwiseTaps { geom })
+    } else {
+        taps_forward(x, w, geom)
     }
-    x.conv2d(&w, 0, geom.stride.0, 1, c)
+}
+
+fn check_depthwise(x: &Tensor, w: &Tensor) -> Result<()> {
+    let c = x.dims4()?.1;
+    let (c2, one, _, _) = w.dims4()?;
+    if c2 != c || one != 1 {
+        candle_core::bail!("depthwise conv: kernel {:?} does not fit input {:?}", w.shape(), x.shape())
+    }
+    Ok(())
+}
+
+/// The padded input of a depthwise convolution in its polyphase view, and the kernel per tap, in
+/// the dtype the sums run in.
+struct Taps {
+    /// [B, C, HQ, SH, WQ, SW].
+    phases: Tensor,
+    /// [C, KH·KW].
+    w: Tensor,
+    k: (usize, usize),
+    out: (usize, usize),
+    q: (usize, usize),
+    stride: (usize, usize),
+}
+
+/// The dtype a depthwise convolution sums in: f32 for half-precision inputs.
+fn sum_dtype(dtype: DType) -> DType {
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+impl Taps {
+    fn new(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Self> {
+        let (b, c, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let (oh, ow) = geom.out_hw(h, wd, kh, kw)?;
+        let (sh, sw) = geom.stride;
+        let acc = sum_dtype(x.dtype());
+        let (x, w) = (x.to_dtype(acc)?, w.to_dtype(acc)?.reshape((c, kh * kw))?);
+        // The phases need `oh + (kh - 1) / sh` rows of `sh`; the rows past the last tap's reach are
+        // never read, so they may be cut or added as zeros.
+        let (hq, wq) = (oh + (kh - 1) / sh, ow + (kw - 1) / sw);
+        let xp = fit(&x, 2, geom.pad.0, hq * sh)?;
+        let xp = fit(&xp, 3, geom.pad.2, wq * sw)?;
+        let phases = xp.contiguous()?.reshape((b, c, hq, sh, wq, sw))?;
+        Ok(Taps { phases, w, k: (kh, kw), out: (oh, ow), q: (hq, wq), stride: (sh, sw) })
+    }
+
+    /// The input rows and columns tap (ky, kx) multiplies: [B, C, OH, OW], a view.
+    fn tap(&self, ky: usize, kx: usize) -> Result<Tensor> {
+        let ((sh, sw), (oh, ow)) = (self.stride, self.out);
+        self.phases
+            .narrow(2, ky / sh, oh)?
+            .narrow(3, ky % sh, 1)?
+            .narrow(4, kx / sw, ow)?
+            .narrow(5, kx % sw, 1)?
+            .squeeze(5)?
+            .squeeze(3)
+    }
+
+    /// Tap (ky, kx)'s weight per channel, [1, C, 1, 1].
+    fn weight(&self, ky: usize, kx: usize) -> Result<Tensor> {
+        let c = self.w.dim(0)?;
+        self.w.narrow(1, ky * self.k.1 + kx, 1)?.reshape((1, c, 1, 1))
+    }
+}
+
+/// `t` zero-padded by `before` along `dim` and then cut or zero-padded to `want`.
+fn fit(t: &Tensor, dim: usize, before: usize, want: usize) -> Result<Tensor> {
+    let have = t.dim(dim)? + before;
+    let t = t.pad_with_zeros(dim, before, want.saturating_sub(have))?;
+    if have > want {
+        t.narrow(dim, 0, want)
+    } else {
+        Ok(t)
+    }
+}
+
+/// The tap sum, in candle's operations (differentiable by autograd when its inputs are tracked).
+fn taps_forward(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> {
+    let t = Taps::new(x, w, geom)?;
+    let mut out: Option<Tensor> = None;
+    for ky in 0..t.k.0 {
+        for kx in 0..t.k.1 {
+            let term = t.tap(ky, kx)?.broadcast_mul(&t.weight(ky, kx)?)?;
+            out = Some(match out {
+                None => term,
+                Some(sum) => (sum + term)?,
+            });
+        }
+    }
+    match out {
+        Some(y) => y.to_dtype(x.dtype()),
+        None => candle_core::bail!("depthwise conv: empty kernel"),
+    }
+}
+
+/// Gradients of the tap sum with respect to `x` and `w` given the output's gradient `grad`:
+/// each tap's `grad · weight` added into its phase of the padded input at the tap's offset (the
+/// phases then interleaved and the padding cut off), and each tap's weight gradient the sum of
+/// `grad · tap` over batch, rows and columns.
+pub fn taps_backward(x: &Tensor, w: &Tensor, grad: &Tensor, geom: DwGeom) -> Result<(Tensor, Tensor)> {
+    let (b, c, h, wd) = x.dims4()?;
+    let t = Taps::new(&x.detach(), &w.detach(), geom)?;
+    let grad = grad.detach().to_dtype(sum_dtype(grad.dtype()))?;
+    let ((kh, kw), (oh, ow), (hq, wq), (sh, sw)) = (t.k, t.out, t.q, t.stride);
+    let mut phase_grads: Vec<Option<Tensor>> = vec![None; sh * sw];
+    let mut w_grads = Vec::with_capacity(kh * kw);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            w_grads.push((t.tap(ky, kx)? * &grad)?.sum(3)?.sum(2)?.sum(0)?);
+            let (qy, qx) = (ky / sh, kx / sw);
+            let term = grad.broadcast_mul(&t.weight(ky, kx)?)?;
+            let term = term.pad_with_zeros(2, qy, hq - oh - qy)?.pad_with_zeros(3, qx, wq - ow - qx)?;
+            let slot = &mut phase_grads[(ky % sh) * sw + kx % sw];
+            *slot = Some(match slot.take() {
+                None => term,
+                Some(sum) => (sum + term)?,
+            });
+        }
+    }
+    let zeros = Tensor::zeros((b, c, hq, wq), grad.dtype(), grad.device())?;
+    let rows: Vec<Tensor> = phase_grads
+        .chunks(sw)
+        .map(|row| {
+            let cols: Vec<Tensor> = row.iter().map(|g| g.clone().unwrap_or_else(|| zeros.clone())).collect();
+            Tensor::stack(&cols, 4) // [B, C, HQ, WQ, SW]
+        })
+        .collect::<Result<_>>()?;
+    let gxp = Tensor::stack(&rows, 3)?.reshape((b, c, hq * sh, wq * sw))?;
+    // Back from the padded extent to the input's: rows the padding cut never had a gradient.
+    let (pt, pl) = (geom.pad.0, geom.pad.2);
+    let gxp = gxp.pad_with_zeros(2, 0, (pt + h).saturating_sub(hq * sh))?;
+    let gxp = gxp.pad_with_zeros(3, 0, (pl + wd).saturating_sub(wq * sw))?;
+    let gx = gxp.narrow(2, pt, h)?.narrow(3, pl, wd)?.to_dtype(x.dtype())?;
+    let gw = Tensor::stack(&w_grads, 1)?.reshape((c, 1, kh, kw))?.to_dtype(w.dtype())?;
+    Ok((gx, gw))
+}
+
+/// [`taps_forward`] as one op: inputs contiguous from offset 0, the sums run graph-free on the
+/// storages' device, and the backward pass is [`taps_backward`].
+struct DepthwiseTaps {
+    geom: DwGeom,
+}
+
+/// The storage of an op's input, seen as a tensor with no graph (the op asks for its inputs
+/// contiguous and from offset 0, so the shape says which elements are its own).
+fn as_tensor(storage: Storage, l: &Layout) -> Result<Tensor> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("depthwise taps: expected a contiguous input from offset 0")
+    }
+    Ok(Tensor::from_storage(storage, l.shape().clone(), BackpropOp::none(), false))
+}
+
+/// A copy of a fresh result's storage (contiguous from offset 0), to hand back from an op.
+fn storage_of(t: &Tensor) -> Result<Storage> {
+    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
+    let (s, l) = t.storage_and_layout();
+    Ok(match &*s {
+        Storage::Cpu(s) => Storage::Cpu(s.try_clone(l)?),
+        Storage::Cuda(s) => Storage::Cuda(s.try_clone(l)?),
+        Storage::Metal(s) => Storage::Metal(s.try_clone(l)?),
+    })
+}
+
+impl DepthwiseTaps {
+    fn run(&self, x: Storage, l1: &Layout, w: Storage, l2: &Layout) -> Result<(Storage, Shape)> {
+        let y = taps_forward(&as_tensor(x, l1)?, &as_tensor(w, l2)?, self.geom)?;
+        Ok((storage_of(&y)?, y.shape().clone()))
+    }
+}
+
+impl CustomOp2 for DepthwiseTaps {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-taps"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.run(Storage::Cpu(s1.clone()), l1, Storage::Cpu(s2.clone()), l2)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("depthwise taps: the result left the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        match self.run(Storage::Cuda(s1.try_clone(l1)?), l1, Storage::Cuda(s2.try_clone(l2)?), l2)? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("depthwise taps: the result left the GPU"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = taps_backward(x, w, grad, self.geom)?;
+        Ok((Some(gx), Some(gw)))
+    }
 }
 
 /// `act(depthwise(x, w) + bias[channel])` for inference (no backward), CPU f32: bias and
@@ -504,17 +726,41 @@ pub fn pinv_iterative(x: &Tensor, iters: usize) -> Result<Tensor> {
     Ok(z)
 }
 
-/// Inverted dropout with a mask drawn from `rng`: zeroes each element with probability `p` and
-/// scales the rest by 1/(1-p).
+/// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
+/// On the CPU the mask comes from `rng`; on other devices from the device's own generator
+/// ([`dropout_device_rng`]), seeded per training run by [`seed_device`].
 pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
+    }
+    if !x.device().is_cpu() {
+        return dropout_device_rng(x, p);
     }
     let n = x.elem_count();
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < p as f64 { 0.0 } else { keep }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
+}
+
+/// Dropout with the mask drawn on `x`'s device (cuRAND on a GPU): a host-drawn mask would cost
+/// one generator call per element on the CPU and a bag-sized copy over the bus for each layer of
+/// each step (TransMIL at N = 16,000: 8 M draws and 32 MB per layer).
+pub fn dropout_device_rng(x: &Tensor, p: f32) -> Result<Tensor> {
+    let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+    let mask = (u.ge(p)?.to_dtype(x.dtype())? * (1.0 / (1.0 - p as f64)))?;
+    x * mask
+}
+
+/// Seeds `device`'s generator, which draws the dropout masks off the CPU, so that a training run
+/// on a GPU repeats itself (while no other run draws from the same device meanwhile). The CPU's
+/// masks come from each run's own [`Rng`]: nothing to do there.
+pub fn seed_device(device: &candle_core::Device, seed: u64) -> Result<()> {
+    if device.is_cpu() {
+        Ok(())
+    } else {
+        device.set_seed(seed)
+    }
 }
 
 #[cfg(test)]
@@ -549,6 +795,8 @@ mod tests {
             ((1, 2, 11, 11), (5, 5), DwGeom::tf_same(11, 11, 5, 5, 2)),
             ((1, 8, 40, 16), (33, 1), DwGeom { stride: (1, 1), pad: (16, 16, 0, 0) }),
             ((1, 5, 6, 6), (7, 7), DwGeom::same_pad(7, 7, 1)),
+            // Stride 3 whose last input rows no tap reaches (the polyphase view cuts them).
+            ((1, 3, 11, 10), (3, 3), DwGeom { stride: (3, 3), pad: (0, 0, 0, 0) }),
             // The first geometry again: each thread's padded plane was reshaped in between.
             ((2, 3, 9, 9), (3, 3), DwGeom::same_pad(3, 3, 1)),
         ];
@@ -559,6 +807,10 @@ mod tests {
             let theirs = reference(&x, &k, g);
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
             assert!(max_abs_diff(&ours, &theirs) < 1e-4, "case {i}");
+            // The tap-sum form other devices run, here on the CPU.
+            let taps = depthwise_conv2d_taps(&x, &k, g).unwrap();
+            assert_eq!(taps.dims(), theirs.dims(), "case {i}, taps");
+            assert!(max_abs_diff(&taps, &theirs) < 1e-4, "case {i}, taps");
             // The inference variant with its bias and activation fused in.
             let bias = rand_tensor(&[c], 200 + i as u64);
             let fused = depthwise_conv2d_bias_act(&x, &k, &bias, g, Act::Relu6).unwrap();
@@ -576,21 +828,50 @@ mod tests {
 
     #[test]
     fn backward_matches_grouped_conv_gradients() {
-        for (i, g) in
-            [DwGeom::same_pad(3, 3, 1), DwGeom::tf_same(9, 9, 3, 3, 2), DwGeom { stride: (1, 1), pad: (2, 2, 0, 0) }]
-                .into_iter()
-                .enumerate()
-        {
-            let (kh, kw) = if i == 2 { (5, 1) } else { (3, 3) };
-            let x = Var::from_tensor(&rand_tensor(&[2, 3, 9, 9], 7)).unwrap();
-            let k = Var::from_tensor(&rand_tensor(&[3, 1, kh, kw], 8)).unwrap();
-            let probe = rand_tensor(reference(&x, &k, g).dims(), 9);
-            let ours = (depthwise_conv2d(&x, &k, g).unwrap() * &probe).unwrap().sum_all().unwrap();
-            let theirs = (reference(&x, &k, g) * &probe).unwrap().sum_all().unwrap();
-            let (go, gt) = (ours.backward().unwrap(), theirs.backward().unwrap());
-            assert!(max_abs_diff(go.get(&x).unwrap(), gt.get(&x).unwrap()) < 1e-4, "grad x, case {i}");
-            assert!(max_abs_diff(go.get(&k).unwrap(), gt.get(&k).unwrap()) < 1e-3, "grad k, case {i}");
+        let cases = [
+            ((2, 3, 9, 9), (3, 3), DwGeom::same_pad(3, 3, 1)),
+            ((2, 3, 9, 9), (3, 3), DwGeom::tf_same(9, 9, 3, 3, 2)),
+            ((2, 3, 9, 9), (5, 1), DwGeom { stride: (1, 1), pad: (2, 2, 0, 0) }),
+            ((1, 4, 10, 10), (5, 5), DwGeom::tf_same(10, 10, 5, 5, 2)),
+            ((1, 5, 8, 8), (7, 7), DwGeom::same_pad(7, 7, 1)),
+            // Stride 3 with input rows no tap reaches, and a 1×1 kernel at stride 2 (phases no tap
+            // reads). candle's convolution backward gets the input gradient's shape wrong when the
+            // stride leaves rows unread, so these two take the direct op (checked above) as the truth.
+            ((1, 3, 11, 10), (3, 3), DwGeom { stride: (3, 3), pad: (0, 0, 0, 0) }),
+            ((1, 2, 7, 6), (1, 1), DwGeom { stride: (2, 2), pad: (0, 0, 0, 0) }),
+        ];
+        for (i, ((b, c, h, w), (kh, kw), g)) in cases.into_iter().enumerate() {
+            let x = Var::from_tensor(&rand_tensor(&[b, c, h, w], 7 + i as u64)).unwrap();
+            let k = Var::from_tensor(&rand_tensor(&[c, 1, kh, kw], 80 + i as u64)).unwrap();
+            let probe = rand_tensor(reference(&x, &k, g).dims(), 90 + i as u64);
+            let loss = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = loss(if i < 5 { reference(&x, &k, g) } else { depthwise_conv2d(&x, &k, g).unwrap() });
+            let (wx, wk) = (want.get(&x).unwrap(), want.get(&k).unwrap());
+            let forms = [
+                ("direct op", depthwise_conv2d(&x, &k, g).unwrap()),
+                ("taps op", depthwise_conv2d_taps(&x, &k, g).unwrap()),
+                ("taps by autograd", taps_forward(&x, &k, g).unwrap()),
+            ];
+            for (name, y) in forms {
+                let got = loss(y);
+                assert!(max_abs_diff(got.get(&x).unwrap(), wx) < 1e-4, "{name}: grad x, case {i}");
+                assert!(max_abs_diff(got.get(&k).unwrap(), wk) < 1e-3, "{name}: grad k, case {i}");
+            }
         }
+    }
+
+    #[test]
+    fn half_precision_depthwise_sums_in_f32_and_returns_the_input_dtype() {
+        // PPEG's 7×7 over a 512-wide bag would sum 49 products; here 7×7 over 6 channels.
+        let g = DwGeom::same_pad(7, 7, 1);
+        let (x, k) = (rand_tensor(&[1, 6, 12, 12], 31), rand_tensor(&[6, 1, 7, 7], 32));
+        let want = reference(&x, &k, g);
+        let half = depthwise_conv2d(&x.to_dtype(DType::F16).unwrap(), &k.to_dtype(DType::F16).unwrap(), g).unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        let half = half.to_dtype(DType::F32).unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Inputs rounded to f16 (2⁻¹¹ relative) and one rounding of the sum: far under 1% of the range.
+        assert!(max_abs_diff(&half, &want) < 5e-3 * scale, "{} vs scale {scale}", max_abs_diff(&half, &want));
     }
 
     #[test]
@@ -656,5 +937,16 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.1, "{mean}");
         let zeros = a.to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
         assert!((180..320).contains(&zeros), "{zeros}");
+    }
+
+    #[test]
+    fn device_drawn_dropout_zeroes_p_and_scales_the_rest() {
+        // The path GPUs take, here with the CPU's generator.
+        let x = Tensor::full(2f32, (4000,), &Device::Cpu).unwrap();
+        let v = dropout_device_rng(&x, 0.25).unwrap().to_vec1::<f32>().unwrap();
+        let zeros = v.iter().filter(|v| **v == 0.0).count();
+        assert!((850..1150).contains(&zeros), "{zeros} of 4000 zeroed at p = 0.25");
+        assert!(v.iter().all(|v| *v == 0.0 || (v - 2.0 / 0.75).abs() < 1e-6), "kept values scaled by 1/(1-p)");
+        assert!(seed_device(&Device::Cpu, 1).is_ok(), "nothing to seed on the CPU");
     }
 }
