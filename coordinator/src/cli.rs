@@ -55,6 +55,9 @@ pub enum Command {
     /// Benchmark: embedding throughput, model alone or from a slide (bench/embed-cpu.sh).
     #[command(hide = true)]
     BenchEmbed(BenchEmbedArgs),
+    /// Check a device: its kernels and models against the CPU's, op by op, in a few seconds. Run it
+    /// on every new GPU machine before it embeds a cohort.
+    CheckDevice(CheckDeviceArgs),
     /// Build the semi-synthetic demo cohort from the real slide and tumour image.
     DemoCohort(DemoCohortArgs),
     /// Diagnostic: a round's ICMIL teachers against the demo cohort's patch-level truth.
@@ -789,12 +792,16 @@ pub struct BenchEmbedArgs {
     /// so a peer can embed the same ones.
     #[arg(long, requires = "slide")]
     pub coords_out: Option<PathBuf>,
+    /// With --slide: everything but the network (read, decode, resize, upload, normalise): the most
+    /// patches per second the CPU side can feed the device.
+    #[arg(long, requires = "slide")]
+    pub decode_only: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
-/// `wsimil bench-embed`: prints `embed ARCH IMAGES_PER_S batch B` (model alone) or
-/// `embed-slide ARCH PATCHES PATCHES_PER_S`.
+/// `wsimil bench-embed`: prints `embed ARCH IMAGES_PER_S batch B` (model alone),
+/// `embed-slide ARCH PATCHES PATCHES_PER_S` or, with --decode-only, `decode-slide ARCH PATCHES PATCHES_PER_S`.
 pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
     let compute = args.compute.open()?;
     let batch = match compute.batch {
@@ -823,11 +830,50 @@ pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
                 let lines: String = grid.patches.iter().map(|p| format!("{},{},{side}\n", p.x, p.y)).collect();
                 std::fs::write(out, lines).with_context(|| format!("{}", out.display()))?;
             }
-            let (n, rate) =
-                wsimil_worker::bench::embed_slide_rate(slide.as_ref(), &grid, &args.embedder, args.batch, &compute)?;
-            println!("embed-slide {} {n} {rate:.2}", args.embedder);
+            if wsimil_common::models::embedder::preprocessing_of(&args.embedder).is_none() {
+                anyhow::bail!(
+                    "unknown embedder {:?} (known: {:?})",
+                    args.embedder,
+                    wsimil_common::models::embedder::ARCHITECTURES
+                );
+            }
+            let (n, rate) = wsimil_worker::bench::embed_slide_rate(
+                slide.as_ref(),
+                &grid,
+                &args.embedder,
+                args.batch,
+                &compute,
+                args.decode_only,
+            )?;
+            let what = if args.decode_only { "decode-slide" } else { "embed-slide" };
+            println!("{what} {} {n} {rate:.2}", args.embedder);
         }
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct CheckDeviceArgs {
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// `wsimil check-device`: one line per check; fails when any check does.
+pub fn check_device(args: CheckDeviceArgs) -> anyhow::Result<()> {
+    let compute = args.compute.open()?;
+    let report = wsimil_worker::device_check::check_device(&compute)?;
+    let checks = report.checks;
+    for c in &checks {
+        println!("{c}");
+    }
+    for s in &report.skipped {
+        println!("skip {s}");
+    }
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} checks failed on {}", checks.len(), compute.describe());
+    }
+    println!("check-device: all {} checks passed on {}", checks.len(), compute.describe());
     Ok(())
 }
 

@@ -23,6 +23,7 @@ fn main() -> std::process::ExitCode {
         Command::MakeSlide(args) => cli::make_slide(args),
         Command::BenchTransmil(args) => cli::bench_transmil(args),
         Command::BenchEmbed(args) => cli::bench_embed(args),
+        Command::CheckDevice(args) => cli::check_device(args),
         Command::DemoCohort(args) => cli::demo_cohort(args),
         Command::IcmilTeacherCheck(args) => tokio_main(cli::icmil_teacher_check(args)),
         Command::ImportBags(args) => tokio_main(cli::import_bags(args)),

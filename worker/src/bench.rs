@@ -90,6 +90,7 @@ pub fn transmil_step_secs(
     let model = TransMil::new(&cfg, params.var_builder(dev))?;
     let mut opt = optim::build("lookahead-radam", params.named_vars(), 2e-4, 1e-5)?;
     let mut rng = wsimil_common::rng::Rng::new(2);
+    wsimil_common::models::ops::seed_device(dev, 2)?;
     let x = Tensor::randn(0f32, 1.0, (1, n, in_dim), dev)?;
     let target = Tensor::new(&[1u32], dev)?;
     let mut step = || -> candle_core::Result<()> {
@@ -136,17 +137,42 @@ pub fn embed_model_rate(architecture: &str, batch: usize, iters: usize, compute:
     Ok(batch as f64 / best)
 }
 
+/// The embed stage without its network: each patch's per-channel mean of the normalised input, so a
+/// pipeline run through it measures what the CPU side (read, decode, resize) and the upload can
+/// feed a device: the ceiling of the end-to-end rate.
+pub struct NoNetwork(pub wsimil_common::features::Preprocessing);
+
+impl Embedder for NoNetwork {
+    fn architecture(&self) -> &'static str {
+        "none"
+    }
+    fn feature_dim(&self) -> usize {
+        3
+    }
+    fn preprocessing(&self) -> wsimil_common::features::Preprocessing {
+        self.0.clone()
+    }
+    fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        x.mean(3)?.mean(2)
+    }
+}
+
 /// Patches per second from a slide to features: every tissue patch of `grid` read, decoded,
-/// resized, normalised and embedded in batches of `batch`, as the embed stage does.
+/// resized, normalised and embedded in batches of `batch`, as the embed stage does. With
+/// `decode_only`, everything but the network ([`NoNetwork`], with `architecture`'s input size).
 pub fn embed_slide_rate(
     slide: &dyn SlideReader,
     grid: &PatchGrid,
     architecture: &str,
     batch: usize,
     compute: &Compute,
+    decode_only: bool,
 ) -> Result<(usize, f64), crate::embed::EmbedError> {
     let model_err = |source| crate::embed::EmbedError::Model { slide: grid.provenance.slide.clone(), source };
-    let model = random_embedder(architecture, compute).map_err(model_err)?;
+    let model: Box<dyn Embedder> = match wsimil_common::models::embedder::preprocessing_of(architecture) {
+        Some(pre) if decode_only => Box::new(NoNetwork(pre)),
+        _ => random_embedder(architecture, compute).map_err(model_err)?,
+    };
     let opts = crate::embed::EmbedOptions { batch_size: batch, dtype: compute.dtype, corrupt: Default::default() };
     // One warm-up batch (a GPU compiles and allocates on the first pass).
     let warm = PatchGrid { patches: grid.patches.iter().take(batch).cloned().collect(), ..grid.clone() };
@@ -174,6 +200,18 @@ mod tests {
         assert_eq!(dims, vec![(100_000, 80_000), (25_000, 20_000), (6_250, 5_000), (1_563, 1_250)]);
         assert!(matches!(levels[3], LevelData::Image(_)));
         assert!(matches!(levels[0], LevelData::Repeated { .. }));
+    }
+
+    #[test]
+    fn decode_only_runs_every_patch_through_the_pipeline_without_a_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let (slide, mut grid) = crate::embed::gradient_slide(dir.path(), 512, 384);
+        grid.patches = (0..9).map(|i| wsimil_common::grid::Patch { x: i * 48, y: i * 32, tissue: 1.0 }).collect();
+        let (n, rate) = embed_slide_rate(slide.as_ref(), &grid, "resnet50-trunc", 4, &Compute::cpu(), true).unwrap();
+        assert_eq!(n, 9);
+        assert!(rate.is_finite() && rate > 0.0);
+        let pre = wsimil_common::models::embedder::preprocessing_of("resnet50-trunc").unwrap();
+        assert_eq!(NoNetwork(pre.clone()).preprocessing().input_px, 224, "the embedder's input size is kept");
     }
 
     #[test]

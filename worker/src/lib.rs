@@ -12,10 +12,12 @@
 //! - [`service`]: the worker process: pulling jobs from NATS JetStream, heartbeats, acks, drain.
 //! - [`synth`], [`tiff`]: the semi-synthetic demo cohort, written as pyramidal TIFF slides.
 //! - [`bench`]: large test slides and single-threaded reading, for the tiling benchmark.
+//! - [`device`], [`device_check`]: device, precision and batch size; a device's kernels against the CPU's.
 
 pub mod bench;
 pub mod contours;
 pub mod device;
+pub mod device_check;
 pub mod embed;
 pub mod finetune;
 pub mod heatmap;
