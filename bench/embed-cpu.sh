@@ -44,17 +44,20 @@ for arch in resnet50-trunc efficientnet-lite0; do
   echo "embed-cpu: $line" >&2
   rows+=("$arch:$w1:${p1:-0}:$wa:$e2e:${pe:-0}")
 done
-python3 - "${PY:+$($PY -c 'import torch; print(torch.__version__)')}" "${rows[@]}" <<'PY'
+# The same pipeline with no network: what the reading side alone delivers on these cores.
+read -r _ dec < <("$WSIMIL" bench-embed --embedder resnet50-trunc --batch 64 --slide "$work/slide.svs" --decode-only | awk '{print $3, $4}')
+echo "embed-cpu: decode ceiling (read, decode, resize, normalise; no network) $dec patches/s on $(nproc) cores" >&2
+python3 - "${PY:+$($PY -c 'import torch; print(torch.__version__)')}" "$dec" "${rows[@]}" <<'PY'
 import sys
-ver, rows = sys.argv[1], [r.split(":") for r in sys.argv[2:]]
+ver, dec, rows = sys.argv[1], float(sys.argv[2]), [r.split(":") for r in sys.argv[3:]]
 if ver:
     ratios = [float(w) / float(p) for _, w, p, _, _, _ in rows]
     geo = (ratios[0] * ratios[1]) ** 0.5
     parts = "; ".join(f"{a} {float(w):.1f} vs {float(p):.1f} img/s ({float(w)/float(p):.2f}x)" for a, w, p, _, _, _ in rows)
     e2e = ", ".join(f"{a} {float(e):.1f}" + (f" vs {float(pe):.1f} ({float(e)/float(pe):.2f}x)" if float(pe) else "")
                     for a, _, _, _, e, pe in rows)
-    print(f"embed-cpu: wsimil vs pytorch {ver} = {geo:.1f}x (one core, model alone: {parts}; end to end from a slide on all cores, patches/s: {e2e})")
+    print(f"embed-cpu: wsimil vs pytorch {ver} = {geo:.1f}x (one core, model alone: {parts}; end to end from a slide on all cores, patches/s: {e2e}; decode ceiling {dec:.0f})")
 else:
     parts = "; ".join(f"{a} {float(w):.1f} img/s on one core, {float(e):.1f} patches/s end to end" for a, w, _, _, e, _ in rows)
-    print(f"embed-cpu: wsimil {parts} (PyTorch not installed: no ratio)")
+    print(f"embed-cpu: wsimil {parts}; decode ceiling {dec:.0f} patches/s (PyTorch not installed: no ratio)")
 PY

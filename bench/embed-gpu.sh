@@ -7,11 +7,14 @@
 # code when TRANSMIL_REPO and nystrom-attention are there.
 #
 # Here (no GPU): builds the CUDA binary (scripts/build-cuda.sh) and says so. On the GPU machine,
-# which cannot reach a registry, carry the binary and either a slide (SLIDE) or a folder holding
-# cmu_small_region.svs (WSIMIL_DATA, 2 MB: a 16384² slide of its tissue is made there):
-#   WSIMIL_BIN=path/to/wsimil.gz WSIMIL_DATA=path/to/data bench/embed-gpu.sh
-# (target/cuda/wsimil.gz from scripts/build-cuda.sh: ~24 MB, within what travels to the GPU machine).
-# The CUDA libraries come from the machine's PyTorch (docs/gpu.md).
+# which cannot reach a registry, carry the kit of scripts/dev/gpu-kit.sh (the binary, the tissue,
+# the wheels and the official TransMIL code; ~27 MB) and run
+#   WSIMIL_KIT=target/gpu-kit bench/embed-gpu.sh
+# or name the parts: WSIMIL_BIN=path/to/wsimil.gz, and either a slide (SLIDE) or a folder holding
+# cmu_small_region.svs (WSIMIL_DATA, 2 MB: a 16384² slide of its tissue is made there).
+# The CUDA libraries come from the machine's PyTorch (docs/gpu.md). `wsimil check-device` runs
+# first (the GPU's kernels against the CPU's); the decode ceiling (the same pipeline with no network:
+# what the CPU threads can feed the GPU) is reported beside end to end.
 # Last line: `embed-gpu: wsimil vs pytorch = N.Nx (...)`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +24,16 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   echo "embed-gpu: built $bin; carry target/cuda/wsimil.gz to a GPU machine and run WSIMIL_BIN=.../wsimil.gz WSIMIL_DATA=... bench/embed-gpu.sh" >&2
   echo "embed-gpu: no GPU on this machine: nothing measured"
   exit 0
+fi
+if [[ -n ${WSIMIL_KIT:-} ]]; then
+  WSIMIL_BIN=${WSIMIL_BIN:-$WSIMIL_KIT/wsimil.gz}
+  export WSIMIL_DATA=${WSIMIL_DATA:-$WSIMIL_KIT/data}
+  [[ -d $WSIMIL_KIT/transmil ]] && TRANSMIL_REPO=${TRANSMIL_REPO:-$(cd "$WSIMIL_KIT/transmil" && pwd)}
+  # Pure-Python wheels import straight from their zip files.
+  for whl in "$WSIMIL_KIT"/wheels/*.whl; do
+    [[ -f $whl ]] && PYTHONPATH="$(cd "$(dirname "$whl")" && pwd)/$(basename "$whl")${PYTHONPATH:+:$PYTHONPATH}"
+  done
+  export PYTHONPATH
 fi
 WSIMIL=${WSIMIL_BIN:-$(./scripts/build-cuda.sh)}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-gpu.XXXXXX")
@@ -52,6 +65,10 @@ if [[ -z ${SLIDE:-} ]]; then
   "$WSIMIL" make-slide --out "$SLIDE" --width 16384 --height 16384 --mpp 0.5
 fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+# First the device's kernels against the CPU's (bf16, as the embedding runs): figures from a device
+# that fails them would mean nothing.
+checks="device checks passed"
+"$WSIMIL" check-device --device cuda >&2 || checks="DEVICE CHECKS FAILED (above)"
 # Dense bf16 tensor-core peak (TFLOPS) of the GPUs we meet, from NVIDIA's data sheets.
 case "$gpu" in
   *H100*PCIe*) peak=756 ;;
@@ -63,7 +80,8 @@ esac
 ARCH=resnet50-trunc
 read -r w batch < <("$WSIMIL" bench-embed --embedder $ARCH --device cuda --embed-batch auto --iters 5 | awk '{print $3, $5}')
 read -r n e2e < <("$WSIMIL" bench-embed --embedder $ARCH --device cuda --embed-batch "$batch" --slide "$SLIDE" | awk '{print $3, $4}')
-echo "embed-gpu: $gpu; wsimil model alone $w img/s (batch $batch), end to end $e2e patches/s ($n patches)" >&2
+read -r _ dec < <("$WSIMIL" bench-embed --embedder $ARCH --device cuda --embed-batch "$batch" --slide "$SLIDE" --decode-only | awk '{print $3, $4}')
+echo "embed-gpu: $gpu; wsimil model alone $w img/s (batch $batch), end to end $e2e patches/s ($n patches), decode ceiling $dec patches/s on $(nproc) CPUs" >&2
 p=0; macs=0; ver=""
 if [[ -n $PY ]]; then
   read -r p macs < <("$PY" bench/py/embed.py --arch $ARCH --device cuda --dtype bf16 --batch "$batch" --iters 5 | awk '{print $3, $4}')
@@ -86,13 +104,14 @@ else
   done
   echo "embed-gpu: official TransMIL (TRANSMIL_REPO + nystrom-attention) not found: TransMIL peer skipped" >&2
 fi
-python3 - "$gpu" "$peak" "$w" "$p" "$e2e" "$macs" "$batch" "$ver" "$tm" <<'PY'
+python3 - "$gpu" "$peak" "$w" "$p" "$e2e" "$macs" "$batch" "$ver" "$tm" "$dec" "$(nproc)" "$checks" <<'PY'
 import sys
-gpu, peak, w, p, e2e, macs, batch, ver, tm = sys.argv[1:]
-peak, w, p, e2e, macs = float(peak), float(w), float(p), float(e2e), float(macs)
+gpu, peak, w, p, e2e, macs, batch, ver, tm, dec, cpus, checks = sys.argv[1:]
+peak, w, p, e2e, macs, dec = float(peak), float(w), float(p), float(e2e), float(macs), float(dec)
 frac = lambda r: f"{100 * r * 2 * macs / (peak * 1e12):.1f}% of bf16 peak" if peak and macs else "peak unknown"
 detail = (f"{gpu}, resnet50-trunc bf16 224 px, batch {batch}: model alone {w:.0f} vs {p:.0f} img/s ({frac(w)} vs {frac(p)}); "
-          f"end to end from a slide {e2e:.0f} patches/s = {100 * e2e / w:.0f}% of model alone{tm}")
+          f"end to end from a slide {e2e:.0f} patches/s = {100 * e2e / w:.0f}% of model alone "
+          f"(decode ceiling on {cpus} CPUs {dec:.0f} patches/s){tm}; {checks}")
 if p:
     print(f"embed-gpu: wsimil vs pytorch {ver} = {w / p:.1f}x ({detail})")
 else:
