@@ -10,9 +10,9 @@
 
 use super::ops::dropout;
 use super::params::linear;
+use super::params::Linear;
 use super::{softmax, BagOutput, Mode};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +70,7 @@ impl Abmil {
         let gate_u = candle_nn::ops::sigmoid(&self.attention_u.forward(&h)?)?;
         let a = self.attention_w.forward(&(gate_v * gate_u)?)?.t()?; // [1, N]
         let a = softmax(&a, mode.is_train())?;
-        let z = a.matmul(&h)?; // [1, L]
+        let z = super::ops::matmul(&a, &h)?; // [1, L]
         let logits = self.classifier.forward(&z)?;
         let attention = if want_attention { Some(a.squeeze(0)?) } else { None };
         Ok(BagOutput { logits, attention })

@@ -1,5 +1,6 @@
 //! Single-precision GEMM from the system's OpenBLAS, loaded at run time, for the CPU convolutions of
-//! frozen embedders ([`super::conv`]).
+//! frozen embedders ([`super::conv`]) and the CPU matrix products of the bag classifiers
+//! ([`super::ops::matmul`]).
 //!
 //! Why: candle's CPU matmul (the `gemm` crate) reaches ~25 GFLOPS on convolution-shaped products on
 //! one core of this project's machines; OpenBLAS's AVX-512 kernels 75–95 (bench notes in
@@ -19,6 +20,16 @@ use std::sync::OnceLock;
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// One operand of [`Blas::gemm_view`]: a row-major matrix (`transposed`: the operand is the
+/// transpose of the matrix stored) whose rows are `ld` elements apart, from the slice's start.
+#[derive(Debug, Clone, Copy)]
+pub struct MatView<'a> {
+    pub data: &'a [f32],
+    pub transposed: bool,
+    pub ld: usize,
+}
 
 type Sgemm = unsafe extern "C" fn(
     c_int,
@@ -160,6 +171,60 @@ impl Blas {
     }
 }
 
+impl Blas {
+    /// `c[m×n] = op(a)[m×k] · op(b)[k×n]`, `c` row-major with rows `ldc` apart; each operand
+    /// row-major or transposed as its view says (a `w.t()` needs no copy). Every element of the
+    /// m×n block of `c` is written; nothing else is read or written there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_view(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatView,
+        b: MatView,
+        c: &mut [std::mem::MaybeUninit<f32>],
+        ldc: usize,
+    ) {
+        // The extent each operand's view reaches: (rows stored − 1) · ld + columns stored.
+        let extent = |v: &MatView, rows: usize, cols: usize| {
+            let (r, c) = if v.transposed { (cols, rows) } else { (rows, cols) };
+            assert!(v.ld >= c.max(1), "gemm: leading dimension {} under {c} columns", v.ld);
+            if r == 0 || c == 0 {
+                0
+            } else {
+                (r - 1) * v.ld + c
+            }
+        };
+        assert!(a.data.len() >= extent(&a, m, k) && b.data.len() >= extent(&b, k, n), "gemm: operands too short");
+        assert!(ldc >= n.max(1) && (m == 0 || c.len() >= (m - 1) * ldc + n), "gemm: output too short");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let i = |v: usize| c_int::try_from(v).expect("gemm dimension fits a C int");
+        let t = |v: &MatView| if v.transposed { TRANS } else { NO_TRANS };
+        // SAFETY: each slice holds the matrix its view and dimensions describe (checked above).
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                t(&a),
+                t(&b),
+                i(m),
+                i(n),
+                i(k),
+                1.0,
+                a.data.as_ptr(),
+                i(a.ld),
+                b.data.as_ptr(),
+                i(b.ld),
+                0.0,
+                c.as_mut_ptr().cast::<f32>(),
+                i(ldc),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +248,31 @@ mod tests {
             }
         }
         assert!(!b.core.is_empty());
+    }
+
+    #[test]
+    fn transposed_and_strided_views_multiply_like_the_definition() {
+        let Some(b) = blas() else {
+            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS (scripts/setup.sh)");
+            return;
+        };
+        let (m, n, k) = (4, 3, 5);
+        // op(a) = transpose of a stored 5×4 matrix with rows 6 apart; b row-major 5×3, rows 3 apart.
+        let a: Vec<f32> = (0..k * 6).map(|i| (i % 7) as f32 - 2.5).collect();
+        let bm: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+        let mut c = vec![std::mem::MaybeUninit::new(f32::NAN); m * 4];
+        let av = MatView { data: &a, transposed: true, ld: 6 };
+        let bv = MatView { data: &bm, transposed: false, ld: n };
+        b.gemm_view(m, n, k, av, bv, &mut c, 4);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| a[t * 6 + i] * bm[t * n + j]).sum();
+                // SAFETY: the m×n block was written.
+                let got = unsafe { c[i * 4 + j].assume_init() };
+                assert!((got - want).abs() < 1e-5, "({i},{j}): {got} vs {want}");
+            }
+            // SAFETY: initialised above; the column past n is outside the block and left alone.
+            assert!(unsafe { c[i * 4 + 3].assume_init() }.is_nan());
+        }
     }
 }

@@ -120,12 +120,45 @@ impl SimpleBackend for Params {
 }
 
 /// PyTorch's default `nn.Linear`: weight and bias uniform in ±1/√fan_in.
-pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<candle_nn::Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let bound = 1.0 / (in_dim as f64).sqrt();
     let u = Init::Uniform { lo: -bound, up: bound };
     let w = vb.get_with_hints((out_dim, in_dim), "weight", u)?;
     let b = if bias { Some(vb.get_with_hints(out_dim, "bias", u)?) } else { None };
-    Ok(candle_nn::Linear::new(w, b))
+    Ok(Linear { weight: w, bias: b })
+}
+
+/// A fully connected layer, `x · wᵀ + b` (weight [out, in]), as candle's `Linear` but with its
+/// product through [`super::ops::matmul`] (OpenBLAS on the CPU, the weight read transposed in place).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match *x.dims() {
+            [b1, b2, _, _] => self.weight.broadcast_left((b1, b2))?,
+            [b, _, _] => self.weight.broadcast_left(b)?,
+            _ => self.weight.clone(),
+        };
+        let y = super::ops::matmul(x, &w.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
 }
 
 /// PyTorch's default conv init (uniform ±1/√fan_in) for a weight of `shape` and optional bias.

@@ -18,11 +18,12 @@
 //! later return the last n (`out[:, -n:]`). [`NystromOutput`] picks one; the paper configuration
 //! uses the pinned behaviour, and `tests/transmil_parity.rs` checks it against the reference.
 
-use super::ops::{depthwise_conv2d, dropout, pinv_iterative, DwGeom};
+use super::ops::{depthwise_conv2d, dropout, matmul, pinv_iterative, DwGeom};
+use super::params::Linear;
 use super::params::{conv_weight, layer_norm, linear, LayerNorm};
 use super::{softmax, BagOutput, Mode};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,12 +120,12 @@ impl NystromAttention {
         let landmarks = |t: &Tensor| -> Result<Tensor> { t.reshape((b, h, m, l, dh))?.sum(3)? / l as f64 };
         let (ql, kl) = (landmarks(&q)?, landmarks(&k)?);
         let train = mode.is_train();
-        let attn1 = softmax(&q.matmul(&kl.t()?)?, train)?;
-        let attn2 = softmax(&ql.matmul(&kl.t()?)?, train)?;
-        let attn3 = softmax(&ql.matmul(&k.t()?)?, train)?;
+        let attn1 = softmax(&matmul(&q, &kl.t()?)?, train)?;
+        let attn2 = softmax(&matmul(&ql, &kl.t()?)?, train)?;
+        let attn3 = softmax(&matmul(&ql, &k.t()?)?, train)?;
         let attn2_inv = pinv_iterative(&attn2, self.cfg.pinv_iterations)?;
-        let left = attn1.matmul(&attn2_inv)?;
-        let mut out = left.matmul(&attn3.matmul(&v)?)?;
+        let left = matmul(&attn1, &attn2_inv)?;
+        let mut out = matmul(&left, &matmul(&attn3, &v)?)?;
         let half = self.cfg.residual_kernel / 2;
         let geom = DwGeom { stride: (1, 1), pad: (half, half, 0, 0) };
         out = (out + depthwise_conv2d(&v, &self.res_conv, geom)?)?;
