@@ -7,6 +7,17 @@ wsimil_bin() {
   echo "$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/wsimil"
 }
 
+# The peers at their best: Debian 12's OpenBLAS (0.3.21; PyTorch's matmuls go through it) does not
+# recognise recent Xeons and falls back to SSE3 "Prescott" kernels, 5-7x slower. wsimil picks the
+# kernels from the CPU's features itself (common::models::blas::prepare_env); give the peers the same.
+if [[ -z ${OPENBLAS_CORETYPE:-} ]]; then
+  if grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo; then
+    export OPENBLAS_CORETYPE=SkylakeX
+  elif grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo; then
+    export OPENBLAS_CORETYPE=Haswell
+  fi
+fi
+
 # Prefix that pins a command to one core (empty where taskset is missing).
 ONE_CORE=""
 command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
