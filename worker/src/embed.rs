@@ -52,8 +52,7 @@ pub fn to_input(
     device: &Device,
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
-    let scale: Vec<f32> = (0..3).map(|c| 1.0 / (255.0 * pre.std[c])).collect();
-    let shift: Vec<f32> = (0..3).map(|c| -pre.mean[c] / pre.std[c]).collect();
+    let (scale, shift) = normalisation(pre);
     let plane = side * side;
     if pixels.len() != n * plane * 3 {
         candle_core::bail!("{} bytes are not {n} RGB images of {side}²", pixels.len())
@@ -71,6 +70,14 @@ pub fn to_input(
         }
     });
     Tensor::from_vec(planes, (n, 3, side, side), device)?.to_dtype(dtype)
+}
+
+/// Per channel, the `(scale, shift)` that take a byte to its normalised value: `x·scale + shift`
+/// = (x/255 − mean)/std.
+fn normalisation(pre: &Preprocessing) -> (Vec<f32>, Vec<f32>) {
+    let scale = (0..3).map(|c| 1.0 / (255.0 * pre.std[c])).collect();
+    let shift = (0..3).map(|c| -pre.mean[c] / pre.std[c]).collect();
+    (scale, shift)
 }
 
 /// [`to_input`] for a GPU: the bytes uploaded as they are, the arithmetic in tensor operations there.
@@ -291,9 +298,7 @@ mod tests {
             Preprocessing { input_px: 5, resize: "x".into(), mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
         let pixels: Vec<u8> = (0..3 * 5 * 5 * 3).map(|i| (i * 37 % 256) as u8).collect();
         let cpu = to_input(pixels.clone(), 3, 5, &pre, &Device::Cpu, DType::F32).unwrap();
-        let scale = (0..3).map(|c| 1.0 / (255.0 * pre.std[c])).collect();
-        let shift = (0..3).map(|c| -pre.mean[c] / pre.std[c]).collect();
-        let dev = normalise_on_device(pixels.clone(), 3, 5, (scale, shift), &Device::Cpu, DType::F32).unwrap();
+        let dev = normalise_on_device(pixels.clone(), 3, 5, normalisation(&pre), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(cpu.dims(), dev.dims());
         let (a, b) = (
             cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

@@ -82,9 +82,7 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> 
 pub fn depthwise_conv2d_taps(x: &Tensor, w: &Tensor, geom: DwGeom) -> Result<Tensor> {
     check_depthwise(x, w)?;
     if x.device().is_cpu() || x.device().is_cuda() {
-        let whole =
-            |t: &Tensor| if t.is_contiguous() && t.layout().start_offset() == 0 { Ok(t.clone()) } else { t.copy() };
-        whole(x)?.apply_op2(&whole(w)?, DepthwiseTaps { geom })
+        from_offset_zero(x)?.apply_op2(&from_offset_zero(w)?, DepthwiseTaps { geom })
     } else {
         taps_forward(x, w, geom)
     }
@@ -244,9 +242,18 @@ fn as_tensor(storage: Storage, l: &Layout) -> Result<Tensor> {
     Ok(Tensor::from_storage(storage, l.shape().clone(), BackpropOp::none(), false))
 }
 
-/// A copy of a fresh result's storage (contiguous from offset 0), to hand back from an op.
+/// `t` itself when it is contiguous from its storage's first element, else a copy that is.
+fn from_offset_zero(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t.clone())
+    } else {
+        t.copy()
+    }
+}
+
+/// A copy of a result's storage (contiguous from offset 0), to hand back from an op.
 fn storage_of(t: &Tensor) -> Result<Storage> {
-    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
+    let t = from_offset_zero(t)?;
     let (s, l) = t.storage_and_layout();
     Ok(match &*s {
         Storage::Cpu(s) => Storage::Cpu(s.try_clone(l)?),
