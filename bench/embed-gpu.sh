@@ -8,7 +8,7 @@
 #
 # Here (no GPU): builds the CUDA binary (scripts/build-cuda.sh) and says so. On the GPU machine,
 # which cannot reach a registry, carry the kit of scripts/dev/gpu-kit.sh (the binary, the tissue,
-# the wheels and the official TransMIL code; ~27 MB) and run
+# Lite0's weights, the wheels and the official TransMIL code; 43 MB) and run
 #   WSIMIL_KIT=target/gpu-kit bench/embed-gpu.sh
 # or name the parts: WSIMIL_BIN=path/to/wsimil.gz, and either a slide (SLIDE) or a folder holding
 # cmu_small_region.svs (WSIMIL_DATA, 2 MB: a 16384² slide of its tissue is made there).
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 if ! nvidia-smi -L >/dev/null 2>&1; then
   bin=$(./scripts/build-cuda.sh)
-  echo "embed-gpu: built $bin; carry target/cuda/wsimil.gz to a GPU machine and run WSIMIL_BIN=.../wsimil.gz WSIMIL_DATA=... bench/embed-gpu.sh" >&2
+  echo "embed-gpu: built $bin; on a GPU machine run WSIMIL_KIT=target/gpu-kit bench/embed-gpu.sh with the kit of scripts/dev/gpu-kit.sh carried" >&2
   echo "embed-gpu: no GPU on this machine: nothing measured"
   exit 0
 fi
