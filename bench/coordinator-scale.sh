@@ -13,7 +13,7 @@ SMALL=$((N / 10))
 DATA=$(./scripts/fetch-data.sh)
 TOOLS=$(./scripts/fetch-tools.sh)
 source bench/lib.sh
-WSIMIL=$(wsimil_bin)
+wsimil_bins
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-scale.XXXXXX")
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
 source bench/lib.sh
-WSIMIL=$(wsimil_bin)
+wsimil_bins
 BATCH=${BATCH:-16}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-embed.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -23,12 +23,12 @@ PY=$(torch_python torch)
 PYSLIDE=$(torch_python torch openslide PIL)
 [[ -n $PY && -z $PYSLIDE ]] && echo "embed-cpu: openslide-python or PIL not found: end-to-end peer skipped" >&2
 # A 20x slide of real tissue, 4096 x 4096: ~250 patches of 256 px.
-"$WSIMIL" make-slide --out "$work/slide.svs" --width 4096 --height 4096 --mpp 0.5
+"$WSIMIL_DEV" make-slide --out "$work/slide.svs" --width 4096 --height 4096 --mpp 0.5
 rows=()
 for arch in resnet50-trunc efficientnet-lite0; do
-  w1=$($ONE_CORE "$WSIMIL" bench-embed --embedder $arch --batch "$BATCH" | awk '{print $3}')
-  wa=$("$WSIMIL" bench-embed --embedder $arch --batch "$BATCH" | awk '{print $3}')
-  read -r n e2e < <("$WSIMIL" bench-embed --embedder $arch --batch "$BATCH" --slide "$work/slide.svs" \
+  w1=$($ONE_CORE "$WSIMIL_DEV" bench-embed --embedder $arch --batch "$BATCH" | awk '{print $3}')
+  wa=$("$WSIMIL_DEV" bench-embed --embedder $arch --batch "$BATCH" | awk '{print $3}')
+  read -r n e2e < <("$WSIMIL_DEV" bench-embed --embedder $arch --batch "$BATCH" --slide "$work/slide.svs" \
     --coords-out "$work/coords.csv" | awk '{print $3, $4}')
   line="$arch: wsimil $w1 img/s on 1 core, $wa on $(nproc) cores, end to end from a slide $e2e patches/s ($n patches)"
   p1=""; pe=""
@@ -45,7 +45,7 @@ for arch in resnet50-trunc efficientnet-lite0; do
   rows+=("$arch:$w1:${p1:-0}:$wa:$e2e:${pe:-0}")
 done
 # The same pipeline with no network: what the reading side alone delivers on these cores.
-read -r _ dec < <("$WSIMIL" bench-embed --embedder resnet50-trunc --batch 64 --slide "$work/slide.svs" --decode-only | awk '{print $3, $4}')
+read -r _ dec < <("$WSIMIL_DEV" bench-embed --embedder resnet50-trunc --batch 64 --slide "$work/slide.svs" --decode-only | awk '{print $3, $4}')
 echo "embed-cpu: decode ceiling (read, decode, resize, normalise; no network) $dec patches/s on $(nproc) cores" >&2
 python3 - "${PY:+$($PY -c 'import torch; print(torch.__version__)')}" "$dec" "${rows[@]}" <<'PY'
 import sys

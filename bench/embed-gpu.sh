@@ -10,9 +10,9 @@
 # which cannot reach a registry, carry the kit of scripts/dev/gpu-kit.sh (the binary, the tissue,
 # Lite0's weights, the wheels and the official TransMIL code; 43 MB) and run
 #   WSIMIL_KIT=target/gpu-kit bench/embed-gpu.sh
-# or name the parts: WSIMIL_BIN=path/to/wsimil.gz, and either a slide (SLIDE) or a folder holding
+# or name the parts: WSIMIL_BIN=path/to/wsimil-dev.gz, and either a slide (SLIDE) or a folder holding
 # cmu_small_region.svs (WSIMIL_DATA, 2 MB: a 16384² slide of its tissue is made there).
-# The CUDA libraries come from the machine's PyTorch (docs/gpu.md). `wsimil check-device` runs
+# The CUDA libraries come from the machine's PyTorch (docs/gpu.md). `check-device` runs
 # first (the GPU's kernels against the CPU's); the decode ceiling (the same pipeline with no network:
 # what the CPU threads can feed the GPU) is reported beside end to end.
 # Last line: `embed-gpu: wsimil vs pytorch = N.Nx (...)`.
@@ -20,13 +20,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 if ! nvidia-smi -L >/dev/null 2>&1; then
-  bin=$(./scripts/build-cuda.sh)
+  bin=$(./scripts/build-cuda.sh --dev)
   echo "embed-gpu: built $bin; on a GPU machine run WSIMIL_KIT=target/gpu-kit bench/embed-gpu.sh with the kit of scripts/dev/gpu-kit.sh carried" >&2
   echo "embed-gpu: no GPU on this machine: nothing measured"
   exit 0
 fi
 if [[ -n ${WSIMIL_KIT:-} ]]; then
-  WSIMIL_BIN=${WSIMIL_BIN:-$WSIMIL_KIT/wsimil.gz}
+  WSIMIL_BIN=${WSIMIL_BIN:-$WSIMIL_KIT/wsimil-dev.gz}
   export WSIMIL_DATA=${WSIMIL_DATA:-$WSIMIL_KIT/data}
   [[ -d $WSIMIL_KIT/transmil ]] && TRANSMIL_REPO=${TRANSMIL_REPO:-$(cd "$WSIMIL_KIT/transmil" && pwd)}
   # Pure-Python wheels import straight from their zip files.
@@ -35,11 +35,11 @@ if [[ -n ${WSIMIL_KIT:-} ]]; then
   done
   export PYTHONPATH
 fi
-WSIMIL=${WSIMIL_BIN:-$(./scripts/build-cuda.sh)}
+WSIMIL=${WSIMIL_BIN:-$(./scripts/build-cuda.sh --dev)}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-gpu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 if [[ $WSIMIL == *.gz ]]; then  # the carryable copy from scripts/build-cuda.sh
-  gunzip -c "$WSIMIL" >"$work/wsimil" && chmod +x "$work/wsimil" && WSIMIL="$work/wsimil"
+  gunzip -c "$WSIMIL" >"$work/wsimil-dev" && chmod +x "$work/wsimil-dev" && WSIMIL="$work/wsimil-dev"
 fi
 PY=$(torch_python torch)
 # cuBLAS, cuRAND, NVRTC and cudart for CUDA 13 from PyTorch's wheels, when the system has none.

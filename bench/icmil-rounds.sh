@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
 source bench/lib.sh
-WSIMIL=$(wsimil_bin)
+wsimil_bins
 SEEDS=${SEEDS:-1 2 3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-icmil.XXXXXX")
 trap 'rm -rf "$work"' EXIT

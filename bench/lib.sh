@@ -1,10 +1,14 @@
 # Shared by the benchmarks: build the wsimil binary once and find a PyTorch for the peer side.
 # shellcheck shell=bash
 
-# Build `wsimil` (debug profile: what the tests and the demo use) and print its path.
-wsimil_bin() {
-  cargo build -q -p wsimil-coordinator --bin wsimil
-  echo "$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/wsimil"
+# Build `wsimil` and `wsimil-dev` (the benchmarks' own commands) in one cargo invocation (debug
+# profile: what the tests and the demo use) and set WSIMIL and WSIMIL_DEV to their paths.
+wsimil_bins() {
+  cargo build -q -p wsimil-coordinator --bin wsimil -p wsimil-dev --bin wsimil-dev
+  local dir
+  dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
+  WSIMIL=$dir/wsimil
+  WSIMIL_DEV=$dir/wsimil-dev
 }
 
 # The peers at their best: Debian 12's OpenBLAS (0.3.21; PyTorch's matmuls go through it) does not

@@ -10,22 +10,22 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 DATA=$(./scripts/fetch-data.sh)
 source bench/lib.sh
-WSIMIL=$(wsimil_bin)
+wsimil_bins
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-tiling.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 echo "tiling: writing the synthetic slides" >&2
-"$WSIMIL" make-slide --out "$work/large.svs" --width 16384 --height 12288 --mpp 0.25
-"$WSIMIL" make-slide --out "$work/huge.svs" --width 100000 --height 80000 --mpp 0.25 --repeated
+"$WSIMIL_DEV" make-slide --out "$work/large.svs" --width 16384 --height 12288 --mpp 0.25
+"$WSIMIL_DEV" make-slide --out "$work/huge.svs" --width 100000 --height 80000 --mpp 0.25 --repeated
 
 have_openslide=1
-if ! "$WSIMIL" bench-read --slide "$DATA/cmu_small_region.svs" --reader openslide --tissue-only >/dev/null 2>&1; then
+if ! "$WSIMIL_DEV" bench-read --slide "$DATA/cmu_small_region.svs" --reader openslide --tissue-only >/dev/null 2>&1; then
   have_openslide=0
   echo "tiling: OpenSlide is not installed (scripts/setup.sh installs it): peer skipped" >&2
 fi
 
 best() { # slide reader -> best patches/s of 3
-  for _ in 1 2 3; do $ONE_CORE "$WSIMIL" bench-read --slide "$1" --reader "$2" | awk '{print $4}'; done | sort -g | tail -1
+  for _ in 1 2 3; do $ONE_CORE "$WSIMIL_DEV" bench-read --slide "$1" --reader "$2" | awk '{print $4}'; done | sort -g | tail -1
 }
 declare -A rate
 for slide in cmu large; do
@@ -39,9 +39,9 @@ for slide in cmu large; do
 done
 for reader in native openslide; do
   [[ $reader == openslide && $have_openslide == 0 ]] && continue
-  echo "tiling: tissue detection, $($ONE_CORE "$WSIMIL" bench-read --slide "$work/huge.svs" --reader "$reader" --tissue-only)" >&2
+  echo "tiling: tissue detection, $($ONE_CORE "$WSIMIL_DEV" bench-read --slide "$work/huge.svs" --reader "$reader" --tissue-only)" >&2
 done
-detect=$($ONE_CORE "$WSIMIL" bench-read --slide "$work/huge.svs" --reader native --tissue-only | sed -E 's/.*tissue\+grid ([0-9.]+) s.*/\1/')
+detect=$($ONE_CORE "$WSIMIL_DEV" bench-read --slide "$work/huge.svs" --reader native --tissue-only | sed -E 's/.*tissue\+grid ([0-9.]+) s.*/\1/')
 if [[ $have_openslide == 1 ]]; then
   python3 - "${rate[cmu-native]}" "${rate[cmu-openslide]}" "${rate[large-native]}" "${rate[large-openslide]}" "$detect" <<'PY'
 import sys

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-WSIMIL=$(wsimil_bin)
+wsimil_bins
 STEPS=${STEPS:-3}
 PY=$(torch_python torch nystrom_attention)
 have_peer=1
@@ -32,8 +32,8 @@ measure() {
 }
 summary=()
 for n in 1000 4000 16000; do
-  read -r w1 w1m < <(measure $ONE_CORE "$WSIMIL" bench-transmil --n "$n" --steps "$STEPS")
-  read -r wa wam < <(measure "$WSIMIL" bench-transmil --n "$n" --steps "$STEPS")
+  read -r w1 w1m < <(measure $ONE_CORE "$WSIMIL_DEV" bench-transmil --n "$n" --steps "$STEPS")
+  read -r wa wam < <(measure "$WSIMIL_DEV" bench-transmil --n "$n" --steps "$STEPS")
   line="N=$n: wsimil $w1 s/step ($w1m MiB) on 1 core, $wa s/step on $(nproc) cores"
   if [[ $have_peer == 1 ]]; then
     read -r p1 p1m < <(measure $ONE_CORE "$PY" bench/py/transmil_step.py --transmil "$TRANSMIL_REPO" --n "$n" --steps "$STEPS")

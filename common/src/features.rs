@@ -20,6 +20,10 @@ pub struct Preprocessing {
     /// Per-channel mean and standard deviation on [0, 1] RGB.
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Resize the patch to this side first, then take its central `input_px` square (the
+    /// `Resize(r)` + `CenterCrop(input_px)` of a publisher's transform); none: resize to `input_px`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize_px: Option<u32>,
 }
 
 /// Where a bag of features came from.

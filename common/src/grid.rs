@@ -47,14 +47,21 @@ impl TissueParams {
         TissueParams { min_tissue_area: REF_PATCH_AREA, min_hole_area: REF_PATCH_AREA, ..Self::tcga() }
     }
 
-    /// A preset by name: `tcga` or `biopsy`.
-    pub fn preset(name: &str) -> Option<Self> {
-        match name {
-            "tcga" => Some(Self::tcga()),
-            "biopsy" => Some(Self::biopsy()),
-            _ => None,
+    pub fn preset(preset: TissuePreset) -> Self {
+        match preset {
+            TissuePreset::Tcga => Self::tcga(),
+            TissuePreset::Biopsy => Self::biopsy(),
         }
     }
+}
+
+/// CLAM's tissue-detection presets (`--tissue-preset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TissuePreset {
+    /// Resections: small fragments and holes are dropped.
+    Tcga,
+    /// Biopsies: fragments and holes of one reference patch count.
+    Biopsy,
 }
 
 /// How a slide was tiled: enough to reproduce the grid and to read its patches again.

@@ -105,6 +105,11 @@ pub fn content_hash<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     hex::encode(&h.finalize()[..6])
 }
 
+/// The full SHA-256 of `bytes` in hex: how weights files are named (publishers list it too).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +146,11 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, content_hash([b"ab".as_slice(), b"c"]));
         assert_eq!(a.len(), 12);
+    }
+
+    #[test]
+    fn sha256_hex_is_the_standard_digest() {
+        // sha256("abc"), FIPS 180-2's example.
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -15,7 +15,7 @@ use crate::plan::{EmbedderSpec, TilingSpec};
 use serde::{Deserialize, Serialize};
 
 /// The kinds of work, one queue subject each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Tile,

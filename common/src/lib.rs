@@ -7,6 +7,7 @@
 //!   features, per-patch attention.
 //! - [`plan`]: what a run is (cohort, folds, tiling, embedder, training config).
 //! - [`job`]: job messages and outcomes.
+//! - [`records`]: what jobs leave in the store for others to read (fold and shard reports, embedder cards).
 //! - [`nats`]: JetStream names, connection, job-state records (distributed mode).
 //! - [`models`]: TransMIL, ABMIL, the patch embedders, optimizers, custom ops.
 //! - [`metrics`]: AUC, accuracy, balanced accuracy, F1.
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod models;
 pub mod nats;
 pub mod plan;
+pub mod records;
 pub mod rng;
 pub mod store;
 pub mod table;

@@ -5,6 +5,9 @@
 use crate::grid::TissueParams;
 use crate::ids::{content_hash, EmbedderId, RunId, SlideId, TilingId};
 use crate::layout;
+use crate::models::optim::OptimizerKind;
+use crate::models::zoo::Architecture;
+use crate::models::BagModelKind;
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +37,8 @@ impl TilingSpec {
 /// [`EmbedderId`] names one set of numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbedderSpec {
-    /// `efficientnet-lite0` or `resnet50-trunc`.
-    pub architecture: String,
+    /// The network (its name, as `--embedder` takes it).
+    pub architecture: Architecture,
     /// SHA-256 of the safetensors weights, or `random-<seed>` for randomly initialised weights.
     pub weights: String,
     /// Patches per forward pass.
@@ -46,7 +49,7 @@ pub struct EmbedderSpec {
 }
 
 /// Policy for corrupt tiles (a JPEG that does not decode) inside a readable slide.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CorruptTiles {
     /// Leave the patches on it out of the bag and count them in the features' provenance.
@@ -66,10 +69,8 @@ impl EmbedderSpec {
 /// Bag classifier training, as in the TransMIL paper unless changed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// `transmil` or `abmil`.
-    pub model: String,
-    /// `lookahead-radam` (the paper's) or `adamw`.
-    pub optimizer: String,
+    pub model: BagModelKind,
+    pub optimizer: OptimizerKind,
     pub lr: f64,
     pub weight_decay: f64,
     pub max_epochs: usize,
@@ -91,8 +92,8 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            model: "transmil".into(),
-            optimizer: "lookahead-radam".into(),
+            model: BagModelKind::Transmil,
+            optimizer: OptimizerKind::LookaheadRadam,
             lr: 2e-4,
             weight_decay: 1e-5,
             max_epochs: 50,

@@ -8,17 +8,22 @@ use bytes::Bytes;
 use object_store::{local::LocalFileSystem, memory::InMemory, path::Path, ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
 
-/// Errors of the store, naming the key involved.
+/// Errors of the store, naming the key involved, each said once (the client's chain of causes is
+/// flattened into `reason`, every message in it once).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{key}: not found in the store")]
     NotFound { key: String },
-    #[error("{key}: {source}")]
-    Io {
-        key: String,
-        #[source]
-        source: object_store::Error,
-    },
+    /// The store refuses the credentials (401) or the permissions (403).
+    #[error("{key}: the store refused access: {reason}")]
+    Auth { key: String, reason: String },
+    /// The store could not be reached, or failed in a way that may pass (network, 5xx, throttling),
+    /// after the client's own retries.
+    #[error("{key}: the store is unavailable: {reason}")]
+    Unavailable { key: String, reason: String },
+    /// A request the store will never accept (an invalid path, an unsupported operation, ...).
+    #[error("{key}: {reason}")]
+    Refused { key: String, reason: String },
     #[error("store location {location:?}: {reason}")]
     Config { location: String, reason: String },
     #[error("{key}: invalid JSON: {source}")]
@@ -31,16 +36,35 @@ pub enum StoreError {
 
 impl StoreError {
     fn from_os(key: &Path, e: object_store::Error) -> Self {
+        use object_store::Error as E;
+        let key = key.to_string();
+        let reason = error_chain(&e);
         match e {
-            object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_string() },
-            source => StoreError::Io { key: key.to_string(), source },
+            E::NotFound { .. } => StoreError::NotFound { key },
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => StoreError::Auth { key, reason },
+            // Generic covers the HTTP client's failures: connections, timeouts, 5xx after retries.
+            E::Generic { .. } | E::JoinError { .. } => StoreError::Unavailable { key, reason },
+            _ => StoreError::Refused { key, reason },
         }
     }
+}
 
-    /// Whether retrying later may succeed (network, throttling) as opposed to a permanent problem.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+/// Every message of an error's chain of causes, once: the HTTP client's errors leave their cause
+/// out of their own message (`error sending request` ... `connection refused`), while object_store's
+/// put their cause's message inside theirs, so printing each level repeats some and printing only
+/// the top loses others.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !m.is_empty() && !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
+        cause = c.source();
     }
+    text
 }
 
 /// S3 settings beyond what the standard `AWS_*` environment variables give.
@@ -202,7 +226,7 @@ mod tests {
         assert!(dir.path().join("a/b.json").is_file());
         let err = store.get(&Path::from("nope.bin")).await.unwrap_err();
         assert!(err.to_string().contains("nope.bin"), "{err}");
-        assert!(!err.is_transient());
+        assert!(matches!(err, StoreError::NotFound { .. }));
         assert_eq!(store.list(&Path::from("a")).await.unwrap(), vec![k]);
     }
 
@@ -215,6 +239,55 @@ mod tests {
         let shown = format!("{store:?}");
         assert!(!shown.contains("very-secret-key") && !shown.contains("AKIDEXAMPLE"), "{shown}");
         assert!(shown.contains("s3://bucket/prefix"));
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn a_chain_of_causes_is_said_once_with_nothing_lost() {
+        // As object_store and reqwest nest them: the outer messages embed some inner ones.
+        let inner = Layer("tcp connect error: Connection refused (os error 111)", None);
+        let http = Layer("error sending request", Some(Box::new(inner)));
+        let retry = Layer("Error performing GET http://h/b/k - error sending request", Some(Box::new(http)));
+        let top =
+            Layer("Generic S3 error: Error performing GET http://h/b/k - error sending request", Some(Box::new(retry)));
+        let text = error_chain(&top);
+        assert_eq!(
+            text,
+            "Generic S3 error: Error performing GET http://h/b/k - error sending request: tcp connect error: \
+             Connection refused (os error 111)"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_s3_store_is_unavailable_and_says_why_once() {
+        let opts = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            path_style: true,
+            max_retries: Some(0),
+            ..Default::default()
+        };
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "very-secret-key");
+        let store = Store::open("s3://bucket/prefix", &opts).unwrap();
+        let err = store.get(&Path::from("a/b.json")).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.starts_with("a/b.json: the store is unavailable"), "{text}");
+        assert_eq!(text.matches("error sending request").count(), 1, "{text}");
+        assert!(text.to_lowercase().contains("connection refused"), "{text}");
+        assert!(!text.contains("very-secret-key"), "{text}");
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn seven_lookahead_radam_steps_match_the_reference() {
     let f = Fixture::load();
     let (params, model) = f.model();
     let before = f.group("param");
-    let mut opt = optim::build("lookahead-radam", params.named_vars(), 2e-4, 1e-5).unwrap();
+    let mut opt = optim::build(optim::OptimizerKind::LookaheadRadam, params.named_vars(), 2e-4, 1e-5).unwrap();
     let want_losses = f.get("loss").to_vec1::<f32>().unwrap();
     let mut rng = Rng::new(1);
     for (step, want) in want_losses.iter().enumerate() {

@@ -9,14 +9,17 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use wsimil_common::grid::TissueParams;
+use wsimil_common::grid::{TissueParams, TissuePreset};
 use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::JobKind;
+use wsimil_common::models::optim::OptimizerKind;
+use wsimil_common::models::zoo::Architecture;
+use wsimil_common::models::BagModelKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
 use wsimil_common::plan::{CorruptTiles, IcmilConfig, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::device::{BatchChoice, Compute, DeviceChoice, Precision};
-use wsimil_worker::jobs::RetryPolicy;
+use wsimil_worker::error::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
 
 #[derive(Debug, Parser)]
@@ -43,26 +46,11 @@ pub enum Command {
     Status(StatusArgs),
     /// Queue every failed job again.
     RetryFailed(StatusArgs),
-    /// Benchmark: read every tissue patch of a slide on one thread (bench/tiling.sh).
-    #[command(hide = true)]
-    BenchRead(BenchReadArgs),
-    /// Benchmark: write a large test slide from real tissue (bench/tiling.sh).
-    #[command(hide = true)]
-    MakeSlide(MakeSlideArgs),
-    /// Benchmark: seconds per TransMIL training step (bench/transmil-step.sh).
-    #[command(hide = true)]
-    BenchTransmil(BenchTransmilArgs),
-    /// Benchmark: embedding throughput, model alone or from a slide (bench/embed-cpu.sh).
-    #[command(hide = true)]
-    BenchEmbed(BenchEmbedArgs),
     /// Check a device: its kernels and models against the CPU's, op by op, in a few seconds. Run it
     /// on every new GPU machine before it embeds a cohort.
     CheckDevice(CheckDeviceArgs),
     /// Build the semi-synthetic demo cohort from the real slide and tumour image.
     DemoCohort(DemoCohortArgs),
-    /// Diagnostic: a round's ICMIL teachers against the demo cohort's patch-level truth.
-    #[command(hide = true)]
-    IcmilTeacherCheck(TeacherCheckArgs),
     /// Import bags of features from a table (label, bag id, features per row; e.g. Musk1) into the
     /// store, with a manifest; then `wsimil run --features NAME --manifest MANIFEST`.
     ImportBags(ImportBagsArgs),
@@ -186,9 +174,15 @@ pub struct WorkerArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Job kinds this worker serves (comma-separated): tile, embed, train, predict, finetune.
-    #[arg(long, value_delimiter = ',', default_value = "tile,embed,train,predict,finetune", env = "WSIMIL_KINDS")]
-    pub kinds: Vec<String>,
+    /// Job kinds this worker serves (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tile,embed,train,predict,finetune",
+        env = "WSIMIL_KINDS"
+    )]
+    pub kinds: Vec<JobKind>,
     /// Jobs run at once.
     #[arg(long, default_value_t = 1, env = "WSIMIL_CONCURRENCY")]
     pub concurrency: usize,
@@ -211,8 +205,8 @@ pub struct ComputeArgs {
     /// auto (the first GPU of a CUDA build if one opens, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", env = "WSIMIL_DEVICE")]
     pub device: DeviceChoice,
-    /// The embedders' precision: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
-    #[arg(long, default_value = "auto", env = "WSIMIL_PRECISION")]
+    /// The embedders' precision: auto is bf16 on a GPU, f32 on the CPU.
+    #[arg(long, value_enum, default_value_t = Precision::Auto, env = "WSIMIL_PRECISION")]
     pub precision: Precision,
     /// Patches per embedding pass here: plan (the run's --batch-size), a number, or auto (the
     /// fastest that fits, measured on the GPU; the plan's on the CPU).
@@ -275,19 +269,19 @@ pub struct RunArgs {
     /// Target resolution in µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x).
     #[arg(long, default_value_t = 0.5)]
     pub target_mpp: f64,
-    /// Tissue detection preset (CLAM's): tcga or biopsy.
-    #[arg(long, default_value = "tcga")]
-    pub tissue_preset: String,
+    /// Tissue detection preset (CLAM's).
+    #[arg(long, value_enum, default_value_t = TissuePreset::Tcga)]
+    pub tissue_preset: TissuePreset,
     /// Saturation threshold: otsu, or a number 0-255 (the presets' own is 8).
     #[arg(long, default_value = "otsu")]
-    pub tissue_threshold: String,
+    pub tissue_threshold: Threshold,
     /// Minimum tissue fraction of a kept patch.
     #[arg(long, default_value_t = 0.25)]
     pub min_tissue: f32,
 
-    /// Patch embedder: efficientnet-lite0 (CPU default) or resnet50-trunc.
+    /// Patch embedder: efficientnet-lite0 (the CPU default) or resnet50-trunc.
     #[arg(long, default_value = "efficientnet-lite0")]
-    pub embedder: String,
+    pub embedder: Architecture,
     /// Embedder weights (safetensors). Default for efficientnet-lite0: the fetched ImageNet weights.
     #[arg(long)]
     pub weights: Option<PathBuf>,
@@ -299,19 +293,19 @@ pub struct RunArgs {
     pub batch_size: usize,
     /// A corrupt tile inside a readable slide: skip the patches on it (counted in the features'
     /// provenance) or fail the slide.
-    #[arg(long, default_value = "skip")]
-    pub on_corrupt_tile: String,
+    #[arg(long, value_enum, default_value_t = CorruptTiles::Skip)]
+    pub on_corrupt_tile: CorruptTiles,
 
     /// Train on features imported under this name (`wsimil import-bags`): no tiling or embedding.
     #[arg(long)]
     pub features: Option<String>,
 
-    /// Bag classifier: transmil or abmil.
-    #[arg(long, default_value = "transmil")]
-    pub model: String,
-    /// Optimizer: lookahead-radam (the paper's), radam or adamw.
-    #[arg(long, default_value = "lookahead-radam")]
-    pub optimizer: String,
+    /// Bag classifier.
+    #[arg(long, value_enum, default_value_t = BagModelKind::Transmil)]
+    pub model: BagModelKind,
+    /// Optimizer (lookahead-radam is the TransMIL paper's).
+    #[arg(long, value_enum, default_value_t = OptimizerKind::LookaheadRadam)]
+    pub optimizer: OptimizerKind,
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 1e-5)]
@@ -331,10 +325,9 @@ pub struct RunArgs {
     /// Training bags larger than this are randomly subsampled (0 = never).
     #[arg(long, default_value_t = 0)]
     pub max_train_instances: usize,
-    /// Stop after this stage (tile, embed, train, predict): e.g. tile a cohort and look at the
-    /// tissue masks before embedding it.
-    #[arg(long, default_value = "predict")]
-    pub until: String,
+    /// Stop after this stage: e.g. tile a cohort and look at the tissue masks before embedding it.
+    #[arg(long, value_enum, default_value_t = Until::Predict)]
+    pub until: Until,
 
     /// ICMIL rounds after round 0: each fold's classifier teaches its embedder at the patch level,
     /// every slide is re-embedded and the classifier retrained (0 = none).
@@ -365,29 +358,53 @@ pub struct RunArgs {
     pub icmil_trainable_blocks: usize,
 }
 
-fn job_kind(name: &str, flag: &str) -> anyhow::Result<JobKind> {
-    JobKind::ALL
-        .into_iter()
-        .find(|k| k.as_str() == name)
-        .with_context(|| format!("unknown job kind {name:?} in {flag} (tile, embed, train, predict, finetune)"))
+/// `--until`: the stages of round 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Until {
+    Tile,
+    Embed,
+    Train,
+    Predict,
+}
+
+impl Until {
+    pub fn stage(self) -> JobKind {
+        match self {
+            Until::Tile => JobKind::Tile,
+            Until::Embed => JobKind::Embed,
+            Until::Train => JobKind::Train,
+            Until::Predict => JobKind::Predict,
+        }
+    }
+}
+
+/// `--tissue-threshold`: Otsu's, or a fixed saturation threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threshold(pub Option<u8>);
+
+impl std::str::FromStr for Threshold {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "otsu" => Ok(Threshold(None)),
+            n => n.parse::<u8>().map(|v| Threshold(Some(v))).map_err(|_| format!("{n:?}: otsu or 0-255")),
+        }
+    }
 }
 
 impl RunArgs {
     /// Check the flags and turn them into run settings.
     pub fn settings(&self) -> anyhow::Result<RunSettings> {
-        let mut tissue = TissueParams::preset(&self.tissue_preset)
-            .with_context(|| format!("unknown --tissue-preset {:?} (tcga, biopsy)", self.tissue_preset))?;
-        tissue.threshold = match self.tissue_threshold.as_str() {
-            "otsu" => None,
-            n => Some(n.parse::<u8>().with_context(|| format!("--tissue-threshold {n:?}: otsu or 0-255"))?),
-        };
-        if self.patch_px == 0 || self.target_mpp <= 0.0 {
+        let tissue = TissueParams { threshold: self.tissue_threshold.0, ..TissueParams::preset(self.tissue_preset) };
+        let (patch_px, target_mpp) = (self.patch_px, self.target_mpp);
+        if patch_px == 0 || target_mpp <= 0.0 {
             bail!("--patch-px and --target-mpp must be positive");
         }
         let weights = match (&self.weights, self.random_weights) {
             (_, Some(seed)) => Weights::Random(seed),
             (Some(p), None) => Weights::File(p.clone()),
-            (None, None) if self.embedder == "efficientnet-lite0" => {
+            (None, None) if self.embedder == Architecture::EfficientNetLite0 => {
                 let p = wsimil_common::data_dir().join("efficientnet-lite0.safetensors");
                 if !p.is_file() {
                     bail!(
@@ -401,16 +418,13 @@ impl RunArgs {
                 bail!("--embedder {} needs --weights FILE.safetensors (or --random-weights SEED)", self.embedder)
             }
         };
-        if wsimil_common::models::BagModelConfig::named(&self.model, 1, 2).is_none() {
-            bail!("unknown --model {:?} (transmil, abmil)", self.model);
-        }
         Ok(RunSettings {
             manifest: self.manifest.clone(),
             classes: self.classes.clone(),
             run: self.run.as_deref().map(RunId::new).transpose().context("--run")?,
             tiling: TilingSpec {
-                patch_px: self.patch_px,
-                target_mpp: self.target_mpp,
+                patch_px,
+                target_mpp,
                 step_fraction: 1.0,
                 min_tissue_fraction: self.min_tissue,
                 tissue,
@@ -419,15 +433,11 @@ impl RunArgs {
                 architecture: self.embedder.clone(),
                 weights,
                 batch_size: self.batch_size.max(1),
-                corrupt_tiles: match self.on_corrupt_tile.as_str() {
-                    "skip" => CorruptTiles::Skip,
-                    "fail" => CorruptTiles::Fail,
-                    other => bail!("--on-corrupt-tile {other:?}: skip or fail"),
-                },
+                corrupt_tiles: self.on_corrupt_tile,
             },
             train: TrainConfig {
-                model: self.model.clone(),
-                optimizer: self.optimizer.clone(),
+                model: self.model,
+                optimizer: self.optimizer,
                 lr: self.lr,
                 weight_decay: self.weight_decay,
                 max_epochs: self.epochs,
@@ -455,8 +465,8 @@ impl RunArgs {
         if self.icmil_batch_size < 2 {
             bail!("--icmil-batch-size must be at least 2 (BatchNorm trains on batch statistics)");
         }
-        if self.until != "predict" {
-            bail!("--until {} stops round 0 early; it cannot be combined with --icmil-rounds", self.until);
+        if self.until != Until::Predict {
+            bail!("--until {:?} stops round 0 early; it cannot be combined with --icmil-rounds", self.until);
         }
         Ok(Some(IcmilConfig {
             rounds: self.icmil_rounds,
@@ -580,6 +590,7 @@ pub struct DemoCohortArgs {
 /// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
+    wsimil_worker::slide::ReaderChoice::from_env()?;
     let store = args.store.open()?;
     let started = std::time::Instant::now();
     let (_, plan) = run::prepare(&store, &settings).await?;
@@ -600,11 +611,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ctx = Arc::new(WorkerContext::new(store.clone(), args.compute.open()?, "embedded"));
         Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
     };
-    let until = job_kind(&args.until, "--until")?;
-    if until == JobKind::Finetune {
-        bail!("--until finetune: round 0 has no fine-tuning stage (tile, embed, train, predict)");
-    }
-    let summary = run::run(&store, dispatcher.as_ref(), &plan, until).await?;
+    let summary = run::run(&store, dispatcher.as_ref(), &plan, args.until.stage()).await?;
     print!("{}", run::render_summary(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -645,15 +652,8 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
 
 /// `wsimil worker`.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let kinds =
-        args.kinds
-            .iter()
-            .map(|k| {
-                JobKind::ALL.into_iter().find(|x| x.as_str() == k).with_context(|| {
-                    format!("unknown job kind {k:?} in --kinds (tile, embed, train, predict, finetune)")
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+    wsimil_worker::slide::ReaderChoice::from_env()?;
+    let kinds = args.kinds.clone();
     let name = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -668,7 +668,8 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = tx.send(true);
     });
-    eprintln!("wsimil worker {name}: serving {} (concurrency {})", args.kinds.join(","), args.concurrency);
+    let served: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    eprintln!("wsimil worker {name}: serving {} (concurrency {})", served.join(","), args.concurrency);
     let settings = wsimil_worker::service::ServiceSettings {
         kinds,
         concurrency: args.concurrency.max(1),
@@ -718,141 +719,6 @@ pub async fn retry_failed(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, Args)]
-pub struct BenchReadArgs {
-    #[arg(long)]
-    pub slide: PathBuf,
-    /// native, openslide or auto.
-    #[arg(long, default_value = "auto")]
-    pub reader: String,
-    #[arg(long, default_value_t = 256)]
-    pub patch_px: u32,
-    #[arg(long, default_value_t = 0.5)]
-    pub target_mpp: f64,
-    /// Side the patches are resized to (the embedder's input).
-    #[arg(long, default_value_t = 224)]
-    pub input_px: u32,
-    /// Also time tissue detection alone.
-    #[arg(long)]
-    pub tissue_only: bool,
-    /// Read every patch this many times, each from a freshly opened slide (cold caches), and report
-    /// the fastest: small slides have few patches, so one pass is too short to time steadily.
-    #[arg(long, default_value_t = 5)]
-    pub repeat: usize,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchTransmilArgs {
-    /// Instances in the bag.
-    #[arg(long)]
-    pub n: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub in_dim: usize,
-    #[arg(long, default_value_t = 256)]
-    pub landmarks: usize,
-    #[arg(long, default_value_t = 3)]
-    pub steps: usize,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
-}
-
-#[derive(Debug, Args)]
-pub struct TeacherCheckArgs {
-    #[command(flatten)]
-    pub store: StoreArgs,
-    #[arg(long)]
-    pub run: String,
-    #[arg(long, default_value_t = 0)]
-    pub round: u32,
-    /// The `wsimil demo-cohort` folder (truth.json, truth/).
-    #[arg(long)]
-    pub cohort: PathBuf,
-}
-
-/// `wsimil icmil-teacher-check`.
-pub async fn icmil_teacher_check(args: TeacherCheckArgs) -> anyhow::Result<()> {
-    let store = args.store.open()?;
-    let plan: wsimil_common::plan::RunPlan =
-        store.get_json(&wsimil_common::layout::run_plan(&RunId::new(&args.run)?)).await?;
-    print!("{}", crate::icmil::teacher_check(&store, &plan, args.round, &args.cohort).await?);
-    Ok(())
-}
-
-#[derive(Debug, Args)]
-pub struct BenchEmbedArgs {
-    #[arg(long)]
-    pub embedder: String,
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 3)]
-    pub iters: usize,
-    /// Embed every tissue patch of this slide (256 px at 0.5 µm/px) instead of random images.
-    #[arg(long)]
-    pub slide: Option<PathBuf>,
-    /// With --slide: write the patches embedded (`x,y,level0_side` per line, level-0 pixels) here,
-    /// so a peer can embed the same ones.
-    #[arg(long, requires = "slide")]
-    pub coords_out: Option<PathBuf>,
-    /// With --slide: everything but the network (read, decode, resize, upload, normalise): the most
-    /// patches per second the CPU side can feed the device.
-    #[arg(long, requires = "slide")]
-    pub decode_only: bool,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
-}
-
-/// `wsimil bench-embed`: prints `embed ARCH IMAGES_PER_S batch B` (model alone),
-/// `embed-slide ARCH PATCHES PATCHES_PER_S` or, with --decode-only, `decode-slide ARCH PATCHES PATCHES_PER_S`.
-pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
-    let compute = args.compute.open()?;
-    let batch = match compute.batch {
-        BatchChoice::Plan => args.batch,
-        BatchChoice::Fixed(n) => n,
-        BatchChoice::Auto => {
-            let model = wsimil_worker::bench::random_embedder(&args.embedder, &compute)?;
-            let (lo, hi) = wsimil_worker::device::TUNED_BATCHES;
-            let (b, trials) =
-                wsimil_worker::device::tune_batch(model.as_ref(), &compute.device, compute.dtype, lo, hi)?;
-            eprintln!("batch size {b} (tried {trials:?})");
-            b
-        }
-    };
-    let args = BenchEmbedArgs { batch, ..args };
-    match &args.slide {
-        None => {
-            let rate = wsimil_worker::bench::embed_model_rate(&args.embedder, args.batch, args.iters, &compute)?;
-            println!("embed {} {rate:.2} batch {}", args.embedder, args.batch);
-        }
-        Some(path) => {
-            let slide = wsimil_worker::slide::open(path)?;
-            let grid = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &bench_tiling(256, 0.5), None)?.grid;
-            if let Some(out) = &args.coords_out {
-                let side = grid.provenance.patch_level0;
-                let lines: String = grid.patches.iter().map(|p| format!("{},{},{side}\n", p.x, p.y)).collect();
-                std::fs::write(out, lines).with_context(|| format!("{}", out.display()))?;
-            }
-            if wsimil_common::models::embedder::preprocessing_of(&args.embedder).is_none() {
-                anyhow::bail!(
-                    "unknown embedder {:?} (known: {:?})",
-                    args.embedder,
-                    wsimil_common::models::embedder::ARCHITECTURES
-                );
-            }
-            let (n, rate) = wsimil_worker::bench::embed_slide_rate(
-                slide.as_ref(),
-                &grid,
-                &args.embedder,
-                args.batch,
-                &compute,
-                args.decode_only,
-            )?;
-            let what = if args.decode_only { "decode-slide" } else { "embed-slide" };
-            println!("{what} {} {n} {rate:.2}", args.embedder);
-        }
-    }
-    Ok(())
-}
-
-#[derive(Debug, Args)]
 pub struct CheckDeviceArgs {
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -874,105 +740,6 @@ pub fn check_device(args: CheckDeviceArgs) -> anyhow::Result<()> {
         anyhow::bail!("{failed} of {} checks failed on {}", checks.len(), compute.describe());
     }
     println!("check-device: all {} checks passed on {}", checks.len(), compute.describe());
-    Ok(())
-}
-
-/// `wsimil bench-transmil`: prints `transmil N seconds-per-step`.
-pub fn bench_transmil(args: BenchTransmilArgs) -> anyhow::Result<()> {
-    let device = args.compute.open()?.device;
-    let s = wsimil_worker::bench::transmil_step_secs(args.n, args.in_dim, args.landmarks, args.steps, &device)?;
-    println!("transmil {} {s:.4}", args.n);
-    Ok(())
-}
-
-#[derive(Debug, Args)]
-pub struct MakeSlideArgs {
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub width: u32,
-    #[arg(long)]
-    pub height: u32,
-    #[arg(long, default_value_t = 0.25)]
-    pub mpp: f64,
-    /// Only the lowest level holds real pixels; the rest repeat one tile (huge geometries).
-    #[arg(long)]
-    pub repeated: bool,
-    /// Write BigTIFF (8-byte offsets) instead of classic TIFF.
-    #[arg(long)]
-    pub bigtiff: bool,
-}
-
-/// The benchmarks' tiling: `patch_px` at `target_mpp`, no overlap, CLAM's biopsy preset with Otsu.
-fn bench_tiling(patch_px: u32, target_mpp: f64) -> TilingSpec {
-    let tissue = wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
-    TilingSpec { patch_px, target_mpp, step_fraction: 1.0, min_tissue_fraction: 0.25, tissue }
-}
-
-/// `wsimil bench-read`: prints `reader patches seconds rate` (or the tissue detection time).
-pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
-    use wsimil_worker::slide::{open_with, ReaderChoice};
-    let choice = match args.reader.as_str() {
-        "native" => ReaderChoice::Native,
-        "openslide" => ReaderChoice::OpenSlide,
-        "auto" => ReaderChoice::Auto,
-        r => bail!("--reader {r:?}: native, openslide or auto"),
-    };
-    let t = std::time::Instant::now();
-    let slide = open_with(&args.slide, choice)?;
-    let tiled = wsimil_worker::tiling::tile_slide(
-        slide.as_ref(),
-        "bench",
-        &bench_tiling(args.patch_px, args.target_mpp),
-        None,
-    )?;
-    let detect = t.elapsed().as_secs_f64();
-    if args.tissue_only {
-        let (w, h) = slide.level_dimensions(0);
-        println!(
-            "{} {w}x{h} tissue+grid {:.3} s ({} patches, overview {}x{})",
-            slide.reader_name(),
-            detect,
-            tiled.grid.patches.len(),
-            tiled.mask.width(),
-            tiled.mask.height()
-        );
-        return Ok(());
-    }
-    // Fresh handles, so neither reader starts with a warm cache.
-    let mut best: Option<(usize, f64)> = None;
-    for _ in 0..args.repeat.max(1) {
-        let slide = open_with(&args.slide, choice)?;
-        let (n, secs) = wsimil_worker::bench::read_all(slide.as_ref(), &tiled.grid, args.input_px)?;
-        if best.is_none_or(|(_, b)| secs < b) {
-            best = Some((n, secs));
-        }
-    }
-    let (n, secs) = best.expect("at least one pass");
-    println!("{} {n} {secs:.3} {:.1}", args.reader, n as f64 / secs);
-    Ok(())
-}
-
-/// `wsimil make-slide`.
-pub fn make_slide(args: MakeSlideArgs) -> anyhow::Result<()> {
-    use wsimil_worker::tiff::{write_levels, LevelData, TiffOptions};
-    let cmu = wsimil_worker::slide::open(&wsimil_common::data_dir().join("cmu_small_region.svs"))?;
-    let source = wsimil_worker::synth::read_level0(cmu.as_ref())?;
-    let opt = TiffOptions {
-        mpp: args.mpp,
-        magnification: 10.0 / args.mpp,
-        min_level_side: 1024,
-        bigtiff: args.bigtiff,
-        ..TiffOptions::default()
-    };
-    let levels = if args.repeated {
-        wsimil_worker::bench::huge_levels(&source, args.width, args.height, 2048)
-    } else {
-        let img = wsimil_worker::bench::mosaic(&source, args.width, args.height);
-        wsimil_worker::tiff::pyramid(&img, opt.min_level_side).into_iter().map(LevelData::Image).collect()
-    };
-    std::fs::write(&args.out, write_levels(&levels, "bench", &opt)?)
-        .with_context(|| format!("{}", args.out.display()))?;
     Ok(())
 }
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, Mutex};
 use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
-use wsimil_worker::jobs::{execute, Decision, Done, RetryPolicy, WorkerContext};
+use wsimil_worker::error::{Decision, RetryPolicy};
+use wsimil_worker::jobs::{execute, Done, WorkerContext};
 
 /// What became of a stage's jobs.
 #[derive(Debug, Default, Clone)]

@@ -19,13 +19,8 @@ fn main() -> std::process::ExitCode {
         Command::Worker(args) => tokio_main(cli::worker(args)),
         Command::Status(args) => tokio_main(cli::status(args)),
         Command::RetryFailed(args) => tokio_main(cli::retry_failed(args)),
-        Command::BenchRead(args) => cli::bench_read(args),
-        Command::MakeSlide(args) => cli::make_slide(args),
-        Command::BenchTransmil(args) => cli::bench_transmil(args),
-        Command::BenchEmbed(args) => cli::bench_embed(args),
         Command::CheckDevice(args) => cli::check_device(args),
         Command::DemoCohort(args) => cli::demo_cohort(args),
-        Command::IcmilTeacherCheck(args) => tokio_main(cli::icmil_teacher_check(args)),
         Command::ImportBags(args) => tokio_main(cli::import_bags(args)),
         Command::ImportClam(args) => tokio_main(cli::import_clam(args)),
     };

@@ -148,8 +148,16 @@ pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec
             Some(p) => {
                 let p = PathBuf::from(p);
                 let full = if p.is_absolute() { p } else { base.join(p) };
-                if !full.is_file() {
-                    at(Some(line), format!("{raw_id}: slide file not found: {}", full.display()));
+                match std::fs::metadata(&full) {
+                    Ok(m) if m.is_dir() => {
+                        at(Some(line), format!("{raw_id}: {} is a directory, not a slide file", full.display()))
+                    }
+                    Ok(m) if m.len() == 0 => at(Some(line), format!("{raw_id}: {} is empty", full.display())),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        at(Some(line), format!("{raw_id}: slide file not found: {}", full.display()))
+                    }
+                    Err(e) => at(Some(line), format!("{raw_id}: cannot read {}: {e}", full.display())),
                 }
                 Some(full)
             }
@@ -270,13 +278,15 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once_with_its_line() {
         let d = dir_with(&["a.svs", "b.svs"]);
+        std::fs::create_dir(d.path().join("sub")).unwrap();
         let text = "slide_id,path,label,fold,mpp\n\
                     a,a.svs,tumor,0,\n\
                     a,b.svs,normal,1,\n\
                     ../evil,b.svs,normal,1,\n\
                     c,missing.svs,normal,x,\n\
                     d,b.svs,,1,-3\n\
-                    e,b.svs,cancer,2,\n";
+                    e,b.svs,cancer,2,\n\
+                    f,sub,normal,2,\n";
         let classes = vec!["normal".to_string(), "tumor".to_string()];
         let problems = parse(text, d.path(), Some(&classes)).unwrap_err();
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -288,7 +298,8 @@ mod tests {
         assert!(has("line 6: d: empty label"), "{text:#?}");
         assert!(has("line 6: d: mpp \"-3\""), "{text:#?}");
         assert!(has("line 7: e: unknown label \"cancer\""), "{text:#?}");
-        assert_eq!(problems.len(), 7, "{text:#?}");
+        assert!(has("line 8: f: ") && has("sub is a directory, not a slide file"), "{text:#?}");
+        assert_eq!(problems.len(), 8, "{text:#?}");
     }
 
     #[test]

@@ -139,15 +139,33 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
             mpp: r.mpp,
         })
         .collect();
-    let run = run.unwrap_or_else(|| {
-        let key = serde_json::to_vec(&(&manifest.classes, &slides, &folds, &tiling, &embedder, &train, &imported))
-            .expect("json");
-        // ICMIL settings join the hash only when given, so runs without them keep their ids.
-        let extra = icmil.as_ref().map(|c| serde_json::to_vec(c).expect("json"));
-        let parts = std::iter::once(key.as_slice()).chain(extra.as_deref());
-        RunId::new(format!("run-{}", content_hash(parts))).expect("safe")
-    });
-    RunPlan { run, classes: manifest.classes.clone(), slides, folds, tiling, embedder, train, imported, icmil }
+    let mut plan = RunPlan {
+        run: run.clone().unwrap_or_else(|| RunId::new("unnamed").expect("safe")),
+        classes: manifest.classes.clone(),
+        slides,
+        folds,
+        tiling,
+        embedder,
+        train,
+        imported,
+        icmil,
+    };
+    if run.is_none() {
+        plan.run = derived_run_id(&plan);
+    }
+    plan
+}
+
+/// The id of a run that was not named: a hash of its cohort and settings, so running the same
+/// command again finds the same run. The plan's JSON names and layout are part of it: changing how a
+/// setting is written changes the ids of existing runs (a test holds an old plan to this).
+pub fn derived_run_id(plan: &RunPlan) -> RunId {
+    let RunPlan { classes, slides, folds, tiling, embedder, train, imported, icmil, .. } = plan;
+    let key = serde_json::to_vec(&(classes, slides, folds, tiling, embedder, train, imported)).expect("json");
+    // ICMIL settings join the hash only when given, so runs without them keep their ids.
+    let extra = icmil.as_ref().map(|c| serde_json::to_vec(c).expect("json"));
+    let parts = std::iter::once(key.as_slice()).chain(extra.as_deref());
+    RunId::new(format!("run-{}", content_hash(parts))).expect("safe")
 }
 
 /// Tile jobs for slides without a patch grid.
@@ -270,6 +288,26 @@ mod tests {
     use crate::manifest::Row;
     use std::path::PathBuf;
 
+    /// Plans written by wsimil 0.1.0 before its settings were typed (`wsimil run ... --until tile`
+    /// with that build; `coordinator/tests/fixtures/plan-0.1.0-*.json`): they must still read, and
+    /// their settings must hash to the same run id, or existing runs would not resume.
+    #[test]
+    fn plans_written_before_the_typed_settings_parse_to_the_same_run_id() {
+        for name in ["plan-0.1.0-transmil.json", "plan-0.1.0-abmil-icmil.json"] {
+            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let plan: RunPlan = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(derived_run_id(&plan), plan.run, "{name}");
+            // Compared as written (f32 settings such as dropout print as they were given).
+            let again: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&plan).unwrap()).unwrap();
+            assert_eq!(
+                again,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+                "{name}: written back the same"
+            );
+        }
+    }
+
     fn manifest(labels: &[&str], folds: Option<&[u32]>) -> Manifest {
         let rows = labels
             .iter()
@@ -366,7 +404,7 @@ mod tests {
             tissue: TissueParams::tcga(),
         };
         let e = EmbedderSpec {
-            architecture: "x".into(),
+            architecture: wsimil_common::models::zoo::Architecture::ResNet50Trunc,
             weights: "random-1".into(),
             batch_size: 8,
             corrupt_tiles: Default::default(),
@@ -387,7 +425,6 @@ mod tests {
         assert_ne!(a.run, one_round.run, "ICMIL rounds are part of the run");
         let two_rounds = plan(TrainConfig::default(), Some(IcmilConfig { rounds: 2, ..IcmilConfig::default() }));
         assert_ne!(one_round.run, two_rounds.run);
-        // Ids of runs without ICMIL are those earlier versions gave (resuming them still works).
-        assert_eq!(a.run.as_str(), "run-72208d26323c", "{}", a.run);
+        // That earlier versions' runs keep their ids is held by the test on their own plans below.
     }
 }

@@ -12,17 +12,17 @@ use anyhow::{bail, Context};
 use arrow_array::{Float64Array, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
 use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_common::layout;
 use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
+use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::records::{EmbedderCard, FoldReport, WSIMIL_VERSION};
 use wsimil_common::store::Store;
 use wsimil_common::table::write_parquet;
-use wsimil_worker::train::FoldReport;
 
 /// Where an embedder's weights come from.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub enum Weights {
 
 #[derive(Debug, Clone)]
 pub struct EmbedderChoice {
-    pub architecture: String,
+    pub architecture: Architecture,
     pub weights: Weights,
     pub batch_size: usize,
     pub corrupt_tiles: wsimil_common::plan::CorruptTiles,
@@ -61,31 +61,20 @@ pub struct RunSettings {
 
 /// Put the embedder's weights into the store under their content address and return its spec.
 pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow::Result<EmbedderSpec> {
-    if !wsimil_common::models::embedder::ARCHITECTURES.contains(&choice.architecture.as_str()) {
-        bail!(
-            "unknown embedder {:?} (known: {})",
-            choice.architecture,
-            wsimil_common::models::embedder::ARCHITECTURES.join(", ")
-        );
-    }
+    let spec = |weights: String| EmbedderSpec {
+        architecture: choice.architecture.clone(),
+        weights,
+        batch_size: choice.batch_size,
+        corrupt_tiles: choice.corrupt_tiles,
+    };
     match &choice.weights {
-        Weights::Random(seed) => Ok(EmbedderSpec {
-            architecture: choice.architecture.clone(),
-            weights: format!("random-{seed}"),
-            batch_size: choice.batch_size,
-            corrupt_tiles: choice.corrupt_tiles,
-        }),
+        Weights::Random(seed) => Ok(spec(format!("random-{seed}"))),
         Weights::File(path) => {
             let bytes = tokio::fs::read(path)
                 .await
                 .with_context(|| format!("{}: cannot read embedder weights", path.display()))?;
-            let sha = hex_sha256(&bytes);
-            let spec = EmbedderSpec {
-                architecture: choice.architecture.clone(),
-                weights: sha.clone(),
-                batch_size: choice.batch_size,
-                corrupt_tiles: choice.corrupt_tiles,
-            };
+            let sha = wsimil_common::ids::sha256_hex(&bytes);
+            let spec = spec(sha.clone());
             let id = spec.id();
             let key = layout::embedder_weights(&id);
             if !store.exists(&key).await? {
@@ -97,21 +86,27 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
                     candle_core::DType::F32,
                     &candle_core::Device::Cpu,
                 );
-                wsimil_common::models::embedder::build(&choice.architecture, vb)
+                let model = choice
+                    .architecture
+                    .build(vb)
                     .with_context(|| format!("{}: weights do not fit {}", path.display(), choice.architecture))?;
                 store.put(&key, bytes).await?;
-                let card = serde_json::json!({"id": id, "architecture": choice.architecture, "weights_sha256": sha, "source": path.display().to_string(), "parent": null});
+                let card = EmbedderCard {
+                    id: id.clone(),
+                    architecture: choice.architecture.to_string(),
+                    weights_sha256: sha,
+                    source: Some(path.display().to_string()),
+                    parent: None,
+                    lineage: None,
+                    output: None,
+                    feature_dim: Some(model.feature_dim()),
+                    wsimil_version: Some(WSIMIL_VERSION.into()),
+                };
                 store.put_json(&layout::embedder_card(&id), &card).await?;
             }
             Ok(spec)
         }
     }
-}
-
-pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(bytes);
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every slide of the manifest must have imported features; list those that do not.
@@ -144,7 +139,7 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
         Some(name) => {
             check_imported(store, name, &manifest).await?;
             EmbedderSpec {
-                architecture: "imported".into(),
+                architecture: Architecture::Imported,
                 weights: name.to_string(),
                 batch_size: settings.embedder.batch_size,
                 corrupt_tiles: Default::default(),

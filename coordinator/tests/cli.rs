@@ -35,21 +35,63 @@ fn a_bad_manifest_lists_every_problem_and_exits_non_zero() {
 }
 
 #[test]
-fn unknown_choices_are_named() {
+fn unknown_choices_are_named_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.svs"), b"x").unwrap();
     let m = dir.path().join("m.csv");
-    std::fs::write(&m, "slide_id,path,label\n").unwrap();
-    for (flag, value, needle) in [
-        ("--model", "gru", "unknown --model \"gru\""),
-        ("--tissue-preset", "lung", "unknown --tissue-preset \"lung\""),
-        ("--tissue-threshold", "high", "--tissue-threshold \"high\""),
+    std::fs::write(&m, "slide_id,path,label\na,a.svs,tumor\n").unwrap();
+    let store = dir.path().join("store");
+    for (flag, value, needles) in [
+        ("--model", "gru", &["invalid value 'gru' for '--model", "transmil, abmil"][..]),
+        ("--optimizer", "sgdx", &["invalid value 'sgdx' for '--optimizer", "lookahead-radam, radam, adamw"]),
+        ("--embedder", "resnet51", &["unknown embedder \"resnet51\"", "efficientnet-lite0, resnet50-trunc"]),
+        ("--until", "finetune", &["invalid value 'finetune' for '--until", "tile, embed, train, predict"]),
+        ("--tissue-preset", "lung", &["invalid value 'lung' for '--tissue-preset", "tcga, biopsy"]),
+        ("--tissue-threshold", "high", &["\"high\": otsu or 0-255"]),
+        ("--on-corrupt-tile", "ignore", &["invalid value 'ignore' for '--on-corrupt-tile", "skip, fail"]),
+        ("--precision", "f8", &["invalid value 'f8' for '--precision", "auto, f32, bf16, f16"]),
     ] {
         let out = wsimil()
-            .args(["run", "--manifest", m.to_str().unwrap(), "--random-weights", "1", flag, value])
+            .args([
+                "run",
+                "--manifest",
+                m.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+                "--random-weights",
+                "1",
+            ])
+            .args([flag, value])
             .output()
             .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(needle), "{flag}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{flag} {value}: {needle:?} not in {err}");
+        }
+        assert!(!store.exists(), "{flag} {value}: refused before anything was written");
+    }
+    // A mistyped reader is refused at start, once, not by every tile job.
+    let out = wsimil()
+        .args(["run", "--manifest", m.to_str().unwrap(), "--store", store.to_str().unwrap(), "--random-weights", "1"])
+        .env("WSIMIL_READER", "nativ")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WSIMIL_READER=\"nativ\": expected auto, native or openslide"), "{err}");
+    assert!(!store.join("runs").exists(), "nothing planned");
+}
+
+#[test]
+fn the_product_cli_has_no_benchmark_commands() {
+    let help = wsimil().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    for cmd in ["run", "worker", "status", "check-device", "demo-cohort", "import-bags"] {
+        assert!(text.contains(cmd), "{cmd} missing from --help: {text}");
+    }
+    for cmd in ["bench-read", "make-slide", "bench-transmil", "bench-embed", "icmil-teacher-check"] {
+        let out = wsimil().args([cmd, "--help"]).output().unwrap();
+        assert!(!out.status.success(), "{cmd} is a wsimil-dev command, not a product one");
     }
 }

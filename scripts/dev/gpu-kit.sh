@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything bench/embed-gpu.sh needs on a lent GPU machine, which reaches no registry and takes at
 # most 64 MiB along (`carry`), in one folder: target/gpu-kit/
-#   wsimil.gz        the CUDA build (scripts/build-cuda.sh), stripped and gzipped (~24 MB)
+#   wsimil-dev.gz    the CUDA build of wsimil-dev (scripts/build-cuda.sh --dev: the benchmarks'
+#                    commands and check-device), stripped and gzipped (~24 MB)
 #   data/            cmu_small_region.svs (real tissue; embed-gpu.sh makes its test slide from it) and
 #                    EfficientNet-Lite0's ImageNet weights (wsimil check-device runs Lite0 with them)
 #   wheels/          nystrom-attention 0.0.9 and einops 0.3.0, the versions the official TransMIL
@@ -15,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIT=target/gpu-kit
 rm -rf "$KIT" && mkdir -p "$KIT/data" "$KIT/wheels"
-bin=$(./scripts/build-cuda.sh)
-cp "$(dirname "$(dirname "$bin")")/wsimil.gz" "$KIT/wsimil.gz"
+bin=$(./scripts/build-cuda.sh --dev)
+cp "$(dirname "$(dirname "$bin")")/wsimil-dev.gz" "$KIT/wsimil-dev.gz"
 data=$(./scripts/fetch-data.sh)
 cp "$data/cmu_small_region.svs" "$data/efficientnet-lite0.safetensors" "$KIT/data/"
 python3 -m pip download -q --no-deps --only-binary :all: nystrom-attention==0.0.9 einops==0.3.0 -d "$KIT/wheels" >&2

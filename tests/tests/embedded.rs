@@ -8,12 +8,13 @@ use wsimil_common::grid::TissueParams;
 use wsimil_common::ids::SlideId;
 use wsimil_common::job::JobKind;
 use wsimil_common::layout;
+use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::{EmbedderSpec, IcmilConfig, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_coordinator::dispatch::LocalDispatcher;
 use wsimil_coordinator::planner::FoldSettings;
 use wsimil_coordinator::run::{self, EmbedderChoice, RunSettings, RunSummary, Weights};
-use wsimil_worker::jobs::RetryPolicy;
+use wsimil_worker::error::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
 use wsimil_worker::synth::{build_cohort, read_level0, SynthOptions};
 
@@ -52,7 +53,7 @@ fn settings(manifest: PathBuf) -> RunSettings {
             tissue: TissueParams { threshold: None, ..TissueParams::biopsy() },
         },
         embedder: EmbedderChoice {
-            architecture: "efficientnet-lite0".into(),
+            architecture: Architecture::EfficientNetLite0,
             weights: Weights::File(data("efficientnet-lite0.safetensors")),
             batch_size: 8,
             corrupt_tiles: Default::default(),
@@ -213,7 +214,7 @@ async fn resnet50_trunc_loads_torchvision_safetensors_and_embeds_a_real_slide() 
     std::fs::write(&weights, torchvision_resnet50_safetensors()).unwrap();
     let store = Store::memory();
     let choice = EmbedderChoice {
-        architecture: "resnet50-trunc".into(),
+        architecture: Architecture::ResNet50Trunc,
         weights: Weights::File(weights),
         batch_size: 4,
         corrupt_tiles: Default::default(),
@@ -249,7 +250,7 @@ async fn weights_that_do_not_fit_the_architecture_are_refused_by_name() {
     let weights = dir.path().join("wrong.safetensors");
     std::fs::write(&weights, torchvision_resnet50_safetensors()).unwrap();
     let choice = EmbedderChoice {
-        architecture: "efficientnet-lite0".into(),
+        architecture: Architecture::EfficientNetLite0,
         weights: Weights::File(weights),
         batch_size: 4,
         corrupt_tiles: Default::default(),
@@ -293,7 +294,7 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
     let manifest = make_cohort(&dir.path().join("cohort"));
     let store = Store::open(dir.path().join("store").to_str().unwrap(), &S3Options::default()).unwrap();
     let mut st = settings(manifest);
-    st.train.model = "abmil".into();
+    st.train.model = wsimil_common::models::BagModelKind::Abmil;
     st.icmil = Some(IcmilConfig {
         rounds: 1,
         shards: 2,
@@ -331,7 +332,7 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         );
         // The stored weights hash to the id's address and build the embedder.
         let bytes = store.get(&layout::embedder_weights(&id)).await.unwrap();
-        assert!(spec.weights.starts_with(&sha256_hex(&bytes)[..12]));
+        assert!(spec.weights.starts_with(&wsimil_common::ids::sha256_hex(&bytes)[..12]));
         for slide in (0..6).map(|i| SlideId::new(format!("demo-{i:03}")).unwrap()) {
             let f = store.get(&layout::features(&id, &s.plan.tiling.id(), &slide)).await.unwrap();
             let bag = FeatureBag::from_parquet("f", f).unwrap();
@@ -352,7 +353,7 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
     // The teacher diagnostic reads the cohort's truth masks: one report per fold and round.
     for round in [0, 1] {
         let check =
-            wsimil_coordinator::icmil::teacher_check(&store, &s.plan, round, &dir.path().join("cohort")).await.unwrap();
+            wsimil_dev::teacher_check::teacher_check(&store, &s.plan, round, &dir.path().join("cohort")).await.unwrap();
         assert_eq!(check.matches("pseudo-label AUC vs truth").count(), 2, "{check}");
         assert!(check.contains(&format!("round {round} fold 1")) && check.contains("negative slides:"), "{check}");
     }
@@ -363,9 +364,4 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         let expected = usize::from(st.kind == JobKind::Tile);
         assert_eq!(st.planned, expected, "round {} {} planned again", st.round, st.kind);
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -67,7 +67,7 @@ impl DeviceChoice {
 }
 
 /// `--precision`: the dtype embedders compute in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
     /// bf16 on a GPU, f32 on the CPU.
     #[default]
@@ -75,20 +75,6 @@ pub enum Precision {
     F32,
     Bf16,
     F16,
-}
-
-impl FromStr for Precision {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Precision::Auto),
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            "f16" => Ok(Precision::F16),
-            _ => Err(format!("unknown precision {s:?} (auto, f32, bf16, f16)")),
-        }
-    }
 }
 
 impl Precision {
@@ -186,10 +172,47 @@ pub struct Trial {
     pub rate: Result<f64, String>,
 }
 
-/// Does this error say the device ran out of memory?
+/// A device's allocation failed: what [`is_out_of_memory`] recognises besides CUDA's own errors
+/// (code that runs out of memory itself, and the tests' stand-in for a full GPU).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("out of device memory")]
+pub struct OutOfMemory;
+
+impl From<OutOfMemory> for candle_core::Error {
+    fn from(e: OutOfMemory) -> Self {
+        candle_core::Error::Cuda(Box::new(e))
+    }
+}
+
+/// The one test of whether an error means the device ran out of memory: the CUDA driver's
+/// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`, or [`OutOfMemory`], looked
+/// for by type through candle's wrappers (context, backtrace), never by message.
 pub fn is_out_of_memory(e: &candle_core::Error) -> bool {
-    let s = e.to_string().to_ascii_lowercase();
-    s.contains("out_of_memory") || s.contains("out of memory")
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } | E::Context { inner, .. } | E::WithPath { inner, .. } => {
+            is_out_of_memory(inner)
+        }
+        E::Cuda(b) => b.is::<OutOfMemory>() || cuda_out_of_memory(b.as_ref()),
+        _ => false,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_out_of_memory(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use candle_core::cuda_backend::{cudarc, CudaError};
+    let driver = |d: &cudarc::driver::DriverError| d.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+    match e.downcast_ref::<CudaError>() {
+        Some(CudaError::Cuda(d)) => driver(d),
+        Some(CudaError::Cublas(c)) => c.0 == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+        Some(_) => false,
+        None => e.downcast_ref::<cudarc::driver::DriverError>().is_some_and(driver),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_out_of_memory(_: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    false
 }
 
 /// The batch size at which `embedder` runs fastest on `device` in `dtype`: batches of `start`,
@@ -267,8 +290,8 @@ mod tests {
         assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
         assert!("cuda:x".parse::<DeviceChoice>().unwrap_err().contains("cuda:N"));
         assert!("tpu".parse::<DeviceChoice>().is_err());
-        assert_eq!("bf16".parse(), Ok(Precision::Bf16));
-        assert!("f8".parse::<Precision>().is_err());
+        assert_eq!(<Precision as clap::ValueEnum>::from_str("bf16", false), Ok(Precision::Bf16));
+        assert!(<Precision as clap::ValueEnum>::from_str("f8", false).is_err());
         assert_eq!("auto".parse(), Ok(BatchChoice::Auto));
         assert_eq!("64".parse(), Ok(BatchChoice::Fixed(64)));
         assert!("0".parse::<BatchChoice>().is_err());
@@ -305,14 +328,14 @@ mod tests {
     }
 
     impl Embedder for Sized {
-        fn architecture(&self) -> &'static str {
-            "sized"
+        fn architecture(&self) -> String {
+            "sized".into()
         }
         fn feature_dim(&self) -> usize {
             2
         }
         fn preprocessing(&self) -> Preprocessing {
-            Preprocessing { input_px: 4, resize: "x".into(), mean: [0.0; 3], std: [1.0; 3] }
+            Preprocessing { input_px: 4, resize: "x".into(), mean: [0.0; 3], std: [1.0; 3], resize_px: None }
         }
         fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
             let b = x.dim(0)?;
@@ -320,7 +343,7 @@ mod tests {
                 candle_core::bail!("{e}")
             }
             if b > self.fits {
-                candle_core::bail!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+                return Err(OutOfMemory.into());
             }
             let us = self.overhead_ms * 1000 + b as u64 * self.per_image_us;
             std::thread::sleep(std::time::Duration::from_micros(us));
@@ -335,7 +358,7 @@ mod tests {
         assert_eq!(b, 64, "{trials:?}");
         let tried: Vec<usize> = trials.iter().map(|t| t.batch).collect();
         assert_eq!(tried, vec![8, 16, 32, 64, 128]);
-        assert!(trials.last().unwrap().rate.as_ref().unwrap_err().contains("OUT_OF_MEMORY"));
+        assert!(trials.last().unwrap().rate.as_ref().unwrap_err().contains("out of device memory"));
     }
 
     #[test]
@@ -345,6 +368,17 @@ mod tests {
         let (b, trials) = tune_batch(&m, &Device::Cpu, DType::F32, 32, 4096).unwrap();
         assert!(trials.len() <= 3, "{trials:?}");
         assert!(b <= 128);
+    }
+
+    #[test]
+    fn out_of_memory_is_recognised_by_type_through_candles_wrappers_and_not_by_message() {
+        let oom: candle_core::Error = OutOfMemory.into();
+        assert!(is_out_of_memory(&oom));
+        assert!(is_out_of_memory(&candle_core::Error::from(OutOfMemory).bt()));
+        assert!(is_out_of_memory(&candle_core::Error::from(OutOfMemory).context("batch of 256")));
+        // A message that merely mentions it is not one.
+        assert!(!is_out_of_memory(&candle_core::Error::Msg("out of memory".into())));
+        assert!(!is_out_of_memory(&candle_core::Error::Msg("shape mismatch".into())));
     }
 
     #[test]

@@ -16,7 +16,8 @@ use wsimil_common::features::Preprocessing;
 use wsimil_common::models::ops::{depthwise_conv2d, depthwise_conv2d_taps, dropout_device_rng, seed_device, DwGeom};
 use wsimil_common::models::params::{load_safetensors, Params};
 use wsimil_common::models::transmil::{TransMil, TransMilConfig};
-use wsimil_common::models::{embedder, Mode};
+use wsimil_common::models::zoo::Architecture;
+use wsimil_common::models::Mode;
 use wsimil_common::rng::Rng;
 
 /// One comparison: its error and the most it may be.
@@ -136,8 +137,13 @@ pub fn check_device(compute: &Compute) -> Result<Report> {
     }
 
     // The input's normalisation on the device.
-    let pre =
-        Preprocessing { input_px: 32, resize: "x".into(), mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+    let pre = Preprocessing {
+        input_px: 32,
+        resize: "x".into(),
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+        resize_px: None,
+    };
     let mut r = Rng::new(5);
     let pixels: Vec<u8> = (0..2 * 32 * 32 * 3).map(|_| r.below(256) as u8).collect();
     let want = to_input(pixels.clone(), 2, 32, &pre, &Device::Cpu, DType::F32)?;
@@ -173,18 +179,16 @@ pub fn check_device(compute: &Compute) -> Result<Report> {
     // weights (random ones shrink the signal to ~1e-8 by the last stage, under half precision's
     // range), when the data folder has them.
     let x = random(&[2, 3, 224, 224], 50)?;
-    let mut nets = vec![("resnet50-trunc", None)];
+    let mut nets = vec![(Architecture::ResNet50Trunc, None)];
     let lite0 = wsimil_common::data_dir().join("efficientnet-lite0.safetensors");
     match std::fs::read(&lite0) {
-        Ok(bytes) => nets.push(("efficientnet-lite0", Some(load_safetensors(&bytes, &Device::Cpu)?))),
+        Ok(bytes) => nets.push((Architecture::EfficientNetLite0, Some(load_safetensors(&bytes, &Device::Cpu)?))),
         Err(e) => skipped.push(format!("efficientnet-lite0 features: {}: {e}", lite0.display())),
     }
     for (arch, weights) in nets {
         let build = |d: &Device, dt: DType| match &weights {
-            Some(w) => {
-                embedder::build(arch, candle_nn::VarBuilder::from_tensors(w.clone().into_iter().collect(), dt, d))
-            }
-            None => embedder::build(arch, Params::new(4).var_builder_as(d, dt)),
+            Some(w) => arch.build(candle_nn::VarBuilder::from_tensors(w.clone().into_iter().collect(), dt, d)),
+            None => arch.build(Params::new(4).var_builder_as(d, dt)),
         };
         let want = build(&Device::Cpu, DType::F32)?.forward(&x)?;
         let got = build(dev, compute.dtype)?.forward(&x.to_device(dev)?.to_dtype(compute.dtype)?)?;

@@ -248,12 +248,35 @@ pub(crate) fn gradient_slide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::NoNetwork;
+
+    /// Each patch's per-channel mean of its normalised input: a feature that says which patch it is.
+    struct MeanColour(Preprocessing);
+
+    impl Embedder for MeanColour {
+        fn architecture(&self) -> String {
+            "mean-colour".into()
+        }
+        fn feature_dim(&self) -> usize {
+            3
+        }
+        fn preprocessing(&self) -> Preprocessing {
+            self.0.clone()
+        }
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            x.mean(3)?.mean(2)
+        }
+    }
 
     #[test]
     fn features_come_back_in_grid_order_whatever_the_batch_size() {
         // Each patch's mean red, green and blue: a feature that says which patch it came from.
-        let net = NoNetwork(Preprocessing { input_px: 16, resize: "bilinear".into(), mean: [0.0; 3], std: [1.0; 3] });
+        let net = MeanColour(Preprocessing {
+            input_px: 16,
+            resize: "bilinear".into(),
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            resize_px: None,
+        });
         let dir = tempfile::tempdir().unwrap();
         let (slide, mut grid) = gradient_slide(dir.path(), 512, 512);
         grid.patches = (0..11).map(|i| Patch { x: (i % 7) * 64, y: (i / 7) * 192, tissue: 1.0 }).collect();
@@ -279,7 +302,13 @@ mod tests {
     fn input_planes_are_normalised_per_channel_from_interleaved_bytes() {
         // Two 1×1 images as decoded: (255, 0, 51) and (0, 255, 102).
         let pixels = vec![255, 0, 51, 0, 255, 102];
-        let pre = Preprocessing { input_px: 1, resize: "x".into(), mean: [0.0, 0.5, 0.0], std: [1.0, 0.5, 0.2] };
+        let pre = Preprocessing {
+            input_px: 1,
+            resize: "x".into(),
+            mean: [0.0, 0.5, 0.0],
+            std: [1.0, 0.5, 0.2],
+            resize_px: None,
+        };
         let x = to_input(pixels, 2, 1, &pre, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(x.dims(), &[2, 3, 1, 1]);
         let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -294,8 +323,13 @@ mod tests {
 
     #[test]
     fn the_gpu_normalisation_matches_the_cpu_one() {
-        let pre =
-            Preprocessing { input_px: 5, resize: "x".into(), mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+        let pre = Preprocessing {
+            input_px: 5,
+            resize: "x".into(),
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            resize_px: None,
+        };
         let pixels: Vec<u8> = (0..3 * 5 * 5 * 3).map(|i| (i * 37 % 256) as u8).collect();
         let cpu = to_input(pixels.clone(), 3, 5, &pre, &Device::Cpu, DType::F32).unwrap();
         let dev = normalise_on_device(pixels.clone(), 3, 5, normalisation(&pre), &Device::Cpu, DType::F32).unwrap();

@@ -16,31 +16,16 @@ use crate::resample::resize_rgb;
 use candle_core::{DType, Device, Result, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use wsimil_common::features::Preprocessing;
-use wsimil_common::models::embedder::{self, Tune};
+use wsimil_common::models::embedder::Tune;
 use wsimil_common::models::icmil::{self, StudentOut, Targets};
 use wsimil_common::models::optim::{AdamW, Optimizer};
 use wsimil_common::models::params::Params;
+use wsimil_common::models::zoo::Architecture;
 use wsimil_common::models::{BagModel, BagModelConfig, Mode};
 use wsimil_common::plan::IcmilConfig;
 use wsimil_common::rng::Rng;
-
-/// What a fine-tuning shard did; stored beside its weights and in the merged embedder's card.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ShardReport {
-    pub shard: u32,
-    /// The round-r embedder it started from (the teacher's).
-    pub teacher: String,
-    pub slides: Vec<String>,
-    /// Confident patches it trained on (its weight in the fold's average).
-    pub patches: usize,
-    pub steps: usize,
-    /// Mean weighted loss per epoch.
-    pub epoch_losses: Vec<f64>,
-    pub seconds: f64,
-}
 
 /// The patches a shard learns from, with the teacher's targets, row-aligned.
 #[derive(Default)]
@@ -143,7 +128,7 @@ pub fn tune_of(cfg: &IcmilConfig) -> Tune {
 /// Fine-tune `architecture` starting from `teacher`'s tensors on `data`, with copies of the
 /// classifier's heads (`heads`) as the student's and the originals frozen as the teacher's.
 pub fn finetune(
-    architecture: &str,
+    architecture: &Architecture,
     teacher: &BTreeMap<String, Tensor>,
     heads: (&BagModelConfig, &BTreeMap<String, Tensor>),
     data: &TeacherData,
@@ -154,7 +139,7 @@ pub fn finetune(
     let student_params = Params::new(seed);
     student_params
         .preload(teacher.iter().filter(|(_, t)| t.dtype().is_float()).map(|(k, v)| (k.clone(), v.clone())))?;
-    let student = embedder::build_tuned(architecture, student_params.var_builder(device), tune_of(cfg))?;
+    let student = architecture.build_tuned(student_params.var_builder(device), tune_of(cfg))?;
     let pre: Preprocessing = student.preprocessing();
     let head_params = Params::new(seed ^ 1);
     head_params.preload(heads.1.iter().map(|(k, v)| (k.clone(), v.clone())))?;
@@ -252,9 +237,9 @@ mod tests {
     fn fine_tuning_lowers_the_loss_and_changes_only_the_trainable_layers() {
         let d = Device::Cpu;
         let tp = Params::new(9);
-        embedder::build("efficientnet-lite0", tp.var_builder(&d)).unwrap();
+        Architecture::EfficientNetLite0.build(tp.var_builder(&d)).unwrap();
         let teacher = tp.snapshot().unwrap();
-        let hcfg = BagModelConfig::named("abmil", 1280, 2).unwrap();
+        let hcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 1280, 2);
         let hp = Params::new(10);
         BagModel::new(&hcfg, hp.var_builder(&d)).unwrap();
         let heads = hp.snapshot().unwrap();
@@ -276,7 +261,7 @@ mod tests {
         }
         // The whole network (a random one needs its BatchNorms to train to separate anything).
         let cfg = IcmilConfig { epochs: 3, lr: 3e-3, batch_size: 4, trainable_blocks: 0, ..IcmilConfig::default() };
-        let out = finetune("efficientnet-lite0", &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
         assert_eq!(out.steps, 6);
         let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
         assert!(last < first * 0.8, "loss {:?}", out.epoch_losses);
@@ -288,11 +273,11 @@ mod tests {
         assert_eq!(out.tensors.len(), teacher.len());
         // The result is an ordinary checkpoint: it builds the inference embedder.
         let vb = candle_nn::VarBuilder::from_tensors(out.tensors.into_iter().collect(), DType::F32, &d);
-        assert!(embedder::build("efficientnet-lite0", vb).is_ok());
+        assert!(Architecture::EfficientNetLite0.build(vb).is_ok());
 
         // The last block only: one step changes it and the head, nothing before it.
         let cfg = IcmilConfig { epochs: 1, batch_size: 8, trainable_blocks: 1, ..cfg };
-        let out = finetune("efficientnet-lite0", &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
         for name in ["_blocks.15._project_conv.weight", "_conv_head.weight", "_bn1.running_mean", "_bn1.weight"] {
             assert!(changed(&out, name), "{name} should have trained");
         }
@@ -304,7 +289,7 @@ mod tests {
     #[test]
     fn teacher_targets_are_the_instance_path_and_weights_follow_attention() {
         let d = Device::Cpu;
-        let cfg = BagModelConfig::named("abmil", 5, 2).unwrap();
+        let cfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 5, 2);
         let p = Params::new(4);
         let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
         let feats = Tensor::randn(0f32, 1.0, (6, 5), &d).unwrap();

@@ -2,20 +2,21 @@
 //! whole under their final keys, and report. Every job is idempotent: if its output already exists
 //! it is skipped, so a redelivered job costs one existence check.
 //!
-//! [`JobError`] is the one place that decides whether a failure is worth retrying.
+//! Failures are [`JobError`]s, classified once in [`crate::error`].
 
 use crate::device::{tune_batch, BatchChoice, Compute, TUNED_BATCHES};
 use crate::embed::{embed_patches, EmbedError, EmbedOptions};
+use crate::error::JobError;
 use crate::heatmap;
-use crate::slide::{self, SlideError};
+use crate::slide;
 use crate::tiling::{png_bytes_rgb, tile_slide};
-use crate::train::{self, Bag, FoldReport};
+use crate::train::{self, Bag};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tracing::{info, warn};
 use wsimil_common::attention::{AttentionMap, PredictionProvenance};
 use wsimil_common::features::{EmbeddingProvenance, FeatureBag};
@@ -23,109 +24,25 @@ use wsimil_common::grid::PatchGrid;
 use wsimil_common::ids::{EmbedderId, RunId, SlideId, TilingId};
 use wsimil_common::job::{EmbedJob, FinetuneJob, Job, PredictJob, TileJob, TrainJob};
 use wsimil_common::layout;
-use wsimil_common::models::embedder::{self, Embedder};
+use wsimil_common::models::embedder::Embedder;
 use wsimil_common::models::params::{load_safetensors, Params};
 use wsimil_common::models::{BagModel, BagModelConfig};
 use wsimil_common::plan::{EmbedderSpec, RunPlan};
+use wsimil_common::records::{EpochRecord, FoldReport, ShardReport};
 use wsimil_common::store::{Store, StoreError};
-use wsimil_common::table::TableError;
-
-/// A job failure, already classified.
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    /// Retrying will not help (corrupt slide, bad input, a bug): fail the job with this reason.
-    #[error("{0}")]
-    Permanent(String),
-    /// May succeed later or elsewhere (network, store throttling, missing library on this host).
-    #[error("{0}")]
-    Transient(String),
-}
-
-impl JobError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, JobError::Transient(_))
-    }
-}
-
-impl From<SlideError> for JobError {
-    fn from(e: SlideError) -> Self {
-        if e.is_transient() {
-            JobError::Transient(e.to_string())
-        } else {
-            JobError::Permanent(e.to_string())
-        }
-    }
-}
-
-impl From<StoreError> for JobError {
-    fn from(e: StoreError) -> Self {
-        if e.is_transient() {
-            JobError::Transient(e.to_string())
-        } else {
-            JobError::Permanent(e.to_string())
-        }
-    }
-}
-
-impl From<TableError> for JobError {
-    fn from(e: TableError) -> Self {
-        JobError::Permanent(e.to_string())
-    }
-}
 
 impl From<EmbedError> for JobError {
     fn from(e: EmbedError) -> Self {
         match e {
             EmbedError::Slide(s) => s.into(),
-            EmbedError::Model { .. } => model_error(e.to_string()),
+            EmbedError::Model { slide, source } => JobError::model(&format!("{slide}: embedder"), source),
         }
     }
 }
 
-/// Device memory exhaustion may pass (another job frees memory); other model errors will not.
-fn model_error(msg: String) -> JobError {
-    let lower = msg.to_lowercase();
-    if lower.contains("out of memory") || lower.contains("cuda_error_out_of_memory") {
-        JobError::Transient(msg)
-    } else {
-        JobError::Permanent(msg)
-    }
-}
-
+/// A network's failures in `what`, classified (out of memory or not).
 fn candle_err(what: &str) -> impl Fn(candle_core::Error) -> JobError + '_ {
-    move |e| model_error(format!("{what}: {e}"))
-}
-
-/// When to try a failed job again.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub max_attempts: u32,
-    /// Delay before the second attempt; doubles after each further failure.
-    pub backoff: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    RetryAfter(Duration),
-    Fail,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { max_attempts: 3, backoff: Duration::from_secs(1) }
-    }
-}
-
-impl RetryPolicy {
-    /// The one place that decides: permanent errors fail at once, transient ones are retried with
-    /// exponential backoff until attempts run out. `attempt` counts from 1.
-    pub fn decide(&self, err: &JobError, attempt: u32) -> Decision {
-        if !err.is_transient() || attempt >= self.max_attempts {
-            return Decision::Fail;
-        }
-        Decision::RetryAfter(self.backoff * 2u32.saturating_pow(attempt - 1))
-    }
+    move |e| JobError::model(what, e)
 }
 
 /// What became of a job that did not fail.
@@ -172,14 +89,15 @@ impl WorkerContext {
         let (compute, arch, plan_batch) = (self.compute.clone(), spec.architecture.clone(), spec.batch_size);
         let e = blocking(move || -> Result<Loaded, JobError> {
             let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), compute.dtype, &compute.device);
-            let model: Arc<dyn Embedder> = Arc::from(embedder::build(&arch, vb).map_err(candle_err(&arch))?);
+            let name = arch.to_string();
+            let model: Arc<dyn Embedder> = Arc::from(arch.build(vb).map_err(candle_err(&name))?);
             let batch = match compute.batch {
                 BatchChoice::Fixed(n) => n,
                 BatchChoice::Auto if !compute.device.is_cpu() => {
                     let (lo, hi) = TUNED_BATCHES;
                     let (b, trials) = tune_batch(model.as_ref(), &compute.device, compute.dtype, lo, hi)
-                        .map_err(candle_err(&arch))?;
-                    info!(embedder = %arch, batch = b, ?trials, "batch size tuned on {}", compute.describe());
+                        .map_err(candle_err(&name))?;
+                    info!(embedder = %name, batch = b, ?trials, "batch size tuned on {}", compute.describe());
                     b
                 }
                 BatchChoice::Plan | BatchChoice::Auto => plan_batch,
@@ -197,19 +115,20 @@ impl WorkerContext {
         let arch = spec.architecture.clone();
         if let Some(seed) = spec.weights.strip_prefix("random-") {
             let seed: u64 =
-                seed.parse().map_err(|_| JobError::Permanent(format!("bad random weights spec {:?}", spec.weights)))?;
+                seed.parse().map_err(|_| JobError::Config(format!("bad random weights spec {:?}", spec.weights)))?;
             let p = Params::new(seed);
-            embedder::build(&arch, p.var_builder(&device)).map_err(candle_err(&arch))?;
-            return p.snapshot().map_err(candle_err(&arch));
+            let name = arch.to_string();
+            arch.build(p.var_builder(&device)).map_err(candle_err(&name))?;
+            return p.snapshot().map_err(candle_err(&name));
         }
         let bytes = self.store.get(&layout::embedder_weights(&spec.id())).await?;
-        blocking(move || load_safetensors(&bytes, &device).map_err(candle_err(&arch))).await
+        blocking(move || load_safetensors(&bytes, &device).map_err(candle_err(&arch.to_string()))).await
     }
 }
 
 /// Run `f` on the blocking pool, turning a panic into a permanent failure.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + Send + 'static) -> Result<T, JobError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::Permanent(format!("job panicked: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::Panicked(e.to_string()))?
 }
 
 /// Execute one job.
@@ -245,12 +164,12 @@ async fn tile(ctx: &WorkerContext, job: &TileJob) -> Result<Done, JobError> {
         let p = &tiled.grid.provenance;
         // Corrupt tiles read as glass: if there were any, they are the likelier story.
         if let Some(first) = &tiled.first_corrupt {
-            return Err(JobError::Permanent(format!(
+            return Err(JobError::Input(format!(
                 "{}: no tissue patches found, and {} tile(s) of the overview could not be decoded; first: {first}",
                 job.path, p.corrupt_tiles
             )));
         }
-        return Err(JobError::Permanent(format!(
+        return Err(JobError::Input(format!(
             "{}: no tissue patches found (saturation threshold {}, min tissue fraction {}); see {}",
             job.path,
             p.threshold_used,
@@ -355,7 +274,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
     let fold = plan
         .folds
         .get(job.fold as usize)
-        .ok_or_else(|| JobError::Permanent(format!("run {} has no fold {}", job.run, job.fold)))?
+        .ok_or_else(|| JobError::Input(format!("run {} has no fold {}", job.run, job.fold)))?
         .clone();
     let ids = plan.round_feature_ids(&ctx.store, job.round, job.fold).await?;
     let (train_bags, miss_train) = load_bags(ctx, &ids, &fold.train).await?;
@@ -366,12 +285,11 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         warn!(fold = job.fold, ?missing, "slides without features are left out of this fold");
     }
     if train_bags.is_empty() {
-        return Err(JobError::Permanent(format!("fold {}: no training slide has features", job.fold)));
+        return Err(JobError::Input(format!("fold {}: no training slide has features", job.fold)));
     }
     let in_dim = train_bags[0].dim;
     let n_classes = plan.classes.len();
-    let model_cfg = BagModelConfig::named(&plan.train.model, in_dim, n_classes)
-        .ok_or_else(|| JobError::Permanent(format!("unknown model {:?}", plan.train.model)))?
+    let model_cfg = BagModelConfig::new(plan.train.model, in_dim, n_classes)
         .with_dropout(plan.train.dropout)
         .with_landmarks(plan.train.landmarks);
     let device = ctx.device().clone();
@@ -386,7 +304,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         };
         let (tr, va, te) = (to_bags(&train_bags)?, to_bags(&val_bags)?, to_bags(&test_bags)?);
         let seed = cfg.seed ^ ((round as u64) << 32) ^ fold_no as u64;
-        let mut log = |e: &train::EpochRecord| {
+        let mut log = |e: &EpochRecord| {
             tracing::debug!(fold = fold_no, epoch = e.epoch, train_loss = e.train_loss, val_loss = e.val_loss)
         };
         let (tr, va, te): (Vec<&Bag>, Vec<&Bag>, Vec<&Bag>) =
@@ -431,13 +349,13 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
     let plan = load_plan(&ctx.store, &job.run).await?;
     let fold = plan
         .test_fold_of(&job.slide)
-        .ok_or_else(|| JobError::Permanent(format!("{}: in no test fold of run {}", job.slide, job.run)))?;
+        .ok_or_else(|| JobError::Input(format!("{}: in no test fold of run {}", job.slide, job.run)))?;
     let report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, job.round, fold)).await?;
     let weights = ctx.store.get(&layout::fold_model(&job.run, job.round, fold)).await?;
     let ids = plan.round_feature_ids(&ctx.store, job.round, fold).await?;
     let (bags, _) = load_bags(ctx, &ids, std::slice::from_ref(&job.slide)).await?;
     let Some(bag) = bags.into_iter().next() else {
-        return Err(JobError::Permanent(format!("{}: no features to predict from", job.slide)));
+        return Err(JobError::Input(format!("{}: no features to predict from", job.slide)));
     };
     let device = ctx.device().clone();
     let model_cfg = report.model.clone();
@@ -463,16 +381,16 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
             classes: plan.classes.clone(),
             label,
             probs,
-            model: plan.train.model.clone(),
+            model: plan.train.model.to_string(),
             embedder: bag.provenance.embedder.clone(),
         },
     };
     // A heatmap needs the thumbnail and patch geometry of a slide wsimil tiled itself.
     if let (Some(tp), Some(tid)) = (&bag.provenance.tiling, &bag.provenance.tiling_id) {
-        let tiling = wsimil_common::ids::TilingId::new(tid.clone()).map_err(|e| JobError::Permanent(e.to_string()))?;
+        let tiling = wsimil_common::ids::TilingId::new(tid.clone()).map_err(|e| JobError::Input(e.to_string()))?;
         let thumb_bytes = ctx.store.get(&layout::thumbnail(&tiling, &job.slide)).await?;
         let thumb = image::load_from_memory(&thumb_bytes)
-            .map_err(|e| JobError::Permanent(format!("{}: thumbnail: {e}", job.slide)))?
+            .map_err(|e| JobError::Input(format!("{}: thumbnail: {e}", job.slide)))?
             .to_rgb8();
         let img = heatmap::render(&thumb, tp.level0_width, &bag.xs, &bag.ys, tp.patch_level0, &attention);
         ctx.store.put(&layout::heatmap(&job.run, job.round, &job.slide), png_bytes_rgb(&img)).await?;
@@ -489,11 +407,11 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         return Ok(Done::AlreadyDone);
     }
     if job.round == 0 {
-        return Err(JobError::Permanent("ICMIL fine-tuning starts at round 1".into()));
+        return Err(JobError::Input("ICMIL fine-tuning starts at round 1".into()));
     }
     let started = Instant::now();
     let plan = load_plan(&ctx.store, &job.run).await?;
-    let cfg = plan.icmil.clone().ok_or_else(|| JobError::Permanent(format!("run {} has no ICMIL rounds", job.run)))?;
+    let cfg = plan.icmil.clone().ok_or_else(|| JobError::Input(format!("run {} has no ICMIL rounds", job.run)))?;
     let prev = job.round - 1;
     let teacher = plan.fold_embedder(&ctx.store, prev, job.fold).await?;
     let ids = (teacher.id(), plan.tiling.id());
@@ -506,7 +424,7 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
     let heads = ctx.store.get(&layout::fold_model(&job.run, prev, job.fold)).await?;
     let mut inputs = Vec::new();
     for bag in bags {
-        let slide = SlideId::new(bag.provenance.slide.clone()).map_err(|e| JobError::Permanent(e.to_string()))?;
+        let slide = SlideId::new(bag.provenance.slide.clone()).map_err(|e| JobError::Input(e.to_string()))?;
         let grid_key = layout::patch_grid(&ids.1, &slide);
         let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
         let path = plan.slide(&slide).map(|s| s.path.clone()).unwrap_or_default();
@@ -523,8 +441,9 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         let classifier = crate::finetune::classifier(&model_cfg, &heads, &device).map_err(&err)?;
         let mut data = crate::finetune::TeacherData::default();
         let mut rng = wsimil_common::rng::Rng::new(seed);
-        let pre_px = embedder::preprocessing_of(&arch)
-            .ok_or_else(|| JobError::Permanent(format!("unknown embedder {arch:?}")))?
+        let pre_px = arch
+            .preprocessing()
+            .ok_or_else(|| JobError::Input(format!("embedder {arch} has no patches to fine-tune")))?
             .input_px;
         for (bag, grid, path) in &inputs {
             let feats = Tensor::from_vec(bag.features.clone(), (bag.len(), bag.dim), &device).map_err(&err)?;
@@ -565,7 +484,7 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         // Fewer than two confident patches: nothing to learn from; the shard weighs nothing.
         None => (0, Vec::new(), 0),
     };
-    let report = crate::finetune::ShardReport {
+    let report = ShardReport {
         shard: job.shard,
         teacher: teacher_id.to_string(),
         slides: slide_names,
@@ -577,45 +496,4 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
     ctx.store.put_json(&report_key, &report).await?;
     info!(round = job.round, fold = job.fold, shard = job.shard, patches, steps, secs = report.seconds, "fine-tuned");
     Ok(Done::Computed)
-}
-
-impl From<candle_core::Error> for JobError {
-    fn from(e: candle_core::Error) -> Self {
-        model_error(e.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    #[test]
-    fn permanent_errors_fail_at_once_and_transient_ones_back_off_until_the_last_attempt() {
-        let p = RetryPolicy { max_attempts: 3, backoff: Duration::from_millis(100) };
-        assert_eq!(p.decide(&JobError::Permanent("corrupt".into()), 1), Decision::Fail);
-        let t = JobError::Transient("network".into());
-        assert_eq!(p.decide(&t, 1), Decision::RetryAfter(Duration::from_millis(100)));
-        assert_eq!(p.decide(&t, 2), Decision::RetryAfter(Duration::from_millis(200)));
-        assert_eq!(p.decide(&t, 3), Decision::Fail);
-    }
-
-    #[test]
-    fn retry_decisions() {
-        let corrupt = SlideError::Read {
-            path: PathBuf::from("a.svs"),
-            level: 0,
-            x: 0,
-            y: 0,
-            w: 1,
-            h: 1,
-            reason: "bad JPEG".into(),
-        };
-        assert!(!JobError::from(corrupt).is_transient());
-        assert!(JobError::from(SlideError::Library("not found".into())).is_transient());
-        assert!(!JobError::from(StoreError::NotFound { key: "k".into() }).is_transient());
-        assert!(model_error("CUDA_ERROR_OUT_OF_MEMORY".into()).is_transient());
-        assert!(!model_error("shape mismatch".into()).is_transient());
-        assert!(!JobError::from(TableError::invalid("f", "bad")).is_transient());
-    }
 }

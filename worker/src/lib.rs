@@ -8,17 +8,17 @@
 //! - [`embed`]: the embed stage: patch reading, preprocessing, batched embedding.
 //! - [`train`]: the train stage: bag classifier training, early stopping, evaluation.
 //! - [`heatmap`]: attention heatmaps over thumbnails.
-//! - [`jobs`]: executing a job against the store, and the retry decision.
+//! - [`jobs`]: executing a job against the store.
+//! - [`error`]: why a job failed, and the one decision whether to retry it.
 //! - [`service`]: the worker process: pulling jobs from NATS JetStream, heartbeats, acks, drain.
 //! - [`synth`], [`tiff`]: the semi-synthetic demo cohort, written as pyramidal TIFF slides.
-//! - [`bench`]: large test slides and single-threaded reading, for the tiling benchmark.
 //! - [`device`], [`device_check`]: device, precision and batch size; a device's kernels against the CPU's.
 
-pub mod bench;
 pub mod contours;
 pub mod device;
 pub mod device_check;
 pub mod embed;
+pub mod error;
 pub mod finetune;
 pub mod heatmap;
 pub mod jobs;

@@ -7,7 +7,8 @@
 //! transient error → nak with backoff; permanent error or last delivery → `failed` and term.
 //! On shutdown the worker stops pulling and lets running jobs finish.
 
-use crate::jobs::{execute, Decision, Done, RetryPolicy, WorkerContext};
+use crate::error::{Decision, RetryPolicy};
+use crate::jobs::{execute, Done, WorkerContext};
 use async_nats::jetstream::{consumer::PullConsumer, AckKind, Message};
 use futures::StreamExt;
 use std::sync::Arc;

@@ -302,6 +302,24 @@ pub fn patch_truth(mask: &GrayImage, xs: &[i64], ys: &[i64], patch: u64) -> Vec<
         .collect()
 }
 
+/// A `width × height` image tiled with flipped and rotated copies of `source` (real tissue at any
+/// size).
+pub fn mosaic(source: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let variants: Vec<RgbImage> = (0..4)
+        .map(|k| match k {
+            0 => source.clone(),
+            1 => image::imageops::flip_horizontal(source),
+            2 => image::imageops::flip_vertical(source),
+            _ => image::imageops::rotate180(source),
+        })
+        .collect();
+    let (sw, sh) = source.dimensions();
+    RgbImage::from_fn(width, height, |x, y| {
+        let (i, j) = (x / sw, y / sh);
+        *variants[((i + 2 * j) % 4) as usize].get_pixel(x % sw, y % sh)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

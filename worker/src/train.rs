@@ -3,12 +3,12 @@
 //! stopping on validation loss, the best epoch's weights kept.
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 use wsimil_common::features::FeatureBag;
 use wsimil_common::metrics::{evaluate, Metrics};
 use wsimil_common::models::params::Params;
 use wsimil_common::models::{optim, BagModel, BagModelConfig, Mode};
 use wsimil_common::plan::TrainConfig;
+use wsimil_common::records::{EpochRecord, SlidePrediction};
 use wsimil_common::rng::Rng;
 
 /// One slide's bag, ready for the model.
@@ -24,37 +24,6 @@ impl Bag {
         let features = Tensor::from_vec(bag.features.clone(), (1, bag.len(), bag.dim), device)?;
         Ok(Bag { slide: bag.provenance.slide.clone(), label, features, n: bag.len() })
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub val_loss: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SlidePrediction {
-    pub slide: String,
-    pub label: usize,
-    pub probs: Vec<f64>,
-}
-
-/// Everything a fold's training leaves behind, besides the weights.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FoldReport {
-    pub fold: u32,
-    pub model: BagModelConfig,
-    pub train: TrainConfig,
-    pub n_train: usize,
-    pub n_val: usize,
-    pub n_test: usize,
-    pub epochs_run: usize,
-    pub best_epoch: usize,
-    pub curve: Vec<EpochRecord>,
-    pub test: Option<Metrics>,
-    pub predictions: Vec<SlidePrediction>,
-    pub seconds: f64,
 }
 
 pub struct Trained {
@@ -141,7 +110,7 @@ pub fn train(
     let params = Params::new(rng.next_u64());
     let model = BagModel::new(model_cfg, params.var_builder(device))?;
     let vars = params.vars();
-    let mut opt = optim::build(&cfg.optimizer, params.named_vars(), cfg.lr, cfg.weight_decay)?;
+    let mut opt = optim::build(cfg.optimizer, params.named_vars(), cfg.lr, cfg.weight_decay)?;
     let accumulate = cfg.grad_accumulation.max(1);
     let mut best: Option<(f64, usize, std::collections::BTreeMap<String, Tensor>)> = None;
     let mut curve = Vec::new();
@@ -246,7 +215,7 @@ mod tests {
         let (tr, te): (Vec<&Bag>, Vec<&Bag>) =
             bags.iter().partition(|b| b.slide.trim_start_matches('s').parse::<usize>().unwrap() < 30);
         let cfg = TrainConfig { max_epochs: 30, patience: 30, lr: 5e-3, ..TrainConfig::default() };
-        let mcfg = BagModelConfig::named("abmil", 2, 2).unwrap();
+        let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
         let run = |seed| train(&mcfg, &cfg, &tr, &[], seed, &Device::Cpu, &mut |_| {}).unwrap();
         let a = run(7);
         let (_, m) = test(&a.model, &te, 2).unwrap();
@@ -269,7 +238,7 @@ mod tests {
             .collect();
         let val: Vec<&Bag> = flipped.iter().collect();
         let cfg = TrainConfig { max_epochs: 40, patience: 3, lr: 1e-2, ..TrainConfig::default() };
-        let mcfg = BagModelConfig::named("abmil", 2, 2).unwrap();
+        let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
         let t = train(&mcfg, &cfg, &refs, &val, 0, &Device::Cpu, &mut |_| {}).unwrap();
         assert!(t.curve.len() < 40, "stopped early after {} epochs", t.curve.len());
         let best = t.curve.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)).unwrap();

@@ -5,6 +5,7 @@ mod common;
 use common::data;
 use image::RgbImage;
 use wsimil_common::grid::TissueParams;
+use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::TilingSpec;
 use wsimil_worker::slide::{self, SlideError};
 use wsimil_worker::tiling::tile_slide;
@@ -66,10 +67,38 @@ fn corrupt_files_fail_with_the_file_named() {
     let o = slide::open_with(&data("unreadable.svs"), slide::ReaderChoice::OpenSlide).unwrap();
     let err = o.read_region(0, 0, 0, w as u32, h as u32).expect_err("unreadable via OpenSlide");
     assert!(matches!(err, SlideError::Read { .. }) && err.to_string().contains("unreadable.svs"), "{err}");
-    assert!(!err.is_transient());
+    assert!(!wsimil_worker::error::JobError::from(err).is_transient());
 
     let err = slide::open(std::path::Path::new("/nonexistent/x.svs")).err().expect("missing");
     assert!(err.to_string().contains("/nonexistent/x.svs") && err.to_string().contains("no such file"), "{err}");
+}
+
+#[test]
+fn a_truncated_copy_of_a_slide_says_it_is_truncated() {
+    let whole = std::fs::read(data("cmu_small_region.svs")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A copy cut short (a partial download): its directories survive, its tiles do not.
+    let path = dir.path().join("partial.svs");
+    std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+    let err = slide::open(&path).err().expect("truncated");
+    assert!(matches!(err, SlideError::Truncated { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("partial.svs: truncated") && msg.contains(&format!("{} bytes", whole.len() / 2)), "{msg}");
+    // Cut inside the first directory: still truncated, not "not a format OpenSlide recognises".
+    std::fs::write(&path, &whole[..20]).unwrap();
+    let err = slide::open(&path).err().expect("truncated");
+    assert!(matches!(err, SlideError::Truncated { .. }), "{err:?}");
+}
+
+#[test]
+fn a_directory_or_an_empty_file_is_not_a_slide_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = slide::open(dir.path()).err().expect("a directory");
+    assert!(err.to_string().contains("is a directory, not a slide file"), "{err}");
+    let empty = dir.path().join("empty.svs");
+    std::fs::write(&empty, b"").unwrap();
+    let err = slide::open(&empty).err().expect("empty");
+    assert!(err.to_string().contains("empty.svs") && err.to_string().contains("empty"), "{err}");
 }
 
 #[test]
@@ -128,14 +157,14 @@ fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
 #[test]
 fn efficientnet_lite0_embeds_real_patches() {
     use candle_core::{DType, Device};
-    use wsimil_common::models::{embedder, params::load_safetensors};
+    use wsimil_common::models::params::load_safetensors;
     let bytes = std::fs::read(data("efficientnet-lite0.safetensors")).unwrap();
     let vb = candle_nn::VarBuilder::from_tensors(
         load_safetensors(&bytes, &Device::Cpu).unwrap().into_iter().collect(),
         DType::F32,
         &Device::Cpu,
     );
-    let model = embedder::build("efficientnet-lite0", vb).unwrap();
+    let model = Architecture::EfficientNetLite0.build(vb).unwrap();
     let s = slide::open(&data("cmu_small_region.svs")).unwrap();
     let mut grid = tile_slide(s.as_ref(), "cmu", &spec(), None).unwrap().grid;
     grid.patches.truncate(4);
@@ -162,7 +191,7 @@ fn efficientnet_lite0_embeds_real_patches() {
         DType::F16,
         &Device::Cpu,
     );
-    let half = embedder::build("efficientnet-lite0", vb).unwrap();
+    let half = Architecture::EfficientNetLite0.build(vb).unwrap();
     let opts = wsimil_worker::embed::EmbedOptions { batch_size: 2, dtype: DType::F16, corrupt: Default::default() };
     let h = wsimil_worker::embed::embed_patches(s.as_ref(), &grid, half.as_ref(), &Device::Cpu, opts).unwrap().features;
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -177,7 +206,8 @@ async fn a_slide_without_tissue_fails_its_tile_job_with_the_reason() {
     use wsimil_common::job::{Job, TileJob};
     use wsimil_common::layout;
     use wsimil_common::store::Store;
-    use wsimil_worker::jobs::{execute, JobError, WorkerContext};
+    use wsimil_worker::error::JobError;
+    use wsimil_worker::jobs::{execute, WorkerContext};
     let dir = tempfile::tempdir().unwrap();
     let glass = RgbImage::from_pixel(1024, 1024, image::Rgb([242, 242, 240]));
     let path = dir.path().join("glass.svs");
@@ -187,7 +217,7 @@ async fn a_slide_without_tissue_fails_its_tile_job_with_the_reason() {
     let job =
         TileJob { slide: SlideId::new("glass").unwrap(), path: path.display().to_string(), mpp: None, tiling: spec() };
     let err = execute(&ctx, &Job::Tile(job.clone())).await.unwrap_err();
-    assert!(matches!(err, JobError::Permanent(_)));
+    assert!(matches!(err, JobError::Input(_)) && !err.is_transient(), "{err:?}");
     assert!(err.to_string().contains("glass.svs: no tissue patches found"), "{err}");
     // The mask is kept to look at; the grid (the job's "done" marker) is not written.
     let tiling = job.tiling.id();
@@ -423,7 +453,7 @@ async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
     // A slide of real tumour tissue (every patch is tissue) whose first level-0 tile is broken:
     // the header is 8 bytes and that tile's data follows; wipe its tables.
     let broken_slide = |name: &str, side: u32| {
-        let img = wsimil_worker::bench::mosaic(&tumour, side, side);
+        let img = wsimil_worker::synth::mosaic(&tumour, side, side);
         let opt = wsimil_worker::tiff::TiffOptions { mpp: 0.5, ..Default::default() };
         let mut bytes = wsimil_worker::tiff::write_slide(&img, name, &opt).unwrap();
         bytes[10..60].fill(0);
@@ -452,7 +482,7 @@ async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
     execute(&ctx, &Job::Tile(tile)).await.unwrap();
     for policy in [CorruptTiles::Skip, CorruptTiles::Fail] {
         let embedder = EmbedderSpec {
-            architecture: "efficientnet-lite0".into(),
+            architecture: Architecture::EfficientNetLite0,
             weights: "random-1".into(),
             batch_size: 8,
             corrupt_tiles: policy,
@@ -494,7 +524,7 @@ fn the_embedding_pipeline_gives_the_same_features_at_any_batch_size_and_stops_at
     let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
     let dir = tempfile::tempdir().unwrap();
     // Real tumour tissue, 4096² at 0.5 µm/px, its first level-0 tile broken (as above).
-    let img = wsimil_worker::bench::mosaic(&tumour, 4096, 4096);
+    let img = wsimil_worker::synth::mosaic(&tumour, 4096, 4096);
     let opt = wsimil_worker::tiff::TiffOptions { mpp: 0.5, ..Default::default() };
     let mut bytes = wsimil_worker::tiff::write_slide(&img, "broken", &opt).unwrap();
     bytes[10..60].fill(0);
@@ -508,7 +538,7 @@ fn the_embedding_pipeline_gives_the_same_features_at_any_batch_size_and_stops_at
     let broken = grid.patches.iter().position(|p| (p.x, p.y) == (0, 0)).unwrap();
     grid.patches.rotate_left(broken + 1);
     let p = wsimil_common::models::params::Params::new(5);
-    let model = wsimil_common::models::embedder::build("efficientnet-lite0", p.var_builder(&Device::Cpu)).unwrap();
+    let model = Architecture::EfficientNetLite0.build(p.var_builder(&Device::Cpu)).unwrap();
     let run = |batch: usize, corrupt| {
         let opts = EmbedOptions { batch_size: batch, dtype: DType::F32, corrupt };
         embed_patches(s.as_ref(), &grid, model.as_ref(), &Device::Cpu, opts)

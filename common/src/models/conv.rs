@@ -9,8 +9,7 @@
 //! input is CPU f32 and OpenBLAS is installed, and candle's otherwise (other devices, training).
 
 use super::blas::{blas, Blas};
-use super::embedder::Act;
-use super::ops::{f32_slice, DwGeom};
+use super::ops::{f32_slice, Act, DwGeom};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;

@@ -6,7 +6,9 @@
 //! Being a TensorFlow port it needs TensorFlow's "SAME" padding (the extra pixel of a stride-2
 //! convolution goes bottom/right) and TensorFlow's input scaling ((x − 127) / 128), BN ε = 1e-3.
 
-use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder, Tune};
+use super::convbn::{global_avg_pool, ConvBn, ConvKind};
+use super::embedder::{Embedder, Tune};
+use super::ops::Act;
 use crate::features::Preprocessing;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -53,6 +55,7 @@ pub fn preprocessing() -> Preprocessing {
         resize: "area-average then bilinear".into(),
         mean: [127.0 / 255.0; 3],
         std: [128.0 / 255.0; 3],
+        resize_px: None,
     }
 }
 
@@ -132,8 +135,8 @@ impl EfficientNetLite {
 }
 
 impl Embedder for EfficientNetLite {
-    fn architecture(&self) -> &'static str {
-        "efficientnet-lite0"
+    fn architecture(&self) -> String {
+        "efficientnet-lite0".into()
     }
 
     fn feature_dim(&self) -> usize {

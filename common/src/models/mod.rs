@@ -3,7 +3,9 @@
 //!
 //! - [`transmil`]: TransMIL bag classifier (Shao et al. 2021).
 //! - [`abmil`]: gated attention MIL (Ilse et al. 2018), the baseline.
-//! - [`efficientnet`], [`resnet`]: patch embedders behind the [`embedder::Embedder`] trait.
+//! - [`embedder`]: what a patch embedder is (the trait, which layers train); [`zoo`] names them:
+//!   [`efficientnet`], [`resnet`], with [`convbn`] (convolution + BatchNorm, folded or trainable) and
+//!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]).
 //! - [`ops`]: depthwise convolution with backward, iterative pseudo-inverse, seeded dropout.
 //! - [`params`]: seeded parameter creation and safetensors IO.
 //! - [`optim`]: RAdam, Lookahead and AdamW.
@@ -12,6 +14,7 @@
 pub mod abmil;
 pub mod blas;
 pub mod conv;
+pub mod convbn;
 pub mod efficientnet;
 pub mod embedder;
 pub mod icmil;
@@ -20,6 +23,7 @@ pub mod optim;
 pub mod params;
 pub mod resnet;
 pub mod transmil;
+pub mod zoo;
 
 use crate::rng::Rng;
 use candle_core::{Result, Tensor};
@@ -60,6 +64,31 @@ pub struct BagOutput {
     pub attention: Option<Tensor>,
 }
 
+/// The bag classifiers (`--model`; the names plans hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BagModelKind {
+    /// TransMIL (Shao et al., NeurIPS 2021), the paper's configuration.
+    Transmil,
+    /// Gated attention MIL (Ilse et al., ICML 2018).
+    Abmil,
+}
+
+impl BagModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BagModelKind::Transmil => "transmil",
+            BagModelKind::Abmil => "abmil",
+        }
+    }
+}
+
+impl std::fmt::Display for BagModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which bag classifier, with its configuration; stored beside checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "model", rename_all = "lowercase")]
@@ -69,12 +98,11 @@ pub enum BagModelConfig {
 }
 
 impl BagModelConfig {
-    /// The named model with its paper defaults.
-    pub fn named(name: &str, in_dim: usize, n_classes: usize) -> Option<Self> {
-        match name {
-            "transmil" => Some(BagModelConfig::Transmil(transmil::TransMilConfig::paper(in_dim, n_classes))),
-            "abmil" => Some(BagModelConfig::Abmil(abmil::AbmilConfig::new(in_dim, n_classes))),
-            _ => None,
+    /// The model with its paper defaults.
+    pub fn new(kind: BagModelKind, in_dim: usize, n_classes: usize) -> Self {
+        match kind {
+            BagModelKind::Transmil => BagModelConfig::Transmil(transmil::TransMilConfig::paper(in_dim, n_classes)),
+            BagModelKind::Abmil => BagModelConfig::Abmil(abmil::AbmilConfig::new(in_dim, n_classes)),
         }
     }
 
@@ -137,7 +165,7 @@ mod tests {
         // One instance gets all the attention, so the bag's logits are the head on that instance:
         // the pseudo-label of a patch is what the classifier says of a slide made of it alone.
         let p = Params::new(3);
-        let m = BagModel::new(&BagModelConfig::named("abmil", 6, 2).unwrap(), p.var_builder(&Device::Cpu)).unwrap();
+        let m = BagModel::new(&BagModelConfig::new(BagModelKind::Abmil, 6, 2), p.var_builder(&Device::Cpu)).unwrap();
         let x = Tensor::randn(0f32, 1.0, (4, 6), &Device::Cpu).unwrap();
         let (reduced, logits) = m.instance_path(&x).unwrap();
         assert_eq!(reduced.dims()[0], 4);

@@ -16,7 +16,6 @@
 //!   fused backward; candle's fused LayerNorm has no backward and `layer_norm_slow` keeps about six
 //!   full-size intermediates per call.
 
-use super::embedder::Act;
 use crate::rng::Rng;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -24,6 +23,26 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 use rayon::prelude::*;
+
+/// The activation after a folded convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    /// min(max(x, 0), 6): MobileNet's and EfficientNet-Lite's.
+    Relu6,
+}
+
+impl Act {
+    /// The activation over a tensor (candle's ops, differentiable).
+    pub fn apply(self, y: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::None => Ok(y.clone()),
+            Act::Relu => y.relu(),
+            Act::Relu6 => y.clamp(0f32, 6f32),
+        }
+    }
+}
 
 /// Geometry of a depthwise convolution: stride and (top, bottom, left, right) zero padding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,9 @@
 //! patch encoder of CLAM, Lu et al., Nature BME 2021). Parameter names are torchvision's (and timm's
 //! `resnet50.tv_in1k`), so their safetensors load directly; `fc` and `layer4` are never read.
 
-use super::embedder::{global_avg_pool, Act, ConvBn, ConvKind, Embedder, Tune};
+use super::convbn::{global_avg_pool, ConvBn, ConvKind};
+use super::embedder::{Embedder, Tune};
+use super::ops::Act;
 use crate::features::Preprocessing;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -72,6 +74,7 @@ pub fn preprocessing() -> Preprocessing {
         resize: "area-average then bilinear".into(),
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
+        resize_px: None,
     }
 }
 
@@ -111,8 +114,8 @@ impl ResNetTrunc {
 }
 
 impl Embedder for ResNetTrunc {
-    fn architecture(&self) -> &'static str {
-        "resnet50-trunc"
+    fn architecture(&self) -> String {
+        "resnet50-trunc".into()
     }
 
     fn feature_dim(&self) -> usize {

@@ -21,15 +21,14 @@ pub enum SlideError {
     CorruptTile { path: PathBuf, level: usize, col: u64, row: u64, reason: String },
     #[error("{path}: the slide records no microns-per-pixel; give `mpp` in the manifest")]
     NoMpp { path: PathBuf },
+    /// The file ends before data its own header points to: a partial copy or download.
+    #[error("{path}: truncated: the file has {len} bytes but its header points to data up to byte {needed}")]
+    Truncated { path: PathBuf, len: u64, needed: u64 },
     #[error("OpenSlide library not available ({0}); install libopenslide (scripts/setup.sh does)")]
     Library(String),
-}
-
-impl SlideError {
-    /// Only a missing library can be fixed by retrying elsewhere; a bad file stays bad.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SlideError::Library(_))
-    }
+    /// A reader setting that cannot work (`WSIMIL_READER`).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Corrupt tiles met by a tolerant read: how many, and the first one's error.
@@ -87,25 +86,24 @@ pub trait SlideReader: Send + Sync {
     }
 }
 
-/// Which reader opens slides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which reader opens slides (`WSIMIL_READER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReaderChoice {
     /// Native for Aperio and generic tiled JPEG TIFF, OpenSlide for the rest.
     Auto,
     Native,
+    #[value(name = "openslide")]
     OpenSlide,
 }
 
 impl ReaderChoice {
-    /// From `WSIMIL_READER` (`auto` when unset).
+    /// From `WSIMIL_READER` (`auto` when unset). `wsimil run` and `wsimil worker` call this at start,
+    /// so a mistyped value stops them before any work instead of failing every slide.
     pub fn from_env() -> Result<Self, SlideError> {
         match std::env::var("WSIMIL_READER").as_deref() {
-            Err(_) | Ok("") | Ok("auto") => Ok(ReaderChoice::Auto),
-            Ok("native") => Ok(ReaderChoice::Native),
-            Ok("openslide") => Ok(ReaderChoice::OpenSlide),
-            Ok(other) => {
-                Err(SlideError::Library(format!("WSIMIL_READER={other:?}: expected auto, native or openslide")))
-            }
+            Err(_) | Ok("") => Ok(ReaderChoice::Auto),
+            Ok(v) => <Self as clap::ValueEnum>::from_str(v, true)
+                .map_err(|_| SlideError::Config(format!("WSIMIL_READER={v:?}: expected auto, native or openslide"))),
         }
     }
 }
@@ -116,13 +114,18 @@ pub fn open(path: &Path) -> Result<Box<dyn SlideReader>, SlideError> {
 }
 
 pub fn open_with(path: &Path, choice: ReaderChoice) -> Result<Box<dyn SlideReader>, SlideError> {
+    check_file(path)?;
     let native = || {
-        native::NativeTiff::open(path).map_err(|e| SlideError::Open {
-            path: path.to_path_buf(),
-            reason: match e {
-                native::Unsupported::NotForUs(r) => format!("not a tiled JPEG TIFF: {r}"),
-                native::Unsupported::Broken(r) => format!("broken TIFF: {r}"),
-            },
+        native::NativeTiff::open(path).map_err(|e| match e {
+            native::Unsupported::Truncated { len, needed } => {
+                SlideError::Truncated { path: path.to_path_buf(), len, needed }
+            }
+            native::Unsupported::NotForUs(r) => {
+                SlideError::Open { path: path.to_path_buf(), reason: format!("not a tiled JPEG TIFF: {r}") }
+            }
+            native::Unsupported::Broken(r) => {
+                SlideError::Open { path: path.to_path_buf(), reason: format!("broken TIFF: {r}") }
+            }
         })
     };
     match choice {
@@ -133,15 +136,31 @@ pub fn open_with(path: &Path, choice: ReaderChoice) -> Result<Box<dyn SlideReade
             // Ventana, …) have their own rules, which OpenSlide implements.
             let ours = match openslide::detect_vendor(path) {
                 Ok(Some(v)) => v == "aperio" || v == "generic-tiff",
-                Ok(None) => false,
+                // OpenSlide does not recognise a TIFF whose directories it cannot read, which is
+                // what a truncated copy looks like: the native reader says what is wrong with it.
+                Ok(None) => native::is_tiff(path),
                 Err(_) => true, // no OpenSlide here: the native reader is all we have
             };
             if ours {
-                if let Ok(n) = native() {
-                    return Ok(Box::new(n));
+                match native() {
+                    Ok(n) => return Ok(Box::new(n)),
+                    Err(e @ SlideError::Truncated { .. }) => return Err(e),
+                    Err(_) => {}
                 }
             }
             Ok(Box::new(openslide::OpenSlide::open(path)?))
         }
+    }
+}
+
+/// A path that is not a readable file is said so, before any reader sees it.
+fn check_file(path: &Path) -> Result<(), SlideError> {
+    let fail = |reason: String| SlideError::Open { path: path.to_path_buf(), reason };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(fail("is a directory, not a slide file".into())),
+        Ok(m) if m.len() == 0 => Err(fail("the file is empty".into())),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(fail("no such file".into())),
+        Err(e) => Err(fail(format!("cannot read: {e}"))),
     }
 }

@@ -80,6 +80,15 @@ pub enum Unsupported {
     NotForUs(String),
     /// A TIFF whose structure is broken.
     Broken(String),
+    /// A TIFF that ends before data its directories point to (`needed` bytes at least).
+    Truncated { len: u64, needed: u64 },
+}
+
+/// Does the file start like a TIFF (classic or BigTIFF, either byte order)?
+pub fn is_tiff(path: &Path) -> bool {
+    let mut head = [0u8; 4];
+    File::open(path).and_then(|f| f.read_exact_at(&mut head, 0)).is_ok()
+        && matches!(&head, [b'I', b'I', 42 | 43, 0] | [b'M', b'M', 0, 42 | 43])
 }
 
 struct Parser<'a> {
@@ -91,11 +100,10 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn bytes(&self, at: u64, n: usize) -> Result<Vec<u8>, Unsupported> {
-        if at.checked_add(n as u64).is_none_or(|end| end > self.len) {
-            return Err(Unsupported::Broken(format!(
-                "read of {n} bytes at {at} past the end of the file ({} bytes)",
-                self.len
-            )));
+        match at.checked_add(n as u64) {
+            None => return Err(Unsupported::Broken(format!("a read of {n} bytes at offset {at}"))),
+            Some(end) if end > self.len => return Err(Unsupported::Truncated { len: self.len, needed: end }),
+            Some(_) => {}
         }
         let mut b = vec![0u8; n];
         self.file.read_exact_at(&mut b, at).map_err(|e| Unsupported::Broken(e.to_string()))?;
@@ -327,6 +335,16 @@ impl NativeTiff {
         }
         if levels.is_empty() {
             return Err(Unsupported::NotForUs("no tiled JPEG levels".into()));
+        }
+        // Tiles past the end of the file: a partial copy, whose directories (often at the start)
+        // survived. Said at open, not as a corrupt tile per patch.
+        let needed = levels
+            .iter()
+            .flat_map(|l| l.offsets.iter().zip(&l.counts).map(|(o, c)| o.saturating_add(*c)))
+            .max()
+            .unwrap_or(0);
+        if needed > len {
+            return Err(Unsupported::Truncated { len, needed });
         }
         levels.sort_by_key(|l| std::cmp::Reverse(l.width));
         let (w0, h0) = (levels[0].width as f64, levels[0].height as f64);

@@ -1,33 +1,17 @@
-//! Measurement helpers behind `wsimil bench-read` and `wsimil make-slide` (hidden commands used by
-//! bench/tiling.sh): large test slides from real tissue, and single-threaded patch reading.
+//! What the benchmarks measure: large test slides from real tissue, single-threaded patch reading,
+//! a TransMIL training step, an embedder alone and from a slide (with or without its network).
 
-use crate::device::Compute;
-use crate::embed::read_patch;
-use crate::resample::resize_rgb;
-use crate::slide::{SlideError, SlideReader};
-use crate::tiff::LevelData;
 use image::RgbImage;
 use std::time::Instant;
 use wsimil_common::grid::PatchGrid;
 use wsimil_common::models::embedder::Embedder;
-
-/// A `width × height` image tiled with flipped and rotated copies of `source` (real tissue at any
-/// size).
-pub fn mosaic(source: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let variants: Vec<RgbImage> = (0..4)
-        .map(|k| match k {
-            0 => source.clone(),
-            1 => image::imageops::flip_horizontal(source),
-            2 => image::imageops::flip_vertical(source),
-            _ => image::imageops::rotate180(source),
-        })
-        .collect();
-    let (sw, sh) = source.dimensions();
-    RgbImage::from_fn(width, height, |x, y| {
-        let (i, j) = (x / sw, y / sh);
-        *variants[((i + 2 * j) % 4) as usize].get_pixel(x % sw, y % sh)
-    })
-}
+use wsimil_common::models::zoo::Architecture;
+use wsimil_worker::device::Compute;
+use wsimil_worker::embed::{embed_patches, read_patch, EmbedError, EmbedOptions};
+use wsimil_worker::resample::resize_rgb;
+use wsimil_worker::slide::{SlideError, SlideReader};
+use wsimil_worker::synth::mosaic;
+use wsimil_worker::tiff::LevelData;
 
 /// The levels of a huge slide (4× steps down to a lowest level of at most `lowest_side`): the
 /// lowest is a real-tissue mosaic, the others repeat one real tile, so the file stays small while
@@ -88,7 +72,7 @@ pub fn transmil_step_secs(
     let params = Params::new(1);
     let cfg = TransMilConfig { landmarks, ..TransMilConfig::paper(in_dim, 2) };
     let model = TransMil::new(&cfg, params.var_builder(dev))?;
-    let mut opt = optim::build("lookahead-radam", params.named_vars(), 2e-4, 1e-5)?;
+    let mut opt = optim::build(optim::OptimizerKind::LookaheadRadam, params.named_vars(), 2e-4, 1e-5)?;
     let mut rng = wsimil_common::rng::Rng::new(2);
     wsimil_common::models::ops::seed_device(dev, 2)?;
     let x = Tensor::randn(0f32, 1.0, (1, n, in_dim), dev)?;
@@ -110,15 +94,20 @@ pub fn transmil_step_secs(
 
 /// A patch embedder with random weights (BatchNorm folded as in every wsimil run) in `compute`'s
 /// device and precision.
-pub fn random_embedder(architecture: &str, compute: &Compute) -> candle_core::Result<Box<dyn Embedder>> {
+pub fn random_embedder(architecture: &Architecture, compute: &Compute) -> candle_core::Result<Box<dyn Embedder>> {
     let params = wsimil_common::models::params::Params::new(1);
-    wsimil_common::models::embedder::build(architecture, params.var_builder_as(&compute.device, compute.dtype))
+    architecture.build(params.var_builder_as(&compute.device, compute.dtype))
 }
 
 /// Images per second of a patch embedder alone: the best of `iters` forward passes over a batch of
 /// `batch` random 224 × 224 images, after one warm-up pass, each pass ending with the features
 /// back in host memory as f32 (so a GPU's time is all counted).
-pub fn embed_model_rate(architecture: &str, batch: usize, iters: usize, compute: &Compute) -> candle_core::Result<f64> {
+pub fn embed_model_rate(
+    architecture: &Architecture,
+    batch: usize,
+    iters: usize,
+    compute: &Compute,
+) -> candle_core::Result<f64> {
     use candle_core::{DType, Tensor};
     let model = random_embedder(architecture, compute)?;
     let px = model.preprocessing().input_px as usize;
@@ -143,8 +132,8 @@ pub fn embed_model_rate(architecture: &str, batch: usize, iters: usize, compute:
 pub struct NoNetwork(pub wsimil_common::features::Preprocessing);
 
 impl Embedder for NoNetwork {
-    fn architecture(&self) -> &'static str {
-        "none"
+    fn architecture(&self) -> String {
+        "none".into()
     }
     fn feature_dim(&self) -> usize {
         3
@@ -163,22 +152,22 @@ impl Embedder for NoNetwork {
 pub fn embed_slide_rate(
     slide: &dyn SlideReader,
     grid: &PatchGrid,
-    architecture: &str,
+    architecture: &Architecture,
     batch: usize,
     compute: &Compute,
     decode_only: bool,
-) -> Result<(usize, f64), crate::embed::EmbedError> {
-    let model_err = |source| crate::embed::EmbedError::Model { slide: grid.provenance.slide.clone(), source };
-    let model: Box<dyn Embedder> = match wsimil_common::models::embedder::preprocessing_of(architecture) {
+) -> Result<(usize, f64), EmbedError> {
+    let model_err = |source| EmbedError::Model { slide: grid.provenance.slide.clone(), source };
+    let model: Box<dyn Embedder> = match architecture.preprocessing() {
         Some(pre) if decode_only => Box::new(NoNetwork(pre)),
         _ => random_embedder(architecture, compute).map_err(model_err)?,
     };
-    let opts = crate::embed::EmbedOptions { batch_size: batch, dtype: compute.dtype, corrupt: Default::default() };
+    let opts = EmbedOptions { batch_size: batch, dtype: compute.dtype, corrupt: Default::default() };
     // One warm-up batch (a GPU compiles and allocates on the first pass).
     let warm = PatchGrid { patches: grid.patches.iter().take(batch).cloned().collect(), ..grid.clone() };
-    crate::embed::embed_patches(slide, &warm, model.as_ref(), &compute.device, opts)?;
+    embed_patches(slide, &warm, model.as_ref(), &compute.device, opts)?;
     let t = Instant::now();
-    let out = crate::embed::embed_patches(slide, grid, model.as_ref(), &compute.device, opts)?;
+    let out = embed_patches(slide, grid, model.as_ref(), &compute.device, opts)?;
     Ok((out.kept.len(), out.kept.len() as f64 / t.elapsed().as_secs_f64()))
 }
 
@@ -205,12 +194,24 @@ mod tests {
     #[test]
     fn decode_only_runs_every_patch_through_the_pipeline_without_a_network() {
         let dir = tempfile::tempdir().unwrap();
-        let (slide, mut grid) = crate::embed::gradient_slide(dir.path(), 512, 384);
+        // Real tissue (the CMU slide's), as a small slide of this test's own.
+        let cmu = wsimil_worker::slide::open(&wsimil_common::data_dir().join("cmu_small_region.svs")).unwrap();
+        let tissue = wsimil_worker::synth::read_level0(cmu.as_ref()).unwrap();
+        let path = dir.path().join("mosaic.svs");
+        let opt = wsimil_worker::tiff::TiffOptions { mpp: 0.5, ..Default::default() };
+        std::fs::write(&path, wsimil_worker::tiff::write_slide(&mosaic(&tissue, 1024, 768), "m", &opt).unwrap())
+            .unwrap();
+        let slide = wsimil_worker::slide::open(&path).unwrap();
+        let mut grid =
+            wsimil_worker::tiling::tile_slide(slide.as_ref(), "m", &crate::cli::bench_tiling(256, 0.5), None)
+                .unwrap()
+                .grid;
         grid.patches = (0..9).map(|i| wsimil_common::grid::Patch { x: i * 48, y: i * 32, tissue: 1.0 }).collect();
-        let (n, rate) = embed_slide_rate(slide.as_ref(), &grid, "resnet50-trunc", 4, &Compute::cpu(), true).unwrap();
+        let arch = Architecture::ResNet50Trunc;
+        let (n, rate) = embed_slide_rate(slide.as_ref(), &grid, &arch, 4, &Compute::cpu(), true).unwrap();
         assert_eq!(n, 9);
         assert!(rate.is_finite() && rate > 0.0);
-        let pre = wsimil_common::models::embedder::preprocessing_of("resnet50-trunc").unwrap();
+        let pre = arch.preprocessing().unwrap();
         assert_eq!(NoNetwork(pre.clone()).preprocessing().input_px, 224, "the embedder's input size is kept");
     }
 

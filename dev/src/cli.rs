@@ -1,0 +1,253 @@
+//! The `wsimil-dev` command line: the benchmarks' and fixture makers' commands, apart from the
+//! product CLI (`wsimil`), which only users' commands reach. The bench scripts call this binary;
+//! `check-device` is here too so that the GPU kit carries one binary (it is the product's command).
+
+use crate::bench;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use wsimil_common::ids::RunId;
+use wsimil_common::models::zoo::Architecture;
+use wsimil_common::plan::TilingSpec;
+use wsimil_coordinator::cli::{CheckDeviceArgs, ComputeArgs, StoreArgs};
+use wsimil_worker::device::BatchChoice;
+use wsimil_worker::slide::ReaderChoice;
+
+#[derive(Debug, Parser)]
+#[command(name = "wsimil-dev", version, about = "wsimil's benchmarks, fixtures and diagnostics (not for users)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read every tissue patch of a slide on one thread (bench/tiling.sh).
+    BenchRead(BenchReadArgs),
+    /// Write a large test slide from real tissue (bench/tiling.sh, embed-*.sh).
+    MakeSlide(MakeSlideArgs),
+    /// Seconds per TransMIL training step (bench/transmil-step.sh).
+    BenchTransmil(BenchTransmilArgs),
+    /// Embedding throughput, model alone or from a slide (bench/embed-*.sh).
+    BenchEmbed(BenchEmbedArgs),
+    /// A round's ICMIL teachers against the demo cohort's patch-level truth.
+    IcmilTeacherCheck(TeacherCheckArgs),
+    /// The product's `wsimil check-device` (here so that the GPU kit needs one binary).
+    CheckDevice(CheckDeviceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReadArgs {
+    #[arg(long)]
+    pub slide: PathBuf,
+    #[arg(long, value_enum, default_value_t = ReaderChoice::Auto)]
+    pub reader: ReaderChoice,
+    #[arg(long, default_value_t = 256)]
+    pub patch_px: u32,
+    #[arg(long, default_value_t = 0.5)]
+    pub target_mpp: f64,
+    /// Side the patches are resized to (the embedder's input).
+    #[arg(long, default_value_t = 224)]
+    pub input_px: u32,
+    /// Also time tissue detection alone.
+    #[arg(long)]
+    pub tissue_only: bool,
+    /// Read every patch this many times, each from a freshly opened slide (cold caches), and report
+    /// the fastest: small slides have few patches, so one pass is too short to time steadily.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTransmilArgs {
+    /// Instances in the bag.
+    #[arg(long)]
+    pub n: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub in_dim: usize,
+    #[arg(long, default_value_t = 256)]
+    pub landmarks: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TeacherCheckArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long)]
+    pub run: String,
+    #[arg(long, default_value_t = 0)]
+    pub round: u32,
+    /// The `wsimil demo-cohort` folder (truth.json, truth/).
+    #[arg(long)]
+    pub cohort: PathBuf,
+}
+
+/// `wsimil-dev icmil-teacher-check`.
+pub async fn icmil_teacher_check(args: TeacherCheckArgs) -> anyhow::Result<()> {
+    let store = args.store.open()?;
+    let plan: wsimil_common::plan::RunPlan =
+        store.get_json(&wsimil_common::layout::run_plan(&RunId::new(&args.run)?)).await?;
+    print!("{}", crate::teacher_check::teacher_check(&store, &plan, args.round, &args.cohort).await?);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEmbedArgs {
+    #[arg(long)]
+    pub embedder: Architecture,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Embed every tissue patch of this slide (256 px at 0.5 µm/px) instead of random images.
+    #[arg(long)]
+    pub slide: Option<PathBuf>,
+    /// With --slide: write the patches embedded (`x,y,level0_side` per line, level-0 pixels) here,
+    /// so a peer can embed the same ones.
+    #[arg(long, requires = "slide")]
+    pub coords_out: Option<PathBuf>,
+    /// With --slide: everything but the network (read, decode, resize, upload, normalise): the most
+    /// patches per second the CPU side can feed the device.
+    #[arg(long, requires = "slide")]
+    pub decode_only: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// `wsimil-dev bench-embed`: prints `embed ARCH IMAGES_PER_S batch B` (model alone),
+/// `embed-slide ARCH PATCHES PATCHES_PER_S` or, with --decode-only, `decode-slide ARCH PATCHES PATCHES_PER_S`.
+pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
+    let compute = args.compute.open()?;
+    let batch = match compute.batch {
+        BatchChoice::Plan => args.batch,
+        BatchChoice::Fixed(n) => n,
+        BatchChoice::Auto => {
+            let model = bench::random_embedder(&args.embedder, &compute)?;
+            let (lo, hi) = wsimil_worker::device::TUNED_BATCHES;
+            let (b, trials) =
+                wsimil_worker::device::tune_batch(model.as_ref(), &compute.device, compute.dtype, lo, hi)?;
+            eprintln!("batch size {b} (tried {trials:?})");
+            b
+        }
+    };
+    let args = BenchEmbedArgs { batch, ..args };
+    match &args.slide {
+        None => {
+            let rate = bench::embed_model_rate(&args.embedder, args.batch, args.iters, &compute)?;
+            println!("embed {} {rate:.2} batch {}", args.embedder, args.batch);
+        }
+        Some(path) => {
+            let slide = wsimil_worker::slide::open(path)?;
+            let grid = wsimil_worker::tiling::tile_slide(slide.as_ref(), "bench", &bench_tiling(256, 0.5), None)?.grid;
+            if let Some(out) = &args.coords_out {
+                let side = grid.provenance.patch_level0;
+                let lines: String = grid.patches.iter().map(|p| format!("{},{},{side}\n", p.x, p.y)).collect();
+                std::fs::write(out, lines).with_context(|| format!("{}", out.display()))?;
+            }
+            let (n, rate) =
+                bench::embed_slide_rate(slide.as_ref(), &grid, &args.embedder, args.batch, &compute, args.decode_only)?;
+            let what = if args.decode_only { "decode-slide" } else { "embed-slide" };
+            println!("{what} {} {n} {rate:.2}", args.embedder);
+        }
+    }
+    Ok(())
+}
+
+/// `wsimil-dev bench-transmil`: prints `transmil N seconds-per-step`.
+pub fn bench_transmil(args: BenchTransmilArgs) -> anyhow::Result<()> {
+    let device = args.compute.open()?.device;
+    let s = bench::transmil_step_secs(args.n, args.in_dim, args.landmarks, args.steps, &device)?;
+    println!("transmil {} {s:.4}", args.n);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct MakeSlideArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub width: u32,
+    #[arg(long)]
+    pub height: u32,
+    #[arg(long, default_value_t = 0.25)]
+    pub mpp: f64,
+    /// Only the lowest level holds real pixels; the rest repeat one tile (huge geometries).
+    #[arg(long)]
+    pub repeated: bool,
+    /// Write BigTIFF (8-byte offsets) instead of classic TIFF.
+    #[arg(long)]
+    pub bigtiff: bool,
+}
+
+/// The benchmarks' tiling: `patch_px` at `target_mpp`, no overlap, CLAM's biopsy preset with Otsu.
+pub fn bench_tiling(patch_px: u32, target_mpp: f64) -> TilingSpec {
+    let tissue = wsimil_common::grid::TissueParams { threshold: None, ..wsimil_common::grid::TissueParams::biopsy() };
+    TilingSpec { patch_px, target_mpp, step_fraction: 1.0, min_tissue_fraction: 0.25, tissue }
+}
+
+/// `wsimil-dev bench-read`: prints `reader patches seconds rate` (or the tissue detection time).
+pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
+    use wsimil_worker::slide::open_with;
+    let choice = args.reader;
+    let t = std::time::Instant::now();
+    let slide = open_with(&args.slide, choice)?;
+    let tiled = wsimil_worker::tiling::tile_slide(
+        slide.as_ref(),
+        "bench",
+        &bench_tiling(args.patch_px, args.target_mpp),
+        None,
+    )?;
+    let detect = t.elapsed().as_secs_f64();
+    if args.tissue_only {
+        let (w, h) = slide.level_dimensions(0);
+        println!(
+            "{} {w}x{h} tissue+grid {:.3} s ({} patches, overview {}x{})",
+            slide.reader_name(),
+            detect,
+            tiled.grid.patches.len(),
+            tiled.mask.width(),
+            tiled.mask.height()
+        );
+        return Ok(());
+    }
+    // Fresh handles, so neither reader starts with a warm cache.
+    let mut best: Option<(usize, f64)> = None;
+    for _ in 0..args.repeat.max(1) {
+        let slide = open_with(&args.slide, choice)?;
+        let (n, secs) = bench::read_all(slide.as_ref(), &tiled.grid, args.input_px)?;
+        if best.is_none_or(|(_, b)| secs < b) {
+            best = Some((n, secs));
+        }
+    }
+    let (n, secs) = best.expect("at least one pass");
+    let reader = clap::ValueEnum::to_possible_value(&args.reader).expect("named").get_name().to_string();
+    println!("{reader} {n} {secs:.3} {:.1}", n as f64 / secs);
+    Ok(())
+}
+
+/// `wsimil-dev make-slide`.
+pub fn make_slide(args: MakeSlideArgs) -> anyhow::Result<()> {
+    use wsimil_worker::tiff::{write_levels, LevelData, TiffOptions};
+    let cmu = wsimil_worker::slide::open(&wsimil_common::data_dir().join("cmu_small_region.svs"))?;
+    let source = wsimil_worker::synth::read_level0(cmu.as_ref())?;
+    let opt = TiffOptions {
+        mpp: args.mpp,
+        magnification: 10.0 / args.mpp,
+        min_level_side: 1024,
+        bigtiff: args.bigtiff,
+        ..TiffOptions::default()
+    };
+    let levels = if args.repeated {
+        bench::huge_levels(&source, args.width, args.height, 2048)
+    } else {
+        let img = wsimil_worker::synth::mosaic(&source, args.width, args.height);
+        wsimil_worker::tiff::pyramid(&img, opt.min_level_side).into_iter().map(LevelData::Image).collect()
+    };
+    std::fs::write(&args.out, write_levels(&levels, "bench", &opt)?)
+        .with_context(|| format!("{}", args.out.display()))?;
+    Ok(())
+}
