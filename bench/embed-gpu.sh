@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# ResNet50-trunc embedding at 224 px on a GPU, in one run: wsimil's CUDA build (bf16, batch size
-# tuned on the device) against PyTorch (bf16, channels-last, cudnn.benchmark; bench/py/embed.py),
+# Patch embedding at 224 px on a GPU, in one run, for ResNet50-trunc and for ViT-L/16 (UNI's
+# architecture, the pathology foundation models' size class): wsimil's CUDA build (bf16, batch size
+# tuned on the device) against PyTorch on the same GPU (bf16; channels-last and cudnn.benchmark for
+# the CNN, bench/py/embed.py; timm's ViT with scaled_dot_product_attention, bench/py/embed_vit.py),
 # model alone; wsimil end to end from a slide (read, decode, resize on CPU threads, normalise and
-# embed on the GPU) as a fraction of its model-alone rate; both as a fraction of the GPU's dense
-# bf16 peak. Then the TransMIL training step on the GPU (N = 4,000 and 16,000) against the official
-# code when TRANSMIL_REPO and nystrom-attention are there.
+# embed on the GPU) as a fraction of its model-alone rate, beside the decode ceiling; both as a
+# fraction of the GPU's dense bf16 peak; the ViT against the 4,200 patches/s a GPU needs for 1,000
+# TCGA slides in an hour (docs/gpu.md). Then the TransMIL training step on the GPU (N = 4,000 and
+# 16,000) against the official code when TRANSMIL_REPO and nystrom-attention are there.
 #
 # Here (no GPU): builds the CUDA binary (scripts/build-cuda.sh) and says so. On the GPU machine,
 # which cannot reach a registry, carry the kit of scripts/dev/gpu-kit.sh (the binary, the tissue,
@@ -90,6 +93,16 @@ if [[ -n $PY ]]; then
 else
   echo "embed-gpu: PyTorch not found: peer skipped" >&2
 fi
+# ViT-L/16 (UNI's architecture, random weights), bf16.
+VIT=vit:vit_large_patch16_224
+read -r vw vbatch < <("$WSIMIL" bench-embed --embedder $VIT --device cuda --embed-batch auto --iters 5 | awk '{print $3, $5}')
+read -r vn ve2e < <("$WSIMIL" bench-embed --embedder $VIT --device cuda --embed-batch "$vbatch" --slide "$SLIDE" | awk '{print $3, $4}')
+echo "embed-gpu: $gpu; ViT-L/16 wsimil model alone $vw img/s (batch $vbatch), end to end $ve2e patches/s ($vn patches)" >&2
+vp=0; vgf=0
+if [[ -n $PY ]]; then
+  read -r vp vgf < <("$PY" bench/py/embed_vit.py model --name vit_large_patch16_224 --device cuda --dtype bf16 --batch "$vbatch" --iters 5 | awk '{print $3, $4}')
+  echo "embed-gpu: ViT-L/16 pytorch $ver (SDPA) model alone $vp img/s (batch $vbatch)" >&2
+fi
 tm=""
 if [[ -n $PY && -n ${TRANSMIL_REPO:-} ]] && "$PY" -c 'import nystrom_attention' 2>/dev/null; then
   for nn in 4000 16000; do
@@ -104,16 +117,23 @@ else
   done
   echo "embed-gpu: official TransMIL (TRANSMIL_REPO + nystrom-attention) not found: TransMIL peer skipped" >&2
 fi
-python3 - "$gpu" "$peak" "$w" "$p" "$e2e" "$macs" "$batch" "$ver" "$tm" "$dec" "$(nproc)" "$checks" <<'PY'
+python3 - "$gpu" "$peak" "$w" "$p" "$e2e" "$macs" "$batch" "$ver" "$tm" "$dec" "$(nproc)" "$checks" \
+  "$vw" "$vp" "$ve2e" "$vbatch" <<'PY'
 import sys
-gpu, peak, w, p, e2e, macs, batch, ver, tm, dec, cpus, checks = sys.argv[1:]
+gpu, peak, w, p, e2e, macs, batch, ver, tm, dec, cpus, checks, vw, vp, ve2e, vbatch = sys.argv[1:]
 peak, w, p, e2e, macs, dec = float(peak), float(w), float(p), float(e2e), float(macs), float(dec)
-frac = lambda r: f"{100 * r * 2 * macs / (peak * 1e12):.1f}% of bf16 peak" if peak and macs else "peak unknown"
-detail = (f"{gpu}, resnet50-trunc bf16 224 px, batch {batch}: model alone {w:.0f} vs {p:.0f} img/s ({frac(w)} vs {frac(p)}); "
-          f"end to end from a slide {e2e:.0f} patches/s = {100 * e2e / w:.0f}% of model alone "
-          f"(decode ceiling on {cpus} CPUs {dec:.0f} patches/s){tm}; {checks}")
-if p:
-    print(f"embed-gpu: wsimil vs pytorch {ver} = {w / p:.1f}x ({detail})")
+vw, vp, ve2e = float(vw), float(vp), float(ve2e)
+VIT_GFLOP = 123.11  # ViT-L/16 at 224 px (bench/py/embed_vit.py's count)
+frac = lambda r, flop: f"{100 * r * flop / (peak * 1e12):.1f}% of bf16 peak" if peak and flop else "peak unknown"
+detail = (f"{gpu}, bf16 224 px; resnet50-trunc, batch {batch}: model alone {w:.0f} vs {p:.0f} img/s "
+          f"({frac(w, 2 * macs)} vs {frac(p, 2 * macs)}), end to end from a slide {e2e:.0f} patches/s = "
+          f"{100 * e2e / w:.0f}% of model alone; ViT-L/16 (UNI), batch {vbatch}: model alone {vw:.0f} vs {vp:.0f} img/s "
+          f"({frac(vw, VIT_GFLOP * 1e9)} vs {frac(vp, VIT_GFLOP * 1e9)}), end to end {ve2e:.0f} patches/s "
+          f"({100 * ve2e / 4200:.0f}% of the 4,200 patches/s for 1,000 TCGA slides in an hour); "
+          f"decode ceiling on {cpus} CPUs {dec:.0f} patches/s{tm}; {checks}")
+if p and vp:
+    geo = ((w / p) * (vw / vp)) ** 0.5
+    print(f"embed-gpu: wsimil vs pytorch {ver} = {geo:.1f}x (geometric mean of the two models alone; {detail})")
 else:
     print(f"embed-gpu: wsimil {detail} (no PyTorch peer: no ratio)")
 PY

@@ -43,24 +43,25 @@ class Patches(torch.utils.data.Dataset):
         return (t.float() / 255 - self.MEAN) / self.STD
 
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--arch", required=True, choices=["resnet50-trunc", "efficientnet-lite0"])
-ap.add_argument("--slide", required=True)
-ap.add_argument("--coords", required=True)
-ap.add_argument("--batch", type=int, default=16)
-ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-args = ap.parse_args()
-coords = [tuple(int(v) for v in line.split(",")) for line in open(args.coords) if line.strip()]
-nets = networks()
-torch.manual_seed(0)
-model = (nets.resnet50_trunc if args.arch == "resnet50-trunc" else nets.efficientnet_lite0)().eval()
-loader = torch.utils.data.DataLoader(Patches(args.slide, coords), batch_size=args.batch, num_workers=args.workers)
-with torch.no_grad():
-    model(torch.zeros(1, 3, 224, 224))
-    t = time.perf_counter()
-    n = 0
-    for batch in loader:
-        feats = model(batch)
-        n += feats.shape[0]
-    secs = time.perf_counter() - t
-print(f"embed-slide {args.arch} {n} {n / secs:.2f}")
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", required=True, choices=["resnet50-trunc", "efficientnet-lite0"])
+    ap.add_argument("--slide", required=True)
+    ap.add_argument("--coords", required=True)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    args = ap.parse_args()
+    coords = [tuple(int(v) for v in line.split(",")) for line in open(args.coords) if line.strip()]
+    nets = networks()
+    torch.manual_seed(0)
+    model = (nets.resnet50_trunc if args.arch == "resnet50-trunc" else nets.efficientnet_lite0)().eval()
+    loader = torch.utils.data.DataLoader(Patches(args.slide, coords), batch_size=args.batch, num_workers=args.workers)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+        t = time.perf_counter()
+        n = 0
+        for batch in loader:
+            feats = model(batch)
+            n += feats.shape[0]
+        secs = time.perf_counter() - t
+    print(f"embed-slide {args.arch} {n} {n / secs:.2f}")

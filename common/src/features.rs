@@ -44,6 +44,13 @@ pub struct EmbeddingProvenance {
     /// different precisions differ in their last bits.
     #[serde(default)]
     pub compute: Option<String>,
+    /// SHA-256 of the embedder's weights file as its publisher ships it (`random-<seed>` for
+    /// random weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
+    /// What each feature is (`class token`, `class token + mean patch token`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// The bag of one slide: `n` patches with their `dim`-wide features, row-major.
@@ -138,6 +145,8 @@ mod tests {
                 patches_skipped: 1,
                 imported_from: None,
                 compute: None,
+                weights_sha256: None,
+                output: None,
             },
         }
     }

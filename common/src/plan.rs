@@ -62,7 +62,7 @@ pub enum CorruptTiles {
 impl EmbedderSpec {
     pub fn id(&self) -> EmbedderId {
         let short = &self.weights[..self.weights.len().min(12)];
-        EmbedderId::new(format!("{}-{}", self.architecture, short)).expect("embedder ids are safe")
+        EmbedderId::new(format!("{}-{}", self.architecture.id_stem(), short)).expect("embedder ids are safe")
     }
 }
 

@@ -263,12 +263,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub train_seed: Option<u64>,
 
-    /// Patch side in pixels at the target resolution.
-    #[arg(long, default_value_t = 256)]
-    pub patch_px: u32,
-    /// Target resolution in µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x).
-    #[arg(long, default_value_t = 0.5)]
-    pub target_mpp: f64,
+    /// Patch side in pixels at the target resolution [default: 256, or the embedder's (the ViT
+    /// presets': docs/encoders.md)].
+    #[arg(long)]
+    pub patch_px: Option<u32>,
+    /// Target resolution in µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x) [default: 0.5, or the embedder's].
+    #[arg(long)]
+    pub target_mpp: Option<f64>,
     /// Tissue detection preset (CLAM's).
     #[arg(long, value_enum, default_value_t = TissuePreset::Tcga)]
     pub tissue_preset: TissuePreset,
@@ -279,10 +280,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0.25)]
     pub min_tissue: f32,
 
-    /// Patch embedder: efficientnet-lite0 (the CPU default) or resnet50-trunc.
+    /// Patch embedder: efficientnet-lite0 (the CPU default), resnet50-trunc, a pathology foundation
+    /// model (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, gigapath-tile, phikon-v2,
+    /// conch-vision), or vit:<timm-name> (docs/encoders.md).
     #[arg(long, default_value = "efficientnet-lite0")]
     pub embedder: Architecture,
-    /// Embedder weights (safetensors). Default for efficientnet-lite0: the fetched ImageNet weights.
+    /// Embedder weights as the publisher ships them: safetensors, or PyTorch's zip `.bin`/`.pth`
+    /// state dict. Default for efficientnet-lite0: the fetched ImageNet weights.
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Use seeded random embedder weights instead (smoke tests).
@@ -397,7 +401,8 @@ impl RunArgs {
     /// Check the flags and turn them into run settings.
     pub fn settings(&self) -> anyhow::Result<RunSettings> {
         let tissue = TissueParams { threshold: self.tissue_threshold.0, ..TissueParams::preset(self.tissue_preset) };
-        let (patch_px, target_mpp) = (self.patch_px, self.target_mpp);
+        let (hint_px, hint_mpp) = self.embedder.tiling_hint().unwrap_or((256, 0.5));
+        let (patch_px, target_mpp) = (self.patch_px.unwrap_or(hint_px), self.target_mpp.unwrap_or(hint_mpp));
         if patch_px == 0 || target_mpp <= 0.0 {
             bail!("--patch-px and --target-mpp must be positive");
         }
@@ -414,9 +419,17 @@ impl RunArgs {
                 }
                 Weights::File(p)
             }
-            (None, None) => {
-                bail!("--embedder {} needs --weights FILE.safetensors (or --random-weights SEED)", self.embedder)
-            }
+            (None, None) => match &self.embedder {
+                Architecture::Vit(p) => bail!(
+                    "--embedder {} needs --weights FILE, the file its publisher ships: {} (or --random-weights SEED)",
+                    self.embedder,
+                    p.spec().weights
+                ),
+                _ => bail!(
+                    "--embedder {} needs --weights FILE (safetensors, or PyTorch's .bin/.pth; or --random-weights SEED)",
+                    self.embedder
+                ),
+            },
         };
         Ok(RunSettings {
             manifest: self.manifest.clone(),
@@ -771,6 +784,18 @@ mod tests {
             let err = run_args(bad).settings().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_foundation_model_tiles_at_its_own_patch_size_unless_told_otherwise() {
+        let tiling = |extra: &[&str]| {
+            let t = run_args(extra).settings().unwrap().tiling;
+            (t.patch_px, t.target_mpp)
+        };
+        assert_eq!(tiling(&[]), (256, 0.5), "the CNNs: CLAM's 256 px at 20x");
+        assert_eq!(tiling(&["--embedder", "virchow2"]), (224, 0.5));
+        assert_eq!(tiling(&["--embedder", "conch-vision"]), (512, 0.5));
+        assert_eq!(tiling(&["--embedder", "conch-vision", "--patch-px", "448", "--target-mpp", "0.25"]), (448, 0.25));
     }
 
     #[test]

@@ -187,6 +187,8 @@ async fn put_bag(store: &Store, name: &EmbedderId, slide: &SlideId, bag: Importe
             patches_skipped: 0,
             imported_from: Some(source.to_string()),
             compute: None,
+            weights_sha256: None,
+            output: None,
         },
     };
     let tiling = TilingId::new(IMPORTED_TILING).expect("safe");

@@ -22,6 +22,16 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+/// Logging to stderr, filtered by `WSIMIL_LOG` (default `warn`), in colour on a terminal.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WSIMIL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 /// What `main` does before anything else, while the process has one thread: the allocator policy
 /// and OpenBLAS's environment (read when it loads; see `wsimil_common::models::blas`).
 pub fn prepare_process() {

@@ -1,16 +1,11 @@
 //! `wsimil`: parse flags, set up logging, hand over to the library.
 
 use clap::Parser;
-use std::io::IsTerminal;
 use wsimil_coordinator::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     wsimil_coordinator::prepare_process();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WSIMIL_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    wsimil_coordinator::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => tokio_main(cli::run(*args)),

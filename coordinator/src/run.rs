@@ -18,6 +18,7 @@ use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_common::layout;
 use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
+use wsimil_common::models::weights::WeightsFile;
 use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig};
 use wsimil_common::records::{EmbedderCard, FoldReport, WSIMIL_VERSION};
@@ -70,26 +71,30 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
     match &choice.weights {
         Weights::Random(seed) => Ok(spec(format!("random-{seed}"))),
         Weights::File(path) => {
-            let bytes = tokio::fs::read(path)
-                .await
-                .with_context(|| format!("{}: cannot read embedder weights", path.display()))?;
-            let sha = wsimil_common::ids::sha256_hex(&bytes);
+            let (p, arch) = (path.clone(), choice.architecture.clone());
+            let sha = tokio::task::spawn_blocking(move || file_sha256(&p)).await??;
             let spec = spec(sha.clone());
             let id = spec.id();
             let key = layout::embedder_weights(&id);
             if !store.exists(&key).await? {
-                // Check the file builds the architecture before anyone relies on it.
-                let tensors = wsimil_common::models::params::load_safetensors(&bytes, &candle_core::Device::Cpu)
-                    .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-                let vb = candle_nn::VarBuilder::from_tensors(
-                    tensors.into_iter().collect(),
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                );
-                let model = choice
-                    .architecture
-                    .build(vb)
-                    .with_context(|| format!("{}: weights do not fit {}", path.display(), choice.architecture))?;
+                // Check the file against the architecture and build it before anyone relies on it;
+                // the store keeps the tensors the architecture uses, as safetensors, under the
+                // publisher's names.
+                let p = path.clone();
+                let (bytes, feature_dim, output) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let file = WeightsFile::open(&p)?;
+                    let tensors = arch.read_weights(&file)?;
+                    let vb = candle_nn::VarBuilder::from_tensors(
+                        tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                    );
+                    let model =
+                        arch.build(vb).with_context(|| format!("{}: weights do not fit {arch}", p.display()))?;
+                    let bytes = wsimil_common::models::params::safetensors_bytes(&tensors)?;
+                    Ok((bytes, model.feature_dim(), model.output()))
+                })
+                .await??;
                 store.put(&key, bytes).await?;
                 let card = EmbedderCard {
                     id: id.clone(),
@@ -98,8 +103,8 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
                     source: Some(path.display().to_string()),
                     parent: None,
                     lineage: None,
-                    output: None,
-                    feature_dim: Some(model.feature_dim()),
+                    output: Some(output),
+                    feature_dim: Some(feature_dim),
                     wsimil_version: Some(WSIMIL_VERSION.into()),
                 };
                 store.put_json(&layout::embedder_card(&id), &card).await?;
@@ -107,6 +112,24 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
             Ok(spec)
         }
     }
+}
+
+/// SHA-256 of a file, read in blocks (weights files run to gigabytes).
+fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot read embedder weights", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("{}: cannot read embedder weights", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Every slide of the manifest must have imported features; list those that do not.

@@ -44,7 +44,8 @@ fn unknown_choices_are_named_before_any_work() {
     for (flag, value, needles) in [
         ("--model", "gru", &["invalid value 'gru' for '--model", "transmil, abmil"][..]),
         ("--optimizer", "sgdx", &["invalid value 'sgdx' for '--optimizer", "lookahead-radam, radam, adamw"]),
-        ("--embedder", "resnet51", &["unknown embedder \"resnet51\"", "efficientnet-lite0, resnet50-trunc"]),
+        ("--embedder", "resnet51", &["unknown embedder \"resnet51\"", "uni2-h", "vit:<timm-name>"]),
+        ("--embedder", "vit:vit_medium_patch16_224", &["unknown size \"medium\""]),
         ("--until", "finetune", &["invalid value 'finetune' for '--until", "tile, embed, train, predict"]),
         ("--tissue-preset", "lung", &["invalid value 'lung' for '--tissue-preset", "tcga, biopsy"]),
         ("--tissue-threshold", "high", &["\"high\": otsu or 0-255"]),
@@ -94,4 +95,34 @@ fn the_product_cli_has_no_benchmark_commands() {
         let out = wsimil().args([cmd, "--help"]).output().unwrap();
         assert!(!out.status.success(), "{cmd} is a wsimil-dev command, not a product one");
     }
+}
+
+#[test]
+fn a_foundation_model_preset_says_where_its_weights_are_and_refuses_a_file_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.svs"), b"x").unwrap();
+    let m = dir.path().join("m.csv");
+    std::fs::write(&m, "slide_id,path,label\na,a.svs,tumor\nb,a.svs,normal\n").unwrap();
+    let store = dir.path().join("store");
+    let run = |extra: &[&str]| {
+        let out = wsimil()
+            .args(["run", "--manifest", m.to_str().unwrap(), "--store", store.to_str().unwrap(), "--embedder", "uni"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&[]);
+    assert!(
+        err.contains("--embedder uni needs --weights FILE") && err.contains("huggingface.co/MahmoodLab/UNI"),
+        "{err}"
+    );
+    // UNI's architecture at width 32 (the parity fixture) is not UNI: refused before any work,
+    // the file and the tensors that differ named.
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../common/tests/fixtures/vit/uni.pytorch_model.bin");
+    let err = run(&["--weights", fixture]);
+    assert!(err.contains("uni.pytorch_model.bin: does not fit uni:") && err.contains("misshaped ("), "{err}");
+    assert!(err.contains("cls_token: [1, 1, 32] in the file, [1, 1, 1024] needed"), "{err}");
+    assert!(!store.join("runs").exists(), "nothing planned");
 }

@@ -45,10 +45,17 @@ pub fn huge_levels(source: &RgbImage, width: u32, height: u32, lowest_side: u32)
 
 /// Read, decode and resize every patch of `grid` on the calling thread; (patches, seconds).
 pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Result<(usize, f64), SlideError> {
+    let pre = wsimil_common::features::Preprocessing {
+        input_px,
+        resize: String::new(),
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        resize_px: None,
+    };
     let t = Instant::now();
     let mut n = 0;
     for p in &grid.patches {
-        let img = read_patch(slide, grid, p, input_px)?;
+        let img = read_patch(slide, grid, p, &pre)?;
         std::hint::black_box(&img);
         n += 1;
     }

@@ -30,6 +30,9 @@ pub enum Command {
     BenchTransmil(BenchTransmilArgs),
     /// Embedding throughput, model alone or from a slide (bench/embed-*.sh).
     BenchEmbed(BenchEmbedArgs),
+    /// Features of given inputs from a weights file, through the loader users hit (bench/embed-vit.sh's
+    /// full-size check against the publisher's library).
+    Features(FeaturesArgs),
     /// A round's ICMIL teachers against the demo cohort's patch-level truth.
     IcmilTeacherCheck(TeacherCheckArgs),
     /// The product's `wsimil check-device` (here so that the GPU kit needs one binary).
@@ -154,6 +157,47 @@ pub fn bench_embed(args: BenchEmbedArgs) -> anyhow::Result<()> {
             println!("{what} {} {n} {rate:.2}", args.embedder);
         }
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct FeaturesArgs {
+    #[arg(long)]
+    pub embedder: Architecture,
+    /// The weights file as its publisher ships it.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Inputs: raw little-endian f32, [N, 3, S, S] (already normalised).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where the features go: raw little-endian f32, [N, F].
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// `wsimil-dev features`: prints `features N F SECONDS`.
+pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
+    use wsimil_common::models::weights::WeightsFile;
+    let compute = args.compute.open()?;
+    let file = WeightsFile::open(&args.weights)?;
+    let tensors = args.embedder.read_weights(&file)?;
+    let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), compute.dtype, &compute.device);
+    let model = args.embedder.build(vb)?;
+    let side = model.preprocessing().input_px as usize;
+    let raw = std::fs::read(&args.input).with_context(|| format!("{}", args.input.display()))?;
+    let v: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let n = v.len() / (3 * side * side);
+    let x = candle_core::Tensor::from_vec(v, (n, 3, side, side), &candle_core::Device::Cpu)?
+        .to_device(&compute.device)?
+        .to_dtype(compute.dtype)?;
+    let t = std::time::Instant::now();
+    let y = model.forward(&x)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let secs = t.elapsed().as_secs_f64();
+    let bytes: Vec<u8> = y.iter().flat_map(|f| f.to_le_bytes()).collect();
+    std::fs::write(&args.out, bytes).with_context(|| format!("{}", args.out.display()))?;
+    println!("features {n} {} {secs:.3}", model.feature_dim());
     Ok(())
 }
 

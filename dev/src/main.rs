@@ -1,21 +1,17 @@
 //! `wsimil-dev`: parse flags, set up logging, hand over to the library.
 
 use clap::Parser;
-use std::io::IsTerminal;
 use wsimil_dev::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     wsimil_coordinator::prepare_process();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WSIMIL_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    wsimil_coordinator::init_logging();
     let result = match Cli::parse().command {
         Command::BenchRead(args) => cli::bench_read(args),
         Command::MakeSlide(args) => cli::make_slide(args),
         Command::BenchTransmil(args) => cli::bench_transmil(args),
         Command::BenchEmbed(args) => cli::bench_embed(args),
+        Command::Features(args) => cli::features(args),
         Command::IcmilTeacherCheck(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

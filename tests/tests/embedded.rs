@@ -365,3 +365,34 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         assert_eq!(st.planned, expected, "round {} {} planned again", st.round, st.kind);
     }
 }
+
+/// A Vision Transformer embeds a cohort like the CNNs do (timm's ViT-Ti/16 by its timm name, random
+/// weights: the pretrained presets' loaders are held to their publishers' code in
+/// common/tests/vit_parity.rs); its features say what they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vision_transformer_embeds_the_cohort_and_its_features_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = wsimil_worker::slide::open(&data("cmu_small_region.svs")).unwrap();
+    let source = read_level0(src.as_ref()).unwrap();
+    let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
+    let opt = SynthOptions { slides: 4, width: 1024, height: 1024, radius: (120.0, 180.0), ..SynthOptions::default() };
+    build_cohort(&source, &tumour, &dir.path().join("cohort"), &opt).unwrap();
+    let store = Store::open(dir.path().join("store").to_str().unwrap(), &S3Options::default()).unwrap();
+    let mut st = settings(dir.path().join("cohort/manifest.csv"));
+    st.embedder.architecture = "vit:vit_tiny_patch16_224".parse().unwrap();
+    st.embedder.weights = Weights::Random(7);
+    st.train.model = wsimil_common::models::BagModelKind::Abmil;
+    let s = run_once(&store, &st).await;
+    assert_eq!(stage(&s, JobKind::Embed).outcome.computed, 4);
+    let emb = s.plan.embedder.id();
+    assert_eq!(emb.as_str(), "vit-vit_tiny_patch16_224-random-7");
+    let f = store.get(&layout::features(&emb, &s.plan.tiling.id(), &SlideId::new("demo-000").unwrap())).await.unwrap();
+    let bag = FeatureBag::from_parquet("f", f).unwrap();
+    assert_eq!(bag.dim, 192);
+    let p = &bag.provenance;
+    assert_eq!((p.architecture.as_str(), p.output.as_deref()), ("vit:vit_tiny_patch16_224", Some("class token")));
+    assert_eq!(p.weights_sha256.as_deref(), Some("random-7"));
+    assert_eq!(p.preprocessing.as_ref().unwrap().input_px, 224);
+    assert!(bag.features.iter().all(|v| v.is_finite()) && bag.features.iter().any(|v| *v != 0.0));
+    assert_eq!(s.metrics().unwrap().predicted, 4);
+}

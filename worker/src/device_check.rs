@@ -179,7 +179,14 @@ pub fn check_device(compute: &Compute) -> Result<Report> {
     // weights (random ones shrink the signal to ~1e-8 by the last stage, under half precision's
     // range), when the data folder has them.
     let x = random(&[2, 3, 224, 224], 50)?;
-    let mut nets = vec![(Architecture::ResNet50Trunc, None)];
+    // Two Vision Transformers with seeded random weights: ViT-S/16 (GELU, class token) and the
+    // DINOv2-with-registers layout the big pathology models share (SwiGLU-free at this size, but
+    // registers, LayerScale and a resampled position grid).
+    let mut nets = vec![
+        (Architecture::ResNet50Trunc, None),
+        (Architecture::Timm("vit_small_patch16_224".into()), None),
+        (Architecture::Timm("vit_small_patch14_reg4_dinov2".into()), None),
+    ];
     let lite0 = wsimil_common::data_dir().join("efficientnet-lite0.safetensors");
     match std::fs::read(&lite0) {
         Ok(bytes) => nets.push((Architecture::EfficientNetLite0, Some(load_safetensors(&bytes, &Device::Cpu)?))),
@@ -208,7 +215,7 @@ mod tests {
         let report = check_device(&Compute::cpu()).unwrap();
         assert!(report.skipped.is_empty(), "the tests have the data folder: {:?}", report.skipped);
         let checks = report.checks;
-        assert_eq!(checks.len(), 12, "{checks:?}");
+        assert_eq!(checks.len(), 14, "{checks:?}");
         for c in &checks {
             assert!(c.passed(), "{c}");
         }

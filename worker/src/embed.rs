@@ -28,15 +28,33 @@ pub enum EmbedError {
 }
 
 /// Read one patch as the embedder wants it: from the pyramid level closest above the target
-/// resolution, resized to `input_px`.
-pub fn read_patch(slide: &dyn SlideReader, grid: &PatchGrid, p: &Patch, input_px: u32) -> Result<RgbImage, SlideError> {
+/// resolution, resized to the input (or, when the preprocessing says, resized to `resize_px` and
+/// its centre cropped to the input, as a publisher's `Resize` + `CenterCrop` does).
+pub fn read_patch(
+    slide: &dyn SlideReader,
+    grid: &PatchGrid,
+    p: &Patch,
+    pre: &Preprocessing,
+) -> Result<RgbImage, SlideError> {
     let prov = &grid.provenance;
     let want_ds = prov.patch_level0 as f64 / prov.patch_px as f64;
     let level = slide.best_level_for_downsample(want_ds);
     let ds = slide.level_downsample(level);
     let side = ((prov.patch_level0 as f64 / ds).round() as u32).max(1);
     let img = slide.read_region(p.x, p.y, level, side, side)?;
-    Ok(if side == input_px { img } else { resize_rgb(&img, input_px, input_px) })
+    Ok(fit(img, pre))
+}
+
+/// A patch brought to the network's input as `pre` says.
+pub fn fit(img: RgbImage, pre: &Preprocessing) -> RgbImage {
+    let input = pre.input_px;
+    let resized = pre.resize_px.unwrap_or(input).max(input);
+    let img = if img.dimensions() == (resized, resized) { img } else { resize_rgb(&img, resized, resized) };
+    if resized == input {
+        return img;
+    }
+    let off = (resized - input) / 2;
+    image::imageops::crop_imm(&img, off, off, input, input).to_image()
 }
 
 /// A batch of patches as the embedder's input: `pixels` are `n` RGB images of `side × side`, row
@@ -136,12 +154,12 @@ fn decode_batch(
     slide: &dyn SlideReader,
     grid: &PatchGrid,
     chunk: &[usize],
-    input_px: u32,
+    pre: &Preprocessing,
     corrupt: CorruptTiles,
 ) -> Result<Decoded, SlideError> {
     let read: Vec<Result<RgbImage, SlideError>> =
-        chunk.par_iter().map(|&i| read_patch(slide, grid, &grid.patches[i], input_px)).collect();
-    let px = (input_px * input_px * 3) as usize;
+        chunk.par_iter().map(|&i| read_patch(slide, grid, &grid.patches[i], pre)).collect();
+    let px = (pre.input_px * pre.input_px * 3) as usize;
     let mut d = Decoded { kept: Vec::new(), skipped: Vec::new(), pixels: Vec::with_capacity(chunk.len() * px) };
     for (&i, r) in chunk.iter().zip(read) {
         match r {
@@ -179,9 +197,10 @@ pub fn embed_patches(
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH_BATCHES);
         let indices = &indices;
+        let pre_ref = &pre;
         scope.spawn(move || {
             for chunk in indices.chunks(opts.batch_size.max(1)) {
-                let d = decode_batch(slide, grid, chunk, pre.input_px, opts.corrupt);
+                let d = decode_batch(slide, grid, chunk, pre_ref, opts.corrupt);
                 let failed = d.is_err();
                 // A closed channel: the network side failed and stopped listening.
                 if tx.send(d).is_err() || failed {
@@ -284,7 +303,7 @@ mod tests {
             .patches
             .iter()
             .flat_map(|p| {
-                let px = read_patch(slide.as_ref(), &grid, p, 16).unwrap();
+                let px = read_patch(slide.as_ref(), &grid, p, &net.0).unwrap();
                 (0..3).map(move |c| px.pixels().map(|v| v[c] as f32 / 255.0).sum::<f32>() / 256.0)
             })
             .collect();
@@ -296,6 +315,22 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "batch {batch}, patch {}, channel {}: {a} vs {b}", i / 3, i % 3);
             }
         }
+    }
+
+    #[test]
+    fn a_resize_then_centre_crop_takes_the_middle_of_the_resized_patch() {
+        // GigaPath's Resize(256) + CenterCrop(224) on a 256 px patch: the central 224 px, unscaled.
+        let img = RgbImage::from_fn(256, 256, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let pre =
+            Preprocessing { input_px: 224, resize: "x".into(), mean: [0.0; 3], std: [1.0; 3], resize_px: Some(256) };
+        let out = fit(img.clone(), &pre);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert_eq!(out.get_pixel(0, 0).0, [16, 16, 7]);
+        assert_eq!(out.get_pixel(223, 223).0, [239, 239, 7]);
+        // Without the crop the whole patch is resized.
+        let whole = fit(img, &Preprocessing { resize_px: None, ..pre });
+        assert_eq!(whole.dimensions(), (224, 224));
+        assert!(whole.get_pixel(0, 0).0[0] < 2, "the corner stays the corner");
     }
 
     #[test]

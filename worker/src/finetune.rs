@@ -286,6 +286,52 @@ mod tests {
         }
     }
 
+    /// ICMIL's student can be a Vision Transformer: its last blocks train, the rest stay the
+    /// teacher's, and the result is an ordinary checkpoint of the same architecture.
+    #[test]
+    fn a_vit_embedder_fine_tunes_its_last_block_only() {
+        let d = Device::Cpu;
+        let arch: Architecture = "vit:vit_tiny_patch16_224".parse().unwrap();
+        let tp = Params::new(21);
+        arch.build(tp.var_builder(&d)).unwrap();
+        let teacher = tp.snapshot().unwrap();
+        let hcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 192, 2);
+        let hp = Params::new(22);
+        BagModel::new(&hcfg, hp.var_builder(&d)).unwrap();
+        let heads = hp.snapshot().unwrap();
+        let mut data = TeacherData::default();
+        for i in 0..6 {
+            let img = RgbImage::from_fn(224, 224, |x, y| {
+                let v = if i % 2 == 0 { ((x / 16 + y / 16) % 2 * 200) as u8 } else { 90 };
+                image::Rgb([v, 120, 150])
+            });
+            let cls = i % 2;
+            let t = SlideTargets {
+                logits: vec![if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] }],
+                reduced: vec![(0..512).map(|j| ((j + i) % 5) as f32 * 0.2).collect()],
+                weights: vec![1.0],
+            };
+            data.push(&t, 0, img);
+        }
+        let cfg = IcmilConfig { epochs: 3, lr: 1e-3, batch_size: 3, trainable_blocks: 1, ..IcmilConfig::default() };
+        let out = finetune(&arch, &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        assert_eq!(out.steps, 6);
+        let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
+        assert!(last < first, "loss {:?}", out.epoch_losses);
+        let changed = |name: &str| {
+            let diff = (&out.tensors[name] - &teacher[name]).unwrap().abs().unwrap().max_all().unwrap();
+            diff.to_scalar::<f32>().unwrap() > 0.0
+        };
+        for name in ["blocks.11.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "norm.weight"] {
+            assert!(changed(name), "{name} should have trained");
+        }
+        for name in ["blocks.10.attn.qkv.weight", "patch_embed.proj.weight", "pos_embed", "cls_token"] {
+            assert!(!changed(name), "{name} should be frozen");
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(out.tensors.into_iter().collect(), DType::F32, &d);
+        assert_eq!(arch.build(vb).unwrap().feature_dim(), 192);
+    }
+
     #[test]
     fn teacher_targets_are_the_instance_path_and_weights_follow_attention() {
         let d = Device::Cpu;

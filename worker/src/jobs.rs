@@ -220,6 +220,8 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
             patches_skipped: done.skipped.len(),
             imported_from: None,
             compute: Some(ctx.compute.describe()),
+            weights_sha256: Some(job.embedder.weights.clone()),
+            output: Some(model.output()),
         },
     };
     ctx.store.put(&out_key, bag.to_parquet()?).await?;
@@ -441,10 +443,9 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         let classifier = crate::finetune::classifier(&model_cfg, &heads, &device).map_err(&err)?;
         let mut data = crate::finetune::TeacherData::default();
         let mut rng = wsimil_common::rng::Rng::new(seed);
-        let pre_px = arch
+        let pre = arch
             .preprocessing()
-            .ok_or_else(|| JobError::Input(format!("embedder {arch} has no patches to fine-tune")))?
-            .input_px;
+            .ok_or_else(|| JobError::Input(format!("embedder {arch} has no patches to fine-tune")))?;
         for (bag, grid, path) in &inputs {
             let feats = Tensor::from_vec(bag.features.clone(), (bag.len(), bag.dim), &device).map_err(&err)?;
             let targets = crate::finetune::slide_targets(&classifier, &feats, cfg.beta).map_err(&err)?;
@@ -459,7 +460,7 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 .par_iter()
                 .map(|&i| {
                     let p = wsimil_common::grid::Patch { x: bag.xs[i], y: bag.ys[i], tissue: 0.0 };
-                    crate::embed::read_patch(s.as_ref(), grid, &p, pre_px)
+                    crate::embed::read_patch(s.as_ref(), grid, &p, &pre)
                 })
                 .collect::<Result<_, _>>()?;
             for (i, img) in picked.into_iter().zip(images) {

@@ -303,10 +303,11 @@ fn a_40x_and_a_20x_scan_of_the_same_tissue_give_the_same_physical_patches() {
     assert!(g40.patches.len() * 10 <= g20.patches.len() * 11, "{} vs {}", g40.patches.len(), g20.patches.len());
     // And the same pixels at the model's input size (up to the 40x copy's upsampling and JPEG
     // re-encoding), far closer than another patch is.
+    let pre = Architecture::ResNet50Trunc.preprocessing().unwrap();
     for (a, b) in twins.iter().take(6) {
         let (ia, ib) =
-            (read_patch(s20.as_ref(), &g20, a, 224).unwrap(), read_patch(s40.as_ref(), &g40, b, 224).unwrap());
-        let other = read_patch(s20.as_ref(), &g20, twins[(twins.len() / 2 + 1) % twins.len()].0, 224).unwrap();
+            (read_patch(s20.as_ref(), &g20, a, &pre).unwrap(), read_patch(s40.as_ref(), &g40, b, &pre).unwrap());
+        let other = read_patch(s20.as_ref(), &g20, twins[(twins.len() / 2 + 1) % twins.len()].0, &pre).unwrap();
         let (same, _) = diff(&ia, &ib);
         let (different, _) = diff(&ia, &other);
         assert!(same < 6.0 && same * 8.0 < different, "twin diff {same}, other patch {different}");

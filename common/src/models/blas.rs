@@ -186,6 +186,43 @@ impl Blas {
         c: &mut [std::mem::MaybeUninit<f32>],
         ldc: usize,
     ) {
+        // beta = 0: OpenBLAS writes the block without reading it, so C may be uninitialised.
+        self.sgemm_checked(m, n, k, 1.0, a, b, 0.0, (c.as_mut_ptr().cast::<f32>(), c.len()), ldc)
+    }
+
+    /// `c = alpha·op(a)·op(b) + beta·c` over the m×n block of `c` (rows `ldc` apart): BLAS's
+    /// SGEMM in full. With beta = 1 a bias already in `c` is added for free; alpha scales (the
+    /// attention's 1/√d).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_ex(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: MatView,
+        b: MatView,
+        beta: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        self.sgemm_checked(m, n, k, alpha, a, b, beta, (c.as_mut_ptr(), c.len()), ldc)
+    }
+
+    /// SGEMM into `c` (a pointer and the length of the memory behind it), every extent checked.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm_checked(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: MatView,
+        b: MatView,
+        beta: f32,
+        (c, c_len): (*mut f32, usize),
+        ldc: usize,
+    ) {
         // The extent each operand's view reaches: (rows stored − 1) · ld + columns stored.
         let extent = |v: &MatView, rows: usize, cols: usize| {
             let (r, c) = if v.transposed { (cols, rows) } else { (rows, cols) };
@@ -197,13 +234,14 @@ impl Blas {
             }
         };
         assert!(a.data.len() >= extent(&a, m, k) && b.data.len() >= extent(&b, k, n), "gemm: operands too short");
-        assert!(ldc >= n.max(1) && (m == 0 || c.len() >= (m - 1) * ldc + n), "gemm: output too short");
+        assert!(ldc >= n.max(1) && (m == 0 || c_len >= (m - 1) * ldc + n), "gemm: output too short");
         if m == 0 || n == 0 {
             return;
         }
         let i = |v: usize| c_int::try_from(v).expect("gemm dimension fits a C int");
         let t = |v: &MatView| if v.transposed { TRANS } else { NO_TRANS };
-        // SAFETY: each slice holds the matrix its view and dimensions describe (checked above).
+        // SAFETY: each operand holds the matrix its view and dimensions describe, and `c` the m×n
+        // block `ldc` apart (checked above); C is read only when beta ≠ 0, when it is initialised.
         unsafe {
             (self.sgemm)(
                 ROW_MAJOR,
@@ -212,13 +250,13 @@ impl Blas {
                 i(m),
                 i(n),
                 i(k),
-                1.0,
+                alpha,
                 a.data.as_ptr(),
                 i(a.ld),
                 b.data.as_ptr(),
                 i(b.ld),
-                0.0,
-                c.as_mut_ptr().cast::<f32>(),
+                beta,
+                c,
                 i(ldc),
             )
         }
@@ -273,6 +311,27 @@ mod tests {
             }
             // SAFETY: initialised above; the column past n is outside the block and left alone.
             assert!(unsafe { c[i * 4 + 3].assume_init() }.is_nan());
+        }
+    }
+
+    #[test]
+    fn alpha_and_beta_scale_the_product_and_accumulate_into_c() {
+        let Some(b) = blas() else {
+            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS (scripts/setup.sh)");
+            return;
+        };
+        let (m, n, k) = (3, 2, 4);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.25).collect();
+        let bm: Vec<f32> = (0..k * n).map(|i| 1.0 - i as f32 * 0.5).collect();
+        // A bias in every row of c, kept (beta = 1) under half the product (alpha = 0.5).
+        let mut c: Vec<f32> = (0..m * n).map(|i| (i % n) as f32 + 10.0).collect();
+        let v = |data, ld| MatView { data, transposed: false, ld };
+        b.gemm_ex(m, n, k, 0.5, v(&a, k), v(&bm, n), 1.0, &mut c, n);
+        for i in 0..m {
+            for j in 0..n {
+                let want = 0.5 * (0..k).map(|t| a[i * k + t] * bm[t * n + j]).sum::<f32>() + j as f32 + 10.0;
+                assert!((c[i * n + j] - want).abs() < 1e-5, "({i},{j}): {} vs {want}", c[i * n + j]);
+            }
         }
     }
 }

@@ -5,7 +5,9 @@
 //! - [`abmil`]: gated attention MIL (Ilse et al. 2018), the baseline.
 //! - [`embedder`]: what a patch embedder is (the trait, which layers train); [`zoo`] names them:
 //!   [`efficientnet`], [`resnet`], with [`convbn`] (convolution + BatchNorm, folded or trainable) and
-//!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]).
+//!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]); the Vision Transformers of the
+//!   pathology foundation models, [`vit`] (with [`vit_cpu`], its fused CPU kernels); [`weights`]:
+//!   weights files as publishers ship them (safetensors, PyTorch state dicts), checked by name.
 //! - [`ops`]: depthwise convolution with backward, iterative pseudo-inverse, seeded dropout.
 //! - [`params`]: seeded parameter creation and safetensors IO.
 //! - [`optim`]: RAdam, Lookahead and AdamW.
@@ -23,6 +25,9 @@ pub mod optim;
 pub mod params;
 pub mod resnet;
 pub mod transmil;
+pub mod vit;
+pub mod vit_cpu;
+pub mod weights;
 pub mod zoo;
 
 use crate::rng::Rng;

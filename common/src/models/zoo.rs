@@ -1,13 +1,287 @@
 //! The patch embedders wsimil knows, by name: [`Architecture`] is what `--embedder` takes, what a
 //! run's plan records and what an embedder id starts with; it builds the network and says how its
 //! patches are prepared.
+//!
+//! Besides the two CNNs, the pathology foundation models (Vision Transformers, [`super::vit`]) as
+//! [`VitPreset`]s, one row each of [`VitPreset::spec`]: architecture, input, normalisation, the
+//! resolution they were trained at, output, and where the publisher distributes the weights (which
+//! wsimil reads as published). `vit:<timm-name>` builds any timm ViT by its timm name
+//! ([`timm_config`]); the optional parts (LayerScale, registers, SwiGLU, the position grid) are
+//! read off the weights file.
 
 use super::embedder::{Embedder, Tune};
+use super::vit::{MlpKind, Naming, Output, PoolerConfig, PosResample, Vit, VitConfig};
 use crate::features::Preprocessing;
 use candle_core::Result;
 use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+
+/// ImageNet's normalisation (torchvision's and timm's default).
+pub const IMAGENET: ([f32; 3], [f32; 3]) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+/// OpenAI CLIP's (CONCH's).
+pub const OPENAI_CLIP: ([f32; 3], [f32; 3]) =
+    ([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_6, 0.275_777_1]);
+/// Bioptimus's (H-optimus-0 and -1).
+pub const H_OPTIMUS: ([f32; 3], [f32; 3]) = ([0.707_223, 0.578_729, 0.703_617], [0.211_883, 0.230_117, 0.177_517]);
+
+/// The pathology foundation models wsimil has presets for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VitPreset {
+    Uni,
+    Uni2H,
+    Virchow2,
+    HOptimus0,
+    HOptimus1,
+    GigapathTile,
+    PhikonV2,
+    ConchVision,
+}
+
+/// One preset's row of the table: everything wsimil needs to run the encoder as published.
+#[derive(Debug, Clone)]
+pub struct PresetSpec {
+    pub name: &'static str,
+    /// The publisher's model, as its model card names it.
+    pub model: &'static str,
+    pub config: VitConfig,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Resize the patch to this first, then crop the centre (the publisher's transform).
+    pub resize_px: Option<u32>,
+    /// The patch side (pixels) and resolution (µm per pixel) the encoder is used at: TRIDENT's
+    /// patch size at 20× (0.5 µm/px), what `wsimil run` tiles at unless told otherwise.
+    pub patch_px: u32,
+    pub mpp: f64,
+    /// Where the publisher distributes the weights, and the file wsimil reads.
+    pub weights: &'static str,
+}
+
+impl VitPreset {
+    pub const ALL: [VitPreset; 8] = [
+        VitPreset::Uni,
+        VitPreset::Uni2H,
+        VitPreset::Virchow2,
+        VitPreset::HOptimus0,
+        VitPreset::HOptimus1,
+        VitPreset::GigapathTile,
+        VitPreset::PhikonV2,
+        VitPreset::ConchVision,
+    ];
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// The preset's row. Sources: each publisher's model card and loading code, timm's
+    /// `vision_transformer.py`, TRIDENT's encoder registry (docs/encoders.md lists them).
+    pub fn spec(self) -> PresetSpec {
+        let timm = |patch, pos_grid, dim, depth, heads, mlp, hidden, reg, pos_prefix| VitConfig {
+            patch,
+            input_px: 224,
+            pos_grid,
+            dim,
+            depth,
+            heads,
+            mlp,
+            hidden,
+            layer_scale: true,
+            reg_tokens: reg,
+            pos_prefix,
+            qkv_bias: true,
+            eps: 1e-6,
+            output: Output::ClassToken,
+            naming: Naming::Timm,
+            resample: PosResample::TimmBicubicAntialias,
+            pooler: None,
+        };
+        let row = |name, model, config, (mean, std): ([f32; 3], [f32; 3]), patch_px, weights| PresetSpec {
+            name,
+            model,
+            config,
+            mean,
+            std,
+            resize_px: None,
+            patch_px,
+            mpp: 0.5,
+            weights,
+        };
+        match self {
+            VitPreset::Uni => row(
+                "uni",
+                "UNI (MahmoodLab), ViT-L/16",
+                timm(16, 14, 1024, 24, 16, MlpKind::Gelu, 4096, 0, true),
+                IMAGENET,
+                256,
+                "https://huggingface.co/MahmoodLab/UNI (pytorch_model.bin; gated: accept the terms there)",
+            ),
+            VitPreset::Uni2H => row(
+                "uni2-h",
+                "UNI2-h (MahmoodLab), ViT-H/14, SwiGLU, 8 registers",
+                timm(14, 16, 1536, 24, 24, MlpKind::SwiGlu, 8192, 8, false),
+                IMAGENET,
+                256,
+                "https://huggingface.co/MahmoodLab/UNI2-h (pytorch_model.bin; gated)",
+            ),
+            VitPreset::Virchow2 => row(
+                "virchow2",
+                "Virchow2 (Paige), ViT-H/14, SwiGLU, 4 registers",
+                VitConfig {
+                    output: Output::ClassTokenMeanPatches,
+                    ..timm(14, 16, 1280, 32, 16, MlpKind::SwiGlu, 6832, 4, true)
+                },
+                IMAGENET,
+                224,
+                "https://huggingface.co/paige-ai/Virchow2 (pytorch_model.bin; gated)",
+            ),
+            VitPreset::HOptimus0 => row(
+                "h-optimus-0",
+                "H-optimus-0 (Bioptimus), ViT-g/14, 4 registers",
+                timm(14, 16, 1536, 40, 24, MlpKind::SwiGlu, 8192, 4, false),
+                H_OPTIMUS,
+                224,
+                "https://huggingface.co/bioptimus/H-optimus-0 (pytorch_model.bin)",
+            ),
+            VitPreset::HOptimus1 => row(
+                "h-optimus-1",
+                "H-optimus-1 (Bioptimus), ViT-g/14, 4 registers",
+                timm(14, 16, 1536, 40, 24, MlpKind::SwiGlu, 8192, 4, false),
+                H_OPTIMUS,
+                224,
+                "https://huggingface.co/bioptimus/H-optimus-1 (pytorch_model.bin; gated)",
+            ),
+            VitPreset::GigapathTile => PresetSpec {
+                resize_px: Some(256),
+                ..row(
+                    "gigapath-tile",
+                    "Prov-GigaPath tile encoder, ViT-g/16 (DINOv2 style)",
+                    timm(16, 14, 1536, 40, 24, MlpKind::SwiGlu, 8192, 0, true),
+                    IMAGENET,
+                    256,
+                    "https://huggingface.co/prov-gigapath/prov-gigapath (pytorch_model.bin; gated)",
+                )
+            },
+            VitPreset::PhikonV2 => row(
+                "phikon-v2",
+                "Phikon-v2 (Owkin), DINOv2 ViT-L/16 (Hugging Face transformers)",
+                VitConfig {
+                    naming: Naming::HfDinov2,
+                    resample: PosResample::Bicubic,
+                    ..timm(16, 14, 1024, 24, 16, MlpKind::Gelu, 4096, 0, true)
+                },
+                IMAGENET,
+                224,
+                "https://huggingface.co/owkin/phikon-v2 (model.safetensors)",
+            ),
+            VitPreset::ConchVision => PresetSpec {
+                mpp: 0.5,
+                ..row(
+                    "conch-vision",
+                    "CONCH v1 (MahmoodLab) vision tower: ViT-B/16 at 448 + attentional pooler",
+                    VitConfig {
+                        input_px: 448,
+                        layer_scale: false,
+                        output: Output::AttentionPool,
+                        naming: Naming::Conch,
+                        pooler: Some(PoolerConfig { dim: 512, heads: 8, queries: 1 }),
+                        ..timm(16, 28, 768, 12, 12, MlpKind::Gelu, 3072, 0, true)
+                    },
+                    OPENAI_CLIP,
+                    512,
+                    "https://huggingface.co/MahmoodLab/CONCH (pytorch_model.bin; gated)",
+                )
+            },
+        }
+    }
+
+    /// How the preset wants its patches.
+    pub fn preprocessing(self) -> Preprocessing {
+        let s = self.spec();
+        Preprocessing {
+            input_px: s.config.input_px as u32,
+            resize: "area-average then bilinear".into(),
+            mean: s.mean,
+            std: s.std,
+            resize_px: s.resize_px,
+        }
+    }
+}
+
+/// A timm ViT's architecture from its timm name (`vit_base_patch16_224`, `vit_large_patch14_dinov2`,
+/// `vit_small_patch14_reg4_dinov2`, ...), as timm's model registry defines it. The input is the
+/// name's size (224 when the name has none, as pathology users feed DINOv2 models); what a
+/// publisher may have changed with keyword arguments (LayerScale, registers, the position grid) is
+/// read from the weights file by [`fit_to_tensors`].
+pub fn timm_config(name: &str) -> std::result::Result<VitConfig, String> {
+    let bad = |why: &str| format!("vit:{name}: {why} (a timm ViT name such as vit_base_patch16_224)");
+    let rest = name.strip_prefix("vit_").ok_or_else(|| bad("not a timm ViT name"))?;
+    let mut parts = rest.split('.').next().unwrap_or("").split('_');
+    let size = parts.next().ok_or_else(|| bad("no size"))?;
+    let patch: usize = parts
+        .next()
+        .and_then(|p| p.strip_prefix("patch"))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| bad("no patch size"))?;
+    let tail: Vec<&str> = parts.collect();
+    let dinov2 = tail.contains(&"dinov2");
+    let reg = tail.iter().find_map(|t| t.strip_prefix("reg").and_then(|n| n.parse::<usize>().ok())).unwrap_or(0);
+    let input = tail.iter().find_map(|t| t.parse::<usize>().ok()).unwrap_or(224);
+    let (dim, depth, heads, mlp, hidden) = match (size, dinov2) {
+        ("tiny", _) => (192, 12, 3, MlpKind::Gelu, 768),
+        ("small", _) => (384, 12, 6, MlpKind::Gelu, 1536),
+        ("base", _) => (768, 12, 12, MlpKind::Gelu, 3072),
+        ("large", _) => (1024, 24, 16, MlpKind::Gelu, 4096),
+        ("huge", _) => (1280, 32, 16, MlpKind::Gelu, 5120),
+        ("giant", false) => (1408, 40, 16, MlpKind::Gelu, 6144),
+        ("giant", true) => (1536, 40, 24, MlpKind::SwiGlu, 8192),
+        _ => return Err(bad(&format!("unknown size {size:?} (tiny, small, base, large, huge, giant)"))),
+    };
+    let grid = if dinov2 { 518 / patch } else { input / patch };
+    Ok(VitConfig {
+        patch,
+        input_px: input,
+        pos_grid: grid,
+        dim,
+        depth,
+        heads,
+        mlp,
+        hidden,
+        layer_scale: dinov2,
+        reg_tokens: reg,
+        pos_prefix: reg == 0,
+        qkv_bias: true,
+        eps: 1e-6,
+        output: Output::ClassToken,
+        naming: Naming::Timm,
+        resample: PosResample::TimmBicubicAntialias,
+        pooler: None,
+    })
+}
+
+/// A timm configuration made to fit a weights file's tensors (`shape_of` gives a tensor's shape by
+/// name): LayerScale when `ls1.gamma` is there, the registers `reg_token` holds, the MLP's width and
+/// kind from `fc1`/`fc2`, whether the position embedding covers the prefix, and its grid.
+pub fn fit_to_tensors(mut cfg: VitConfig, shape_of: &dyn Fn(&str) -> Option<Vec<usize>>) -> VitConfig {
+    cfg.layer_scale = shape_of("blocks.0.ls1.gamma").is_some();
+    cfg.reg_tokens = shape_of("reg_token").map_or(0, |s| s.get(1).copied().unwrap_or(0));
+    cfg.qkv_bias = shape_of("blocks.0.attn.qkv.bias").is_some();
+    if let (Some(f1), Some(f2)) = (shape_of("blocks.0.mlp.fc1.weight"), shape_of("blocks.0.mlp.fc2.weight")) {
+        cfg.hidden = f1[0];
+        cfg.mlp = if f2.get(1) == Some(&(f1[0] / 2)) && f1[0] % 2 == 0 { MlpKind::SwiGlu } else { MlpKind::Gelu };
+    }
+    if let Some(pos) = shape_of("pos_embed") {
+        let len = pos.get(1).copied().unwrap_or(0);
+        let prefix = 1 + cfg.reg_tokens;
+        let square = |n: usize| (n as f64).sqrt().round() as usize;
+        if square(len).pow(2) == len {
+            (cfg.pos_prefix, cfg.pos_grid) = (false, square(len));
+        } else if len >= prefix && square(len - prefix).pow(2) == len - prefix {
+            (cfg.pos_prefix, cfg.pos_grid) = (true, square(len - prefix));
+        }
+    }
+    cfg
+}
 
 /// A patch embedder by name. Serialised as its name (`efficientnet-lite0`, ...), the strings plans
 /// have always held.
@@ -17,22 +291,36 @@ pub enum Architecture {
     EfficientNetLite0,
     /// ResNet50 truncated after layer3 + average pool (1024-d): CLAM's default.
     ResNet50Trunc,
+    /// A pathology foundation model (a Vision Transformer), by preset.
+    Vit(VitPreset),
+    /// Any timm Vision Transformer, by its timm name (`vit:vit_base_patch16_224`).
+    Timm(String),
     /// Features imported from elsewhere (`wsimil import-bags`, `import-clam`): nothing to build.
     Imported,
 }
 
 impl Architecture {
-    /// Every name `--embedder` takes.
+    /// Every name `--embedder` takes (`vit:<timm-name>` as such).
     pub fn names() -> Vec<String> {
-        ["efficientnet-lite0", "resnet50-trunc"].into_iter().map(String::from).collect()
+        let mut names: Vec<String> = ["efficientnet-lite0", "resnet50-trunc"].into_iter().map(String::from).collect();
+        names.extend(VitPreset::ALL.iter().map(|p| p.name().to_string()));
+        names.push("vit:<timm-name>".into());
+        names
     }
 
     pub fn name(&self) -> String {
         match self {
             Architecture::EfficientNetLite0 => "efficientnet-lite0".into(),
             Architecture::ResNet50Trunc => "resnet50-trunc".into(),
+            Architecture::Vit(p) => p.name().into(),
+            Architecture::Timm(n) => format!("vit:{n}"),
             Architecture::Imported => "imported".into(),
         }
+    }
+
+    /// The name as it may start an id or a key (`vit:NAME` as `vit-NAME`).
+    pub fn id_stem(&self) -> String {
+        self.name().replace(':', "-")
     }
 
     /// How the network wants its patches.
@@ -40,7 +328,59 @@ impl Architecture {
         match self {
             Architecture::EfficientNetLite0 => Some(super::efficientnet::preprocessing()),
             Architecture::ResNet50Trunc => Some(super::resnet::preprocessing()),
+            Architecture::Vit(p) => Some(p.preprocessing()),
+            Architecture::Timm(n) => timm_config(n).ok().map(|c| Preprocessing {
+                input_px: c.input_px as u32,
+                resize: "area-average then bilinear".into(),
+                mean: IMAGENET.0,
+                std: IMAGENET.1,
+                resize_px: None,
+            }),
             Architecture::Imported => None,
+        }
+    }
+
+    /// The Vision Transformer's configuration as the preset or timm name gives it (before a weights
+    /// file adjusts it); none for the CNNs.
+    pub fn vit_config(&self) -> Option<VitConfig> {
+        match self {
+            Architecture::Vit(p) => Some(p.spec().config),
+            Architecture::Timm(n) => timm_config(n).ok(),
+            _ => None,
+        }
+    }
+
+    /// The patch side and resolution the encoder is used at, when it says (the ViT presets).
+    pub fn tiling_hint(&self) -> Option<(u32, f64)> {
+        match self {
+            Architecture::Vit(p) => Some((p.spec().patch_px, p.spec().mpp)),
+            _ => None,
+        }
+    }
+
+    /// The configuration a weights file (given by `shape_of`) makes of this architecture: for a
+    /// preset only the position grid may differ from the table (it is resampled, as the publishers'
+    /// code does at run time), for a timm name every optional part is read off the file.
+    pub fn fit_vit(&self, shape_of: &dyn Fn(&str) -> Option<Vec<usize>>) -> Option<VitConfig> {
+        match self {
+            Architecture::Vit(p) => {
+                let mut cfg = p.spec().config;
+                let pos_name = match cfg.naming {
+                    Naming::HfDinov2 => "embeddings.position_embeddings",
+                    Naming::Conch => "visual.trunk.pos_embed",
+                    Naming::Timm => "pos_embed",
+                };
+                if let Some(len) = shape_of(pos_name).and_then(|s| s.get(1).copied()) {
+                    let n = len.saturating_sub(if cfg.pos_prefix { cfg.prefix_tokens() } else { 0 });
+                    let g = (n as f64).sqrt().round() as usize;
+                    if g * g == n && g > 0 {
+                        cfg.pos_grid = g;
+                    }
+                }
+                Some(cfg)
+            }
+            Architecture::Timm(n) => timm_config(n).ok().map(|c| fit_to_tensors(c, shape_of)),
+            _ => None,
         }
     }
 
@@ -56,7 +396,41 @@ impl Architecture {
                 Ok(Box::new(super::efficientnet::EfficientNetLite::lite0_tuned(vb, tune)?))
             }
             Architecture::ResNet50Trunc => Ok(Box::new(super::resnet::ResNetTrunc::resnet50_tuned(vb, tune)?)),
+            Architecture::Vit(_) | Architecture::Timm(_) => {
+                let shape_of = |n: &str| -> Option<Vec<usize>> {
+                    vb.contains_tensor(n).then(|| vb.get_unchecked(n).ok().map(|t| t.dims().to_vec())).flatten()
+                };
+                let cfg = self.fit_vit(&shape_of).ok_or_else(|| candle_core::Error::Msg(self.unknown_timm()))?;
+                let pre = self.preprocessing().expect("a ViT has its preprocessing");
+                Ok(Box::new(Vit::new(&cfg, &self.name(), pre, vb, tune)?))
+            }
             Architecture::Imported => candle_core::bail!("imported features have no embedder to build"),
+        }
+    }
+
+    /// The tensors of a publisher's weights file that this architecture uses, checked against it
+    /// first: for a Vision Transformer every tensor by name and shape (what is missing, unexpected
+    /// or misshaped is named at once, before anything is read); for the CNNs the whole file (the
+    /// build that follows checks it).
+    pub fn read_weights(
+        &self,
+        file: &super::weights::WeightsFile,
+    ) -> std::result::Result<BTreeMap<String, candle_core::Tensor>, super::weights::WeightsError> {
+        match self.fit_vit(&|n| file.shape(n)) {
+            Some(cfg) => {
+                let needed = super::vit::tensor_specs(&cfg);
+                super::weights::check(file, &self.name(), &needed, &|n| super::vit::ignorable(cfg.naming, n))?;
+                let names: Vec<String> = needed.into_iter().map(|s| s.name).collect();
+                file.read(Some(&names))
+            }
+            None => file.read(None),
+        }
+    }
+
+    fn unknown_timm(&self) -> String {
+        match self {
+            Architecture::Timm(n) => timm_config(n).err().unwrap_or_default(),
+            other => format!("{other}: not a Vision Transformer"),
         }
     }
 }
@@ -69,9 +443,10 @@ impl fmt::Display for Architecture {
 
 /// Why a name is not an embedder.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown embedder {name:?} (known: {})", Architecture::names().join(", "))]
+#[error("unknown embedder {name:?}{} (known: {})", why.as_ref().map(|w| format!(": {w}")).unwrap_or_default(), Architecture::names().join(", "))]
 pub struct UnknownArchitecture {
     pub name: String,
+    pub why: Option<String>,
 }
 
 impl FromStr for Architecture {
@@ -82,7 +457,16 @@ impl FromStr for Architecture {
             "efficientnet-lite0" => Ok(Architecture::EfficientNetLite0),
             "resnet50-trunc" => Ok(Architecture::ResNet50Trunc),
             "imported" => Ok(Architecture::Imported),
-            _ => Err(UnknownArchitecture { name: s.to_string() }),
+            _ => {
+                if let Some(p) = VitPreset::ALL.into_iter().find(|p| p.name() == s) {
+                    return Ok(Architecture::Vit(p));
+                }
+                match s.strip_prefix("vit:") {
+                    Some(n) if timm_config(n).is_ok() => Ok(Architecture::Timm(n.to_string())),
+                    Some(n) => Err(UnknownArchitecture { name: s.to_string(), why: timm_config(n).err() }),
+                    None => Err(UnknownArchitecture { name: s.to_string(), why: None }),
+                }
+            }
         }
     }
 }
@@ -109,7 +493,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_ones_list_the_known() {
-        for name in Architecture::names() {
+        for name in Architecture::names().into_iter().filter(|n| !n.contains('<')) {
             let a: Architecture = name.parse().unwrap();
             assert_eq!(a.to_string(), name);
             assert_eq!(serde_json::to_string(&a).unwrap(), format!("\"{name}\""));

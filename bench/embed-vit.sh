@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Vision Transformer patch embedding on the CPU, in one run: ViT-B/16 and ViT-L/16 (UNI's
+# architecture) at 224 px, wsimil against PyTorch as users install it (PyPI's torch wheel with timm,
+# eval and inference_mode; bench/py/embed_vit.py), random weights, batch 16:
+#   - model alone, images/s and peak memory, on one core and on all cores;
+#   - end to end from a slide on all cores (wsimil's pipeline against TRIDENT-style PyTorch:
+#     OpenSlide read_region and PIL resize in DataLoader workers feeding the model), same patches;
+#   - full-size parity: UNI's architecture built by timm with random weights and saved as UNI ships
+#     it (torch.save of the state dict), loaded by `--embedder uni`'s loader, features compared.
+# The peer needs scripts/dev/pypi-torch-env.sh (~3 GB); without it it is skipped with a message.
+# Last line: `embed-vit: wsimil vs pytorch = N.Nx (...)`, the geometric mean of the one-core
+# model-alone ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh >/dev/null
+export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
+source bench/lib.sh
+wsimil_bins
+BATCH=${BATCH:-16}
+ITERS=${ITERS:-3}
+work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-vit.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+PY=""
+venv="${WSIMIL_TOOLS:-$HOME/.cache/wsimil/tools}/pypi-torch-venv/bin/python"
+if "$venv" -c 'import torch, timm, openslide' 2>/dev/null; then
+  PY=$venv
+else
+  echo "embed-vit: PyPI's torch and timm not found (scripts/dev/pypi-torch-env.sh installs them): peer skipped" >&2
+fi
+# Peak resident memory (MiB) of a command, its output on stdout.
+rss() { /usr/bin/time -f "%M" -o "$work/rss" "$@"; }
+mib() { echo $(( $(cat "$work/rss") / 1024 )); }
+"$WSIMIL_DEV" make-slide --out "$work/slide.svs" --width 4096 --height 4096 --mpp 0.5
+rows=()
+for name in vit_base_patch16_224 vit_large_patch16_224; do
+  arch=vit:$name
+  w1=$(rss $ONE_CORE "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --iters "$ITERS" 2>/dev/null | awk '{print $3}'); w1m=$(mib)
+  wa=$(rss "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --iters "$ITERS" 2>/dev/null | awk '{print $3}'); wam=$(mib)
+  read -r n e2e < <("$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --slide "$work/slide.svs" \
+    --coords-out "$work/coords.csv" 2>/dev/null | awk '{print $3, $4}')
+  line="$name: wsimil $w1 img/s on 1 core ($w1m MiB), $wa on $(nproc) cores ($wam MiB), end to end $e2e patches/s ($n patches)"
+  p1=0; pa=0; pe=0; p1m=0; pam=0
+  if [[ -n $PY ]]; then
+    p1=$(rss $ONE_CORE "$PY" bench/py/embed_vit.py model --name $name --threads 1 --batch "$BATCH" --iters "$ITERS" | awk '{print $3}'); p1m=$(mib)
+    pa=$(rss "$PY" bench/py/embed_vit.py model --name $name --batch "$BATCH" --iters "$ITERS" | awk '{print $3}'); pam=$(mib)
+    pe=$("$PY" bench/py/embed_vit.py slide --name $name --batch "$BATCH" --slide "$work/slide.svs" --coords "$work/coords.csv" | awk '{print $4}')
+    line+="; pytorch $p1 img/s on 1 core ($p1m MiB), $pa on $(nproc) cores ($pam MiB), end to end $pe patches/s"
+  fi
+  echo "embed-vit: $line" >&2
+  rows+=("$name:$w1:$p1:$wa:$pa:$e2e:$pe:$w1m:$p1m")
+done
+parity="not checked (no peer)"
+if [[ -n $PY ]]; then
+  # Two real patches' worth of input, the same bytes on both sides.
+  python3 -c "import random,struct,sys; random.seed(0); sys.stdout.buffer.write(struct.pack('<'+'f'*(2*3*224*224), *[random.gauss(0,1) for _ in range(2*3*224*224)]))" >"$work/x.f32"
+  "$PY" bench/py/embed_vit.py save --name vit_large_patch16_224 --save-weights "$work/pytorch_model.bin" \
+    --input "$work/x.f32" --features-out "$work/want.f32"
+  "$WSIMIL_DEV" features --embedder uni --weights "$work/pytorch_model.bin" --input "$work/x.f32" --out "$work/got.f32" >/dev/null 2>&1
+  parity=$(python3 - "$work/got.f32" "$work/want.f32" <<'PY'
+import struct, sys
+a, b = (struct.unpack(f"<{len(d)//4}f", d) for d in (open(p, "rb").read() for p in sys.argv[1:]))
+err = max(abs(x - y) for x, y in zip(a, b)) / max(abs(y) for y in b)
+print(f"UNI at full size (timm state dict, --embedder uni): max relative feature difference {err:.1e}")
+PY
+)
+  echo "embed-vit: $parity" >&2
+fi
+python3 - "${PY:+$($PY -c 'import torch; print(torch.__version__)')}" "$parity" "${rows[@]}" <<'PY'
+import sys
+ver, parity, rows = sys.argv[1], sys.argv[2], [r.split(":") for r in sys.argv[3:]]
+short = {"vit_base_patch16_224": "ViT-B/16", "vit_large_patch16_224": "ViT-L/16"}
+if ver:
+    ratios = [float(w1) / float(p1) for _, w1, p1, *_ in rows]
+    geo = 1.0
+    for r in ratios:
+        geo *= r
+    geo **= 1 / len(ratios)
+    parts = "; ".join(
+        f"{short[n]} 1 core {float(w1):.2f} vs {float(p1):.2f} img/s ({float(w1)/float(p1):.2f}x, {w1m} vs {p1m} MiB), "
+        f"all cores {float(wa):.2f} vs {float(pa):.2f} ({float(wa)/float(pa):.2f}x), end to end {float(e):.2f} vs {float(pe):.2f} patches/s"
+        for n, w1, p1, wa, pa, e, pe, w1m, p1m in rows)
+    print(f"embed-vit: wsimil vs pytorch {ver} = {geo:.2f}x ({parts}; {parity})")
+else:
+    parts = "; ".join(f"{short[n]} {float(w1):.2f} img/s on one core, {float(e):.2f} patches/s end to end" for n, w1, _, _, _, e, *_ in rows)
+    print(f"embed-vit: wsimil {parts} (PyTorch not installed: no ratio)")
+PY

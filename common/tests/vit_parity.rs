@@ -1,0 +1,156 @@
+//! The Vision Transformer presets against their publishers' own code.
+//!
+//! `scripts/dev/vit_fixtures.py --out common/tests/fixtures/vit --conch CONCH_CHECKOUT` (PyPI's torch,
+//! timm and transformers: scripts/dev/pypi-torch-env.sh) builds each preset the way its users do
+//! (timm.create_model with the publisher's arguments, transformers' Dinov2Model, CONCH's CoCa), at
+//! width 32 and depth 2, from random weights; saves the state dict as the publisher ships it
+//! (`pytorch_model.bin` from torch.save, `model.safetensors` from save_pretrained); and saves its
+//! features for two real H&E patches. Here each file goes through wsimil's own loader (the index,
+//! the check by name and shape, the read) into the preset's architecture, whose structure
+//! (LayerScale, registers, MLP, position embedding, naming, output) comes from wsimil's preset table
+//! and only the sizes from the fixture, and both forward passes must give the publisher's features
+//! to 1e-4.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+use wsimil_common::models::embedder::{Embedder, Tune};
+use wsimil_common::models::vit::{self, PoolerConfig, PosResample, Vit, VitConfig};
+use wsimil_common::models::weights::{self, WeightsFile};
+use wsimil_common::models::zoo::{fit_to_tensors, Architecture, VitPreset};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("WSIMIL_VIT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit"))
+}
+
+fn load(name: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
+}
+
+/// The two real patches, normalised as the publisher's transform does: (x/255 − mean)/std.
+fn inputs(mean: [f32; 3], std: [f32; 3], side: usize) -> Tensor {
+    let p = load("patches.safetensors").remove("patches").unwrap();
+    let (n, h, w, _) = p.dims4().unwrap();
+    assert_eq!((h, w), (side, side), "the fixture's patches are {h}×{w}");
+    let x = p.to_dtype(DType::F32).unwrap().permute((0, 3, 1, 2)).unwrap();
+    let x = (x / 255.0).unwrap();
+    let m = Tensor::from_vec(mean.to_vec(), (1, 3, 1, 1), &Device::Cpu).unwrap();
+    let s = Tensor::from_vec(std.to_vec(), (1, 3, 1, 1), &Device::Cpu).unwrap();
+    let x = x.broadcast_sub(&m).unwrap().broadcast_div(&s).unwrap().contiguous().unwrap();
+    assert_eq!(x.dim(0).unwrap(), n);
+    x
+}
+
+/// The preset's configuration at the fixture's sizes (structure untouched).
+fn at_sizes(arch: &Architecture, sizes: &serde_json::Value, file: &WeightsFile) -> VitConfig {
+    let get = |k: &str| sizes.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let base = arch.vit_config().unwrap();
+    let mut cfg = VitConfig {
+        dim: get("dim").unwrap(),
+        depth: get("depth").unwrap(),
+        heads: get("heads").unwrap(),
+        hidden: get("hidden").unwrap(),
+        pos_grid: get("pos_grid").unwrap(),
+        input_px: get("input_px").unwrap_or(base.input_px),
+        pooler: base.pooler.map(|_| PoolerConfig {
+            dim: get("pooler_dim").unwrap(),
+            heads: get("pooler_heads").unwrap(),
+            queries: get("pooler_queries").unwrap(),
+        }),
+        ..base
+    };
+    if matches!(arch, Architecture::Timm(_)) {
+        // A timm name's optional parts come from the file, as for users.
+        cfg = fit_to_tensors(cfg, &|n| file.shape(n));
+    }
+    cfg
+}
+
+fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
+    let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let m = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / m.max(1e-12)
+}
+
+#[test]
+fn every_vit_preset_gives_its_publishers_features() {
+    let mut checked = Vec::new();
+    for stem in [
+        "uni",
+        "uni2-h",
+        "virchow2",
+        "h-optimus-0",
+        "gigapath-tile",
+        "phikon-v2",
+        "conch-vision",
+        "vit-vit_small_patch14_reg4_dinov2",
+    ] {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixtures().join(format!("{stem}.json"))).unwrap()).unwrap();
+        let arch: Architecture = meta["preset"].as_str().unwrap().parse().unwrap();
+        let file = WeightsFile::open(&fixtures().join(meta["weights"].as_str().unwrap())).unwrap();
+        let cfg = at_sizes(&arch, &meta["sizes"], &file);
+        let needed = vit::tensor_specs(&cfg);
+        weights::check(&file, stem, &needed, &|n| vit::ignorable(cfg.naming, n)).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<String> = needed.into_iter().map(|s| s.name).collect();
+        let tensors = file.read(Some(&names)).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &Device::Cpu);
+        let pre = arch.preprocessing().unwrap();
+        let model = Vit::new(&cfg, stem, pre.clone(), vb, Tune::Frozen).unwrap();
+        let x = inputs(pre.mean, pre.std, cfg.input_px);
+        let want = load(&format!("{stem}.features.safetensors")).remove("features").unwrap();
+        let fast = model.forward(&x).unwrap();
+        let reference = model.forward_reference(&x).unwrap();
+        assert_eq!(fast.dims(), want.dims(), "{stem}");
+        assert_eq!(model.feature_dim(), want.dim(1).unwrap(), "{stem}");
+        let (e_fast, e_ref) = (max_rel(&fast, &want), max_rel(&reference, &want));
+        eprintln!("{stem}: fused CPU path {e_fast:.2e}, generic path {e_ref:.2e}");
+        assert!(e_fast < 1e-4 && e_ref < 1e-4, "{stem}: fused CPU path {e_fast:.2e}, generic path {e_ref:.2e}");
+        checked.push(stem);
+    }
+    assert_eq!(checked.len(), 8);
+}
+
+#[test]
+fn h_optimus_1_is_h_optimus_0s_architecture() {
+    // TRIDENT and Bioptimus build both the same way; one fixture serves both presets.
+    let (a, b) = (VitPreset::HOptimus0.spec(), VitPreset::HOptimus1.spec());
+    assert_eq!((a.config, a.mean, a.std, a.patch_px), (b.config, b.mean, b.std, b.patch_px));
+}
+
+#[test]
+fn position_grids_resample_as_timm_and_hugging_face_do() {
+    let t = load("resample.safetensors");
+    let grid = &t["grid"];
+    for g in [16usize, 5] {
+        for (how, key) in [(PosResample::TimmBicubicAntialias, "timm"), (PosResample::Bicubic, "hf")] {
+            let r = vit::resample_matrix(7, g, how);
+            let r = Tensor::from_vec(r, (g, 7), &Device::Cpu).unwrap();
+            // Separable: the grid [7, 7, C] resampled along rows, then columns.
+            let c = grid.dim(1).unwrap();
+            let x = grid.reshape((7, 7 * c)).unwrap();
+            let y =
+                r.matmul(&x).unwrap().reshape((g, 7, c)).unwrap().transpose(0, 1).unwrap().reshape((7, g * c)).unwrap();
+            let y = r.matmul(&y.contiguous().unwrap()).unwrap().reshape((g, g, c)).unwrap().transpose(0, 1).unwrap();
+            let y = y.contiguous().unwrap().reshape((g * g, c)).unwrap();
+            let e = max_rel(&y, &t[&format!("{key}_{g}")]);
+            assert!(e < 1e-5, "{key} to {g}×{g}: {e:.2e}");
+        }
+    }
+}
+
+#[test]
+fn a_file_for_another_preset_is_refused_with_the_tensors_that_differ() {
+    // UNI's file (class token only, GELU MLP) read as UNI2-h (8 registers, SwiGLU, patch 14):
+    // the error names the file and what differs, before any tensor is read.
+    let file = WeightsFile::open(&fixtures().join("uni.pytorch_model.bin")).unwrap();
+    let arch = Architecture::Vit(VitPreset::Uni2H);
+    let err = arch.read_weights(&file).expect_err("refused").to_string();
+    assert!(err.contains("uni.pytorch_model.bin: does not fit uni2-h"), "{err}");
+    assert!(err.contains("missing (reg_token") || err.contains("reg_token"), "{err}");
+    assert!(err.contains("misshaped (") && err.contains("patch_embed.proj.weight"), "{err}");
+    // And at full size the reduced file is misshaped everywhere: counted, the first few named.
+    let err = Architecture::Vit(VitPreset::Uni).read_weights(&file).expect_err("refused").to_string();
+    assert!(err.contains("does not fit uni: ") && err.contains("more)"), "{err}");
+}

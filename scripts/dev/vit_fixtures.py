@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Fixtures for wsimil's Vision Transformer presets, made with each publisher's own library.
+
+For every preset, the architecture is built the way its users build it (timm.create_model with
+the publisher's keyword arguments; transformers' Dinov2Model for Phikon-v2; CONCH's own CoCa code
+for its vision tower), at reduced width and depth, from random weights; its state dict is saved
+as the publisher ships it (torch.save of the state dict as `pytorch_model.bin`, or
+`model.safetensors` from save_pretrained); and its features for two real H&E patches are saved
+beside the inputs. common/tests/vit_parity.rs loads those files through wsimil's own loader.
+
+    scripts/dev/vit_fixtures.py --out common/tests/fixtures/vit [--conch CONCH_CHECKOUT]
+    scripts/dev/vit_fixtures.py --full uni --out DIR      # one preset at full size (not committed)
+
+Needs PyPI's torch, timm and transformers (scripts/dev/pypi-torch-env.sh) and, for conch-vision,
+a checkout of https://github.com/mahmoodlab/CONCH (its code is imported from there, never copied).
+The real tissue is tiatoolbox's target_image.png from the data folder (scripts/fetch-data.sh).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+OPENAI = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+HOPTIMUS = ([0.707223, 0.578729, 0.703617], [0.211883, 0.230117, 0.177517])
+
+# Reduced sizes: width 32 in 4 heads, 2 blocks. SwiGLU widths follow from the publishers' ratios
+# (int(32 · 5.33334) = 170 and int(32 · 5.3375) = 170, both even as timm's packed GLU needs).
+SMALL = dict(embed_dim=32, depth=2, num_heads=4)
+
+
+def timm_presets(full):
+    import timm
+    from timm.layers import SwiGLUPacked
+
+    size = {} if full else SMALL
+
+    def make(arch, **kw):
+        return lambda: timm.create_model(arch, pretrained=False, **{**kw, **size})
+
+    return {
+        # MahmoodLab/UNI's README and get_encoder.py.
+        "uni": (make("vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+                     dynamic_img_size=True), IMAGENET, "class", 224),
+        # MahmoodLab/UNI2-h's model card.
+        "uni2-h": (make("vit_giant_patch14_224", img_size=224, patch_size=14, depth=24, num_heads=24,
+                        init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2, num_classes=0,
+                        no_embed_class=True, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, reg_tokens=8,
+                        dynamic_img_size=True), IMAGENET, "class", 224),
+        # paige-ai/Virchow2's config.json model_args, with the MLP layer and activation its card asks for.
+        "virchow2": (make("vit_huge_patch14_224", img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4,
+                          mlp_ratio=5.3375, global_pool="", dynamic_img_size=True, mlp_layer=SwiGLUPacked,
+                          act_layer=torch.nn.SiLU), IMAGENET, "class+mean", 224),
+        # bioptimus/H-optimus-0's card (TRIDENT builds H-optimus-1 the same way: one fixture for both).
+        "h-optimus-0": (make("vit_giant_patch14_reg4_dinov2", img_size=224, init_values=1e-5, num_classes=0,
+                             dynamic_img_size=False), HOPTIMUS, "class", 224),
+        # prov-gigapath's config.json model_args.
+        "gigapath-tile": (make("vit_giant_patch14_dinov2", img_size=224, in_chans=3, patch_size=16,
+                               embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334,
+                               num_classes=0), IMAGENET, "class", 224),
+        # A generic timm name: DINOv2 with registers stored at a 7×7 grid (98 px) and fed 224 px, so
+        # the position embedding is resampled as timm does at run time.
+        "vit:vit_small_patch14_reg4_dinov2": (make("vit_small_patch14_reg4_dinov2", img_size=98, num_classes=0,
+                                                   dynamic_img_size=True), IMAGENET, "class", 224),
+    }
+
+
+def patches(data):
+    """Two real H&E patches, 224 px, as uint8 [2, 224, 224, 3]."""
+    img = np.asarray(Image.open(os.path.join(data, "target_image.png")).convert("RGB"))
+    return np.stack([img[0:224, 0:224], img[400:624, 300:524]])
+
+
+def normalise(u8, mean_std):
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in mean_std)
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    return ((x - mean) / std).contiguous()
+
+
+def timm_features(model, x, output):
+    with torch.no_grad():
+        out = model(x)
+        if output == "class+mean":  # Virchow2's embedding: class token ⊕ mean of the patch tokens
+            return torch.cat([out[:, 0], out[:, 1 + model.num_reg_tokens:].mean(1)], dim=-1)
+        return out
+
+
+def save(out, name, weights_file, features, sizes):
+    stem = name.replace(":", "-")
+    save_file({"features": features.contiguous()}, os.path.join(out, f"{stem}.features.safetensors"))
+    meta = {"preset": name, "weights": os.path.basename(weights_file), "sizes": sizes,
+            "features": list(features.shape)}
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{name}: {os.path.getsize(weights_file)} bytes of weights, features {tuple(features.shape)}",
+          file=sys.stderr)
+
+
+def timm_sizes(model):
+    blk = model.blocks[0]
+    return {"dim": model.embed_dim, "depth": len(model.blocks), "heads": blk.attn.num_heads,
+            "hidden": blk.mlp.fc1.out_features, "pos_grid": model.patch_embed.grid_size[0]}
+
+
+def make_timm(out, name, build, mean_std, output, u8):
+    torch.manual_seed(sum(map(ord, name)))
+    model = build().eval()
+    # timm's LayerScale starts at 1e-5, which would hide the blocks' part of the numbers: random
+    # scales of order one, and LayerNorm affines that are not the identity.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith((".gamma", "norm1.weight", "norm2.weight", "norm.weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+            elif n.endswith(("norm1.bias", "norm2.bias", "norm.bias")):
+                p.copy_(torch.randn_like(p) * 0.1)
+    stem = name.replace(":", "-")
+    weights = os.path.join(out, f"{stem}.pytorch_model.bin")
+    torch.save(model.state_dict(), weights)
+    x = normalise(u8, mean_std)
+    save(out, name, weights, timm_features(model, x, output), timm_sizes(model))
+
+
+def make_phikon(out, u8, full):
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(7)
+    # owkin/phikon-v2 is a transformers Dinov2Model (ViT-L/16); here stored at a 7×7 grid (112 px)
+    # and fed 224 px, so Hugging Face's bicubic interpolation of the position embedding runs.
+    cfg = Dinov2Config(hidden_size=1024 if full else 32, num_hidden_layers=24 if full else 2,
+                       num_attention_heads=16 if full else 4, mlp_ratio=4, image_size=224 if full else 112,
+                       patch_size=16, layerscale_value=1.0, use_swiglu_ffn=False)
+    model = Dinov2Model(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lambda1") or (("norm" in n) and n.endswith("weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    d = os.path.join(out, "phikon-v2.hf")
+    model.save_pretrained(d, safe_serialization=True)
+    weights = os.path.join(out, "phikon-v2.model.safetensors")
+    os.replace(os.path.join(d, "model.safetensors"), weights)
+    for f in os.listdir(d):
+        os.remove(os.path.join(d, f))
+    os.rmdir(d)
+    with torch.no_grad():
+        feats = model(pixel_values=normalise(u8, IMAGENET)).last_hidden_state[:, 0]
+    sizes = {"dim": cfg.hidden_size, "depth": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
+             "hidden": int(cfg.hidden_size * cfg.mlp_ratio), "pos_grid": cfg.image_size // cfg.patch_size}
+    save(out, "phikon-v2", weights, feats, sizes)
+
+
+def make_conch(out, u8, conch, full):
+    sys.path.insert(0, conch)
+    from conch.open_clip_custom.coca_model import CoCa
+    torch.manual_seed(11)
+    # CONCH's conch_ViT-B-16.json at reduced size: the vision tower (a timm ViT-B/16 trunk and the
+    # attentional poolers), a small text tower, no decoder (the public checkpoint has none).
+    vision = dict(layers=12 if full else 2, width=768 if full else 32, num_heads=12 if full else 4, mlp_ratio=4,
+                  patch_size=16, image_size=448 if full else 224, attentional_pool_contrast=True,
+                  attentional_pool_caption=True, attn_pooler_heads=8, n_queries_contrast=1,
+                  n_queries_caption=256 if full else 4, output_tokens=True)
+    text = dict(context_length=16, vocab_size=64, width=32, heads=4, layers=1, embed_cls=True, output_tokens=True)
+    multimodal = dict(context_length=16, vocab_size=64, width=32, heads=4, layers=0)
+    model = CoCa(embed_dim=512 if full else 16, embed_dim_caption=768 if full else 32, multimodal_cfg=multimodal,
+                 text_cfg=text, vision_cfg=vision).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ("ln" in n or "norm" in n) and n.endswith("weight"):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    weights = os.path.join(out, "conch-vision.pytorch_model.bin")
+    torch.save(model.state_dict(), weights)
+    side = vision["image_size"]
+    x = normalise(u8 if side == 224 else np.stack([np.asarray(Image.fromarray(p).resize((side, side))) for p in u8]),
+                  OPENAI)
+    with torch.no_grad():
+        feats = model.encode_image(x, proj_contrast=False, normalize=False)
+    trunk = model.visual.trunk
+    sizes = {"dim": trunk.embed_dim, "depth": len(trunk.blocks), "heads": vision["num_heads"],
+             "hidden": trunk.blocks[0].mlp.fc1.out_features, "pos_grid": trunk.patch_embed.grid_size[0],
+             "input_px": side, "pooler_dim": model.visual.attn_pool_contrast.query.shape[1],
+             "pooler_heads": 8, "pooler_queries": 1}
+    save(out, "conch-vision", weights, feats, sizes)
+
+
+def resample_fixture(out):
+    """Position grids resampled by timm (bicubic, antialias) and by Hugging Face (bicubic)."""
+    from timm.layers import resample_abs_pos_embed
+    torch.manual_seed(3)
+    grid = torch.randn(1, 7 * 7, 8)
+    t = {"grid": grid[0]}
+    for g in (16, 5):
+        t[f"timm_{g}"] = resample_abs_pos_embed(grid, new_size=(g, g), old_size=(7, 7), num_prefix_tokens=0)[0]
+        x = grid.reshape(1, 7, 7, 8).permute(0, 3, 1, 2)
+        y = torch.nn.functional.interpolate(x, size=(g, g), mode="bicubic", align_corners=False)
+        t[f"hf_{g}"] = y.permute(0, 2, 3, 1).reshape(g * g, 8)
+    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(out, "resample.safetensors"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", default=os.environ.get("WSIMIL_DATA", os.path.expanduser("~/.cache/wsimil/data")))
+    ap.add_argument("--conch", help="a checkout of mahmoodlab/CONCH (for conch-vision)")
+    ap.add_argument("--full", help="build this one preset at full size instead")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    u8 = patches(a.data)
+    save_file({"patches": torch.from_numpy(np.ascontiguousarray(u8))}, os.path.join(a.out, "patches.safetensors"))
+    full = a.full is not None
+    for name, (build, mean_std, output, _) in timm_presets(full).items():
+        if a.full in (None, name):
+            make_timm(a.out, name, build, mean_std, output, u8)
+    if a.full in (None, "phikon-v2"):
+        make_phikon(a.out, u8, full)
+    if a.full in (None, "conch-vision"):
+        if a.conch:
+            make_conch(a.out, u8, a.conch, full)
+        else:
+            print("conch-vision: skipped (no --conch checkout)", file=sys.stderr)
+    if not full:
+        resample_fixture(a.out)
+    print(f"vit fixtures (timm {__import__('timm').__version__}, torch {torch.__version__}) in {a.out}",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
