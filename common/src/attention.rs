@@ -15,7 +15,8 @@ pub struct PredictionProvenance {
     /// The cross-validation fold whose model (never trained on this slide) predicted it.
     pub fold: u32,
     pub classes: Vec<String>,
-    pub label: usize,
+    /// Index into `classes`; none for a slide of an unlabelled cohort (`wsimil predict`).
+    pub label: Option<usize>,
     pub probs: Vec<f64>,
     pub model: String,
     pub embedder: String,
@@ -75,7 +76,7 @@ mod tests {
                 round: 0,
                 fold: 2,
                 classes: vec!["normal".into(), "tumor".into()],
-                label: 1,
+                label: Some(1),
                 probs: vec![0.1, 0.9],
                 model: "transmil".into(),
                 embedder: "e".into(),

@@ -90,6 +90,11 @@ safe_id!(
     EmbedderId
 );
 safe_id!(
+    /// A trained model in the store (`models/<id>/`): a run's fold models, its final model, an
+    /// imported checkpoint.
+    ModelId
+);
+safe_id!(
     /// Deterministic id of a job: the same work always gets the same id, so a re-plan deduplicates.
     JobId
 );

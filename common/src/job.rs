@@ -23,10 +23,13 @@ pub enum JobKind {
     Train,
     Predict,
     Finetune,
+    /// Apply a trained model to a slide of a new cohort (`wsimil predict`).
+    Score,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 5] = [JobKind::Tile, JobKind::Embed, JobKind::Train, JobKind::Predict, JobKind::Finetune];
+    pub const ALL: [JobKind; 6] =
+        [JobKind::Tile, JobKind::Embed, JobKind::Train, JobKind::Predict, JobKind::Finetune, JobKind::Score];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +38,7 @@ impl JobKind {
             JobKind::Train => "train",
             JobKind::Predict => "predict",
             JobKind::Finetune => "finetune",
+            JobKind::Score => "score",
         }
     }
 }
@@ -91,6 +95,22 @@ pub struct FinetuneJob {
     pub shards: u32,
 }
 
+/// Train a run's final model, on every slide of the cohort, for the epochs its folds chose
+/// (`wsimil run --final-model`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalJob {
+    pub run: RunId,
+    pub round: u32,
+}
+
+/// Apply a trained model to one slide of an application (`applied/<app>/`): each member's class
+/// probabilities and attention from the slide's features, averaged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreJob {
+    pub app: RunId,
+    pub slide: SlideId,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Job {
@@ -99,6 +119,10 @@ pub enum Job {
     Train(TrainJob),
     Predict(PredictJob),
     Finetune(FinetuneJob),
+    /// Served by the train workers.
+    #[serde(rename = "train-final")]
+    TrainFinal(FinalJob),
+    Score(ScoreJob),
 }
 
 impl Job {
@@ -109,6 +133,8 @@ impl Job {
             Job::Train(_) => JobKind::Train,
             Job::Predict(_) => JobKind::Predict,
             Job::Finetune(_) => JobKind::Finetune,
+            Job::TrainFinal(_) => JobKind::Train,
+            Job::Score(_) => JobKind::Score,
         }
     }
 
@@ -120,6 +146,8 @@ impl Job {
             Job::Train(j) => format!("train.{}.r{}.f{}", j.run, j.round, j.fold),
             Job::Predict(j) => format!("predict.{}.r{}.{}", j.run, j.round, j.slide),
             Job::Finetune(j) => format!("finetune.{}.r{}.f{}.s{}of{}", j.run, j.round, j.fold, j.shard, j.shards),
+            Job::TrainFinal(j) => format!("train.{}.r{}.final", j.run, j.round),
+            Job::Score(j) => format!("score.{}.{}", j.app, j.slide),
         };
         JobId::new(s).expect("job ids are built from safe ids")
     }
@@ -130,7 +158,8 @@ impl Job {
             Job::Tile(j) => Some(&j.slide),
             Job::Embed(j) => Some(&j.slide),
             Job::Predict(j) => Some(&j.slide),
-            Job::Train(_) | Job::Finetune(_) => None,
+            Job::Score(j) => Some(&j.slide),
+            Job::Train(_) | Job::Finetune(_) | Job::TrainFinal(_) => None,
         }
     }
 

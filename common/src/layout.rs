@@ -18,11 +18,21 @@
 //! runs/<run>/round-<r>/fold-<k>/embedder.json        the fold's embedder of round r ≥ 1 (ICMIL)
 //! runs/<run>/round-<r>/fold-<k>/finetune/shard-<s>.safetensors | .json
 //!                                                    one fine-tuning shard's weights and report
+//! runs/<run>/round-<r>/final/model.safetensors | metrics.json
+//!                                                    the model trained on every slide (--final-model)
+//! models/<model>/model.json                          a trained model's card: classes, members, embedders, tiling
+//! models/<model>/<member>.safetensors                one member's bag classifier
+//! applied/<name>/plan.json                           a model applied to a cohort (`wsimil predict`)
+//! applied/<name>/predictions.parquet | .csv          its slide probabilities
+//! applied/<name>/metrics.json                        with bootstrap 95% CIs, when the cohort has labels
+//! applied/<name>/attention/<slide>.parquet           per-patch attention (the members' mean)
+//! applied/<name>/heatmaps/<slide>.png                attention heatmap over the thumbnail
+//! applied/<name>/failures/<job>.json                 why a job failed
 //! ```
 //!
 //! Each object is written whole under its final key, so the existence of a key means "done".
 
-use crate::ids::{EmbedderId, JobId, RunId, SlideId, TilingId};
+use crate::ids::{EmbedderId, JobId, ModelId, RunId, SlideId, TilingId};
 use object_store::path::Path;
 
 fn key(s: String) -> Path {
@@ -114,6 +124,56 @@ pub fn finetune_shard_report(run: &RunId, round: u32, fold: u32, shard: u32) -> 
 
 pub fn round_metrics(run: &RunId, round: u32) -> Path {
     key(format!("{}/metrics.json", round_dir(run, round)))
+}
+
+pub fn final_model(run: &RunId, round: u32) -> Path {
+    key(format!("{}/final/model.safetensors", round_dir(run, round)))
+}
+
+/// Written after the final model's weights: its presence means it is trained.
+pub fn final_metrics(run: &RunId, round: u32) -> Path {
+    key(format!("{}/final/metrics.json", round_dir(run, round)))
+}
+
+pub fn model_card(model: &ModelId) -> Path {
+    key(format!("models/{model}/model.json"))
+}
+
+pub fn model_member(model: &ModelId, member: &str) -> Path {
+    key(format!("models/{model}/{member}.safetensors"))
+}
+
+pub fn applied_plan(name: &RunId) -> Path {
+    key(format!("applied/{name}/plan.json"))
+}
+
+pub fn applied_predictions_parquet(name: &RunId) -> Path {
+    key(format!("applied/{name}/predictions.parquet"))
+}
+
+pub fn applied_predictions_csv(name: &RunId) -> Path {
+    key(format!("applied/{name}/predictions.csv"))
+}
+
+pub fn applied_metrics(name: &RunId) -> Path {
+    key(format!("applied/{name}/metrics.json"))
+}
+
+/// The application's "done" marker for a slide.
+pub fn applied_attention(name: &RunId, slide: &SlideId) -> Path {
+    key(format!("applied/{name}/attention/{slide}.parquet"))
+}
+
+pub fn applied_heatmap(name: &RunId, slide: &SlideId) -> Path {
+    key(format!("applied/{name}/heatmaps/{slide}.png"))
+}
+
+pub fn applied_failures_prefix(name: &RunId) -> Path {
+    key(format!("applied/{name}/failures"))
+}
+
+pub fn applied_failure(name: &RunId, job: &JobId) -> Path {
+    key(format!("applied/{name}/failures/{job}.json"))
 }
 
 #[cfg(test)]

@@ -10,10 +10,12 @@
 //! - [`records`]: what jobs leave in the store for others to read (fold and shard reports, embedder cards).
 //! - [`nats`]: JetStream names, connection, job-state records (distributed mode).
 //! - [`models`]: TransMIL, ABMIL, the patch embedders, optimizers, custom ops.
+//! - [`classifier`]: a trained model ready to apply (its card, its members), and its applications.
 //! - [`metrics`]: AUC, accuracy, balanced accuracy, F1.
 //! - [`rng`]: the seeded generator behind every random choice.
 
 pub mod attention;
+pub mod classifier;
 pub mod features;
 pub mod grid;
 pub mod ids;

@@ -103,9 +103,100 @@ impl std::fmt::Display for MeanSd {
     }
 }
 
+/// A point estimate with its 95% confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub value: f64,
+    /// 2.5th and 97.5th percentiles over the bootstrap samples.
+    pub ci95: (f64, f64),
+}
+
+impl std::fmt::Display for Estimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} (95% CI {:.3}–{:.3})", self.value, self.ci95.0, self.ci95.1)
+    }
+}
+
+/// Metrics of a set of predictions with percentile-bootstrap 95% confidence intervals (slides
+/// resampled with replacement `reps` times, seeded; a resample where the AUC is undefined, one
+/// class absent, is left out of the AUC's interval).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsCi {
+    pub n: usize,
+    pub auc: Option<Estimate>,
+    pub accuracy: Estimate,
+    pub balanced_accuracy: Estimate,
+    pub f1: Estimate,
+    pub bootstrap_reps: usize,
+}
+
+/// [`evaluate`] with bootstrap intervals.
+pub fn evaluate_ci(probs: &[Vec<f64>], labels: &[usize], n_classes: usize, reps: usize, seed: u64) -> MetricsCi {
+    let point = evaluate(probs, labels, n_classes);
+    let n = labels.len();
+    let mut rng = crate::rng::Rng::new(seed);
+    let (mut aucs, mut accs, mut baccs, mut f1s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut p, mut l) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..if n == 0 { 0 } else { reps } {
+        p.clear();
+        l.clear();
+        for _ in 0..n {
+            let i = rng.below(n);
+            p.push(probs[i].clone());
+            l.push(labels[i]);
+        }
+        let m = evaluate(&p, &l, n_classes);
+        aucs.extend(m.auc);
+        accs.push(m.accuracy);
+        baccs.push(m.balanced_accuracy);
+        f1s.push(m.f1);
+    }
+    let interval = |v: &mut Vec<f64>, value: f64| {
+        v.sort_by(f64::total_cmp);
+        let q = |f: f64| if v.is_empty() { value } else { v[((v.len() - 1) as f64 * f).round() as usize] };
+        Estimate { value, ci95: (q(0.025), q(0.975)) }
+    };
+    MetricsCi {
+        n,
+        auc: point.auc.map(|a| interval(&mut aucs, a)),
+        accuracy: interval(&mut accs, point.accuracy),
+        balanced_accuracy: interval(&mut baccs, point.balanced_accuracy),
+        f1: interval(&mut f1s, point.f1),
+        bootstrap_reps: reps,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bootstrap_intervals_hold_the_point_estimate_and_shrink_with_more_slides() {
+        let mut r = crate::rng::Rng::new(1);
+        let make = |n: usize, r: &mut crate::rng::Rng| {
+            let labels: Vec<usize> = (0..n).map(|i| i % 2).collect();
+            let probs: Vec<Vec<f64>> = labels
+                .iter()
+                .map(|&l| {
+                    let p = (0.35 + 0.3 * l as f64 + 0.8 * (r.uniform() - 0.5)).clamp(0.0, 1.0);
+                    vec![1.0 - p, p]
+                })
+                .collect();
+            (probs, labels)
+        };
+        let (p, l) = make(40, &mut r);
+        let small = evaluate_ci(&p, &l, 2, 500, 7);
+        let auc = small.auc.unwrap();
+        assert_eq!(auc.value, evaluate(&p, &l, 2).auc.unwrap());
+        assert!(auc.ci95.0 <= auc.value && auc.value <= auc.ci95.1 && auc.ci95.0 < auc.ci95.1, "{auc}");
+        assert!(small.accuracy.ci95.0 <= small.accuracy.value && small.accuracy.value <= small.accuracy.ci95.1);
+        let (p, l) = make(400, &mut r);
+        let big = evaluate_ci(&p, &l, 2, 500, 7);
+        let width = |e: Estimate| e.ci95.1 - e.ci95.0;
+        assert!(width(big.auc.unwrap()) < width(auc), "{} vs {}", big.auc.unwrap(), auc);
+        // Seeded: the same intervals again.
+        assert_eq!(evaluate_ci(&p, &l, 2, 500, 7), big);
+    }
 
     #[test]
     fn auc_counts_pairs_and_ties() {

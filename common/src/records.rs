@@ -46,6 +46,21 @@ pub struct FoldReport {
     pub seconds: f64,
 }
 
+/// What training a run's final model (on every slide, `--final-model`) left besides its weights
+/// (`runs/<run>/round-<r>/final/metrics.json`, written last).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinalReport {
+    pub model: BagModelConfig,
+    pub train: TrainConfig,
+    pub n_train: usize,
+    /// Epochs trained: the median of the folds' best epochs (counted from 1).
+    pub epochs: usize,
+    /// The folds' best epochs (0-based) it was chosen from.
+    pub fold_best_epochs: Vec<usize>,
+    pub curve: Vec<EpochRecord>,
+    pub seconds: f64,
+}
+
 /// What an ICMIL fine-tuning shard did; stored beside its weights and in the merged embedder's card.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardReport {

@@ -57,6 +57,17 @@ pub enum Command {
     /// Import CLAM feature files (h5_files/<slide>.h5 or pt_files/<slide>.pt) for the slides of a
     /// CLAM dataset CSV, with a manifest; then `wsimil run --features NAME --manifest MANIFEST`.
     ImportClam(ImportClamArgs),
+    /// Apply a trained model to new slides: tile and embed them as the model was trained, score
+    /// them (probabilities, attention, heatmaps) and, when the manifest has labels, report metrics
+    /// with bootstrap 95% confidence intervals. In this process, or with --nats on the workers.
+    Predict(Box<PredictArgs>),
+    /// Write a model (a run's, or a model in the store) as a self-contained folder: its classifiers,
+    /// its embedders' weights, and a card (classes, architecture, tiling, training, version).
+    ExportModel(ExportModelArgs),
+    /// Make a model folder from a checkpoint trained elsewhere: the official TransMIL code's
+    /// (`.pth`/`.ckpt`) or CLAM's attention MIL (CLAM_SB), with the classes and the embedder its
+    /// features came from.
+    ImportModel(Box<ImportModelArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -179,7 +190,7 @@ pub struct WorkerArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "tile,embed,train,predict,finetune",
+        default_value = "tile,embed,train,predict,finetune,score",
         env = "WSIMIL_KINDS"
     )]
     pub kinds: Vec<JobKind>,
@@ -329,6 +340,10 @@ pub struct RunArgs {
     /// Training bags larger than this are randomly subsampled (0 = never).
     #[arg(long, default_value_t = 0)]
     pub max_train_instances: usize,
+    /// After the cross-validation, train one more model on every slide for the epochs the folds
+    /// chose (their median best epoch): the model `wsimil predict --model RUN:final` applies.
+    #[arg(long)]
+    pub final_model: bool,
     /// Stop after this stage: e.g. tile a cohort and look at the tissue masks before embedding it.
     #[arg(long, value_enum, default_value_t = Until::Predict)]
     pub until: Until,
@@ -557,6 +572,168 @@ pub struct ImportClamArgs {
     pub target: ImportTarget,
 }
 
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Where the embedded run computes (ignored with --nats: the workers choose).
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The model: a run of the store (RUN: its folds' models averaged; RUN:fold-K; RUN:final), a
+    /// model id of the store, or a folder written by `wsimil export-model` or `import-model`.
+    #[arg(long)]
+    pub model: String,
+    /// The round of a run with ICMIL rounds (default: its last).
+    #[arg(long)]
+    pub round: Option<u32>,
+    /// The new cohort: slide_id,path[,label][,mpp]. Labels, when given, must be the model's classes.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Name of the application (default: derived from the model and the cohort, so re-running resumes).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Score features imported under this name instead of slides (for a model trained on them).
+    #[arg(long)]
+    pub features: Option<String>,
+}
+
+/// `wsimil predict`.
+pub async fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    wsimil_worker::slide::ReaderChoice::from_env()?;
+    let store = args.store.open()?;
+    let started = std::time::Instant::now();
+    let card = crate::apply::resolve(&store, &args.model, args.round).await?;
+    let settings = crate::apply::ApplySettings {
+        manifest: args.manifest.clone(),
+        name: args.name.as_deref().map(RunId::new).transpose().context("--name")?,
+        features: args.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
+    };
+    let plan = crate::apply::prepare(&store, &card, &settings).await?;
+    eprintln!(
+        "wsimil: applying model {} ({}) to {} slides as {}, store {}",
+        card.id,
+        card.ensemble,
+        plan.slides.len(),
+        plan.name,
+        store.location()
+    );
+    let dispatcher = dispatcher(&args.nats, &args.compute, &store).await?;
+    let summary = crate::apply::apply(&store, dispatcher.as_ref(), &plan, &card).await?;
+    print!("{}", crate::apply::render(&summary, &store));
+    println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The embedded pool, or the NATS dispatcher when a URL is given.
+async fn dispatcher(
+    nats: &NatsArgs,
+    compute: &ComputeArgs,
+    store: &Store,
+) -> anyhow::Result<Box<dyn crate::dispatch::Dispatcher>> {
+    Ok(if nats.url.is_some() {
+        let (client, queue) = nats.open("wsimil-coordinator").await?;
+        Box::new(crate::jetstream::NatsDispatcher::new(client, queue))
+    } else {
+        let ctx = Arc::new(WorkerContext::new(store.clone(), compute.open()?, "embedded"));
+        Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct ExportModelArgs {
+    /// The model, as `predict --model` takes it (RUN, RUN:fold-K, RUN:final, a model id).
+    pub model: String,
+    #[arg(long)]
+    pub round: Option<u32>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The folder to write (model.json, the classifiers, embedders/).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `wsimil export-model`.
+pub async fn export_model(args: ExportModelArgs) -> anyhow::Result<()> {
+    let store = args.store.open()?;
+    let card = crate::apply::resolve(&store, &args.model, args.round).await?;
+    crate::apply::export(&store, &card, &args.out).await?;
+    println!("model {} ({}) written to {}", card.id, card.ensemble, args.out.display());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ImportModelArgs {
+    /// A state dict saved by the official TransMIL code (github.com/szc19990412/TransMIL): its
+    /// `.pth`, or a PyTorch Lightning `.ckpt` of its ModelInterface.
+    #[arg(long, conflicts_with = "clam", required_unless_present = "clam")]
+    pub transmil: Option<PathBuf>,
+    /// A CLAM_SB checkpoint (github.com/mahmoodlab/CLAM, `s_<fold>_checkpoint.pt`): its attention
+    /// MIL maps onto wsimil's ABMIL.
+    #[arg(long)]
+    pub clam: Option<PathBuf>,
+    /// The classes the checkpoint predicts, in its output order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub classes: Vec<String>,
+    /// The embedder its features came from, with its weights as for `run`.
+    #[arg(long)]
+    pub embedder: Architecture,
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    #[arg(long, conflicts_with = "weights")]
+    pub random_weights: Option<u64>,
+    /// How its slides were tiled: patch side and resolution [default: 256 px at 0.5 µm/px, or the
+    /// embedder's], tissue detection.
+    #[arg(long)]
+    pub patch_px: Option<u32>,
+    #[arg(long)]
+    pub target_mpp: Option<f64>,
+    #[arg(long, value_enum, default_value_t = TissuePreset::Tcga)]
+    pub tissue_preset: TissuePreset,
+    /// The folder to write (as `export-model` does).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `wsimil import-model`.
+pub async fn import_model(args: ImportModelArgs) -> anyhow::Result<()> {
+    let (hint_px, hint_mpp) = args.embedder.tiling_hint().unwrap_or((256, 0.5));
+    let tiling = TilingSpec {
+        patch_px: args.patch_px.unwrap_or(hint_px),
+        target_mpp: args.target_mpp.unwrap_or(hint_mpp),
+        step_fraction: 1.0,
+        min_tissue_fraction: 0.25,
+        tissue: TissueParams::preset(args.tissue_preset),
+    };
+    let weights = match (&args.weights, args.random_weights) {
+        (_, Some(seed)) => Weights::Random(seed),
+        (Some(p), None) => Weights::File(p.clone()),
+        (None, None) => bail!("--embedder {} needs --weights FILE (or --random-weights SEED)", args.embedder),
+    };
+    let embedder = EmbedderChoice {
+        architecture: args.embedder.clone(),
+        weights,
+        batch_size: 16,
+        corrupt_tiles: CorruptTiles::Skip,
+    };
+    let (format, file) = match (&args.transmil, &args.clam) {
+        (Some(f), _) => (crate::apply::Checkpoint::OfficialTransmil, f.clone()),
+        (None, Some(f)) => (crate::apply::Checkpoint::ClamSb, f.clone()),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let card = crate::apply::import_checkpoint(format, &file, &args.classes, &embedder, tiling, &args.out).await?;
+    println!(
+        "model {} ({} from {}, classes {}) written to {}",
+        card.id,
+        format.describe(),
+        file.display(),
+        card.classes.join("/"),
+        args.out.display()
+    );
+    Ok(())
+}
+
 /// `wsimil import-clam`.
 pub async fn import_clam(args: ImportClamArgs) -> anyhow::Result<()> {
     let (name, store) = args.target.open()?;
@@ -598,6 +775,10 @@ pub struct DemoCohortArgs {
     /// Most tumour regions in a positive slide.
     #[arg(long, default_value_t = 3)]
     pub max_regions: usize,
+    /// Slide ids are this and a number: another prefix for a second (external) cohort in the same
+    /// store, whose slides must not reuse the first one's ids.
+    #[arg(long, default_value = "demo-")]
+    pub id_prefix: String,
 }
 
 /// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
@@ -617,14 +798,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         plan.train.model,
         store.location()
     );
-    let dispatcher: Box<dyn crate::dispatch::Dispatcher> = if args.nats.url.is_some() {
-        let (client, queue) = args.nats.open("wsimil-coordinator").await?;
-        Box::new(crate::jetstream::NatsDispatcher::new(client, queue))
-    } else {
-        let ctx = Arc::new(WorkerContext::new(store.clone(), args.compute.open()?, "embedded"));
-        Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
-    };
-    let summary = run::run(&store, dispatcher.as_ref(), &plan, args.until.stage()).await?;
+    let dispatcher = dispatcher(&args.nats, &args.compute, &store).await?;
+    let summary = run::run(&store, dispatcher.as_ref(), &plan, args.until.stage(), args.final_model).await?;
     print!("{}", run::render_summary(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -649,6 +824,7 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
         seed: args.seed,
         radius: (lo, hi),
         max_regions: args.max_regions,
+        id_prefix: args.id_prefix.clone(),
         ..SynthOptions::default()
     };
     let slides = build_cohort(&source, &tumour, &args.out, &opt)?;

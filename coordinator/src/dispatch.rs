@@ -82,7 +82,7 @@ pub fn default_concurrency(kind: JobKind) -> usize {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     match kind {
         JobKind::Tile => cores,
-        JobKind::Predict => cores.div_ceil(2),
+        JobKind::Predict | JobKind::Score => cores.div_ceil(2),
         JobKind::Embed | JobKind::Train | JobKind::Finetune => 1,
     }
 }

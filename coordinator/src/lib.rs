@@ -5,8 +5,10 @@
 //! - [`dispatch`]: getting a stage's jobs done; the embedded in-process pool and the retry rule.
 //! - [`jetstream`]: distributed mode: the NATS JetStream dispatcher, `status`, `retry-failed`.
 //! - [`run`]: the stages in order, and the round's summary (predictions, metrics).
+//! - [`apply`]: a trained model applied to new slides (`wsimil predict`), models as folders.
 //! - [`cli`]: the `wsimil` command line.
 
+pub mod apply;
 pub mod cli;
 pub mod dispatch;
 

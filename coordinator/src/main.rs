@@ -18,6 +18,9 @@ fn main() -> std::process::ExitCode {
         Command::DemoCohort(args) => cli::demo_cohort(args),
         Command::ImportBags(args) => tokio_main(cli::import_bags(args)),
         Command::ImportClam(args) => tokio_main(cli::import_clam(args)),
+        Command::Predict(args) => tokio_main(cli::predict(*args)),
+        Command::ExportModel(args) => tokio_main(cli::export_model(args)),
+        Command::ImportModel(args) => tokio_main(cli::import_model(*args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

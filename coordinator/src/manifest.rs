@@ -21,7 +21,8 @@ pub struct Row {
     pub slide: SlideId,
     /// Absolute, or relative to the manifest's folder.
     pub path: PathBuf,
-    pub label: String,
+    /// Always there in a training manifest; optional in a prediction one ([`Purpose::Prediction`]).
+    pub label: Option<String>,
     pub fold: Option<u32>,
     pub split: Option<Split>,
     pub mpp: Option<f64>,
@@ -75,19 +76,44 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Read and validate a manifest. `classes`, when given, fixes the class order and makes any other
-/// label an error; otherwise classes are the sorted distinct labels.
+/// What a cohort is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Training: every slide has a label, and there are two classes at least.
+    Training,
+    /// A trained model applied to it: labels optional (when given, they must be the model's classes).
+    Prediction,
+}
+
+/// Read and validate a training manifest. `classes`, when given, fixes the class order and makes any
+/// other label an error; otherwise classes are the sorted distinct labels.
 pub fn load(path: &Path, classes: Option<&[String]>) -> Result<Manifest, ManifestError> {
+    load_for(path, classes, Purpose::Training)
+}
+
+/// Read and validate a manifest for `purpose` (every problem at once).
+pub fn load_for(path: &Path, classes: Option<&[String]>, purpose: Purpose) -> Result<Manifest, ManifestError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ManifestError::Unreadable { path: path.to_path_buf(), reason: e.to_string() })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &base, classes)
+    parse_for(&text, &base, classes, purpose)
         .map(|(rows, classes)| Manifest { source: path.to_path_buf(), rows, classes })
         .map_err(|problems| ManifestError::Invalid { path: path.to_path_buf(), problems })
 }
 
-/// Parse manifest text; relative paths resolve against `base`. Returns all problems on failure.
+/// Parse a training manifest's text; relative paths resolve against `base`. Returns all problems
+/// on failure.
 pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec<Row>, Vec<String>), Vec<Problem>> {
+    parse_for(text, base, classes, Purpose::Training)
+}
+
+fn parse_for(
+    text: &str,
+    base: &Path,
+    classes: Option<&[String]>,
+    purpose: Purpose,
+) -> Result<(Vec<Row>, Vec<String>), Vec<Problem>> {
+    let labels_required = purpose == Purpose::Training;
     let mut problems: Vec<Problem> = Vec::new();
     let mut at = |line: Option<usize>, message: String| problems.push(Problem { line, message });
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
@@ -98,13 +124,16 @@ pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec
     let col = |name: &str| headers.iter().position(|h| h == name);
     let (id_c, path_c, label_c) = (col("slide_id"), col("path"), col("label"));
     for (name, c) in [("slide_id", id_c), ("path", path_c), ("label", label_c)] {
-        if c.is_none() {
+        if c.is_none() && (name != "label" || labels_required) {
             at(Some(1), format!("missing required column {name:?} (columns: slide_id,path,label[,fold|split][,mpp])"));
         }
     }
-    let (Some(id_c), Some(path_c), Some(label_c)) = (id_c, path_c, label_c) else {
+    let (Some(id_c), Some(path_c)) = (id_c, path_c) else {
         return Err(problems);
     };
+    if label_c.is_none() && labels_required {
+        return Err(problems);
+    }
     let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
     let mut rows = Vec::new();
@@ -162,7 +191,8 @@ pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec
                 Some(full)
             }
         };
-        let label = match field(Some(label_c)) {
+        let label = match field(label_c) {
+            None if !labels_required => Some(None),
             None => {
                 at(Some(line), format!("{raw_id}: empty label"));
                 None
@@ -179,7 +209,7 @@ pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec
                         );
                     }
                 }
-                Some(l.to_string())
+                Some(Some(l.to_string()))
             }
         };
         let fold = match field(fold_c) {
@@ -230,9 +260,9 @@ pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec
     }
     let classes: Vec<String> = match classes {
         Some(c) => c.to_vec(),
-        None => rows.iter().map(|r| r.label.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+        None => rows.iter().filter_map(|r| r.label.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
     };
-    if !rows.is_empty() && classes.len() < 2 {
+    if labels_required && !rows.is_empty() && classes.len() < 2 {
         problems.push(Problem {
             line: None,
             message: format!("only one class ({}) in the cohort: a classifier needs at least two", classes.join(", ")),
@@ -246,6 +276,11 @@ pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec
 }
 
 impl Manifest {
+    /// The class index of a row of a training manifest (validated: it has a label of a class).
+    pub fn label_index(&self, row: &Row) -> usize {
+        self.class_index(row.label.as_deref().expect("training manifests have a label on every row"))
+    }
+
     pub fn class_index(&self, label: &str) -> usize {
         self.classes.iter().position(|c| c == label).expect("labels validated against classes")
     }

@@ -41,7 +41,7 @@ pub fn assign_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<Fold> {
         distinct.dedup();
         manifest.rows.iter().map(|r| distinct.binary_search(&r.fold.unwrap()).unwrap()).collect()
     } else {
-        stratified_folds(&manifest.rows.iter().map(|r| manifest.class_index(&r.label)).collect::<Vec<_>>(), settings)
+        stratified_folds(&manifest.rows.iter().map(|r| manifest.label_index(r)).collect::<Vec<_>>(), settings)
     };
     let k = fold_of.iter().copied().max().map_or(0, |m| m + 1);
     (0..k)
@@ -135,7 +135,7 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
         .map(|r| PlannedSlide {
             id: r.slide.clone(),
             path: r.path.display().to_string(),
-            label: manifest.class_index(&r.label),
+            label: manifest.label_index(r),
             mpp: r.mpp,
         })
         .collect();
@@ -168,20 +168,70 @@ pub fn derived_run_id(plan: &RunPlan) -> RunId {
     RunId::new(format!("run-{}", content_hash(parts))).expect("safe")
 }
 
+/// A slide as the tile and embed stages see it: its id, file and manifest resolution.
+pub struct SlideRef<'a> {
+    pub id: &'a SlideId,
+    pub path: &'a str,
+    pub mpp: Option<f64>,
+}
+
+/// Refuse slide ids that already name another slide in this store: tiles and features are keyed by
+/// slide id, so a second cohort reusing an id would silently get the first one's patches. Every
+/// conflict at once (the grids are read 16 at a time).
+pub async fn check_slide_identity(store: &Store, tiling: &TilingSpec, slides: &[SlideRef<'_>]) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let id = tiling.id();
+    let found: Vec<anyhow::Result<Option<String>>> = futures::stream::iter(slides.iter().map(|s| {
+        let key = layout::patch_grid(&id, s.id);
+        async move {
+            if !store.exists(&key).await? {
+                return Ok(None);
+            }
+            let grid = wsimil_common::grid::PatchGrid::from_parquet(key.as_ref(), store.get(&key).await?)?;
+            let theirs = grid.provenance.source_path;
+            Ok((theirs != s.path).then(|| format!("{} (here {}, tiled from {theirs})", s.id, s.path)))
+        }
+    }))
+    .buffered(16)
+    .collect()
+    .await;
+    let conflicts: Vec<String> = found.into_iter().collect::<anyhow::Result<Vec<_>>>()?.into_iter().flatten().collect();
+    if !conflicts.is_empty() {
+        bail!(
+            "{} slide id(s) already name other slides in {}: {}{}; slide ids must be unique within a store: rename them in the manifest or use another --store (a slide that only moved: remove tiles/{id}/<slide>.* to tile it again)",
+            conflicts.len(),
+            store.location(),
+            conflicts.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+            if conflicts.len() > 5 { format!("; … {} more", conflicts.len() - 5) } else { String::new() }
+        );
+    }
+    Ok(())
+}
+
 /// Tile jobs for slides without a patch grid.
 pub async fn tile_jobs(store: &Store, plan: &RunPlan) -> Result<Vec<Job>, StoreError> {
-    let tiling = plan.tiling.id();
-    let mut jobs = Vec::new();
     if plan.imported.is_some() {
-        return Ok(jobs); // imported features: nothing to tile
+        return Ok(Vec::new()); // imported features: nothing to tile
     }
-    for s in &plan.slides {
-        if !store.exists(&layout::patch_grid(&tiling, &s.id)).await? {
+    let slides: Vec<SlideRef> = plan.slides.iter().map(|s| SlideRef { id: &s.id, path: &s.path, mpp: s.mpp }).collect();
+    tile_jobs_for(store, &slides, &plan.tiling).await
+}
+
+/// Tile jobs for those of `slides` without a patch grid of `tiling` (runs and applications alike).
+pub async fn tile_jobs_for(
+    store: &Store,
+    slides: &[SlideRef<'_>],
+    tiling: &TilingSpec,
+) -> Result<Vec<Job>, StoreError> {
+    let id = tiling.id();
+    let mut jobs = Vec::new();
+    for s in slides {
+        if !store.exists(&layout::patch_grid(&id, s.id)).await? {
             jobs.push(Job::Tile(TileJob {
                 slide: s.id.clone(),
-                path: s.path.clone(),
+                path: s.path.to_string(),
                 mpp: s.mpp,
-                tiling: plan.tiling.clone(),
+                tiling: tiling.clone(),
             }));
         }
     }
@@ -204,21 +254,33 @@ async fn round_embedders(store: &Store, plan: &RunPlan, round: u32) -> Result<Ve
 /// Embed jobs for slides that have a patch grid but no features from `round`'s embedders. Every
 /// fold's ICMIL embedder embeds every slide: the fold trains, validates and tests on its own.
 pub async fn embed_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec<Job>, StoreError> {
-    let tiling = plan.tiling.id();
-    let mut jobs = Vec::new();
     if plan.imported.is_some() {
-        return Ok(jobs); // imported features: nothing to embed
+        return Ok(Vec::new()); // imported features: nothing to embed
     }
     let specs = round_embedders(store, plan, round).await?;
-    for s in &plan.slides {
-        if !store.exists(&layout::patch_grid(&tiling, &s.id)).await? {
+    let slides: Vec<SlideRef> = plan.slides.iter().map(|s| SlideRef { id: &s.id, path: &s.path, mpp: s.mpp }).collect();
+    embed_jobs_for(store, &slides, &plan.tiling, &specs).await
+}
+
+/// Embed jobs for those of `slides` that have a patch grid of `tiling` but no features from one of
+/// `specs` (runs and applications alike).
+pub async fn embed_jobs_for(
+    store: &Store,
+    slides: &[SlideRef<'_>],
+    tiling: &TilingSpec,
+    specs: &[EmbedderSpec],
+) -> Result<Vec<Job>, StoreError> {
+    let tiling = tiling.id();
+    let mut jobs = Vec::new();
+    for s in slides {
+        if !store.exists(&layout::patch_grid(&tiling, s.id)).await? {
             continue;
         }
-        for spec in &specs {
-            if !store.exists(&layout::features(&spec.id(), &tiling, &s.id)).await? {
+        for spec in specs {
+            if !store.exists(&layout::features(&spec.id(), &tiling, s.id)).await? {
                 jobs.push(Job::Embed(EmbedJob {
                     slide: s.id.clone(),
-                    path: s.path.clone(),
+                    path: s.path.to_string(),
                     tiling: tiling.clone(),
                     embedder: spec.clone(),
                 }));
@@ -315,7 +377,7 @@ mod tests {
             .map(|(i, l)| Row {
                 slide: SlideId::new(format!("s{i}")).unwrap(),
                 path: PathBuf::from(format!("/s{i}.svs")),
-                label: l.to_string(),
+                label: Some(l.to_string()),
                 fold: folds.map(|f| f[i]),
                 split: None,
                 mpp: None,

@@ -115,7 +115,7 @@ pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow
 }
 
 /// SHA-256 of a file, read in blocks (weights files run to gigabytes).
-fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
+pub(crate) fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
     use sha2::Digest;
     use std::io::Read;
     let mut f =
@@ -183,6 +183,11 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
         icmil: settings.icmil.clone(),
     };
     let plan = planner::make_plan(&manifest, settings.run.clone(), parts);
+    if plan.imported.is_none() {
+        let refs: Vec<planner::SlideRef> =
+            plan.slides.iter().map(|s| planner::SlideRef { id: &s.id, path: &s.path, mpp: s.mpp }).collect();
+        planner::check_slide_identity(store, &plan.tiling, &refs).await?;
+    }
     let key = layout::run_plan(&plan.run);
     if store.exists(&key).await? {
         let existing: RunPlan = store.get_json(&key).await?;
@@ -218,6 +223,8 @@ pub struct RoundMetrics {
 pub struct StageReport {
     pub round: u32,
     pub kind: JobKind,
+    /// How the report names it: the kind, with its round after round 0, or `final`.
+    pub label: String,
     pub planned: usize,
     pub outcome: StageOutcome,
 }
@@ -237,14 +244,21 @@ impl RunSummary {
     }
 }
 
-async fn record_failures(store: &Store, run: &RunId, jobs: &[Job], outcome: &StageOutcome) -> anyhow::Result<()> {
+/// Each failed job's record under `prefix` (`runs/<run>/failures`, `applied/<name>/failures`); a
+/// job that succeeded this time clears its old one.
+pub(crate) async fn record_failures(
+    store: &Store,
+    prefix: &object_store::path::Path,
+    jobs: &[Job],
+    outcome: &StageOutcome,
+) -> anyhow::Result<()> {
+    let key = |job: &wsimil_common::ids::JobId| object_store::path::Path::from(format!("{prefix}/{job}.json"));
     for f in &outcome.failed {
-        store.put_json(&layout::failure(run, &f.job), f).await?;
+        store.put_json(&key(&f.job), f).await?;
     }
-    // A job that succeeded this time clears its old failure record.
     for j in jobs {
         if !outcome.failed.iter().any(|f| f.job == j.id()) {
-            store.delete(&layout::failure(run, &j.id())).await?;
+            store.delete(&key(&j.id())).await?;
         }
     }
     Ok(())
@@ -258,18 +272,31 @@ async fn stage(
     kind: JobKind,
     jobs: Vec<Job>,
 ) -> anyhow::Result<StageReport> {
+    let label = if round == 0 { kind.as_str().to_string() } else { format!("r{round} {kind}") };
+    run_stage(store, d, plan, round, kind, label, jobs).await
+}
+
+async fn run_stage(
+    store: &Store,
+    d: &dyn Dispatcher,
+    plan: &RunPlan,
+    round: u32,
+    kind: JobKind,
+    label: String,
+    jobs: Vec<Job>,
+) -> anyhow::Result<StageReport> {
     let planned = jobs.len();
-    d.progress(RunProgress::new(&plan.run, round, plan.icmil_rounds(), kind.as_str())).await;
+    d.progress(RunProgress::new(&plan.run, round, plan.icmil_rounds(), &label)).await;
     if planned == 0 {
-        eprintln!("  {:<8} nothing to do{}", kind.as_str(), round_suffix(round));
-        return Ok(StageReport { round, kind, planned, outcome: StageOutcome::default() });
+        eprintln!("  {label:<8} nothing to do");
+        return Ok(StageReport { round, kind, label, planned, outcome: StageOutcome::default() });
     }
     if round > 0 {
         eprintln!("round {round} of {}: {}", plan.icmil_rounds(), kind.as_str());
     }
     let outcome = d.run_stage(kind, jobs.clone()).await?;
-    record_failures(store, &plan.run, &jobs, &outcome).await?;
-    Ok(StageReport { round, kind, planned, outcome })
+    record_failures(store, &layout::failures_prefix(&plan.run), &jobs, &outcome).await?;
+    Ok(StageReport { round, kind, label, planned, outcome })
 }
 
 fn round_suffix(round: u32) -> String {
@@ -291,12 +318,14 @@ fn round_stages(round: u32) -> &'static [JobKind] {
 }
 
 /// Run round 0's stages up to and including `until`, then (when `until` is the last stage) every
-/// ICMIL round of the plan; summarise each round that predicted.
+/// ICMIL round of the plan; summarise each round that predicted; then, with `final_model`, train
+/// the model on every slide (round 0's features, the folds' median best epoch).
 pub async fn run(
     store: &Store,
     dispatcher: &dyn Dispatcher,
     plan: &RunPlan,
     until: JobKind,
+    final_model: bool,
 ) -> anyhow::Result<RunSummary> {
     let mut stages = Vec::new();
     let mut rounds = Vec::new();
@@ -309,6 +338,7 @@ pub async fn run(
                 JobKind::Train => planner::train_jobs(store, plan, round).await?,
                 JobKind::Predict => planner::predict_jobs(store, plan, round).await?,
                 JobKind::Finetune => planner::finetune_jobs(store, plan, round).await?,
+                JobKind::Score => Vec::new(), // applications only (crate::apply)
             };
             let report = stage(store, dispatcher, plan, round, kind, jobs).await?;
             let failed: Vec<&FailureRecord> = report.outcome.failed.iter().collect();
@@ -332,6 +362,17 @@ pub async fn run(
         if until == JobKind::Predict {
             rounds.push(summarise(store, plan, round).await?);
         }
+    }
+    if final_model && until == JobKind::Predict {
+        let mut jobs = Vec::new();
+        if !store.exists(&layout::final_metrics(&plan.run, 0)).await? {
+            jobs.push(Job::TrainFinal(wsimil_common::job::FinalJob { run: plan.run.clone(), round: 0 }));
+        }
+        let report = run_stage(store, dispatcher, plan, 0, JobKind::Train, "final".into(), jobs).await?;
+        if let Some(f) = report.outcome.failed.first() {
+            bail!("the final model could not be trained: {}", f.reason);
+        }
+        stages.push(report);
     }
     dispatcher.progress(RunProgress::new(&plan.run, last_round, plan.icmil_rounds(), "done")).await;
     Ok(RunSummary { plan: plan.clone(), stages, rounds })
@@ -443,7 +484,7 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
     ));
     for st in &s.stages {
         let o = &st.outcome;
-        let name = if st.round == 0 { st.kind.as_str().to_string() } else { format!("r{} {}", st.round, st.kind) };
+        let name = &st.label;
         out.push_str(&format!(
             "  {:<11} {:>4} planned, {:>4} computed, {:>4} already done, {:>3} failed  {:>7.1} s\n",
             name,

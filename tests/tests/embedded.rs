@@ -70,7 +70,7 @@ async fn run_once(store: &Store, settings: &RunSettings) -> RunSummary {
     let (_, plan) = run::prepare(store, settings).await.unwrap();
     let ctx = Arc::new(WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "test"));
     let d = LocalDispatcher::new(ctx, RetryPolicy { max_attempts: 2, backoff: std::time::Duration::from_millis(10) });
-    run::run(store, &d, &plan, JobKind::Predict).await.unwrap()
+    run::run(store, &d, &plan, JobKind::Predict, false).await.unwrap()
 }
 
 fn stage(s: &RunSummary, kind: JobKind) -> &run::StageReport {
@@ -273,7 +273,7 @@ async fn until_stops_after_the_named_stage() {
     let (_, plan) = run::prepare(&store, &st).await.unwrap();
     let ctx = Arc::new(WorkerContext::new(store.clone(), wsimil_worker::device::Compute::cpu(), "t"));
     let d = LocalDispatcher::new(ctx, RetryPolicy::default());
-    let s = run::run(&store, &d, &plan, JobKind::Tile).await.unwrap();
+    let s = run::run(&store, &d, &plan, JobKind::Tile, false).await.unwrap();
     assert_eq!(s.stages.len(), 1);
     assert_eq!(s.stages[0].outcome.computed, 2);
     assert!(s.metrics().is_none());

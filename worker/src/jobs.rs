@@ -19,16 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::{info, warn};
 use wsimil_common::attention::{AttentionMap, PredictionProvenance};
+use wsimil_common::classifier::{ApplyPlan, Member, ModelCard, ModelId};
 use wsimil_common::features::{EmbeddingProvenance, FeatureBag};
 use wsimil_common::grid::PatchGrid;
 use wsimil_common::ids::{EmbedderId, RunId, SlideId, TilingId};
-use wsimil_common::job::{EmbedJob, FinetuneJob, Job, PredictJob, TileJob, TrainJob};
+use wsimil_common::job::{EmbedJob, FinalJob, FinetuneJob, Job, PredictJob, ScoreJob, TileJob, TrainJob};
 use wsimil_common::layout;
 use wsimil_common::models::embedder::Embedder;
 use wsimil_common::models::params::{load_safetensors, Params};
 use wsimil_common::models::{BagModel, BagModelConfig};
 use wsimil_common::plan::{EmbedderSpec, RunPlan};
-use wsimil_common::records::{EpochRecord, FoldReport, ShardReport};
+use wsimil_common::records::{EpochRecord, FinalReport, FoldReport, ShardReport};
 use wsimil_common::store::{Store, StoreError};
 
 impl From<EmbedError> for JobError {
@@ -63,6 +64,8 @@ pub struct WorkerContext {
     pub name: String,
     /// Embedders loaded for inference.
     embedders: Mutex<HashMap<EmbedderId, Loaded>>,
+    /// Trained models loaded for scoring.
+    models: Mutex<HashMap<ModelId, Arc<LoadedModel>>>,
 }
 
 /// An embedder loaded for inference, with the batch size it runs at here.
@@ -70,7 +73,43 @@ type Loaded = (Arc<dyn Embedder>, usize);
 
 impl WorkerContext {
     pub fn new(store: Store, compute: Compute, name: impl Into<String>) -> Self {
-        WorkerContext { store, compute, name: name.into(), embedders: Mutex::new(HashMap::new()) }
+        WorkerContext {
+            store,
+            compute,
+            name: name.into(),
+            embedders: Mutex::new(HashMap::new()),
+            models: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A trained model's members on this worker's device, loaded once.
+    async fn model(&self, id: &ModelId) -> Result<Arc<LoadedModel>, JobError> {
+        if let Some(m) = self.models.lock().unwrap().get(id) {
+            return Ok(m.clone());
+        }
+        let card: ModelCard = self.store.get_json(&layout::model_card(id)).await?;
+        card.check_compatible().map_err(|e| JobError::Config(format!("model {id}: {e}")))?;
+        let mut weights = Vec::new();
+        for m in &card.members {
+            weights.push((m.clone(), self.store.get(&layout::model_member(id, &m.name)).await?));
+        }
+        let device = self.device().clone();
+        let loaded = blocking(move || {
+            let err = candle_err("loading the model");
+            weights
+                .into_iter()
+                .map(|(m, bytes)| {
+                    let p = Params::new(0);
+                    p.preload(load_safetensors(&bytes, &device).map_err(&err)?)?;
+                    let model = BagModel::new(&m.config, p.var_builder(&device)).map_err(&err)?;
+                    Ok((m, model))
+                })
+                .collect::<Result<Vec<_>, JobError>>()
+        })
+        .await?;
+        let loaded = Arc::new(loaded);
+        self.models.lock().unwrap().insert(id.clone(), loaded.clone());
+        Ok(loaded)
     }
 
     /// The device everything runs on.
@@ -139,6 +178,8 @@ pub async fn execute(ctx: &WorkerContext, job: &Job) -> Result<Done, JobError> {
         Job::Train(j) => train_fold(ctx, j).await,
         Job::Predict(j) => predict(ctx, j).await,
         Job::Finetune(j) => finetune(ctx, j).await,
+        Job::TrainFinal(j) => train_final(ctx, j).await,
+        Job::Score(j) => score(ctx, j).await,
     }
 }
 
@@ -311,7 +352,8 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         };
         let (tr, va, te): (Vec<&Bag>, Vec<&Bag>, Vec<&Bag>) =
             (tr.iter().collect(), va.iter().collect(), te.iter().collect());
-        let trained = train::train(&model_cfg, &cfg, &tr, &va, seed, &device, &mut log).map_err(&err)?;
+        let trained =
+            train::train(&model_cfg, &cfg, &tr, &va, train::Stop::Early, seed, &device, &mut log).map_err(&err)?;
         let (predictions, test_metrics) = train::test(&trained.model, &te, n_classes).map_err(&err)?;
         let report = FoldReport {
             fold: fold_no,
@@ -381,22 +423,189 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
             round: job.round,
             fold,
             classes: plan.classes.clone(),
-            label,
+            label: Some(label),
             probs,
             model: plan.train.model.to_string(),
             embedder: bag.provenance.embedder.clone(),
         },
     };
-    // A heatmap needs the thumbnail and patch geometry of a slide wsimil tiled itself.
-    if let (Some(tp), Some(tid)) = (&bag.provenance.tiling, &bag.provenance.tiling_id) {
-        let tiling = wsimil_common::ids::TilingId::new(tid.clone()).map_err(|e| JobError::Input(e.to_string()))?;
-        let thumb_bytes = ctx.store.get(&layout::thumbnail(&tiling, &job.slide)).await?;
-        let thumb = image::load_from_memory(&thumb_bytes)
-            .map_err(|e| JobError::Input(format!("{}: thumbnail: {e}", job.slide)))?
-            .to_rgb8();
-        let img = heatmap::render(&thumb, tp.level0_width, &bag.xs, &bag.ys, tp.patch_level0, &attention);
-        ctx.store.put(&layout::heatmap(&job.run, job.round, &job.slide), png_bytes_rgb(&img)).await?;
+    write_heatmap(ctx, &job.slide, &bag, &attention, &layout::heatmap(&job.run, job.round, &job.slide)).await?;
+    ctx.store.put(&att_key, map.to_parquet()?).await?;
+    Ok(Done::Computed)
+}
+
+/// The attention heatmap of `bag`'s slide under `key`, when wsimil tiled the slide (the thumbnail and
+/// the patch geometry are needed).
+async fn write_heatmap(
+    ctx: &WorkerContext,
+    slide: &SlideId,
+    bag: &FeatureBag,
+    attention: &[f32],
+    key: &object_store::path::Path,
+) -> Result<(), JobError> {
+    let (Some(tp), Some(tid)) = (&bag.provenance.tiling, &bag.provenance.tiling_id) else { return Ok(()) };
+    let tiling = TilingId::new(tid.clone()).map_err(|e| JobError::Input(e.to_string()))?;
+    let thumb_bytes = ctx.store.get(&layout::thumbnail(&tiling, slide)).await?;
+    let thumb = image::load_from_memory(&thumb_bytes)
+        .map_err(|e| JobError::Input(format!("{slide}: thumbnail: {e}")))?
+        .to_rgb8();
+    let img = heatmap::render(&thumb, tp.level0_width, &bag.xs, &bag.ys, tp.patch_level0, attention);
+    ctx.store.put(key, png_bytes_rgb(&img)).await?;
+    Ok(())
+}
+
+/// A run's final model: every slide of the cohort trains, for the median of the folds' best
+/// epochs, no validation set (the cross-validation chose the epochs). Round 0 only: an ICMIL
+/// round gives each fold an embedder of its own.
+async fn train_final(ctx: &WorkerContext, job: &FinalJob) -> Result<Done, JobError> {
+    let report_key = layout::final_metrics(&job.run, job.round);
+    if ctx.store.exists(&report_key).await? {
+        return Ok(Done::AlreadyDone);
     }
+    if job.round != 0 {
+        return Err(JobError::Config(format!(
+            "run {}: a final model trains on round 0's features (ICMIL round {} gives each fold its own embedder)",
+            job.run, job.round
+        )));
+    }
+    let started = Instant::now();
+    let plan = load_plan(&ctx.store, &job.run).await?;
+    let mut best_epochs = Vec::new();
+    for k in 0..plan.folds.len() as u32 {
+        let report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, job.round, k)).await?;
+        best_epochs.push(report.best_epoch);
+    }
+    if best_epochs.is_empty() {
+        return Err(JobError::Input(format!("run {}: no fold was trained to choose the epochs from", job.run)));
+    }
+    let mut sorted = best_epochs.clone();
+    sorted.sort_unstable();
+    let epochs = sorted[sorted.len() / 2] + 1;
+    let ids: Vec<SlideId> = plan.slides.iter().map(|s| s.id.clone()).collect();
+    let (bags, missing) = load_bags(ctx, &plan.round_feature_ids(&ctx.store, 0, 0).await?, &ids).await?;
+    if !missing.is_empty() {
+        warn!(?missing, "slides without features are left out of the final model");
+    }
+    if bags.is_empty() {
+        return Err(JobError::Input(format!("run {}: no slide has features", job.run)));
+    }
+    let model_cfg = BagModelConfig::new(plan.train.model, bags[0].dim, plan.classes.len())
+        .with_dropout(plan.train.dropout)
+        .with_landmarks(plan.train.landmarks);
+    let (device, cfg, plan2) = (ctx.device().clone(), plan.train.clone(), plan.clone());
+    let (report, weights) = blocking(move || {
+        let err = candle_err("training the final model");
+        let all: Vec<Bag> = bags
+            .iter()
+            .map(|b| Bag::from_features(b, label_of(&plan2, &b.provenance.slide), &device).map_err(&err))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&Bag> = all.iter().collect();
+        let seed = cfg.seed ^ 0xf1a1;
+        let trained =
+            train::train(&model_cfg, &cfg, &refs, &[], train::Stop::After(epochs), seed, &device, &mut |_| {})
+                .map_err(&err)?;
+        let report = FinalReport {
+            model: model_cfg,
+            train: cfg,
+            n_train: refs.len(),
+            epochs,
+            fold_best_epochs: best_epochs,
+            curve: trained.curve,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok((report, trained.params.to_safetensors().map_err(&err)?))
+    })
+    .await?;
+    ctx.store.put(&layout::final_model(&job.run, job.round), weights).await?;
+    ctx.store.put_json(&report_key, &report).await?;
+    info!(run = %job.run, epochs = report.epochs, slides = report.n_train, "final model trained");
+    Ok(Done::Computed)
+}
+
+/// A model's members, built on this worker's device: loaded once per worker and model.
+pub type LoadedModel = Vec<(Member, BagModel)>;
+
+/// Apply a model to one slide of an application: each member's probabilities and attention from
+/// the slide's features from the member's embedder, the probabilities averaged, the attention
+/// averaged when the members saw the same patches (else the first member's). The attention map,
+/// with the prediction in its provenance, is written last (the slide's "done").
+async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
+    let att_key = layout::applied_attention(&job.app, &job.slide);
+    if ctx.store.exists(&att_key).await? {
+        return Ok(Done::AlreadyDone);
+    }
+    let app: ApplyPlan = ctx.store.get_json(&layout::applied_plan(&job.app)).await?;
+    let slide = app
+        .slide(&job.slide)
+        .ok_or_else(|| JobError::Input(format!("{}: not in application {}", job.slide, job.app)))?
+        .clone();
+    let model = ctx.model(&app.model).await?;
+    let mut bags = Vec::new();
+    for (m, _) in model.iter() {
+        let ids = app.features_of(&m.embedder);
+        let (found, _) = load_bags(ctx, &ids, std::slice::from_ref(&job.slide)).await?;
+        let bag = found
+            .into_iter()
+            .next()
+            .ok_or_else(|| JobError::Input(format!("{}: no features from {} to score with", job.slide, ids.0)))?;
+        // Features must come from the embedder (and tiling) the member was trained on.
+        let p = &bag.provenance;
+        if p.embedder != ids.0.as_str() || p.feature_dim != m.config.in_dim() {
+            return Err(JobError::Input(format!(
+                "{}: features from {} ({} wide), but {} of model {} was trained on {} ({} wide)",
+                job.slide,
+                p.embedder,
+                p.feature_dim,
+                m.name,
+                app.model,
+                ids.0,
+                m.config.in_dim()
+            )));
+        }
+        bags.push(bag);
+    }
+    let device = ctx.device().clone();
+    let (model2, bags2) = (model.clone(), bags.clone());
+    let (probs, attention) = blocking(move || {
+        let err = candle_err("scoring");
+        let mut probs: Vec<f64> = Vec::new();
+        let mut attention: Vec<Vec<f32>> = Vec::new();
+        for ((_, m), bag) in model2.iter().zip(&bags2) {
+            let x = Tensor::from_vec(bag.features.clone(), (1, bag.len(), bag.dim), &device).map_err(&err)?;
+            let (p, a) = train::predict(m, &x, true).map_err(&err)?;
+            if probs.is_empty() {
+                probs = vec![0.0; p.len()];
+            }
+            probs.iter_mut().zip(&p).for_each(|(s, v)| *s += v / model2.len() as f64);
+            attention.push(a.unwrap_or_default());
+        }
+        let same = bags2.iter().all(|b| b.xs == bags2[0].xs && b.ys == bags2[0].ys);
+        let att = if same {
+            let n = attention.len() as f32;
+            (0..attention[0].len()).map(|i| attention.iter().map(|a| a[i]).sum::<f32>() / n).collect()
+        } else {
+            attention.swap_remove(0)
+        };
+        Ok((probs, att))
+    })
+    .await?;
+    let bag = &bags[0];
+    let map = AttentionMap {
+        xs: bag.xs.clone(),
+        ys: bag.ys.clone(),
+        attention: attention.clone(),
+        provenance: PredictionProvenance {
+            slide: job.slide.to_string(),
+            round: 0,
+            fold: 0,
+            classes: app.classes.clone(),
+            label: slide.label,
+            probs,
+            model: app.model.to_string(),
+            embedder: bag.provenance.embedder.clone(),
+        },
+    };
+    write_heatmap(ctx, &job.slide, bag, &attention, &layout::applied_heatmap(&job.app, &job.slide)).await?;
     ctx.store.put(&att_key, map.to_parquet()?).await?;
     Ok(Done::Computed)
 }

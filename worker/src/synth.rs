@@ -30,6 +30,9 @@ pub struct SynthOptions {
     /// Most regions planted in a positive slide.
     pub max_regions: usize,
     pub tiff: TiffOptions,
+    /// Slide ids are this and a number (`demo-000`): another prefix keeps a second cohort's ids
+    /// apart from the first's in one store.
+    pub id_prefix: String,
 }
 
 impl Default for SynthOptions {
@@ -42,6 +45,7 @@ impl Default for SynthOptions {
             radius: (140.0, 300.0),
             max_regions: 3,
             tiff: TiffOptions::default(),
+            id_prefix: "demo-".into(),
         }
     }
 }
@@ -183,7 +187,7 @@ pub fn build_cohort(
     let mut slides = Vec::new();
     for (i, positive) in labels.into_iter().enumerate() {
         let mut srng = rng.fork(i as u64);
-        let id = format!("demo-{i:03}");
+        let id = format!("{}{i:03}", opt.id_prefix);
         // A transform whose output has the requested orientation.
         let k = loop {
             let k = srng.below(8);

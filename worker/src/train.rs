@@ -93,13 +93,25 @@ fn subsample(bag: &Tensor, n: usize, max: usize, rng: &mut Rng) -> candle_core::
     bag.index_select(&idx, 1)
 }
 
-/// Train a bag classifier on `train`, early-stopping on `val` (on the training loss when `val` is
-/// empty). `log` receives one line per epoch.
+/// When training stops and which epoch's weights are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Early stopping on the validation loss (the training loss when there is no validation
+    /// set), `patience` epochs at most without improving; the best epoch's weights are kept.
+    Early,
+    /// Exactly this many epochs, the last one's weights kept (a final model, whose epoch count the
+    /// cross-validation chose).
+    After(usize),
+}
+
+/// Train a bag classifier on `train`, stopping as `stop` says. `log` receives one line per epoch.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     model_cfg: &BagModelConfig,
     cfg: &TrainConfig,
     train: &[&Bag],
     val: &[&Bag],
+    stop: Stop,
     seed: u64,
     device: &Device,
     log: &mut dyn FnMut(&EpochRecord),
@@ -116,7 +128,11 @@ pub fn train(
     let mut curve = Vec::new();
     let mut since_best = 0;
     let mut order: Vec<usize> = (0..train.len()).collect();
-    for epoch in 0..cfg.max_epochs {
+    let epochs = match stop {
+        Stop::Early => cfg.max_epochs,
+        Stop::After(n) => n,
+    };
+    for epoch in 0..epochs {
         rng.shuffle(&mut order);
         let mut grads = None;
         let mut pending = 0;
@@ -143,6 +159,12 @@ pub fn train(
         let rec = EpochRecord { epoch, train_loss, val_loss };
         log(&rec);
         curve.push(rec);
+        if let Stop::After(n) = stop {
+            if epoch + 1 == n {
+                best = Some((val_loss, epoch, params.snapshot()?));
+            }
+            continue;
+        }
         if best.as_ref().is_none_or(|(l, _, _)| val_loss < *l) {
             best = Some((val_loss, epoch, params.snapshot()?));
             since_best = 0;
@@ -216,7 +238,7 @@ mod tests {
             bags.iter().partition(|b| b.slide.trim_start_matches('s').parse::<usize>().unwrap() < 30);
         let cfg = TrainConfig { max_epochs: 30, patience: 30, lr: 5e-3, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
-        let run = |seed| train(&mcfg, &cfg, &tr, &[], seed, &Device::Cpu, &mut |_| {}).unwrap();
+        let run = |seed| train(&mcfg, &cfg, &tr, &[], Stop::Early, seed, &Device::Cpu, &mut |_| {}).unwrap();
         let a = run(7);
         let (_, m) = test(&a.model, &te, 2).unwrap();
         let auc = m.unwrap().auc.unwrap();
@@ -239,11 +261,22 @@ mod tests {
         let val: Vec<&Bag> = flipped.iter().collect();
         let cfg = TrainConfig { max_epochs: 40, patience: 3, lr: 1e-2, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
-        let t = train(&mcfg, &cfg, &refs, &val, 0, &Device::Cpu, &mut |_| {}).unwrap();
+        let t = train(&mcfg, &cfg, &refs, &val, Stop::Early, 0, &Device::Cpu, &mut |_| {}).unwrap();
         assert!(t.curve.len() < 40, "stopped early after {} epochs", t.curve.len());
         let best = t.curve.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)).unwrap();
         assert_eq!(t.best_epoch, best.epoch);
         let now = mean_loss(&t.model, &val).unwrap();
         assert!((now - best.val_loss).abs() < 1e-6, "restored weights give the best val loss");
+    }
+
+    #[test]
+    fn a_fixed_epoch_count_trains_exactly_that_long_and_keeps_the_last_epoch() {
+        let bags = toy_bags(12, 3);
+        let refs: Vec<&Bag> = bags.iter().collect();
+        // Patience 1 would stop an early-stopping run at once; a fixed count ignores it.
+        let cfg = TrainConfig { max_epochs: 50, patience: 1, lr: 1e-2, ..TrainConfig::default() };
+        let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
+        let t = train(&mcfg, &cfg, &refs, &[], Stop::After(7), 0, &Device::Cpu, &mut |_| {}).unwrap();
+        assert_eq!((t.curve.len(), t.best_epoch), (7, 6));
     }
 }

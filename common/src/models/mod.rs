@@ -111,6 +111,21 @@ impl BagModelConfig {
         }
     }
 
+    /// The width of the instance features it takes.
+    pub fn in_dim(&self) -> usize {
+        match self {
+            BagModelConfig::Transmil(c) => c.in_dim,
+            BagModelConfig::Abmil(c) => c.in_dim,
+        }
+    }
+
+    pub fn n_classes(&self) -> usize {
+        match self {
+            BagModelConfig::Transmil(c) => c.n_classes,
+            BagModelConfig::Abmil(c) => c.n_classes,
+        }
+    }
+
     /// Set TransMIL's landmarks (no effect on ABMIL).
     pub fn with_landmarks(mut self, m: usize) -> Self {
         if let BagModelConfig::Transmil(c) = &mut self {

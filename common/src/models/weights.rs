@@ -196,23 +196,35 @@ pub fn check(
     needed: &[super::vit::TensorSpec],
     ignorable: &dyn Fn(&str) -> bool,
 ) -> Result<(), WeightsError> {
+    let shapes: BTreeMap<String, Vec<usize>> = file.index.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+    check_shapes(&file.path, &shapes, architecture, needed, ignorable)
+}
+
+/// [`check`] over tensors' shapes by name (of the file at `path`, perhaps renamed).
+pub fn check_shapes(
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    architecture: &str,
+    needed: &[super::vit::TensorSpec],
+    ignorable: &dyn Fn(&str) -> bool,
+) -> Result<(), WeightsError> {
     let mut missing = Vec::new();
     let mut misshaped = Vec::new();
     for s in needed {
-        match file.index.get(&s.name) {
+        match shapes.get(&s.name) {
             None => missing.push(s.name.clone()),
-            Some(e) if e.shape != s.shape => misshaped.push((s.name.clone(), e.shape.clone(), s.shape.clone())),
+            Some(shape) if *shape != s.shape => misshaped.push((s.name.clone(), shape.clone(), s.shape.clone())),
             Some(_) => {}
         }
     }
     let known: std::collections::HashSet<&str> = needed.iter().map(|s| s.name.as_str()).collect();
     let unexpected: Vec<String> =
-        file.index.keys().filter(|n| !known.contains(n.as_str()) && !ignorable(n)).cloned().collect();
+        shapes.keys().filter(|n| !known.contains(n.as_str()) && !ignorable(n)).cloned().collect();
     if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {
         return Ok(());
     }
     Err(WeightsError::Mismatch {
-        path: file.path.clone(),
+        path: path.to_path_buf(),
         architecture: architecture.into(),
         missing,
         unexpected,

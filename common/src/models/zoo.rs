@@ -350,6 +350,16 @@ impl Architecture {
         }
     }
 
+    /// The width of the features (known without building the network).
+    pub fn feature_dim(&self) -> Option<usize> {
+        match self {
+            Architecture::EfficientNetLite0 => Some(1280),
+            Architecture::ResNet50Trunc => Some(1024),
+            Architecture::Vit(_) | Architecture::Timm(_) => self.vit_config().map(|c| c.feature_dim()),
+            Architecture::Imported => None,
+        }
+    }
+
     /// The patch side and resolution the encoder is used at, when it says (the ViT presets).
     pub fn tiling_hint(&self) -> Option<(u32, f64)> {
         match self {

@@ -292,11 +292,16 @@ pub fn count(states: &[JobStatus], kind: &str, state: JobState) -> usize {
 /// A small semi-synthetic cohort (real tissue) in `dir`, plus, if asked, OpenSlide's corrupt
 /// `unreadable.svs` as slide `corrupt`. Returns the manifest.
 pub fn cohort(dir: &Path, slides: usize, width: u32, height: u32, corrupt: bool) -> PathBuf {
+    cohort_seeded(dir, slides, width, height, corrupt, 0)
+}
+
+/// [`cohort`] with another seed: other slides, other tumour regions (an external cohort).
+pub fn cohort_seeded(dir: &Path, slides: usize, width: u32, height: u32, corrupt: bool, seed: u64) -> PathBuf {
     use wsimil_worker::synth::{build_cohort, read_level0, SynthOptions};
     let src = wsimil_worker::slide::open(&data("cmu_small_region.svs")).unwrap();
     let source = read_level0(src.as_ref()).unwrap();
     let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
-    let opt = SynthOptions { slides, width, height, radius: (120.0, 180.0), ..SynthOptions::default() };
+    let opt = SynthOptions { slides, width, height, seed, radius: (120.0, 180.0), ..SynthOptions::default() };
     build_cohort(&source, &tumour, dir, &opt).unwrap();
     let manifest = dir.join("manifest.csv");
     if corrupt {

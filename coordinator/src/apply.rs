@@ -1,0 +1,688 @@
+//! Applying a trained model to new slides (`wsimil predict`): external validation and deployment.
+//!
+//! A model ([`ModelCard`]) is a run's fold models (an ensemble: their class probabilities are
+//! averaged), one fold's model, a run's final model (`--final-model`), a folder written by
+//! `wsimil export-model` (from any store or machine), or a checkpoint trained elsewhere
+//! (`wsimil import-model`). Whatever its source, it is registered in the store once under
+//! `models/<id>/` with every member's weights, so workers read it from there.
+//!
+//! An application ([`ApplyPlan`], `applied/<name>/`) tiles the new slides with the model's tiling
+//! and embeds them with its members' embedders (what the store already holds is reused: the keys
+//! are content-addressed), scores each slide (a `score` job: probabilities, attention, heatmap),
+//! and summarises: predictions as Parquet and CSV and, when the manifest has labels, metrics with
+//! bootstrap 95% confidence intervals. Embedded and `--nats` alike, through the same dispatcher.
+
+use crate::dispatch::{Dispatcher, StageOutcome};
+use crate::manifest::{self, Purpose};
+use crate::planner::{self, SlideRef};
+use anyhow::{bail, Context};
+use arrow_array::{Float64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use wsimil_common::attention::AttentionMap;
+use wsimil_common::classifier::{AppliedSlide, ApplyPlan, Member, ModelCard, ModelId, ModelSource, TrainingSummary};
+use wsimil_common::ids::{content_hash, sha256_hex, EmbedderId, RunId};
+use wsimil_common::job::{FailureRecord, Job, JobKind, ScoreJob};
+use wsimil_common::layout;
+use wsimil_common::metrics::{evaluate_ci, MetricsCi};
+use wsimil_common::models::zoo::Architecture;
+use wsimil_common::plan::RunPlan;
+use wsimil_common::records::{EmbedderCard, FinalReport, FoldReport};
+use wsimil_common::store::Store;
+use wsimil_common::table::write_parquet;
+
+/// Which of a run's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Members {
+    /// Every fold's model of the round, probabilities averaged.
+    Folds,
+    Fold(u32),
+    /// The model trained on every slide (`wsimil run --final-model`).
+    Final,
+}
+
+/// The model `spec` names, registered in `store`: a folder written by `export-model` (a path with
+/// a `model.json`), a model already in the store (`models/<id>/`), or a run of the store as
+/// `RUN`, `RUN:fold-K` or `RUN:final`, of its last round unless `round` is given.
+pub async fn resolve(store: &Store, spec: &str, round: Option<u32>) -> anyhow::Result<ModelCard> {
+    let dir = Path::new(spec);
+    if dir.join("model.json").is_file() {
+        return import_folder(store, dir).await;
+    }
+    if let Ok(id) = ModelId::new(spec) {
+        if store.exists(&layout::model_card(&id)).await? {
+            let card: ModelCard = store.get_json(&layout::model_card(&id)).await?;
+            card.check_compatible().map_err(|e| anyhow::anyhow!("model {id}: {e}"))?;
+            return Ok(card);
+        }
+    }
+    let (run, which) = match spec.split_once(':') {
+        None => (spec, Members::Folds),
+        Some((run, "final")) => (run, Members::Final),
+        Some((run, fold)) => {
+            let k = fold
+                .strip_prefix("fold-")
+                .and_then(|k| k.parse().ok())
+                .with_context(|| format!("--model {spec}: after the run, :fold-K or :final (e.g. {run}:fold-0)"))?;
+            (run, Members::Fold(k))
+        }
+    };
+    let run = RunId::new(run).with_context(|| format!("--model {spec}"))?;
+    let key = layout::run_plan(&run);
+    if !store.exists(&key).await? {
+        bail!(
+            "--model {spec}: no model folder at that path (with a model.json), no model {spec} and no run {run} in {}",
+            store.location()
+        );
+    }
+    let plan: RunPlan = store.get_json(&key).await?;
+    let round = round.unwrap_or(if which == Members::Final { 0 } else { plan.icmil_rounds() });
+    from_run(store, &plan, round, which).await
+}
+
+/// A run's model, registered under `models/<id>/`.
+pub async fn from_run(store: &Store, plan: &RunPlan, round: u32, which: Members) -> anyhow::Result<ModelCard> {
+    let folds: Vec<u32> = match which {
+        Members::Folds => (0..plan.folds.len() as u32).collect(),
+        Members::Fold(k) if (k as usize) < plan.folds.len() => vec![k],
+        Members::Fold(k) => bail!("run {} has {} folds: no fold {k}", plan.run, plan.folds.len()),
+        Members::Final => Vec::new(),
+    };
+    let mut members = Vec::new();
+    let mut weights = Vec::new();
+    for k in folds {
+        let key = layout::fold_metrics(&plan.run, round, k);
+        if !store.exists(&key).await? {
+            bail!(
+                "run {} round {round}: fold {k} is not trained ({key} is missing); run it to the end first",
+                plan.run
+            );
+        }
+        let report: FoldReport = store.get_json(&key).await?;
+        let bytes = store.get(&layout::fold_model(&plan.run, round, k)).await?;
+        let embedder = plan.fold_embedder(store, round, k).await?;
+        members.push(Member {
+            name: format!("fold-{k}"),
+            config: report.model,
+            weights_sha256: sha256_hex(&bytes),
+            embedder,
+        });
+        weights.push(bytes);
+    }
+    let mut epochs = None;
+    if which == Members::Final {
+        if round != 0 {
+            bail!("run {}: the final model is trained on round 0's features, not round {round}'s", plan.run);
+        }
+        let key = layout::final_metrics(&plan.run, 0);
+        if !store.exists(&key).await? {
+            bail!("run {} has no final model: run it again with --final-model", plan.run);
+        }
+        let report: FinalReport = store.get_json(&key).await?;
+        let bytes = store.get(&layout::final_model(&plan.run, 0)).await?;
+        epochs = Some(report.epochs);
+        members.push(Member {
+            name: "final".into(),
+            config: report.model,
+            weights_sha256: sha256_hex(&bytes),
+            embedder: plan.embedder.clone(),
+        });
+        weights.push(bytes);
+    }
+    let cv: Option<crate::run::RoundMetrics> = store.get_json(&layout::round_metrics(&plan.run, round)).await.ok();
+    let per_class = (0..plan.classes.len()).map(|c| plan.slides.iter().filter(|s| s.label == c).count()).collect();
+    let training = TrainingSummary {
+        slides: plan.slides.len(),
+        per_class,
+        cv_auc_mean: cv.as_ref().and_then(|m| m.auc.map(|a| a.mean)),
+        cv_auc_sd: cv.as_ref().and_then(|m| m.auc.map(|a| a.sd)),
+        cv_auc_pooled: cv.as_ref().and_then(|m| m.pooled.as_ref().and_then(|p| p.auc)),
+        epochs,
+    };
+    let what = match which {
+        Members::Folds => "folds".to_string(),
+        Members::Fold(k) => format!("fold-{k}"),
+        Members::Final => "final".into(),
+    };
+    let source = ModelSource::Run { run: plan.run.clone(), round, members: what.clone() };
+    let hint = format!("{}-r{round}-{what}", plan.run);
+    let card = ModelCard::new(&hint, plan.classes.clone(), members, plan.tiling.clone(), source, Some(training));
+    register(store, &card, weights).await?;
+    Ok(card)
+}
+
+/// Put a model's members and card under `models/<id>/` unless already there.
+pub async fn register(store: &Store, card: &ModelCard, weights: Vec<bytes::Bytes>) -> anyhow::Result<()> {
+    if store.exists(&layout::model_card(&card.id)).await? {
+        return Ok(());
+    }
+    for (m, bytes) in card.members.iter().zip(weights) {
+        store.put(&layout::model_member(&card.id, &m.name), bytes).await?;
+    }
+    // The card last: its presence means the model is whole.
+    store.put_json(&layout::model_card(&card.id), card).await?;
+    Ok(())
+}
+
+/// Write `card`'s model as a self-contained folder: `model.json`, each member's safetensors, and
+/// the embedders' weights and cards under `embedders/` (so that the folder alone applies anywhere).
+pub async fn export(store: &Store, card: &ModelCard, out: &Path) -> anyhow::Result<()> {
+    let io = |what: &Path| format!("{}: cannot write", what.display());
+    std::fs::create_dir_all(out.join("embedders")).with_context(|| io(out))?;
+    for m in &card.members {
+        let bytes = store.get(&layout::model_member(&card.id, &m.name)).await?;
+        let p = out.join(format!("{}.safetensors", m.name));
+        std::fs::write(&p, &bytes).with_context(|| io(&p))?;
+    }
+    for e in card.embedders() {
+        if e.weights.starts_with("random-") || e.architecture == Architecture::Imported {
+            continue; // nothing to carry: seeded random weights, or features imported by name
+        }
+        let id = e.id();
+        let weights = store.get(&layout::embedder_weights(&id)).await?;
+        let p = out.join(format!("embedders/{id}.safetensors"));
+        std::fs::write(&p, &weights).with_context(|| io(&p))?;
+        if let Ok(c) = store.get(&layout::embedder_card(&id)).await {
+            let p = out.join(format!("embedders/{id}.json"));
+            std::fs::write(&p, &c).with_context(|| io(&p))?;
+        }
+    }
+    let p = out.join("model.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(card)?).with_context(|| io(&p))?;
+    Ok(())
+}
+
+/// Register a folder written by [`export`] (or `import-model`) in `store`: its card checked, every
+/// member's weights checked against the SHA-256 the card records, its embedders' weights put under
+/// their content addresses.
+pub async fn import_folder(store: &Store, dir: &Path) -> anyhow::Result<ModelCard> {
+    let path = dir.join("model.json");
+    let card: ModelCard = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("{}", path.display()))?)
+        .with_context(|| format!("{}: not a wsimil model card", path.display()))?;
+    card.check_compatible().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut weights = Vec::new();
+    for m in &card.members {
+        let p = dir.join(format!("{}.safetensors", m.name));
+        let bytes =
+            std::fs::read(&p).with_context(|| format!("{}: the model's member {} is missing", p.display(), m.name))?;
+        if sha256_hex(&bytes) != m.weights_sha256 {
+            bail!("{}: its SHA-256 is not the one model.json records (a damaged or replaced file)", p.display());
+        }
+        weights.push(bytes::Bytes::from(bytes));
+    }
+    for e in card.embedders() {
+        if e.weights.starts_with("random-") || e.architecture == Architecture::Imported {
+            continue;
+        }
+        let id = e.id();
+        if store.exists(&layout::embedder_weights(&id)).await? {
+            continue;
+        }
+        let p = dir.join(format!("embedders/{id}.safetensors"));
+        let bytes =
+            std::fs::read(&p).with_context(|| format!("{}: the model's embedder {id} is missing", p.display()))?;
+        store.put(&layout::embedder_weights(&id), bytes).await?;
+        let cp = dir.join(format!("embedders/{id}.json"));
+        let embedder_card = match std::fs::read(&cp) {
+            Ok(c) => serde_json::from_slice::<EmbedderCard>(&c).with_context(|| format!("{}", cp.display()))?,
+            Err(_) => EmbedderCard {
+                id: id.clone(),
+                architecture: e.architecture.to_string(),
+                weights_sha256: e.weights.clone(),
+                source: Some(p.display().to_string()),
+                parent: None,
+                lineage: None,
+                output: None,
+                feature_dim: None,
+                wsimil_version: None,
+            },
+        };
+        store.put_json(&layout::embedder_card(&id), &embedder_card).await?;
+    }
+    register(store, &card, weights).await?;
+    Ok(card)
+}
+
+/// What `wsimil predict` is asked to do.
+#[derive(Debug, Clone)]
+pub struct ApplySettings {
+    /// The new cohort: slide_id,path[,label][,mpp].
+    pub manifest: PathBuf,
+    /// The application's name (default: derived from the model and the cohort, so re-running
+    /// resumes).
+    pub name: Option<RunId>,
+    /// Score features imported under this name (`import-bags`, `import-clam`) instead of slides.
+    pub features: Option<EmbedderId>,
+}
+
+/// Check the cohort against the model and write (or check) the application's plan. Refused, each
+/// naming what differs: labels the model does not know (every one at once, with its line),
+/// imported features that are not the ones the model was trained on.
+pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) -> anyhow::Result<ApplyPlan> {
+    let m = manifest::load_for(&settings.manifest, Some(&card.classes), Purpose::Prediction)?;
+    let embedders = card.embedders();
+    match &settings.features {
+        Some(name) => {
+            let theirs = embedders.iter().find(|e| e.architecture == Architecture::Imported && &e.id() == name);
+            if theirs.is_none() || embedders.len() != 1 {
+                bail!(
+                    "--features {name}: model {} was trained on features from {}, not on {name}; its features must come from the embedder and tiling it was trained with",
+                    card.id,
+                    embedders.iter().map(|e| e.id().to_string()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        None => {
+            if let Some(e) = embedders.iter().find(|e| e.architecture == Architecture::Imported) {
+                bail!(
+                    "model {} was trained on features imported as {} (no embedder to embed slides with): score features imported the same way with --features {}",
+                    card.id,
+                    e.id(),
+                    e.id()
+                );
+            }
+            for e in &embedders {
+                if !e.weights.starts_with("random-") && !store.exists(&layout::embedder_weights(&e.id())).await? {
+                    bail!("model {}: its embedder {} is not in {} (export the model with its embedders: wsimil export-model)", card.id, e.id(), store.location());
+                }
+            }
+        }
+    }
+    let slides: Vec<AppliedSlide> = m
+        .rows
+        .iter()
+        .map(|r| AppliedSlide {
+            id: r.slide.clone(),
+            path: r.path.display().to_string(),
+            label: r.label.as_deref().map(|l| m.class_index(l)),
+            mpp: r.mpp,
+        })
+        .collect();
+    if settings.features.is_none() {
+        let refs: Vec<SlideRef> = slides.iter().map(|s| SlideRef { id: &s.id, path: &s.path, mpp: s.mpp }).collect();
+        planner::check_slide_identity(store, &card.tiling, &refs).await?;
+    }
+    let name = match &settings.name {
+        Some(n) => n.clone(),
+        None => {
+            let key = serde_json::to_vec(&(&card.id, &slides, &settings.features))?;
+            RunId::new(format!("apply-{}", content_hash([key.as_slice()]))).expect("safe")
+        }
+    };
+    let plan = ApplyPlan {
+        name: name.clone(),
+        model: card.id.clone(),
+        classes: card.classes.clone(),
+        slides,
+        tiling: card.tiling.clone(),
+        embedders,
+        imported: settings.features.clone(),
+    };
+    let key = layout::applied_plan(&name);
+    if store.exists(&key).await? {
+        let existing: ApplyPlan = store.get_json(&key).await?;
+        if existing != plan {
+            bail!(
+                "application {name} already exists with another model or cohort; name another --name or remove {key}"
+            );
+        }
+    } else {
+        store.put_json(&key, &plan).await?;
+    }
+    Ok(plan)
+}
+
+/// What an application found, written to `applied/<name>/metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyMetrics {
+    pub name: RunId,
+    pub model: ModelId,
+    pub classes: Vec<String>,
+    pub slides: usize,
+    pub predicted: usize,
+    /// Predicted slides with a label.
+    pub labelled: usize,
+    /// Over the labelled slides, with bootstrap 95% CIs (1,000 resamples).
+    pub metrics: Option<MetricsCi>,
+    pub failures: Vec<FailureRecord>,
+}
+
+pub struct ApplySummary {
+    pub plan: ApplyPlan,
+    pub card: ModelCard,
+    pub stages: Vec<crate::run::StageReport>,
+    pub metrics: ApplyMetrics,
+}
+
+/// Tile, embed and score the application's slides (what is done is not done again), then summarise.
+pub async fn apply(
+    store: &Store,
+    d: &dyn Dispatcher,
+    plan: &ApplyPlan,
+    card: &ModelCard,
+) -> anyhow::Result<ApplySummary> {
+    let slides: Vec<SlideRef> = plan.slides.iter().map(|s| SlideRef { id: &s.id, path: &s.path, mpp: s.mpp }).collect();
+    let mut stages = Vec::new();
+    let kinds: &[JobKind] =
+        if plan.imported.is_some() { &[JobKind::Score] } else { &[JobKind::Tile, JobKind::Embed, JobKind::Score] };
+    for &kind in kinds {
+        let jobs = match kind {
+            JobKind::Tile => planner::tile_jobs_for(store, &slides, &plan.tiling).await?,
+            JobKind::Embed => planner::embed_jobs_for(store, &slides, &plan.tiling, &plan.embedders).await?,
+            _ => score_jobs(store, plan).await?,
+        };
+        let planned = jobs.len();
+        let outcome = if planned == 0 {
+            eprintln!("  {:<8} nothing to do", kind.as_str());
+            StageOutcome::default()
+        } else {
+            let o = d.run_stage(kind, jobs.clone()).await?;
+            crate::run::record_failures(store, &layout::applied_failures_prefix(&plan.name), &jobs, &o).await?;
+            o
+        };
+        stages.push(crate::run::StageReport { round: 0, kind, label: kind.as_str().into(), planned, outcome });
+    }
+    let metrics = summarise(store, plan).await?;
+    Ok(ApplySummary { plan: plan.clone(), card: card.clone(), stages, metrics })
+}
+
+/// Score jobs for slides whose features every member needs are there and that are not scored yet.
+async fn score_jobs(store: &Store, plan: &ApplyPlan) -> anyhow::Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for s in &plan.slides {
+        let mut ready = true;
+        for (emb, tiling) in plan.feature_ids() {
+            ready &= store.exists(&layout::features(&emb, &tiling, &s.id)).await?;
+        }
+        if ready && !store.exists(&layout::applied_attention(&plan.name, &s.id)).await? {
+            jobs.push(Job::Score(ScoreJob { app: plan.name.clone(), slide: s.id.clone() }));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Gather the scored slides into predictions (Parquet and CSV) and, over the labelled ones, metrics
+/// with bootstrap 95% confidence intervals.
+pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyMetrics> {
+    let mut rows: Vec<(String, Option<usize>, Vec<f64>)> = Vec::new();
+    for s in &plan.slides {
+        let key = layout::applied_attention(&plan.name, &s.id);
+        if !store.exists(&key).await? {
+            continue;
+        }
+        let map = AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?;
+        rows.push((s.id.to_string(), s.label, map.provenance.probs));
+    }
+    let labelled: Vec<&(String, Option<usize>, Vec<f64>)> = rows.iter().filter(|r| r.1.is_some()).collect();
+    let metrics = (!labelled.is_empty()).then(|| {
+        let probs: Vec<Vec<f64>> = labelled.iter().map(|r| r.2.clone()).collect();
+        let labels: Vec<usize> = labelled.iter().map(|r| r.1.expect("labelled")).collect();
+        evaluate_ci(&probs, &labels, plan.classes.len(), 1000, 0)
+    });
+    let mut failures = Vec::new();
+    for key in store.list(&layout::applied_failures_prefix(&plan.name)).await? {
+        failures.push(store.get_json::<FailureRecord>(&key).await?);
+    }
+    let m = ApplyMetrics {
+        name: plan.name.clone(),
+        model: plan.model.clone(),
+        classes: plan.classes.clone(),
+        slides: plan.slides.len(),
+        predicted: rows.len(),
+        labelled: labelled.len(),
+        metrics,
+        failures,
+    };
+    write_predictions(store, plan, &rows).await?;
+    store.put_json(&layout::applied_metrics(&plan.name), &m).await?;
+    Ok(m)
+}
+
+async fn write_predictions(
+    store: &Store,
+    plan: &ApplyPlan,
+    rows: &[(String, Option<usize>, Vec<f64>)],
+) -> anyhow::Result<()> {
+    let classes = &plan.classes;
+    let predicted = |p: &[f64]| p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+    let label = |l: &Option<usize>| l.map(|l| classes[l].as_str()).unwrap_or("");
+    let mut fields = vec![
+        Field::new("slide_id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("predicted", DataType::Utf8, false),
+    ];
+    let mut cols: Vec<Arc<dyn arrow_array::Array>> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
+        Arc::new(StringArray::from(rows.iter().map(|r| r.1.map(|l| classes[l].as_str())).collect::<Vec<_>>())),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| classes[predicted(&r.2)].as_str()))),
+    ];
+    for (c, name) in classes.iter().enumerate() {
+        fields.push(Field::new(format!("prob_{name}"), DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2[c]))));
+    }
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
+    let prov =
+        serde_json::json!({"application": plan.name, "model": plan.model, "kind": "predictions of a trained model"});
+    store.put(&layout::applied_predictions_parquet(&plan.name), write_parquet("predictions", &batch, &prov)?).await?;
+    let mut csv = format!(
+        "slide_id,label,predicted,{}\n",
+        classes.iter().map(|c| format!("prob_{c}")).collect::<Vec<_>>().join(",")
+    );
+    for r in rows {
+        let probs: Vec<String> = r.2.iter().map(|p| format!("{p:.6}")).collect();
+        csv.push_str(&format!("{},{},{},{}\n", r.0, label(&r.1), classes[predicted(&r.2)], probs.join(",")));
+    }
+    store.put(&layout::applied_predictions_csv(&plan.name), csv.into_bytes()).await?;
+    Ok(())
+}
+
+/// The report a person reads.
+pub fn render(s: &ApplySummary, store: &Store) -> String {
+    let card = &s.card;
+    let mut out = format!(
+        "\napplication {}: model {} ({}, classes {}) on {} slides\n",
+        s.plan.name,
+        card.id,
+        card.ensemble,
+        card.classes.join("/"),
+        s.plan.slides.len()
+    );
+    for st in &s.stages {
+        let o = &st.outcome;
+        out.push_str(&format!(
+            "  {:<11} {:>4} planned, {:>4} computed, {:>4} already done, {:>3} failed  {:>7.1} s\n",
+            st.label,
+            st.planned,
+            o.computed,
+            o.already_done,
+            o.failed.len(),
+            o.seconds
+        ));
+    }
+    let m = &s.metrics;
+    match &m.metrics {
+        Some(c) => {
+            let auc = c.auc.map(|a| a.to_string()).unwrap_or_else(|| "n/a (one class)".into());
+            out.push_str(&format!(
+                "external validation ({} labelled slides): AUC {auc}\n  accuracy {}  balanced accuracy {}  F1 {}\n",
+                m.labelled, c.accuracy, c.balanced_accuracy, c.f1
+            ));
+        }
+        None => out.push_str(&format!("{} slides predicted (no labels: no metrics)\n", m.predicted)),
+    }
+    for f in &m.failures {
+        out.push_str(&format!(
+            "  failed {} {}: {}\n",
+            f.kind,
+            f.slide.as_ref().map(|s| s.to_string()).unwrap_or_else(|| f.job.to_string()),
+            f.reason
+        ));
+    }
+    let at = |key: &object_store::path::Path| {
+        store.local_path(key).map(|p| p.display().to_string()).unwrap_or_else(|| format!("{}/{key}", store.location()))
+    };
+    out.push_str(&format!("predictions: {}\n", at(&layout::applied_predictions_csv(&m.name))));
+    out.push_str(&format!("metrics:     {}\n", at(&layout::applied_metrics(&m.name))));
+    if s.plan.imported.is_none() {
+        out.push_str(&format!(
+            "heatmaps:    {}/\n",
+            at(&object_store::path::Path::from(format!("applied/{}/heatmaps", m.name)))
+        ));
+    }
+    out
+}
+
+/// A checkpoint trained elsewhere that `import-model` maps onto a wsimil bag classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// The official TransMIL code's model (github.com/szc19990412/TransMIL, `models/TransMIL.py`):
+    /// wsimil's TransMIL has its parameter names; nystrom-attention 0.0.9's row order, as its
+    /// requirements pin.
+    OfficialTransmil,
+    /// CLAM's single-branch attention MIL (github.com/mahmoodlab/CLAM, `CLAM_SB`): gated attention
+    /// over `attention_net`, one `classifiers` layer; wsimil's ABMIL with CLAM's widths.
+    ClamSb,
+}
+
+impl Checkpoint {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Checkpoint::OfficialTransmil => "TransMIL checkpoint (the official code's)",
+            Checkpoint::ClamSb => "CLAM_SB checkpoint (CLAM's)",
+        }
+    }
+}
+
+/// A checkpoint's tensors renamed to wsimil's, and the configuration its shapes give.
+fn map_checkpoint(
+    format: Checkpoint,
+    tensors: std::collections::BTreeMap<String, candle_core::Tensor>,
+) -> anyhow::Result<(wsimil_common::models::BagModelConfig, std::collections::BTreeMap<String, candle_core::Tensor>)> {
+    use wsimil_common::models::{abmil::AbmilConfig, transmil::TransMilConfig, BagModelConfig};
+    // A Lightning module keeps the network as `self.model`.
+    let strip = |t: std::collections::BTreeMap<String, candle_core::Tensor>, prefix: &str| {
+        if !t.is_empty() && t.keys().all(|k| k.starts_with(prefix)) {
+            t.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect()
+        } else {
+            t
+        }
+    };
+    let tensors = strip(tensors, "model.");
+    let dims = |name: &str| -> anyhow::Result<Vec<usize>> {
+        Ok(tensors
+            .get(name)
+            .with_context(|| format!("no tensor {name}: not the state dict of a {}", format.describe()))?
+            .dims()
+            .to_vec())
+    };
+    match format {
+        Checkpoint::OfficialTransmil => {
+            let (fc1, fc2) = (dims("_fc1.0.weight")?, dims("_fc2.weight")?);
+            let cfg = BagModelConfig::Transmil(TransMilConfig { dim: fc1[0], ..TransMilConfig::paper(fc1[1], fc2[0]) });
+            Ok((cfg, tensors))
+        }
+        Checkpoint::ClamSb => {
+            // attention_net = [Linear, ReLU, (Dropout,) Attn_Net_Gated]: the gate at 2 or 3.
+            let gate = if tensors.contains_key("attention_net.3.attention_a.0.weight") { 3 } else { 2 };
+            let rename = |from: &str| -> String {
+                let g = format!("attention_net.{gate}.");
+                if let Some(r) = from.strip_prefix("attention_net.0.") {
+                    format!("fc.0.{r}")
+                } else if let Some(r) = from.strip_prefix(&format!("{g}attention_a.0.")) {
+                    format!("attention_V.0.{r}")
+                } else if let Some(r) = from.strip_prefix(&format!("{g}attention_b.0.")) {
+                    format!("attention_U.0.{r}")
+                } else if let Some(r) = from.strip_prefix(&format!("{g}attention_c.")) {
+                    format!("attention_weights.{r}")
+                } else if let Some(r) = from.strip_prefix("classifiers.") {
+                    format!("classifier.{r}")
+                } else {
+                    from.to_string()
+                }
+            };
+            let fc = dims("attention_net.0.weight")?;
+            let att = dims(&format!("attention_net.{gate}.attention_a.0.weight"))?;
+            let cls = dims("classifiers.weight")?;
+            let cfg = BagModelConfig::Abmil(AbmilConfig {
+                in_dim: fc[1],
+                hidden: fc[0],
+                attention: att[0],
+                ..AbmilConfig::new(fc[1], cls[0])
+            });
+            // CLAM's instance classifiers (its clustering loss) are not part of the bag prediction.
+            let mapped = tensors
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("instance_classifiers."))
+                .map(|(k, v)| (rename(&k), v))
+                .collect();
+            Ok((cfg, mapped))
+        }
+    }
+}
+
+/// `wsimil import-model`: a checkpoint trained elsewhere as a model folder. Refused, each naming
+/// what differs: a state dict that is not the format's (tensors missing, unexpected or misshaped),
+/// classes that are not the checkpoint's count, features of another width than the embedder's.
+pub async fn import_checkpoint(
+    format: Checkpoint,
+    file: &Path,
+    classes: &[String],
+    embedder: &crate::run::EmbedderChoice,
+    tiling: wsimil_common::plan::TilingSpec,
+    out: &Path,
+) -> anyhow::Result<ModelCard> {
+    use wsimil_common::models::params::{safetensors_bytes, Params};
+    use wsimil_common::models::weights::{check_shapes, WeightsFile};
+    let scratch = Store::memory();
+    let spec = crate::run::register_embedder(&scratch, embedder).await?;
+    let feature_dim = embedder.architecture.feature_dim().context("imported features have no embedder")?;
+    let f = file.to_path_buf();
+    let sha = tokio::task::spawn_blocking({
+        let f = f.clone();
+        move || crate::run::file_sha256(&f)
+    })
+    .await??;
+    let n_classes = classes.len();
+    let (config, bytes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let wf = WeightsFile::open(&f)?;
+        let (config, tensors) = map_checkpoint(format, wf.read(None)?)?;
+        // What wsimil's model reads, by name and shape, against what the checkpoint holds.
+        let p = Params::new(0);
+        wsimil_common::models::BagModel::new(&config, p.var_builder(&candle_core::Device::Cpu))?;
+        let needed: Vec<wsimil_common::models::vit::TensorSpec> = p
+            .named_vars()
+            .into_iter()
+            .map(|(name, v)| wsimil_common::models::vit::TensorSpec { name, shape: v.dims().to_vec() })
+            .collect();
+        let shapes = tensors.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+        check_shapes(&f, &shapes, format.describe(), &needed, &|_| false)?;
+        Ok((config, safetensors_bytes(&tensors)?))
+    })
+    .await??;
+    if config.n_classes() != n_classes {
+        bail!(
+            "{}: the checkpoint predicts {} classes; --classes names {n_classes} ({})",
+            file.display(),
+            config.n_classes(),
+            classes.join(", ")
+        );
+    }
+    if config.in_dim() != feature_dim {
+        bail!(
+            "{}: the checkpoint takes {}-wide features, but {} gives {feature_dim}: its features must come from the embedder it was trained on",
+            file.display(),
+            config.in_dim(),
+            embedder.architecture
+        );
+    }
+    let member = Member { name: "imported".into(), config, weights_sha256: sha256_hex(&bytes), embedder: spec };
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("checkpoint");
+    let source =
+        ModelSource::Imported { file: file.display().to_string(), sha256: sha, format: format.describe().into() };
+    let card = ModelCard::new(&format!("imported-{stem}"), classes.to_vec(), vec![member], tiling, source, None);
+    register(&scratch, &card, vec![bytes.into()]).await?;
+    export(&scratch, &card, out).await?;
+    Ok(card)
+}

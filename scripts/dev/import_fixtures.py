@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Fixtures for `wsimil import-model`, made with the authors' own code (not run in CI):
+
+    scripts/dev/import_fixtures.py --transmil TRANSMIL_CHECKOUT --clam CLAM_CHECKOUT \
+        [--out coordinator/tests/fixtures/import]
+
+- transmil.ckpt: the official TransMIL (github.com/szc19990412/TransMIL, models/TransMIL.py, at its
+  full width: 1024-d features, 512 wide, n_classes 2) with random weights, saved as its PyTorch
+  Lightning training saves it: {"state_dict": {"model.<name>": ...}, "epoch", "global_step"}.
+- clam_sb.pt: CLAM's CLAM_SB (github.com/mahmoodlab/CLAM, models/model_clam.py, size "small":
+  1024 -> 512, gated attention 256, n_classes 2) as its training saves it (torch.save of the
+  state_dict: s_<fold>_checkpoint.pt).
+- import.safetensors: a bag of 300 instances of 1024-d features and each model's eval-mode logits.
+
+Weights and features are multiples of 1/256 (so the fixture compresses in git); the models run as
+given. Needs PyTorch and nystrom-attention==0.0.9 (scripts/dev/pypi-torch-env.sh).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dev.reference_transmil import load  # noqa: E402
+
+
+def quantise(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            p.copy_(torch.round(p * 256) / 256)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--transmil", required=True)
+    ap.add_argument("--clam", required=True)
+    ap.add_argument("--out", default="coordinator/tests/fixtures/import")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    from safetensors.torch import save_file
+
+    torch.manual_seed(14)
+    bag = torch.round(torch.randn(1, 300, 1024) * 256) / 256
+    out = {"bag": bag}
+
+    ref, _ = load(a.transmil)
+    tm = ref.TransMIL(n_classes=2).eval()
+    quantise(tm)
+    with torch.no_grad():
+        out["transmil_logits"] = tm(data=bag)["logits"]
+    torch.save({"state_dict": {f"model.{k}": v for k, v in tm.state_dict().items()}, "epoch": 12, "global_step": 3456},
+               os.path.join(a.out, "transmil.ckpt"))
+
+    sys.path.insert(0, a.clam)
+    from models.model_clam import CLAM_SB
+    clam = CLAM_SB(gate=True, size_arg="small", dropout=0.25, n_classes=2, embed_dim=1024).eval()
+    quantise(clam)
+    with torch.no_grad():
+        logits, _, _, _, _ = clam(bag[0])
+        out["clam_logits"] = logits
+    torch.save(clam.state_dict(), os.path.join(a.out, "clam_sb.pt"))
+
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "import.safetensors"))
+    for f in sorted(os.listdir(a.out)):
+        print(f, os.path.getsize(os.path.join(a.out, f)), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+//! A trained model applied to new slides (`wsimil predict`), as a user runs it: train on one
+//! cohort, predict another made with another seed (external validation), from the run, its final
+//! model and an exported folder in another store; refusals; and through NATS and S3.
+
+mod support;
+
+use std::path::Path;
+use support::*;
+
+fn ok(args: &[String]) -> String {
+    let out = wsimil().args(args).output().unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "wsimil {}:\n{o}\n{e}", args.join(" "));
+    format!("{o}{e}")
+}
+
+fn refused(args: &[String]) -> String {
+    let out = wsimil().args(args).output().unwrap();
+    assert!(!out.status.success(), "wsimil {} should have failed", args.join(" "));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn predict(model: &str, manifest: &Path, store: &Path, name: &str) -> Vec<String> {
+    let mut a = s(&["predict", "--model", model, "--manifest"]);
+    a.push(manifest.display().to_string());
+    a.extend(s(&["--store", store.to_str().unwrap(), "--name", name]));
+    a
+}
+
+/// The manifest with every slide id prefixed (the files unchanged), beside it.
+fn renamed(manifest: &Path, prefix: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let mut lines = text.lines();
+    let mut out = format!("{}\n", lines.next().unwrap());
+    for l in lines {
+        out.push_str(&format!("{prefix}{l}\n"));
+    }
+    let path = manifest.with_file_name(format!("{prefix}manifest.csv"));
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// Each slide's probabilities from a predictions.csv.
+fn probs(csv: &str) -> Vec<(String, Vec<f64>)> {
+    csv.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[3..].iter().map(|v| v.parse().unwrap()).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train = cohort(&d.join("a"), 6, 1024, 1280, false);
+    let same_ids = cohort_seeded(&d.join("b"), 4, 1024, 1280, false, 3);
+    let external = renamed(&same_ids, "ext-");
+    let store = d.join("store");
+    let mut run = run_flags(&train, &["--model", "abmil", "--run", "train-a", "--final-model"]);
+    run.extend(s(&["--store", store.to_str().unwrap()]));
+    let out = ok(&run);
+    assert!(out.contains("final"), "{out}");
+
+    // The external cohort's slides under the training cohort's ids would get the training slides'
+    // tiles (keys are by slide id): refused, every conflict named.
+    let err = refused(&predict("train-a", &same_ids, &store, "clash"));
+    assert!(err.contains("4 slide id(s) already name other slides") && err.contains("demo-000 (here "), "{err}");
+
+    // The folds' models, averaged, on the external cohort: metrics with 95% CIs.
+    let out = ok(&predict("train-a", &external, &store, "ext-b"));
+    assert!(out.contains("the mean of 2 classifiers' class probabilities"), "{out}");
+    assert!(out.contains("external validation (4 labelled slides): AUC") && out.contains("95% CI"), "{out}");
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("applied/ext-b/metrics.json")).unwrap()).unwrap();
+    let acc = &metrics["metrics"]["accuracy"];
+    assert!(acc["ci95"][0].as_f64().unwrap() <= acc["value"].as_f64().unwrap(), "{metrics}");
+    assert_eq!(metrics["labelled"], 4);
+    let csv = std::fs::read_to_string(store.join("applied/ext-b/predictions.csv")).unwrap();
+    assert!(csv.starts_with("slide_id,label,predicted,prob_normal,prob_tumor"), "{csv}");
+    assert_eq!(probs(&csv).len(), 4);
+    for i in 0..4 {
+        assert!(store.join(format!("applied/ext-b/heatmaps/ext-demo-{i:03}.png")).is_file());
+    }
+    // The new slides were tiled and embedded with the model's tiling and embedder: again, nothing
+    // is recomputed.
+    let again = ok(&predict("train-a", &external, &store, "ext-b"));
+    for stage in ["tile", "embed", "score"] {
+        assert!(again.contains(&format!("{stage:<8} nothing to do")), "{stage}: {again}");
+    }
+
+    // The final model (one classifier, trained on every slide).
+    let out = ok(&predict("train-a:final", &external, &store, "ext-b-final"));
+    assert!(out.contains("one classifier") && out.contains("embed    nothing to do"), "{out}");
+
+    // Exported, then applied from the folder in a store that has never seen the run: the same
+    // probabilities.
+    let bundle = d.join("bundle");
+    let mut export = s(&["export-model", "train-a", "--store", store.to_str().unwrap(), "--out"]);
+    export.push(bundle.display().to_string());
+    ok(&export);
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["classes"], serde_json::json!(["normal", "tumor"]));
+    assert_eq!(card["members"].as_array().unwrap().len(), 2);
+    assert!(card["training"]["cv_auc_pooled"].is_number() || card["training"]["cv_auc_pooled"].is_null());
+    let other = d.join("other-store");
+    ok(&predict(bundle.to_str().unwrap(), &external, &other, "ext-b"));
+    let there = std::fs::read_to_string(other.join("applied/ext-b/predictions.csv")).unwrap();
+    for ((a, pa), (b, pb)) in probs(&csv).iter().zip(probs(&there)) {
+        assert_eq!(a, &b);
+        assert!(pa.iter().zip(&pb).all(|(x, y)| (x - y).abs() < 1e-6), "{a}: {pa:?} vs {pb:?}");
+    }
+
+    // Refusals, before any work, each naming what differs.
+    let unknown = d.join("unknown.csv");
+    let first = std::fs::read_to_string(&external).unwrap().lines().nth(1).unwrap().to_string();
+    let path = first.split(',').nth(1).unwrap();
+    std::fs::write(&unknown, format!("slide_id,path,label\nx,{path},cancer\n")).unwrap();
+    let err = refused(&predict("train-a", &unknown, &store, "u"));
+    assert!(err.contains("line 2: x: unknown label \"cancer\" (classes: normal, tumor)"), "{err}");
+    assert!(!store.join("applied/u").exists());
+    let mut feats = predict("train-a", &external, &store, "f");
+    feats.extend(s(&["--features", "musk1"]));
+    let err = refused(&feats);
+    assert!(err.contains("--features musk1: model") && err.contains("not on musk1"), "{err}");
+    let mut newer = card.clone();
+    newer["format_version"] = serde_json::json!(99);
+    newer["wsimil_version"] = serde_json::json!("9.0.0");
+    std::fs::write(bundle.join("model.json"), serde_json::to_vec(&newer).unwrap()).unwrap();
+    let err = refused(&predict(bundle.to_str().unwrap(), &external, &d.join("third"), "n"));
+    assert!(err.contains("model.json: written by wsimil 9.0.0 in model format 99"), "{err}");
+    // A manifest without labels predicts, without metrics.
+    let unlabelled = d.join("unlabelled.csv");
+    std::fs::write(&unlabelled, format!("slide_id,path\n{}\n", first.split(',').take(2).collect::<Vec<_>>().join(",")))
+        .unwrap();
+    let out = ok(&predict("train-a", &unlabelled, &store, "nolabels"));
+    assert!(out.contains("1 slides predicted (no labels: no metrics)"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prediction_through_nats_and_s3_gives_the_embedded_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train = cohort(&d.join("a"), 4, 1024, 1280, false);
+    let external = renamed(&cohort_seeded(&d.join("b"), 3, 1024, 1280, false, 5), "ext-");
+    let s3 = s3();
+    let store = s3.flags("predict");
+    let mut run = run_flags(&train, &["--model", "abmil", "--run", "m"]);
+    run.extend(store.clone());
+    ok(&run);
+    // The reference: in this process, into the same bucket.
+    let mut local = s(&["predict", "--model", "m", "--manifest", external.to_str().unwrap(), "--name", "here"]);
+    local.extend(store.clone());
+    ok(&local);
+    // On a worker, through JetStream.
+    let nats = Nats::start();
+    let mut worker = spawn("w", d, &worker_flags(&nats, &store, "w"));
+    let mut remote = s(&["predict", "--model", "m", "--manifest", external.to_str().unwrap(), "--name", "there"]);
+    remote.extend(store.clone());
+    remote.extend(nats_flags(&nats));
+    let out = ok(&remote);
+    assert!(out.contains("external validation (3 labelled slides)"), "{out}");
+    assert!(log(d, "w").contains("score"), "{}", log(d, "w"));
+    let bucket = s3.store("predict");
+    let get = |name: &str| {
+        let bucket = bucket.clone();
+        let key = object_store::path::Path::from(format!("applied/{name}/predictions.csv"));
+        async move { String::from_utf8(bucket.get(&key).await.unwrap().to_vec()).unwrap() }
+    };
+    let (a, b) = (get("here").await, get("there").await);
+    for ((x, pa), (y, pb)) in probs(&a).iter().zip(probs(&b)) {
+        assert_eq!(x, &y);
+        assert!(pa.iter().zip(&pb).all(|(p, q)| (p - q).abs() < 1e-5), "{x}: {pa:?} vs {pb:?}");
+    }
+    worker.terminate(std::time::Duration::from_secs(30));
+}
