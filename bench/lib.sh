@@ -37,3 +37,52 @@ torch_python() {
     if "$p" -c "import $mods" 2>/dev/null; then echo "$p"; return; fi
   done
 }
+
+# Start SeaweedFS's S3 server (`weed mini`, from scripts/fetch-tools.sh) on free loopback ports with
+# the benchmarks' credentials; sets S3_ENDPOINT and exports AWS_*. The caller's EXIT trap should
+# call stop_s3. Fails (returns 1) where the tool cannot be fetched.
+start_s3() {
+  local bin ports dir
+  bin=$(./scripts/fetch-tools.sh 2>/dev/null) || return 1
+  [[ -x $bin/weed ]] || return 1
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-s3.XXXXXX")
+  # Seven free ports in 20000-29999 whose +10000 (weed's gRPC ports) are free too.
+  ports=$(python3 - <<'PY'
+import random, socket
+def free(p):
+    try:
+        with socket.socket() as s: s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+out = []
+while len(out) < 7:
+    p = random.randint(20000, 29999)
+    if p not in out and free(p) and free(p + 10000): out.append(p)
+print(" ".join(map(str, out)))
+PY
+)
+  read -r -a P <<<"$ports"
+  export AWS_ACCESS_KEY_ID=wsimil-bench AWS_SECRET_ACCESS_KEY=wsimil-bench-secret AWS_REGION=us-east-1
+  "$bin/weed" mini -dir="$dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false -webdav=false \
+    -admin.ui=false -master.port="${P[0]}" -volume.port="${P[1]}" -filer.port="${P[2]}" -s3.port="${P[3]}" \
+    -admin.port="${P[4]}" -s3.port.iceberg="${P[5]}" -debug.port="${P[6]}" >"$dir/weed.log" 2>&1 &
+  S3_PID=$!
+  S3_DIR=$dir
+  S3_ENDPOINT="http://127.0.0.1:${P[3]}"
+  for _ in $(seq 300); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', ${P[3]}), 1)" 2>/dev/null; then return 0; fi
+    kill -0 "$S3_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "weed mini did not start: $(tail -3 "$dir/weed.log")" >&2
+  stop_s3
+  return 1
+}
+
+stop_s3() {
+  [[ -n ${S3_PID:-} ]] && kill "$S3_PID" 2>/dev/null && wait "$S3_PID" 2>/dev/null
+  [[ -n ${S3_DIR:-} ]] && rm -rf "$S3_DIR"
+  S3_PID=""
+  S3_DIR=""
+}

@@ -36,6 +36,12 @@ pub enum StoreError {
 
 impl StoreError {
     fn from_os(key: &Path, e: object_store::Error) -> Self {
+        Self::from_object_store(key.as_ref(), e)
+    }
+
+    /// An object_store error about the object at `key` (a key, or a URL for slides in a bucket),
+    /// classified.
+    pub fn from_object_store(key: &str, e: object_store::Error) -> Self {
         use object_store::Error as E;
         let key = key.to_string();
         let reason = error_chain(&e);

@@ -30,8 +30,9 @@ use wsimil_common::metrics::{evaluate_ci, MetricsCi};
 use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::RunPlan;
 use wsimil_common::records::{EmbedderCard, FinalReport, FoldReport};
-use wsimil_common::store::Store;
+use wsimil_common::store::{S3Options, Store};
 use wsimil_common::table::write_parquet;
+use wsimil_worker::slide::remote::Buckets;
 
 /// Which of a run's models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,13 +256,16 @@ pub struct ApplySettings {
     pub name: Option<RunId>,
     /// Score features imported under this name (`import-bags`, `import-clam`) instead of slides.
     pub features: Option<EmbedderId>,
+    /// How `s3://` slides and manifests are reached (the store's S3 settings).
+    pub s3: S3Options,
 }
 
 /// Check the cohort against the model and write (or check) the application's plan. Refused, each
 /// naming what differs: labels the model does not know (every one at once, with its line),
 /// imported features that are not the ones the model was trained on.
 pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) -> anyhow::Result<ApplyPlan> {
-    let m = manifest::load_for(&settings.manifest, Some(&card.classes), Purpose::Prediction)?;
+    let buckets = Buckets::new(settings.s3.clone());
+    let m = manifest::load_for(&settings.manifest, Some(&card.classes), Purpose::Prediction, &buckets).await?;
     let embedders = card.embedders();
     match &settings.features {
         Some(name) => {

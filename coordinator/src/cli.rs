@@ -21,6 +21,7 @@ use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::device::{BatchChoice, Compute, DeviceChoice, Precision};
 use wsimil_worker::error::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
+use wsimil_worker::slide::remote::{Scratch, SlideSources};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,7 +42,7 @@ pub enum Command {
     /// The coordinator of a distributed run (`run` with --nats required).
     Coordinator(Box<RunArgs>),
     /// A worker: pull jobs from NATS JetStream and execute them until SIGTERM, then drain.
-    Worker(WorkerArgs),
+    Worker(Box<WorkerArgs>),
     /// Job states in NATS: per-stage counts, running jobs with worker and age, failures.
     Status(StatusArgs),
     /// Queue every failed job again.
@@ -91,13 +92,43 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub fn open(&self) -> anyhow::Result<Store> {
-        let opts = S3Options {
+        Ok(Store::open(&self.store, &self.s3())?)
+    }
+
+    /// The S3 settings: the store's, and those slides in buckets are read with.
+    pub fn s3(&self) -> S3Options {
+        S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             path_style: self.s3_path_style,
             max_retries: self.s3_max_retries,
-        };
-        Ok(Store::open(&self.store, &opts)?)
+        }
+    }
+}
+
+/// Where slides in buckets (`s3://` paths in a manifest) are read: tiled-JPEG TIFF/SVS in place by
+/// ranged reads; other formats downloaded into a bounded scratch folder for OpenSlide.
+#[derive(Debug, Args, Clone)]
+pub struct SlideArgs {
+    /// Folder for slides that must be downloaded before they are read (OpenSlide formats); this
+    /// process keeps its copies in a folder of its own inside it.
+    #[arg(long, env = "WSIMIL_SCRATCH")]
+    pub scratch: Option<PathBuf>,
+    /// Most gigabytes of downloaded slides kept in the scratch folder (least recently used go first).
+    #[arg(long, default_value_t = 50.0, env = "WSIMIL_SCRATCH_MAX_GB")]
+    pub scratch_max_gb: f64,
+}
+
+impl SlideArgs {
+    pub fn sources(&self, store: &StoreArgs) -> anyhow::Result<SlideSources> {
+        if !(self.scratch_max_gb.is_finite() && self.scratch_max_gb > 0.0) {
+            bail!("--scratch-max-gb must be a positive number of gigabytes, not {}", self.scratch_max_gb);
+        }
+        let dir = self.scratch.clone().unwrap_or_else(std::env::temp_dir);
+        if dir.exists() && !dir.is_dir() {
+            bail!("--scratch {}: not a folder", dir.display());
+        }
+        Ok(SlideSources::new(store.s3(), Scratch::new(dir, (self.scratch_max_gb * 1e9) as u64)))
     }
 }
 
@@ -208,6 +239,8 @@ pub struct WorkerArgs {
     pub noop: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub slides: SlideArgs,
 }
 
 /// Where this process's networks run (a worker's, or the embedded run's).
@@ -249,7 +282,10 @@ pub struct RunArgs {
     /// Where the embedded run computes (ignored with --nats: the workers choose).
     #[command(flatten)]
     pub compute: ComputeArgs,
-    /// Cohort CSV: slide_id,path,label[,fold|split][,mpp]. Relative paths are relative to it.
+    #[command(flatten)]
+    pub slides: SlideArgs,
+    /// Cohort CSV: slide_id,path,label[,fold|split][,mpp]. Relative paths are relative to it;
+    /// paths may be s3://bucket/key (read with the store's S3 settings).
     #[arg(long)]
     pub manifest: PathBuf,
     #[command(flatten)]
@@ -447,6 +483,7 @@ impl RunArgs {
             },
         };
         Ok(RunSettings {
+            s3: self.store.s3(),
             manifest: self.manifest.clone(),
             classes: self.classes.clone(),
             run: self.run.as_deref().map(RunId::new).transpose().context("--run")?,
@@ -580,6 +617,8 @@ pub struct PredictArgs {
     #[command(flatten)]
     pub compute: ComputeArgs,
     #[command(flatten)]
+    pub slides: SlideArgs,
+    #[command(flatten)]
     pub store: StoreArgs,
     /// The model: a run of the store (RUN: its folds' models averaged; RUN:fold-K; RUN:final), a
     /// model id of the store, or a folder written by `wsimil export-model` or `import-model`.
@@ -606,6 +645,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let card = crate::apply::resolve(&store, &args.model, args.round).await?;
     let settings = crate::apply::ApplySettings {
+        s3: args.store.s3(),
         manifest: args.manifest.clone(),
         name: args.name.as_deref().map(RunId::new).transpose().context("--name")?,
         features: args.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
@@ -619,7 +659,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<()> {
         plan.name,
         store.location()
     );
-    let dispatcher = dispatcher(&args.nats, &args.compute, &store).await?;
+    let dispatcher = dispatcher(&args.nats, &args.compute, &store, || args.slides.sources(&args.store)).await?;
     let summary = crate::apply::apply(&store, dispatcher.as_ref(), &plan, &card).await?;
     print!("{}", crate::apply::render(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
@@ -631,12 +671,13 @@ async fn dispatcher(
     nats: &NatsArgs,
     compute: &ComputeArgs,
     store: &Store,
+    sources: impl FnOnce() -> anyhow::Result<SlideSources>,
 ) -> anyhow::Result<Box<dyn crate::dispatch::Dispatcher>> {
     Ok(if nats.url.is_some() {
         let (client, queue) = nats.open("wsimil-coordinator").await?;
         Box::new(crate::jetstream::NatsDispatcher::new(client, queue))
     } else {
-        let ctx = Arc::new(WorkerContext::new(store.clone(), compute.open()?, "embedded"));
+        let ctx = Arc::new(WorkerContext::new(store.clone(), compute.open()?, "embedded").with_sources(sources()?));
         Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
     })
 }
@@ -798,7 +839,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         plan.train.model,
         store.location()
     );
-    let dispatcher = dispatcher(&args.nats, &args.compute, &store).await?;
+    let dispatcher = dispatcher(&args.nats, &args.compute, &store, || args.slides.sources(&args.store)).await?;
     let summary = run::run(&store, dispatcher.as_ref(), &plan, args.until.stage(), args.final_model).await?;
     print!("{}", run::render_summary(&summary, &store));
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
@@ -851,7 +892,8 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     });
     let store = args.store.open()?;
     let (_client, queue) = args.nats.open(&format!("wsimil-worker-{name}")).await?;
-    let ctx = Arc::new(WorkerContext::new(store, args.compute.open()?, name.clone()));
+    let sources = args.slides.sources(&args.store)?;
+    let ctx = Arc::new(WorkerContext::new(store, args.compute.open()?, name.clone()).with_sources(sources));
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => tokio_main(cli::run(*args)),
         Command::Coordinator(args) if args.nats.url.is_none() => Err(anyhow::anyhow!("coordinator needs --nats URL")),
         Command::Coordinator(args) => tokio_main(cli::run(*args)),
-        Command::Worker(args) => tokio_main(cli::worker(args)),
+        Command::Worker(args) => tokio_main(cli::worker(*args)),
         Command::Status(args) => tokio_main(cli::status(args)),
         Command::RetryFailed(args) => tokio_main(cli::retry_failed(args)),
         Command::CheckDevice(args) => cli::check_device(args),

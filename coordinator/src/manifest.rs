@@ -3,11 +3,17 @@
 //!
 //! Validation happens once, up front, and reports every problem at once with its line, so a user
 //! fixing a 5,000-slide manifest does not discover errors one run at a time.
+//!
+//! Paths may be `s3://bucket/key` URLs, and the manifest itself may be one; a relative path
+//! resolves against the manifest's folder or `s3://` prefix. Every object is HEADed (32 at a time)
+//! and its problems listed with the local ones: missing, empty, access refused, unreachable.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use wsimil_common::ids::SlideId;
+use wsimil_common::store::StoreError;
+use wsimil_worker::slide::remote::{is_remote, join_url, Buckets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
@@ -87,39 +93,95 @@ pub enum Purpose {
 
 /// Read and validate a training manifest. `classes`, when given, fixes the class order and makes any
 /// other label an error; otherwise classes are the sorted distinct labels.
-pub fn load(path: &Path, classes: Option<&[String]>) -> Result<Manifest, ManifestError> {
-    load_for(path, classes, Purpose::Training)
+pub async fn load(path: &Path, classes: Option<&[String]>, buckets: &Buckets) -> Result<Manifest, ManifestError> {
+    load_for(path, classes, Purpose::Training, buckets).await
 }
 
-/// Read and validate a manifest for `purpose` (every problem at once).
-pub fn load_for(path: &Path, classes: Option<&[String]>, purpose: Purpose) -> Result<Manifest, ManifestError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ManifestError::Unreadable { path: path.to_path_buf(), reason: e.to_string() })?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse_for(&text, &base, classes, purpose)
-        .map(|(rows, classes)| Manifest { source: path.to_path_buf(), rows, classes })
-        .map_err(|problems| ManifestError::Invalid { path: path.to_path_buf(), problems })
+/// Read and validate a manifest for `purpose` (every problem at once, the objects of `s3://`
+/// paths HEADed through `buckets`).
+pub async fn load_for(
+    path: &Path,
+    classes: Option<&[String]>,
+    purpose: Purpose,
+    buckets: &Buckets,
+) -> Result<Manifest, ManifestError> {
+    let unreadable = |reason: String| ManifestError::Unreadable { path: path.to_path_buf(), reason };
+    let location = path.to_string_lossy();
+    let (text, base) = if is_remote(&location) {
+        let bytes = buckets.get(&location).await.map_err(|e| unreadable(e.to_string()))?;
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| unreadable("not UTF-8 text".into()))?;
+        let base = location.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or_default();
+        (text, PathBuf::from(base))
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| unreadable(e.to_string()))?;
+        (text, path.parent().map(Path::to_path_buf).unwrap_or_default())
+    };
+    let invalid = |problems| ManifestError::Invalid { path: path.to_path_buf(), problems };
+    let parsed = parse_for(&text, &base, classes, purpose);
+    let remote = check_objects(&parsed.remote, buckets).await;
+    let mut problems = parsed.problems;
+    if !remote.is_empty() {
+        problems.extend(remote);
+        problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    }
+    if problems.is_empty() {
+        Ok(Manifest { source: path.to_path_buf(), rows: parsed.rows, classes: parsed.classes })
+    } else {
+        Err(invalid(problems))
+    }
 }
 
 /// Parse a training manifest's text; relative paths resolve against `base`. Returns all problems
-/// on failure.
+/// on failure (`s3://` objects are not looked at here: see [`load`]).
 pub fn parse(text: &str, base: &Path, classes: Option<&[String]>) -> Result<(Vec<Row>, Vec<String>), Vec<Problem>> {
-    parse_for(text, base, classes, Purpose::Training)
+    let p = parse_for(text, base, classes, Purpose::Training);
+    if p.problems.is_empty() {
+        Ok((p.rows, p.classes))
+    } else {
+        Err(p.problems)
+    }
 }
 
-fn parse_for(
-    text: &str,
-    base: &Path,
-    classes: Option<&[String]>,
-    purpose: Purpose,
-) -> Result<(Vec<Row>, Vec<String>), Vec<Problem>> {
+/// A manifest's text, parsed: what it lists, what is wrong with it, and the objects in buckets
+/// still to be looked at.
+struct Parsed {
+    rows: Vec<Row>,
+    classes: Vec<String>,
+    problems: Vec<Problem>,
+    /// (line, slide id, URL) of every `s3://` path.
+    remote: Vec<(usize, String, String)>,
+}
+
+/// HEAD every object: a problem for each that is missing, empty or cannot be reached.
+async fn check_objects(remote: &[(usize, String, String)], buckets: &Buckets) -> Vec<Problem> {
+    let urls: Vec<String> = remote.iter().map(|(_, _, u)| u.clone()).collect();
+    let sizes = buckets.head_all(&urls).await;
+    let mut problems = Vec::new();
+    for ((line, id, url), size) in remote.iter().zip(sizes) {
+        let message = match size {
+            Ok(0) => format!("{id}: {url} is empty"),
+            Ok(_) => continue,
+            Err(StoreError::NotFound { .. }) => format!("{id}: slide object not found: {url}"),
+            Err(StoreError::Auth { reason, .. }) => format!("{id}: access to {url} refused: {reason}"),
+            Err(e) => format!("{id}: cannot read {url}: {e}"),
+        };
+        problems.push(Problem { line: Some(*line), message });
+    }
+    problems
+}
+
+fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpose) -> Parsed {
     let labels_required = purpose == Purpose::Training;
     let mut problems: Vec<Problem> = Vec::new();
+    let mut remote = Vec::new();
     let mut at = |line: Option<usize>, message: String| problems.push(Problem { line, message });
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
     let headers: Vec<String> = match reader.headers() {
         Ok(h) => h.iter().map(|s| s.to_ascii_lowercase()).collect(),
-        Err(e) => return Err(vec![Problem { line: Some(1), message: format!("unreadable header: {e}") }]),
+        Err(e) => {
+            let problems = vec![Problem { line: Some(1), message: format!("unreadable header: {e}") }];
+            return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
+        }
     };
     let col = |name: &str| headers.iter().position(|h| h == name);
     let (id_c, path_c, label_c) = (col("slide_id"), col("path"), col("label"));
@@ -129,10 +191,10 @@ fn parse_for(
         }
     }
     let (Some(id_c), Some(path_c)) = (id_c, path_c) else {
-        return Err(problems);
+        return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
     };
     if label_c.is_none() && labels_required {
-        return Err(problems);
+        return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
     }
     let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
@@ -173,6 +235,11 @@ fn parse_for(
             None => {
                 at(Some(line), format!("{raw_id}: empty path"));
                 None
+            }
+            Some(p) if is_remote(p) || (is_remote(&base.to_string_lossy()) && !p.starts_with('/')) => {
+                let url = if is_remote(p) { p.to_string() } else { join_url(&base.to_string_lossy(), p) };
+                remote.push((line, raw_id.to_string(), url.clone()));
+                Some(PathBuf::from(url))
             }
             Some(p) => {
                 let p = PathBuf::from(p);
@@ -268,11 +335,7 @@ fn parse_for(
             message: format!("only one class ({}) in the cohort: a classifier needs at least two", classes.join(", ")),
         });
     }
-    if problems.is_empty() {
-        Ok((rows, classes))
-    } else {
-        Err(problems)
-    }
+    Parsed { rows, classes, problems, remote }
 }
 
 impl Manifest {
@@ -338,6 +401,21 @@ mod tests {
     }
 
     #[test]
+    fn s3_paths_are_taken_as_urls_and_relative_ones_join_an_s3_manifest_prefix() {
+        let d = dir_with(&["a.svs"]);
+        let text = "slide_id,path,label\na,a.svs,x\nb,s3://slides/tcga/b.svs,y\n";
+        let p = parse_for(text, d.path(), None, Purpose::Training);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        assert_eq!(p.rows[1].path, PathBuf::from("s3://slides/tcga/b.svs"));
+        assert_eq!(p.remote, vec![(3, "b".to_string(), "s3://slides/tcga/b.svs".to_string())]);
+        // The manifest itself in a bucket: relative paths are keys beside it, nothing is stat'ed.
+        let p = parse_for(text, Path::new("s3://cohorts/luad"), None, Purpose::Training);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        assert_eq!(p.rows[0].path, PathBuf::from("s3://cohorts/luad/a.svs"));
+        assert_eq!(p.remote.len(), 2);
+    }
+
+    #[test]
     fn empty_cohort_missing_columns_one_class_and_partial_folds_are_errors() {
         let d = dir_with(&["a.svs", "b.svs"]);
         let p = parse("slide_id,path,label\n", d.path(), None).unwrap_err();
@@ -352,14 +430,15 @@ mod tests {
         assert!(p[0].message.contains("fold is given for 1 of 2"), "{p:?}");
     }
 
-    #[test]
-    fn load_names_the_file() {
-        let err = load(Path::new("/no/such/manifest.csv"), None).unwrap_err();
+    #[tokio::test]
+    async fn load_names_the_file() {
+        let buckets = Buckets::new(Default::default());
+        let err = load(Path::new("/no/such/manifest.csv"), None, &buckets).await.unwrap_err();
         assert!(err.to_string().contains("/no/such/manifest.csv"), "{err}");
         let d = dir_with(&[]);
         let m = d.path().join("m.csv");
         std::fs::write(&m, "slide_id,path,label\n").unwrap();
-        let err = load(&m, None).unwrap_err().to_string();
+        let err = load(&m, None, &buckets).await.unwrap_err().to_string();
         assert!(err.starts_with(&format!("{}: 1 problem in the manifest:", m.display())), "{err}");
     }
 }

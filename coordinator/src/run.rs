@@ -22,8 +22,9 @@ use wsimil_common::models::weights::WeightsFile;
 use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig};
 use wsimil_common::records::{EmbedderCard, FoldReport, WSIMIL_VERSION};
-use wsimil_common::store::Store;
+use wsimil_common::store::{S3Options, Store};
 use wsimil_common::table::write_parquet;
+use wsimil_worker::slide::remote::Buckets;
 
 /// Where an embedder's weights come from.
 #[derive(Debug, Clone)]
@@ -58,6 +59,8 @@ pub struct RunSettings {
     pub clam_splits: Option<PathBuf>,
     /// ICMIL rounds after round 0.
     pub icmil: Option<IcmilConfig>,
+    /// How `s3://` slides and manifests are reached (the store's S3 settings).
+    pub s3: S3Options,
 }
 
 /// Put the embedder's weights into the store under their content address and return its spec.
@@ -154,7 +157,8 @@ async fn check_imported(store: &Store, name: &EmbedderId, manifest: &Manifest) -
 
 /// Validate the manifest, register the embedder and write (or check) the run's plan.
 pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(Manifest, RunPlan)> {
-    let manifest = manifest::load(&settings.manifest, settings.classes.as_deref())?;
+    let buckets = Buckets::new(settings.s3.clone());
+    let manifest = manifest::load(&settings.manifest, settings.classes.as_deref(), &buckets).await?;
     if settings.icmil.is_some() && settings.imported.is_some() {
         bail!("ICMIL rounds fine-tune the patch embedder on slide pixels; imported features (--features) have none");
     }

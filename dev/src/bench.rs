@@ -43,15 +43,20 @@ pub fn huge_levels(source: &RgbImage, width: u32, height: u32, lowest_side: u32)
         .collect()
 }
 
-/// Read, decode and resize every patch of `grid` on the calling thread; (patches, seconds).
-pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Result<(usize, f64), SlideError> {
-    let pre = wsimil_common::features::Preprocessing {
+/// Patches resized to `input_px`, not normalised (the readers' benchmarks stop before the network).
+fn plain_resize(input_px: u32) -> wsimil_common::features::Preprocessing {
+    wsimil_common::features::Preprocessing {
         input_px,
         resize: String::new(),
         mean: [0.0; 3],
         std: [1.0; 3],
         resize_px: None,
-    };
+    }
+}
+
+/// Read, decode and resize every patch of `grid` on the calling thread; (patches, seconds).
+pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Result<(usize, f64), SlideError> {
+    let pre = plain_resize(input_px);
     let t = Instant::now();
     let mut n = 0;
     for p in &grid.patches {
@@ -60,6 +65,27 @@ pub fn read_all(slide: &dyn SlideReader, grid: &PatchGrid, input_px: u32) -> Res
         n += 1;
     }
     Ok((n, t.elapsed().as_secs_f64()))
+}
+
+/// Read every patch of `grid` as the embed stage does: `batch` patches at a time, their tiles
+/// fetched together first (a slide in a bucket; nothing for a file), then read one by one.
+pub fn read_batched(
+    slide: &dyn SlideReader,
+    grid: &PatchGrid,
+    input_px: u32,
+    batch: usize,
+) -> Result<usize, SlideError> {
+    let pre = plain_resize(input_px);
+    let mut n = 0;
+    for chunk in grid.patches.chunks(batch.max(1)) {
+        let regions: Vec<_> = chunk.iter().map(|p| wsimil_worker::embed::patch_region(slide, grid, p)).collect();
+        slide.prefetch(&regions)?;
+        for p in chunk {
+            std::hint::black_box(read_patch(slide, grid, p, &pre)?);
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Seconds per TransMIL training step (forward, backward, Lookahead(RAdam) update; dropout on),

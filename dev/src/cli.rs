@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Read every tissue patch of a slide on one thread (bench/tiling.sh).
     BenchRead(BenchReadArgs),
+    /// Read every tissue patch of one slide from local disk, from a bucket by ranged reads, and
+    /// downloaded to scratch then read by OpenSlide (bench/tiling.sh's remote line).
+    BenchRemote(BenchRemoteArgs),
     /// Write a large test slide from real tissue (bench/tiling.sh, embed-*.sh).
     MakeSlide(MakeSlideArgs),
     /// Seconds per TransMIL training step (bench/transmil-step.sh).
@@ -58,6 +61,25 @@ pub struct BenchReadArgs {
     /// Read every patch this many times, each from a freshly opened slide (cold caches), and report
     /// the fastest: small slides have few patches, so one pass is too short to time steadily.
     #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchRemoteArgs {
+    /// The slide on local disk.
+    #[arg(long)]
+    pub slide: PathBuf,
+    /// The same slide in a bucket (s3://bucket/key); endpoint and credentials as the store's.
+    #[arg(long)]
+    pub url: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Patches per batch (the embed stage's batch: its tiles are fetched together).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Passes per source, each from a freshly opened slide (and a fresh scratch folder); the
+    /// fastest is reported.
+    #[arg(long, default_value_t = 3)]
     pub repeat: usize,
 }
 
@@ -270,6 +292,60 @@ pub fn bench_read(args: BenchReadArgs) -> anyhow::Result<()> {
     let (n, secs) = best.expect("at least one pass");
     let reader = clap::ValueEnum::to_possible_value(&args.reader).expect("named").get_name().to_string();
     println!("{reader} {n} {secs:.3} {:.1}", n as f64 / secs);
+    Ok(())
+}
+
+/// `wsimil-dev bench-remote`: prints `source patches seconds rate bytes-per-patch` for `local`,
+/// `ranged` and `download`. Each pass opens the slide afresh and reads every tissue patch (resized
+/// to 224) in batches, as the embed stage does: opening (and, for `download`, the whole download)
+/// is inside the time. The grid comes from tiling the local copy once.
+pub async fn bench_remote(args: BenchRemoteArgs) -> anyhow::Result<()> {
+    use wsimil_worker::slide::remote::{Scratch, SlideSources};
+    use wsimil_worker::slide::{open_with, SlideReader};
+    let local = open_with(&args.slide, ReaderChoice::Native)?;
+    let tiled = wsimil_worker::tiling::tile_slide(local.as_ref(), "bench", &bench_tiling(256, 0.5), None)?;
+    let grid = std::sync::Arc::new(tiled.grid);
+    let size = std::fs::metadata(&args.slide)?.len();
+    {
+        // The bucket's copy: put there first (a benchmark's server starts empty).
+        let buckets = wsimil_worker::slide::remote::Buckets::new(args.store.s3());
+        let (store, key) = buckets.object(&args.url)?;
+        let bytes = std::fs::read(&args.slide).with_context(|| args.slide.display().to_string())?;
+        object_store::ObjectStoreExt::put(store.as_ref(), &key, bytes.into())
+            .await
+            .with_context(|| format!("uploading to {}", args.url))?;
+    }
+    // Each pass's scratch folder (a folder of its own inside this one) goes when the pass ends.
+    let scratch_root = std::env::var_os("TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    for source in ["local", "ranged", "download"] {
+        let mut best: Option<(usize, f64, u64)> = None;
+        for _ in 0..args.repeat.max(1) {
+            let (grid, slide_path, url) = (grid.clone(), args.slide.clone(), args.url.clone());
+            let sources = SlideSources::new(args.store.s3(), Scratch::new(scratch_root.clone(), 1 << 40));
+            let batch = args.batch.max(1);
+            let pass = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, f64, u64)> {
+                let t = std::time::Instant::now();
+                let slide: Box<dyn SlideReader> = match source {
+                    "local" => open_with(&slide_path, ReaderChoice::Native)?,
+                    "ranged" => sources.open_with(&url, ReaderChoice::Native)?,
+                    _ => sources.open_with(&url, ReaderChoice::OpenSlide)?,
+                };
+                let n = bench::read_batched(slide.as_ref(), &grid, 224, batch)?;
+                let bytes = match source {
+                    "local" => 0,
+                    "ranged" => slide.bytes_read(),
+                    _ => size,
+                };
+                Ok((n, t.elapsed().as_secs_f64(), bytes))
+            })
+            .await??;
+            if best.is_none_or(|(_, b, _)| pass.1 < b) {
+                best = Some(pass);
+            }
+        }
+        let (n, secs, bytes) = best.expect("at least one pass");
+        println!("{source} {n} {secs:.3} {:.1} {:.0}", n as f64 / secs, bytes as f64 / n.max(1) as f64);
+    }
     Ok(())
 }
 

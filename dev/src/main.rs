@@ -8,6 +8,11 @@ fn main() -> std::process::ExitCode {
     wsimil_coordinator::init_logging();
     let result = match Cli::parse().command {
         Command::BenchRead(args) => cli::bench_read(args),
+        Command::BenchRemote(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(cli::bench_remote(args))),
         Command::MakeSlide(args) => cli::make_slide(args),
         Command::BenchTransmil(args) => cli::bench_transmil(args),
         Command::BenchEmbed(args) => cli::bench_embed(args),

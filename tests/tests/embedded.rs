@@ -63,6 +63,7 @@ fn settings(manifest: PathBuf) -> RunSettings {
         imported: None,
         clam_splits: None,
         icmil: None,
+        s3: Default::default(),
     }
 }
 

@@ -6,7 +6,7 @@
 //! Everything here is off the tokio runtime: the job loop calls it from `spawn_blocking`.
 
 use crate::resample::resize_rgb;
-use crate::slide::{SlideError, SlideReader};
+use crate::slide::{Region, SlideError, SlideReader};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
@@ -36,13 +36,20 @@ pub fn read_patch(
     p: &Patch,
     pre: &Preprocessing,
 ) -> Result<RgbImage, SlideError> {
+    let (x, y, level, w, h) = patch_region(slide, grid, p);
+    let img = slide.read_region(x, y, level, w, h)?;
+    Ok(fit(img, pre))
+}
+
+/// The region a patch is read from: the pyramid level closest above the grid's target resolution,
+/// and the patch's side at that level.
+pub fn patch_region(slide: &dyn SlideReader, grid: &PatchGrid, p: &Patch) -> Region {
     let prov = &grid.provenance;
     let want_ds = prov.patch_level0 as f64 / prov.patch_px as f64;
     let level = slide.best_level_for_downsample(want_ds);
     let ds = slide.level_downsample(level);
     let side = ((prov.patch_level0 as f64 / ds).round() as u32).max(1);
-    let img = slide.read_region(p.x, p.y, level, side, side)?;
-    Ok(fit(img, pre))
+    (p.x, p.y, level, side, side)
 }
 
 /// A patch brought to the network's input as `pre` says.
@@ -157,6 +164,10 @@ fn decode_batch(
     pre: &Preprocessing,
     corrupt: CorruptTiles,
 ) -> Result<Decoded, SlideError> {
+    // A slide in a bucket fetches the batch's tiles in a few coalesced ranged reads, at once,
+    // rather than one request per tile as the parallel reads below first touch them.
+    let regions: Vec<Region> = chunk.iter().map(|&i| patch_region(slide, grid, &grid.patches[i])).collect();
+    slide.prefetch(&regions)?;
     let read: Vec<Result<RgbImage, SlideError>> =
         chunk.par_iter().map(|&i| read_patch(slide, grid, &grid.patches[i], pre)).collect();
     let px = (pre.input_px * pre.input_px * 3) as usize;

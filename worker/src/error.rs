@@ -90,6 +90,7 @@ impl From<SlideError> for JobError {
             SlideError::Library(_) => JobError::ReaderUnavailable(e),
             SlideError::NoMpp { .. } => JobError::NoMpp(e),
             SlideError::Config(reason) => JobError::Config(reason),
+            SlideError::Source(e) => e.into(),
             SlideError::Open { .. }
             | SlideError::Read { .. }
             | SlideError::CorruptTile { .. }
@@ -199,6 +200,21 @@ mod tests {
             (slide(SlideError::NoMpp { path: path() }), false, "NoMpp"),
             (slide(SlideError::Library("libopenslide.so.1: not found".into())), true, "ReaderUnavailable"),
             (slide(SlideError::Config("WSIMIL_READER=\"nativ\"".into())), false, "Config"),
+            // A slide in a bucket: the same rule as the store's own objects.
+            (slide(SlideError::Source(StoreError::NotFound { key: "s3://b/a.svs".into() })), false, "StoreNotFound"),
+            (
+                slide(SlideError::Source(StoreError::Auth { key: "s3://b/a.svs".into(), reason: "403".into() })),
+                false,
+                "StoreAuth",
+            ),
+            (
+                slide(SlideError::Source(StoreError::Unavailable {
+                    key: "s3://b/a.svs".into(),
+                    reason: "reset".into(),
+                })),
+                true,
+                "StoreTransient",
+            ),
             (store(StoreError::NotFound { key: key() }), false, "StoreNotFound"),
             (store(StoreError::Auth { key: key(), reason: "403 Forbidden".into() }), false, "StoreAuth"),
             (store(StoreError::Unavailable { key: key(), reason: "timed out".into() }), true, "StoreTransient"),

@@ -8,13 +8,12 @@ use crate::device::{tune_batch, BatchChoice, Compute, TUNED_BATCHES};
 use crate::embed::{embed_patches, EmbedError, EmbedOptions};
 use crate::error::JobError;
 use crate::heatmap;
-use crate::slide;
+use crate::slide::remote::SlideSources;
 use crate::tiling::{png_bytes_rgb, tile_slide};
 use crate::train::{self, Bag};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::{info, warn};
@@ -66,6 +65,8 @@ pub struct WorkerContext {
     embedders: Mutex<HashMap<EmbedderId, Loaded>>,
     /// Trained models loaded for scoring.
     models: Mutex<HashMap<ModelId, Arc<LoadedModel>>>,
+    /// Where slides are read from: local paths, or `s3://` URLs with a scratch folder.
+    pub sources: Arc<SlideSources>,
 }
 
 /// An embedder loaded for inference, with the batch size it runs at here.
@@ -79,7 +80,14 @@ impl WorkerContext {
             name: name.into(),
             embedders: Mutex::new(HashMap::new()),
             models: Mutex::new(HashMap::new()),
+            sources: Arc::new(SlideSources::local()),
         }
+    }
+
+    /// Read slides through `sources` (the S3 settings and scratch folder of the CLI).
+    pub fn with_sources(mut self, sources: SlideSources) -> Self {
+        self.sources = Arc::new(sources);
+        self
     }
 
     /// A trained model's members on this worker's device, loaded once.
@@ -190,9 +198,9 @@ async fn tile(ctx: &WorkerContext, job: &TileJob) -> Result<Done, JobError> {
         return Ok(Done::AlreadyDone);
     }
     let started = Instant::now();
-    let j = job.clone();
+    let (j, sources) = (job.clone(), ctx.sources.clone());
     let tiled = blocking(move || {
-        let s = slide::open(Path::new(&j.path))?;
+        let s = sources.open(&j.path)?;
         Ok(tile_slide(s.as_ref(), j.slide.as_str(), &j.tiling, j.mpp)?)
     })
     .await?;
@@ -234,12 +242,12 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
     let grid_key = layout::patch_grid(&job.tiling, &job.slide);
     let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
     let (model, batch_size) = ctx.embedder(&job.embedder).await?;
-    let (path, device) = (job.path.clone(), ctx.device().clone());
+    let (path, device, sources) = (job.path.clone(), ctx.device().clone(), ctx.sources.clone());
     let opts = EmbedOptions { batch_size, dtype: ctx.compute.dtype, corrupt: job.embedder.corrupt_tiles };
-    let (done, grid, model) = blocking(move || {
-        let s = slide::open(Path::new(&path))?;
+    let (done, grid, model, fetched) = blocking(move || {
+        let s = sources.open(&path)?;
         let f = embed_patches(s.as_ref(), &grid, model.as_ref(), &device, opts)?;
-        Ok((f, grid, model))
+        Ok((f, grid, model, s.bytes_read()))
     })
     .await?;
     if let Some((_, first)) = done.skipped.first() {
@@ -267,6 +275,11 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
     };
     ctx.store.put(&out_key, bag.to_parquet()?).await?;
     let secs = started.elapsed().as_secs_f32();
+    if fetched > 0 {
+        // A slide in a bucket: what its ranged reads cost.
+        let per_patch_kib = fetched as f64 / 1024.0 / bag.len().max(1) as f64;
+        info!(slide = %job.slide, fetched_mib = fetched as f64 / (1 << 20) as f64, per_patch_kib, "read from the bucket");
+    }
     info!(slide = %job.slide, patches = bag.len(), secs, rate = bag.len() as f32 / secs, "embedded");
     Ok(Done::Computed)
 }
@@ -646,6 +659,7 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
     let seed = plan.train.seed ^ 0x1c31 ^ ((job.round as u64) << 40) ^ ((job.fold as u64) << 20) ^ job.shard as u64;
     let (arch, model_cfg, teacher_id) = (teacher.architecture.clone(), fold_report.model.clone(), teacher.id());
     let slide_names: Vec<String> = inputs.iter().map(|(b, _, _)| b.provenance.slide.clone()).collect();
+    let sources = ctx.sources.clone();
     let (result, patches) = blocking(move || {
         let err = candle_err("ICMIL fine-tuning");
         let heads = load_safetensors(&heads, &device).map_err(&err)?;
@@ -664,7 +678,7 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 picked.truncate(cfg.patches_per_slide);
             }
             picked.sort_unstable();
-            let s = slide::open(Path::new(path))?;
+            let s = sources.open(path)?;
             let images: Vec<_> = picked
                 .par_iter()
                 .map(|&i| {

@@ -14,6 +14,22 @@ use wsimil_common::store::{S3Options, Store};
 
 pub const S3_KEY: &str = "wsimil-test";
 pub const S3_SECRET: &str = "wsimil-test-secret";
+/// A second identity, allowed only the `wsimil` bucket (reading, writing, listing): what a user
+/// whose credentials do not reach another bucket has.
+pub const S3_LIMITED_KEY: &str = "wsimil-limited";
+pub const S3_LIMITED_SECRET: &str = "wsimil-limited-secret";
+
+/// SeaweedFS's identities: the tests' admin, and the limited one.
+fn s3_identities() -> String {
+    let scoped = ["Read:wsimil", "Write:wsimil", "List:wsimil", "Tagging:wsimil"];
+    serde_json::json!({ "identities": [
+        { "name": "admin", "credentials": [{ "accessKey": S3_KEY, "secretKey": S3_SECRET }],
+          "actions": ["Admin", "Read", "Write", "List", "Tagging"] },
+        { "name": "limited", "credentials": [{ "accessKey": S3_LIMITED_KEY, "secretKey": S3_LIMITED_SECRET }],
+          "actions": scoped },
+    ]})
+    .to_string()
+}
 
 pub fn tool(name: &str) -> PathBuf {
     let dir = std::env::var_os("WSIMIL_TOOLS")
@@ -166,6 +182,8 @@ pub fn s3() -> &'static S3 {
                 }
             }
             let log_path = dir.path().join("weed.log");
+            let identities = dir.path().join("s3.json");
+            std::fs::write(&identities, s3_identities()).unwrap();
             let child = Command::new(tool("weed"))
                 .arg("mini")
                 .arg(format!("-dir={}", dir.path().display()))
@@ -183,6 +201,7 @@ pub fn s3() -> &'static S3 {
                 .arg(format!("-admin.port={}", ports[4]))
                 .arg(format!("-s3.port.iceberg={}", ports[5]))
                 .arg(format!("-debug.port={}", ports[6]))
+                .arg(format!("-s3.config={}", identities.display()))
                 .env("AWS_ACCESS_KEY_ID", S3_KEY)
                 .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
                 .stdout(Stdio::null())
@@ -221,16 +240,25 @@ impl S3 {
 
     /// A store handle on a prefix, as the processes see it.
     pub fn store(&self, prefix: &str) -> Store {
+        self.open(&self.location(prefix))
+    }
+
+    /// A store handle on `s3://bucket/prefix` (the bucket made on the first write), as the tests'
+    /// admin identity.
+    pub fn open(&self, location: &str) -> Store {
         std::env::set_var("AWS_ACCESS_KEY_ID", S3_KEY);
         std::env::set_var("AWS_SECRET_ACCESS_KEY", S3_SECRET);
         std::env::set_var("AWS_REGION", "us-east-1");
-        let opts = S3Options {
+        Store::open(location, &self.options()).unwrap()
+    }
+
+    pub fn options(&self) -> S3Options {
+        S3Options {
             endpoint: Some(self.endpoint()),
             region: Some("us-east-1".into()),
             path_style: true,
             max_retries: None,
-        };
-        Store::open(&self.location(prefix), &opts).unwrap()
+        }
     }
 
     /// `--store …` flags for the binaries.

@@ -6,6 +6,8 @@
 
 pub mod native;
 pub mod openslide;
+pub mod remote;
+pub mod source;
 
 use image::RgbImage;
 use std::path::{Path, PathBuf};
@@ -29,7 +31,14 @@ pub enum SlideError {
     /// A reader setting that cannot work (`WSIMIL_READER`).
     #[error("{0}")]
     Config(String),
+    /// A slide in a bucket whose bytes could not be fetched (missing, refused, unreachable): the
+    /// store error names its URL.
+    #[error("{0}")]
+    Source(wsimil_common::store::StoreError),
 }
+
+/// A region to read: `(x, y, level, w, h)` as [`SlideReader::read_region`] takes it.
+pub type Region = (i64, i64, usize, u32, u32);
 
 /// Corrupt tiles met by a tolerant read: how many, and the first one's error.
 #[derive(Debug, Default)]
@@ -75,6 +84,17 @@ pub trait SlideReader: Send + Sync {
         h: u32,
     ) -> Result<(RgbImage, CorruptTiles), SlideError> {
         self.read_region(x, y, level, w, h).map(|img| (img, CorruptTiles::default()))
+    }
+
+    /// These regions are about to be read: fetch what they need together (a slide in a bucket; a
+    /// no-op for files).
+    fn prefetch(&self, _regions: &[Region]) -> Result<(), SlideError> {
+        Ok(())
+    }
+
+    /// Bytes fetched from a bucket so far (0 for a file).
+    fn bytes_read(&self) -> u64 {
+        0
     }
 
     /// The level with the largest downsample not above `downsample` (OpenSlide's rule).
@@ -126,6 +146,7 @@ pub fn open_with(path: &Path, choice: ReaderChoice) -> Result<Box<dyn SlideReade
             native::Unsupported::Broken(r) => {
                 SlideError::Open { path: path.to_path_buf(), reason: format!("broken TIFF: {r}") }
             }
+            native::Unsupported::Source(e) => SlideError::Source(e),
         })
     };
     match choice {

@@ -9,13 +9,14 @@
 //! directory is a pyramid level (Aperio's thumbnail, label and macro are stripped, so skipped).
 //! Microns per pixel come from Aperio's `MPP`, or from the resolution tags in centimetres or inches.
 
-use super::{CorruptTiles, SlideError, SlideReader};
+use super::source::{ByteSource, SourceError};
+use super::{CorruptTiles, Region, SlideError, SlideReader};
 use image::RgbImage;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use wsimil_common::store::StoreError;
 
 /// Decoded tiles kept per slide (about 40 MiB of 256×256 RGB tiles).
 const CACHE_TILES: usize = 200;
@@ -41,8 +42,9 @@ impl Level {
 }
 
 pub struct NativeTiff {
+    /// The file's path, or the object's URL.
     path: PathBuf,
-    file: File,
+    source: Arc<dyn ByteSource>,
     levels: Vec<Level>,
     mpp: Option<f64>,
     objective: Option<f64>,
@@ -82,17 +84,29 @@ pub enum Unsupported {
     Broken(String),
     /// A TIFF that ends before data its directories point to (`needed` bytes at least).
     Truncated { len: u64, needed: u64 },
+    /// The bytes could not be fetched (an object in a bucket).
+    Source(StoreError),
+}
+
+impl From<SourceError> for Unsupported {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Io(e) => Unsupported::Broken(e.to_string()),
+            SourceError::Store(e) => Unsupported::Source(e),
+        }
+    }
 }
 
 /// Does the file start like a TIFF (classic or BigTIFF, either byte order)?
 pub fn is_tiff(path: &Path) -> bool {
     let mut head = [0u8; 4];
+    use std::os::unix::fs::FileExt;
     File::open(path).and_then(|f| f.read_exact_at(&mut head, 0)).is_ok()
         && matches!(&head, [b'I', b'I', 42 | 43, 0] | [b'M', b'M', 0, 42 | 43])
 }
 
 struct Parser<'a> {
-    file: &'a File,
+    source: &'a dyn ByteSource,
     le: bool,
     big: bool,
     len: u64,
@@ -106,7 +120,7 @@ impl Parser<'_> {
             Some(_) => {}
         }
         let mut b = vec![0u8; n];
-        self.file.read_exact_at(&mut b, at).map_err(|e| Unsupported::Broken(e.to_string()))?;
+        self.source.read_at(at, &mut b)?;
         Ok(b)
     }
 
@@ -222,6 +236,21 @@ struct Entry {
     value: Vec<u8>,
 }
 
+/// A vendor whose TIFF layout has rules of its own (OpenSlide's Philips, Ventana and Hamamatsu
+/// readers), told by the first ImageDescription; the native reader leaves those to OpenSlide. (For
+/// a local file OpenSlide's own detection decides first; this is what a slide in a bucket has.)
+pub fn vendor_of_description(desc: &str) -> Option<&'static str> {
+    if desc.contains("PhilipsTIFF") || desc.contains("DPUfsImport") {
+        Some("Philips")
+    } else if desc.contains("iScan") || desc.contains("Ventana") {
+        Some("Ventana")
+    } else if desc.contains("Hamamatsu") {
+        Some("Hamamatsu")
+    } else {
+        None
+    }
+}
+
 /// `key = value` pairs of an Aperio ImageDescription (`…|AppMag = 20|MPP = 0.499|…`).
 pub fn aperio_properties(desc: &str) -> Option<HashMap<String, String>> {
     if !desc.starts_with("Aperio") {
@@ -240,16 +269,24 @@ impl NativeTiff {
     /// Open `path` if this reader handles it.
     pub fn open(path: &Path) -> Result<Self, Unsupported> {
         let file = File::open(path).map_err(|e| Unsupported::NotForUs(e.to_string()))?;
-        let len = file.metadata().map_err(|e| Unsupported::NotForUs(e.to_string()))?.len();
+        Self::open_source(Arc::new(file), path)
+    }
+
+    /// Open the slide `source` holds (a file, an object in a bucket) if this reader handles it;
+    /// `path` names it in messages.
+    pub fn open_source(source: Arc<dyn ByteSource>, path: &Path) -> Result<Self, Unsupported> {
+        let len = source.len();
         let mut head = [0u8; 16];
-        file.read_exact_at(&mut head[..8.min(len as usize)], 0)
-            .map_err(|_| Unsupported::NotForUs("too short for a TIFF".into()))?;
+        if len < 8 {
+            return Err(Unsupported::NotForUs("too short for a TIFF".into()));
+        }
+        source.read_at(0, &mut head[..8])?;
         let le = match &head[0..2] {
             b"II" => true,
             b"MM" => false,
             _ => return Err(Unsupported::NotForUs("not a TIFF".into())),
         };
-        let mut p = Parser { file: &file, le, big: false, len };
+        let mut p = Parser { source: source.as_ref(), le, big: false, len };
         let first = match p.u16(&head[2..4]) {
             42 => p.u32(&head[4..8]) as u64,
             43 => {
@@ -359,7 +396,11 @@ impl NativeTiff {
             Some(_) => (num("MPP"), num("AppMag"), "aperio"),
             None => (resolution, None, "generic-tiff"),
         };
-        Ok(NativeTiff { path: path.to_path_buf(), file, levels, mpp, objective, vendor, cache: Mutex::default() })
+        if let Some(v) = description.as_deref().and_then(vendor_of_description) {
+            // A vendor's own TIFF layout, which OpenSlide knows and this reader does not.
+            return Err(Unsupported::NotForUs(format!("a {v} TIFF")));
+        }
+        Ok(NativeTiff { path: path.to_path_buf(), source, levels, mpp, objective, vendor, cache: Mutex::default() })
     }
 
     /// Decoded RGB pixels of one tile (`tile_w × tile_h × 3`).
@@ -375,7 +416,12 @@ impl NativeTiff {
             return Err(corrupt("tile has no data".into()));
         }
         let mut raw = vec![0u8; n as usize];
-        self.file.read_exact_at(&mut raw, off).map_err(|e| corrupt(format!("cannot read {n} bytes at {off}: {e}")))?;
+        match self.source.read_at(off, &mut raw) {
+            Ok(()) => {}
+            Err(SourceError::Io(e)) => return Err(corrupt(format!("cannot read {n} bytes at {off}: {e}"))),
+            // A bucket that fails a request is not a corrupt tile: the job's retry rule decides.
+            Err(SourceError::Store(e)) => return Err(SlideError::Source(e)),
+        }
         let mut stream = match &l.tables {
             // Abbreviated tile: the tables' stream without its EOI, then the tile without its SOI.
             Some(t) if t.len() >= 4 && raw.len() >= 2 && raw[0..2] == [0xFF, 0xD8] => {
@@ -502,9 +548,51 @@ impl SlideReader for NativeTiff {
     ) -> Result<(RgbImage, CorruptTiles), SlideError> {
         self.read(x, y, level, w, h, true)
     }
+
+    fn prefetch(&self, regions: &[Region]) -> Result<(), SlideError> {
+        let cache = self.cache.lock().unwrap();
+        let mut ranges = Vec::new();
+        for &(x, y, level, w, h) in regions {
+            for (l, index) in self.tiles_of(x, y, level, w, h) {
+                if cache.get(&(l, index)).is_none() {
+                    let lv = &self.levels[l];
+                    ranges.push((lv.offsets[index as usize], lv.counts[index as usize]));
+                }
+            }
+        }
+        drop(cache);
+        self.source.prefetch(&ranges).map_err(|e| match e {
+            SourceError::Store(e) => SlideError::Source(e),
+            SourceError::Io(e) => {
+                SlideError::Read { path: self.path.clone(), level: 0, x: 0, y: 0, w: 0, h: 0, reason: e.to_string() }
+            }
+        })
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.source.bytes_read()
+    }
 }
 
 impl NativeTiff {
+    /// The tiles (level, index) a region of `level` lies on.
+    fn tiles_of(&self, x: i64, y: i64, level: usize, w: u32, h: u32) -> Vec<(usize, u64)> {
+        let Some(l) = self.levels.get(level) else { return Vec::new() };
+        let lx = (x as f64 / l.downsample).round() as i64;
+        let ly = (y as f64 / l.downsample).round() as i64;
+        let (tw, th) = (l.tile_w as i64, l.tile_h as i64);
+        let (x0, y0) = (lx.max(0), ly.max(0));
+        let x1 = (lx + w as i64).min(l.width as i64);
+        let y1 = (ly + h as i64).min(l.height as i64);
+        if x0 >= x1 || y0 >= y1 {
+            return Vec::new();
+        }
+        let across = l.tiles_across() as i64;
+        (y0 / th..=(y1 - 1) / th)
+            .flat_map(|row| (x0 / tw..=(x1 - 1) / tw).map(move |col| (level, (row * across + col) as u64)))
+            .collect()
+    }
+
     /// Read a region; with `tolerant`, a corrupt tile is left white and counted.
     fn read(
         &self,
@@ -532,6 +620,8 @@ impl NativeTiff {
         if x0 >= x1 || y0 >= y1 {
             return Ok((out, corrupt));
         }
+        // The region's tiles in few requests (a bucket; nothing for a file).
+        self.prefetch(&[(x, y, level, w, h)])?;
         let buf: &mut [u8] = &mut out;
         for row in y0 / th..=(y1 - 1) / th {
             for col in x0 / tw..=(x1 - 1) / tw {
@@ -561,6 +651,42 @@ impl NativeTiff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes in memory whose reads start failing as a bucket's requests do, on demand.
+    struct Flaky {
+        data: Vec<u8>,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl ByteSource for Flaky {
+        fn len(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                let reason = "connection reset by peer".into();
+                return Err(SourceError::Store(StoreError::Unavailable { key: "s3://b/a.svs".into(), reason }));
+            }
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_bucket_failing_mid_read_is_a_transient_store_error_never_a_corrupt_tile() {
+        let img = RgbImage::from_fn(1024, 1024, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 128]));
+        let data = crate::tiff::write_slide(&img, "a", &Default::default()).unwrap();
+        let src = Arc::new(Flaky { data, failing: false.into() });
+        let slide = NativeTiff::open_source(src.clone(), Path::new("s3://b/a.svs")).unwrap();
+        assert_eq!(slide.read_region(0, 0, 0, 64, 64).unwrap().dimensions(), (64, 64));
+        src.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Even a read that tolerates corrupt tiles stops: the bytes were never seen.
+        let err = slide.read_region_tolerant(512, 512, 0, 64, 64).expect_err("the read fails");
+        assert!(matches!(err, SlideError::Source(StoreError::Unavailable { .. })), "{err:?}");
+        assert!(err.to_string().starts_with("s3://b/a.svs: the store is unavailable"), "{err}");
+        assert!(crate::error::JobError::from(err).is_transient());
+    }
 
     #[test]
     fn aperio_description_properties() {

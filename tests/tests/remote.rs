@@ -1,0 +1,261 @@
+//! Slides that live only in a bucket (`s3://` paths, the manifest itself in the bucket), read by
+//! the binaries as users run them against the real S3 server: the features are exactly those of
+//! the same slides read from disk (native reader by ranged reads; OpenSlide from the scratch
+//! folder), embedded and through NATS; missing and refused objects are listed before any work;
+//! broken ones fail alone, named by their URL.
+
+mod support;
+
+use object_store::path::Path as Key;
+use std::path::Path;
+use support::*;
+use wsimil_common::features::FeatureBag;
+use wsimil_common::store::Store;
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Run `wsimil` to completion; its output, or a panic with it.
+fn ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+fn until_embed(manifest: &str, store: &[String]) -> Vec<String> {
+    let mut a = run_flags(Path::new(manifest), &["--until", "embed", "--run", "r"]);
+    a.extend(store.iter().cloned());
+    a
+}
+
+/// Every feature bag of a store, by slide: (xs, ys, feature bits).
+async fn features(store: &Store) -> Vec<(String, Vec<i64>, Vec<i64>, Vec<u32>)> {
+    let mut out = Vec::new();
+    for key in store.list(&Key::from("features")).await.unwrap() {
+        let bag = FeatureBag::from_parquet(key.as_ref(), store.get(&key).await.unwrap()).unwrap();
+        let bits = bag.features.iter().map(|f| f.to_bits()).collect();
+        out.push((bag.provenance.slide.clone(), bag.xs.clone(), bag.ys.clone(), bits));
+    }
+    out.sort();
+    out
+}
+
+/// Where each bag's slide was read from, and by which reader.
+async fn sources(store: &Store) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for key in store.list(&Key::from("features")).await.unwrap() {
+        let bag = FeatureBag::from_parquet(key.as_ref(), store.get(&key).await.unwrap()).unwrap();
+        let t = bag.provenance.tiling.expect("tiling provenance");
+        out.push((t.source_path, t.reader));
+    }
+    out
+}
+
+/// The cohort's slides uploaded under `s3://<bucket>/<prefix>/slides/`, with a manifest of
+/// relative paths beside them; returns the manifest's URL.
+async fn upload_cohort(s3: &S3, local_manifest: &Path, bucket: &str, prefix: &str) -> String {
+    let store = s3.open(&format!("s3://{bucket}/{prefix}"));
+    let text = std::fs::read_to_string(local_manifest).unwrap();
+    let mut csv = String::from("slide_id,path,label\n");
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let name = Path::new(f[1]).file_name().unwrap().to_str().unwrap();
+        store.put(&Key::from(format!("slides/{name}")), std::fs::read(f[1]).unwrap()).await.unwrap();
+        csv.push_str(&format!("{},slides/{name},{}\n", f[0], f[2]));
+    }
+    store.put(&Key::from("cohort/manifest.csv"), csv.replace(",slides/", ",../slides/")).await.unwrap();
+    format!("s3://{bucket}/{prefix}/cohort/manifest.csv")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slides_only_in_a_bucket_embed_exactly_as_from_disk_embedded_and_through_nats() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = cohort(&d.join("cohort"), 3, 1024, 1280, false);
+    let s3 = s3();
+    // The slides in a bucket of their own, apart from the output store's.
+    let remote_manifest = upload_cohort(s3, &manifest, "wsimil-slides", "remote-cohort").await;
+    let s3_flags = |prefix: &str| s3.flags(prefix);
+    let local_store = |name: &str| vec!["--store".to_string(), d.join(name).display().to_string()];
+
+    // From disk, and from the bucket, native reader (ranged reads), embedded.
+    ok(wsimil().args(until_embed(manifest.to_str().unwrap(), &local_store("disk"))), "run from disk");
+    let out = ok(wsimil().args(until_embed(&remote_manifest, &s3_flags("remote-embedded"))), "run from the bucket");
+    assert!(out.contains("3 slides"), "{out}");
+    let disk = features(&Store::open(d.join("disk").to_str().unwrap(), &Default::default()).unwrap()).await;
+    assert_eq!(disk.len(), 3);
+    assert_eq!(features(&s3.store("remote-embedded")).await, disk, "features from the bucket differ from disk's");
+    for (path, reader) in sources(&s3.store("remote-embedded")).await {
+        assert!(path.starts_with("s3://wsimil-slides/remote-cohort/slides/"), "{path}");
+        assert!(reader.contains("native") && !reader.contains("scratch"), "{reader}");
+    }
+
+    // Through NATS: a worker reads the bucket's slides.
+    let nats = Nats::start();
+    let store = s3_flags("remote-nats");
+    let mut worker = spawn("w", d, &worker_flags(&nats, &store, "w"));
+    let mut run = until_embed(&remote_manifest, &store);
+    run.extend(nats_flags(&nats));
+    ok(wsimil().args(&run), "distributed run from the bucket");
+    assert_eq!(features(&s3.store("remote-nats")).await, disk, "the pool's features differ from disk's");
+    worker.terminate(std::time::Duration::from_secs(30));
+
+    // OpenSlide: each slide downloaded into the scratch folder, read, and the folder gone at exit.
+    let scratch = d.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("mine.txt"), b"not wsimil's").unwrap();
+    let openslide = |args: Vec<String>| {
+        let mut c = wsimil();
+        c.env("WSIMIL_READER", "openslide").args(args);
+        c
+    };
+    ok(&mut openslide(until_embed(manifest.to_str().unwrap(), &local_store("disk-openslide"))), "openslide from disk");
+    let mut args = until_embed(&remote_manifest, &local_store("remote-openslide"));
+    args.extend(s(&["--s3-endpoint", &s3.endpoint(), "--s3-path-style", "--scratch"]));
+    args.extend([scratch.display().to_string(), "--scratch-max-gb".into(), "1".into()]);
+    ok(&mut openslide(args), "openslide from the bucket");
+    let local_os =
+        features(&Store::open(d.join("disk-openslide").to_str().unwrap(), &Default::default()).unwrap()).await;
+    let remote_os =
+        features(&Store::open(d.join("remote-openslide").to_str().unwrap(), &Default::default()).unwrap()).await;
+    assert_eq!(local_os.len(), 3);
+    assert_eq!(remote_os, local_os, "OpenSlide on the scratch copies differs from OpenSlide on disk");
+    let remote_store = Store::open(d.join("remote-openslide").to_str().unwrap(), &Default::default()).unwrap();
+    for (path, reader) in sources(&remote_store).await {
+        assert!(
+            path.starts_with("s3://") && reader.contains("openslide") && reader.contains("scratch"),
+            "{path}: {reader}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("mine.txt")], "the scratch copies outlived the run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_refused_objects_are_listed_up_front_and_broken_ones_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = cohort(&d.join("cohort"), 2, 1024, 1280, false);
+    let s3 = s3();
+    let slides: Vec<(String, String)> = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].to_string(), f[2].to_string())
+        })
+        .collect();
+    let ours = s3.store("broken-objects");
+    let good = std::fs::read(&slides[0].0).unwrap();
+    ours.put(&Key::from("good.svs"), good.clone()).await.unwrap();
+    // Another bucket, which the limited identity may not read.
+    s3.open("s3://wsimil-private/x").put(&Key::from("secret.svs"), good.clone()).await.unwrap();
+    let url = |k: &str| format!("{}/{k}", s3.location("broken-objects"));
+    let limited = |args: &[String]| {
+        let mut c = wsimil();
+        c.env("AWS_ACCESS_KEY_ID", S3_LIMITED_KEY).env("AWS_SECRET_ACCESS_KEY", S3_LIMITED_SECRET).args(args);
+        c
+    };
+    let store = s3.flags("broken-run");
+
+    // Missing and refused: the run is refused before any work, every problem with its line.
+    let csv = d.join("bad.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "slide_id,path,label\ngood,{},{}\ngone,{},tumor\nsecret,s3://wsimil-private/x/secret.svs,normal\n",
+            url("good.svs"),
+            slides[0].1,
+            url("gone.svs")
+        ),
+    )
+    .unwrap();
+    let out = limited(&until_embed(csv.to_str().unwrap(), &store)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("2 problems in the manifest"), "{err}");
+    assert!(err.contains(&format!("line 3: gone: slide object not found: {}", url("gone.svs"))), "{err}");
+    assert!(err.contains("line 4: secret: access to s3://wsimil-private/x/secret.svs refused"), "{err}");
+    assert!(!err.contains(S3_LIMITED_SECRET), "credentials in a message: {err}");
+    assert!(
+        s3.store("broken-run").list(&Key::from("")).await.unwrap().is_empty(),
+        "nothing written before the refusal"
+    );
+
+    // Truncated in the bucket, and corrupt: each fails its own job, named by URL; the good one is
+    // embedded.
+    ours.put(&Key::from("cut.svs"), good[..good.len() / 2].to_vec()).await.unwrap();
+    ours.put(&Key::from("corrupt.svs"), std::fs::read(data("unreadable.svs")).unwrap()).await.unwrap();
+    std::fs::write(
+        &csv,
+        format!(
+            "slide_id,path,label\ngood,{},{}\ncut,{},tumor\ncorrupt,{},normal\nother,{},{}\n",
+            url("good.svs"),
+            slides[0].1,
+            url("cut.svs"),
+            url("corrupt.svs"),
+            slides[1].0,
+            slides[1].1
+        ),
+    )
+    .unwrap();
+    let out = ok(&mut limited(&until_embed(csv.to_str().unwrap(), &store)), "run with broken objects");
+    let failure = |key: &str| {
+        let u = url(key);
+        out.lines().find(|l| l.contains("failed tile") && l.contains(&u)).map(str::to_string)
+    };
+    let cut = failure("cut.svs").unwrap_or_else(|| panic!("no failure naming the truncated object:\n{out}"));
+    assert!(cut.contains("truncated"), "{cut}");
+    assert!(failure("corrupt.svs").is_some(), "no failure naming the corrupt object:\n{out}");
+    let bags = features(&s3.store("broken-run")).await;
+    let done: Vec<&str> = bags.iter().map(|b| b.0.as_str()).collect();
+    assert_eq!(done, vec!["good", "other"], "the cohort goes on past its broken slides");
+}
+
+/// In this process: a slide in the bucket is read by ranges, only the bytes its patches need, and
+/// reads the same pixels as from disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slide_in_a_bucket_is_read_by_ranges_not_downloaded() {
+    use wsimil_worker::slide::remote::{Scratch, SlideSources};
+    let dir = tempfile::tempdir().unwrap();
+    // A slide of 6144² (real tissue, repeated): large enough that the header is a small part.
+    let src = wsimil_worker::slide::open(&data("cmu_small_region.svs")).unwrap();
+    let tissue = wsimil_worker::synth::read_level0(src.as_ref()).unwrap();
+    let big = image::RgbImage::from_fn(6144, 6144, |x, y| *tissue.get_pixel(x % 2048, y % 2048));
+    let bytes = wsimil_worker::tiff::write_slide(&big, "big", &Default::default()).unwrap();
+    let path = dir.path().join("big.svs").display().to_string();
+    std::fs::write(&path, &bytes).unwrap();
+    let s3 = s3();
+    s3.store("ranged").put(&Key::from("a.svs"), bytes.clone()).await.unwrap();
+    let url = format!("{}/a.svs", s3.location("ranged"));
+    let sources = SlideSources::new(s3.options(), Scratch::new(dir.path().join("scratch"), 1 << 30));
+    tokio::task::spawn_blocking(move || {
+        let remote = sources.open(&url).unwrap();
+        let local = wsimil_worker::slide::open(Path::new(&path)).unwrap();
+        assert!(remote.reader_name().contains("native"), "{}", remote.reader_name());
+        assert_eq!(remote.path(), Path::new(&url));
+        assert_eq!(remote.level_count(), local.level_count());
+        let opened = remote.bytes_read();
+        let ahead = wsimil_worker::slide::source::READ_AHEAD;
+        // The header and each level's directory and offset tables: a few read-aheads.
+        assert!(
+            opened <= 6 * ahead && opened < bytes.len() as u64 / 4,
+            "opening fetched {opened} of {} bytes",
+            bytes.len()
+        );
+        let regions: Vec<_> = (0..4).map(|i| (i * 256, 512, 0usize, 256u32, 256u32)).collect();
+        remote.prefetch(&regions).unwrap();
+        for &(x, y, l, w, h) in &regions {
+            assert_eq!(remote.read_region(x, y, l, w, h).unwrap(), local.read_region(x, y, l, w, h).unwrap());
+        }
+        let read = remote.bytes_read() - opened;
+        eprintln!("{} bytes: {opened} to open, {read} for 4 patches", bytes.len());
+        assert!(read < bytes.len() as u64 / 8, "{read} of {} bytes fetched for 4 patches", bytes.len());
+        assert!(sources.scratch().bytes() == 0, "nothing downloaded to scratch");
+    })
+    .await
+    .unwrap();
+}
