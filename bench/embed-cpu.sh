@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Embedding throughput on CPU, images/s at 224 px, for ResNet50-trunc (1024-d) and
 # EfficientNet-Lite0 (1280-d): the model alone, wsimil (BatchNorm folded, as every run embeds)
-# against PyTorch in inference mode (eval, no_grad), in one run, both on one core (Debian's PyTorch
-# CPU build runs one intra-op thread; wsimil is also timed on all cores); and wsimil end to end
+# against PyTorch in inference mode (eval, no_grad), in one run, both on one core (wsimil is also
+# timed on all cores); and wsimil end to end
 # from a slide (read, decode, resize, normalise, embed) on all cores, against CLAM-style PyTorch
 # (OpenSlide read_region + PIL resize in DataLoader workers feeding the model) on the same patches.
 # Batch 16, best of 3 for the models alone.
 #
-# The PyTorch side needs PyTorch (scripts/dev/torch-env.sh); without it it is skipped with a message.
+# The PyTorch side is PyTorch as users install it (PyPI's wheel: scripts/dev/pypi-torch-env.sh;
+# Debian's from scripts/dev/torch-env.sh when that is absent); without either it is skipped.
 # Last line: `embed-cpu: wsimil vs pytorch = N.Nx (...)`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ BATCH=${BATCH:-16}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-embed.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 PY=$(torch_python torch)
-[[ -z $PY ]] && echo "embed-cpu: PyTorch not found (scripts/dev/torch-env.sh installs it): peer skipped" >&2
+[[ -z $PY ]] && echo "embed-cpu: PyTorch not found (scripts/dev/pypi-torch-env.sh installs it): peer skipped" >&2
 PYSLIDE=$(torch_python torch openslide PIL)
 [[ -n $PY && -z $PYSLIDE ]] && echo "embed-cpu: openslide-python or PIL not found: end-to-end peer skipped" >&2
 # A 20x slide of real tissue, 4096 x 4096: ~250 patches of 256 px.

@@ -6,8 +6,9 @@
 # model alone; wsimil end to end from a slide (read, decode, resize on CPU threads, normalise and
 # embed on the GPU) as a fraction of its model-alone rate, beside the decode ceiling; both as a
 # fraction of the GPU's dense bf16 peak; the ViT against the 4,200 patches/s a GPU needs for 1,000
-# TCGA slides in an hour (docs/gpu.md). Then the TransMIL training step on the GPU (N = 4,000 and
-# 16,000) against the official code when TRANSMIL_REPO and nystrom-attention are there.
+# TCGA slides in an hour (docs/gpu.md). Then the TransMIL training step on the GPU (N = 16,000 and
+# 50,000) against the official code when TRANSMIL_REPO and nystrom-attention are there, and the
+# largest bag one step fits in, each side.
 #
 # Here (no GPU): builds the CUDA binary (scripts/build-cuda.sh) and says so. On the GPU machine,
 # which cannot reach a registry, carry the kit of scripts/dev/gpu-kit.sh (the binary, the tissue,
@@ -104,19 +105,37 @@ if [[ -n $PY ]]; then
   echo "embed-gpu: ViT-L/16 pytorch $ver (SDPA) model alone $vp img/s (batch $vbatch)" >&2
 fi
 tm=""
+have_tm_peer=0
 if [[ -n $PY && -n ${TRANSMIL_REPO:-} ]] && "$PY" -c 'import nystrom_attention' 2>/dev/null; then
-  for nn in 4000 16000; do
-    ws=$("$WSIMIL" bench-transmil --device cuda --n $nn --steps 5 | awk '{print $3}')
-    ps=$("$PY" bench/py/transmil_step.py --transmil "$TRANSMIL_REPO" --device cuda --n $nn --steps 5 | awk '{print $3}')
-    tm+="; transmil step N=$nn: $ws vs $ps s"
-  done
+  have_tm_peer=1
 else
-  for nn in 4000 16000; do
-    ws=$("$WSIMIL" bench-transmil --device cuda --n $nn --steps 5 | awk '{print $3}')
-    tm+="; transmil step N=$nn: wsimil $ws s"
-  done
   echo "embed-gpu: official TransMIL (TRANSMIL_REPO + nystrom-attention) not found: TransMIL peer skipped" >&2
 fi
+for nn in 16000 50000; do
+  ws=$("$WSIMIL" bench-transmil --device cuda --n $nn --steps 5 | awk '{print $3}')
+  if [[ $have_tm_peer == 1 ]]; then
+    ps=$("$PY" bench/py/transmil_step.py --transmil "$TRANSMIL_REPO" --device cuda --n $nn --steps 5 | awk '{print $3}')
+    tm+="; transmil step N=$nn: $ws vs $ps s"
+  else
+    tm+="; transmil step N=$nn: wsimil $ws s"
+  fi
+done
+# The largest bag a training step fits in on this GPU, each side: doubling from 100,000 until a
+# step fails (out of memory) or takes over 120 s.
+largest() {
+  local ok=0 nn
+  for nn in 100000 200000 400000 800000 1600000; do
+    if timeout 120 "$@" --n $nn --steps 1 >/dev/null 2>&1; then ok=$nn; else break; fi
+  done
+  echo $ok
+}
+lw=$(largest "$WSIMIL" bench-transmil --device cuda)
+tm+="; largest N one step fits: wsimil $lw"
+if [[ $have_tm_peer == 1 ]]; then
+  lp=$(largest "$PY" bench/py/transmil_step.py --transmil "$TRANSMIL_REPO" --device cuda)
+  tm+=" vs pytorch $lp"
+fi
+echo "embed-gpu: TransMIL${tm}" >&2
 python3 - "$gpu" "$peak" "$w" "$p" "$e2e" "$macs" "$batch" "$ver" "$tm" "$dec" "$(nproc)" "$checks" \
   "$vw" "$vp" "$ve2e" "$vbatch" <<'PY'
 import sys

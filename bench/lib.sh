@@ -28,12 +28,14 @@ fi
 ONE_CORE=""
 command -v taskset >/dev/null && ONE_CORE="taskset -c 0"
 
-# Print a python that imports every module named in "$@" (the torch venv of scripts/dev/torch-env.sh
-# first), or nothing.
+# Print a python that imports every module named in "$@", or nothing: PyTorch as users install it
+# first (PyPI's current wheel, the venv of scripts/dev/pypi-torch-env.sh), then Debian's PyTorch
+# (scripts/dev/torch-env.sh), then the system's python3.
 torch_python() {
   local mods
   mods=$(IFS=,; echo "$*")
-  for p in "${WSIMIL_TOOLS:-$HOME/.cache/wsimil/tools}/torch-venv/bin/python" python3; do
+  local tools="${WSIMIL_TOOLS:-$HOME/.cache/wsimil/tools}"
+  for p in "$tools/pypi-torch-venv/bin/python" "$tools/torch-venv/bin/python" python3; do
     if "$p" -c "import $mods" 2>/dev/null; then echo "$p"; return; fi
   done
 }

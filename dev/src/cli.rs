@@ -227,7 +227,8 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
 pub fn bench_transmil(args: BenchTransmilArgs) -> anyhow::Result<()> {
     let device = args.compute.open()?.device;
     let s = bench::transmil_step_secs(args.n, args.in_dim, args.landmarks, args.steps, &device)?;
-    println!("transmil {} {s:.4}", args.n);
+    // The peak of live heap bytes (the data), beside which peak RSS adds what the allocator keeps.
+    println!("transmil {} {s:.4} {:.0}", args.n, crate::alloc::peak() as f64 / (1 << 20) as f64);
     Ok(())
 }
 

@@ -1,6 +1,9 @@
 //! `wsimil-dev`: parse flags, set up logging, hand over to the library.
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOC: wsimil_dev::alloc::Counting = wsimil_dev::alloc::Counting;
 use wsimil_dev::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {

@@ -56,9 +56,23 @@ pub struct Blas {
     _lib: libloading::Library,
 }
 
-/// Set `OPENBLAS_CORETYPE` (from the CPU's features) and `OPENBLAS_NUM_THREADS=1` where unset.
-/// Call before other threads exist (environment writes race with C code reading it).
+/// Set `OPENBLAS_CORETYPE` (from the CPU's features) and `OPENBLAS_NUM_THREADS=1` where unset,
+/// and size the thread pools to the CPUs this process may run on. Call before other threads exist
+/// (environment writes race with C code reading it).
+///
+/// candle's pool and rayon's default to the machine's physical cores, not the process's CPU set:
+/// under `taskset`, a cgroup cpuset or a CPU quota (a Slurm job, a Kubernetes limit) they start
+/// more threads than there are CPUs, and candle's spin-waiting barrier then burns the time of the
+/// very thread it waits for (a quarter of a TransMIL step on one core). `available_parallelism`
+/// reads the affinity mask and the cgroup quota.
 pub fn prepare_env() {
+    if let Ok(n) = std::thread::available_parallelism() {
+        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, n.get().to_string());
+            }
+        }
+    }
     if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
         if let Some(core) = core_for_this_cpu() {
             std::env::set_var("OPENBLAS_CORETYPE", core);

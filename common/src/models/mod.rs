@@ -20,6 +20,7 @@ pub mod convbn;
 pub mod efficientnet;
 pub mod embedder;
 pub mod icmil;
+pub mod nystrom;
 pub mod ops;
 pub mod optim;
 pub mod params;

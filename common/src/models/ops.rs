@@ -540,6 +540,21 @@ impl CustomOp3 for LayerNormGrad {
 /// `f(out_row, in_row, weight_index, lo, hi)` is called for each tap, where output columns
 /// `lo..hi` read in-bounds input columns.
 #[inline]
+/// `Σ a·b` over two slices of one length, in 16 partial sums (a vector register's worth) added at
+/// the end: the compiler keeps a sequential sum sequential, which is scalar code.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 fn for_each_tap(
     geom: DwGeom,
     (h, w): (usize, usize),
@@ -683,8 +698,16 @@ impl CustomOp2 for DepthwiseConvGradInput {
             for_each_tap(geom, (h, w), (kh, kw), (oh, ow), |orow, irow, ki, lo, hi| {
                 let wt = ker[ki];
                 let kx = ki % kw;
-                for ox in lo..hi {
-                    gxp[irow + ox * sw + kx - pl] += wt * gp[orow + ox];
+                if sw == 1 {
+                    // Contiguous on both sides: one vectorised pass.
+                    let at = irow + lo + kx - pl;
+                    for (d, g) in gxp[at..at + hi - lo].iter_mut().zip(&gp[orow + lo..orow + hi]) {
+                        *d += wt * g;
+                    }
+                } else {
+                    for ox in lo..hi {
+                        gxp[irow + ox * sw + kx - pl] += wt * gp[orow + ox];
+                    }
                 }
             });
         });
@@ -719,11 +742,12 @@ impl CustomOp2 for DepthwiseConvGradKernel {
                 let gp = &g[bc * oh * ow..(bc + 1) * oh * ow];
                 for_each_tap(geom, (h, w), (kh, kw), (oh, ow), |orow, irow, ki, lo, hi| {
                     let kx = ki % kw;
-                    let mut acc = 0f32;
-                    for ox in lo..hi {
-                        acc += gp[orow + ox] * xp[irow + ox * sw + kx - pl];
-                    }
-                    gkc[ki] += acc;
+                    gkc[ki] += if sw == 1 {
+                        let at = irow + lo + kx - pl;
+                        dot(&gp[orow + lo..orow + hi], &xp[at..at + hi - lo])
+                    } else {
+                        (lo..hi).map(|ox| gp[orow + ox] * xp[irow + ox * sw + kx - pl]).sum()
+                    };
                 });
             }
         });
@@ -825,9 +849,11 @@ impl CustomOp2 for Matmul {
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ga = matmul(grad, &b.t()?)?;
-        let gb = matmul(&a.t()?, grad)?;
-        Ok((Some(ga), Some(gb)))
+        // Only the operands the graph tracks: a linear layer's input bag is data, and its
+        // gradient (as many multiply-adds as the forward product) would be thrown away.
+        let ga = if a.track_op() { Some(matmul(grad, &b.t()?)?) } else { None };
+        let gb = if b.track_op() { Some(matmul(&a.t()?, grad)?) } else { None };
+        Ok((ga, gb))
     }
 }
 
@@ -837,8 +863,8 @@ impl CustomOp2 for Matmul {
 pub fn pinv_iterative(x: &Tensor, iters: usize) -> Result<Tensor> {
     let n = x.dim(D::Minus1)?;
     let abs = x.abs()?;
-    let col = abs.sum(D::Minus1)?.flatten_all()?.max(0)?;
-    let row = abs.sum(D::Minus2)?.flatten_all()?.max(0)?;
+    let col = max_shared(&abs.sum(D::Minus1)?.flatten_all()?)?;
+    let row = max_shared(&abs.sum(D::Minus2)?.flatten_all()?)?;
     let scale = (col * row)?;
     let mut z = x.transpose(D::Minus1, D::Minus2)?.broadcast_div(&scale)?;
     let eye = Tensor::eye(n, x.dtype(), x.device())?;
@@ -850,6 +876,16 @@ pub fn pinv_iterative(x: &Tensor, iters: usize) -> Result<Tensor> {
         z = (matmul(&z, &c)? * 0.25)?;
     }
     Ok(z)
+}
+
+/// The largest element of a vector, whose gradient is shared evenly among the elements equal to
+/// it, as PyTorch's `max()` does (candle's gives each tie the whole gradient). The value is the
+/// maximum itself; the mean over the ties carries the gradient.
+fn max_shared(v: &Tensor) -> Result<Tensor> {
+    let max = v.max_keepdim(0)?.detach();
+    let ties = v.broadcast_eq(&max)?.to_dtype(v.dtype())?;
+    let mean = (v * &ties)?.sum_all()?.broadcast_div(&ties.sum_all()?)?;
+    mean.clone() + (max.squeeze(0)? - mean)?.detach()
 }
 
 /// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
@@ -893,6 +929,16 @@ pub fn seed_device(device: &candle_core::Device, seed: u64) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn the_gradient_of_a_maximum_is_shared_among_ties_as_pytorch_shares_it() {
+        let v = Var::new(&[1.0f32, 3.0, 2.0, 3.0, 3.0], &Device::Cpu).unwrap();
+        let m = max_shared(v.as_tensor()).unwrap();
+        assert_eq!(m.to_scalar::<f32>().unwrap(), 3.0);
+        let g = m.affine(6.0, 0.0).unwrap().backward().unwrap();
+        let g = g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, vec![0.0, 2.0, 0.0, 2.0, 2.0]);
+    }
 
     fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
         let mut r = Rng::new(seed);

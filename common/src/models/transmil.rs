@@ -18,6 +18,7 @@
 //! later return the last n (`out[:, -n:]`). [`NystromOutput`] picks one; the paper configuration
 //! uses the pinned behaviour, and `tests/transmil_parity.rs` checks it against the reference.
 
+use super::nystrom::{nystrom_attention, NystromSpec};
 use super::ops::{depthwise_conv2d, dropout, matmul, pinv_iterative, DwGeom};
 use super::params::Linear;
 use super::params::{conv_weight, layer_norm, linear, LayerNorm};
@@ -78,6 +79,8 @@ struct NystromAttention {
     to_out: Linear,
     res_conv: Tensor,
     cfg: TransMilConfig,
+    /// Train with the composed tensor ops even where the fused CPU op runs (tests compare them).
+    composed: bool,
 }
 
 /// What the attention needs to report the cls token's attention over the sequence.
@@ -100,6 +103,7 @@ impl NystromAttention {
                 Init::Uniform { lo: -bound, up: bound },
             )?,
             cfg: cfg.clone(),
+            composed: false,
         })
     }
 
@@ -111,6 +115,19 @@ impl NystromAttention {
         let x = if pad > 0 { x.pad_with_zeros(1, pad, 0)? } else { x.clone() };
         let np = n + pad;
         let l = np / m;
+        if mode.is_train() && probe.is_none() && !self.composed {
+            let spec = NystromSpec {
+                heads: h,
+                dim_head: dh,
+                landmarks: m,
+                iters: self.cfg.pinv_iterations,
+                kernel: self.cfg.residual_kernel,
+                keep_maps_bytes: super::nystrom::KEEP_MAPS_BYTES,
+            };
+            if let Some(out) = nystrom_attention(&x, self.to_qkv.weight(), &self.res_conv, spec)? {
+                return Ok((self.output(out, n, pad, mode)?, None));
+            }
+        }
         let qkv = self.to_qkv.forward(&x)?;
         let inner = h * dh;
         let heads = |t: Tensor| -> Result<Tensor> { t.reshape((b, np, h, dh))?.transpose(1, 2)?.contiguous() };
@@ -124,28 +141,39 @@ impl NystromAttention {
         let attn2 = softmax(&matmul(&ql, &kl.t()?)?, train)?;
         let attn3 = softmax(&matmul(&ql, &k.t()?)?, train)?;
         let attn2_inv = pinv_iterative(&attn2, self.cfg.pinv_iterations)?;
-        let left = matmul(&attn1, &attn2_inv)?;
-        let mut out = matmul(&left, &matmul(&attn3, &v)?)?;
+        // The reference computes (attn1 · attn2⁺) · (attn3 · v): an [np, m] × [m, m] product per
+        // head, kept for backward, whose cost grows with the bag. Associated the other way,
+        // attn1 · (attn2⁺ · (attn3 · v)), the m × m factor meets a [m, dh] matrix instead: the same
+        // product (to rounding), 2·np·m² fewer multiply-adds per head forward and twice that
+        // backward, and no [np, m] intermediate held (at N = 16,000, 17 GFLOP and 134 MB a layer).
+        let mut out = matmul(&attn1, &matmul(&attn2_inv, &matmul(&attn3, &v)?)?)?;
         let half = self.cfg.residual_kernel / 2;
         let geom = DwGeom { stride: (1, 1), pad: (half, half, 0, 0) };
         out = (out + depthwise_conv2d(&v, &self.res_conv, geom)?)?;
-        let out = out.transpose(1, 2)?.reshape((b, np, inner))?;
-        let mut out = self.to_out.forward(&out)?;
-        if let Some(rng) = mode.rng() {
-            out = dropout(&out, self.cfg.dropout, rng)?;
-        }
-        let out = match self.cfg.nystrom_output {
-            NystromOutput::Leading => out.narrow(1, 0, n)?,
-            NystromOutput::Trailing => out.narrow(1, pad, n)?,
-        };
+        let out = self.output(out.transpose(1, 2)?.reshape((b, np, inner))?, n, pad, mode)?;
         let row = match probe {
             Some(p) => {
-                let r = left.narrow(2, pad + p.row, 1)?.matmul(&attn3)?; // [B, h, 1, np]
+                let left = attn1.narrow(2, pad + p.row, 1)?.matmul(&attn2_inv)?; // [B, h, 1, m]
+                let r = left.matmul(&attn3)?; // [B, h, 1, np]
                 Some(r.mean(1)?.squeeze(1)?.narrow(D::Minus1, pad, n)?) // [B, n]
             }
             None => None,
         };
         Ok((out, row))
+    }
+}
+
+impl NystromAttention {
+    /// The heads' outputs in token order [B, np, h·dh] → `to_out`, dropout, the n rows kept.
+    fn output(&self, heads: Tensor, n: usize, pad: usize, mode: &mut Mode) -> Result<Tensor> {
+        let mut out = self.to_out.forward(&heads)?;
+        if let Some(rng) = mode.rng() {
+            out = dropout(&out, self.cfg.dropout, rng)?;
+        }
+        match self.cfg.nystrom_output {
+            NystromOutput::Leading => out.narrow(1, 0, n),
+            NystromOutput::Trailing => out.narrow(1, pad, n),
+        }
     }
 }
 
@@ -181,14 +209,32 @@ impl Ppeg {
         Ok(Ppeg { convs })
     }
 
+    /// `x + conv7(x) + conv5(x) + conv3(x)` (each 'same'-padded, with its bias) is one 7×7
+    /// depthwise convolution: the three kernels centred in a 7×7 one and summed, plus 1 at the
+    /// centre for `x` itself, the biases summed. So one pass over the tokens forward and one
+    /// backward instead of three each, and no token-sized partial sums kept for backward (equal to
+    /// the three convolutions to rounding). The kernels' gradients come back through the padding
+    /// of those small kernels.
     fn forward(&self, x: &Tensor, side: usize) -> Result<Tensor> {
         let (b, _, c) = x.dims3()?;
         let cls = x.narrow(1, 0, 1)?;
         let feat = x.narrow(1, 1, side * side)?.transpose(1, 2)?.reshape((b, c, side, side))?;
-        let mut y = feat.clone();
-        for (w, bias, k) in &self.convs {
-            let conv = depthwise_conv2d(&feat, w, DwGeom::same_pad(*k, *k, 1))?;
-            y = (y + conv.broadcast_add(&bias.reshape((1, c, 1, 1))?)?)?;
+        let k = self.convs.iter().map(|(_, _, k)| *k).max().unwrap_or(1);
+        let mut centre = vec![0f32; k * k];
+        centre[k * k / 2] = 1.0;
+        let mut kernel = Tensor::from_vec(centre, (1, 1, k, k), x.device())?.to_dtype(x.dtype())?;
+        let mut bias: Option<Tensor> = None;
+        for (w, bw, kw) in &self.convs {
+            let p = (k - kw) / 2;
+            kernel = kernel.broadcast_add(&w.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?)?;
+            bias = Some(match bias {
+                Some(sum) => (sum + bw)?,
+                None => bw.clone(),
+            });
+        }
+        let mut y = depthwise_conv2d(&feat, &kernel, DwGeom::same_pad(k, k, 1))?;
+        if let Some(bias) = bias {
+            y = y.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
         }
         let y = y.flatten_from(2)?.transpose(1, 2)?;
         Tensor::cat(&[cls, y], 1)
@@ -222,6 +268,14 @@ impl TransMil {
 
     pub fn config(&self) -> &TransMilConfig {
         &self.cfg
+    }
+
+    /// Train with the composed tensor version of the attention even where the fused CPU op runs
+    /// (the two are compared by the tests; the composed one is what other devices run).
+    pub fn composed_attention(mut self) -> Self {
+        self.layer1.attn.composed = true;
+        self.layer2.attn.composed = true;
+        self
     }
 
     /// `bag`: [1, N, in_dim]. With `want_attention`, also the cls token's attention in the second
@@ -326,6 +380,45 @@ mod tests {
         let a = m.forward(&bag(9, 12, 3), &mut Mode::Eval, true).unwrap().attention.unwrap();
         let s = a.sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(s > 0.0 && s < 1.05, "{s}");
+    }
+
+    /// The fused CPU attention (what training runs) against the composed tensor ops (what other
+    /// devices run): the same loss and the same gradient for every parameter, across bag sizes that
+    /// pad and that do not; n = 3 pads whole landmark groups with zeros, whose equal columns tie
+    /// for the pseudo-inverse's scale (the gradient is shared among ties in both).
+    #[test]
+    fn the_fused_attention_trains_exactly_as_the_composed_one() {
+        if crate::models::blas::blas().is_none() {
+            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS (scripts/setup.sh)");
+            return;
+        }
+        let cfg = TransMilConfig { dim: 32, heads: 2, dim_head: 16, landmarks: 16, ..TransMilConfig::paper(12, 3) };
+        let p = Params::new(5);
+        let fused = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        let composed = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap().composed_attention();
+        let target = Tensor::new(&[2u32], &Device::Cpu).unwrap();
+        for n in [3, 15, 16, 37, 70] {
+            let x = bag(n, 12, 10 + n as u64);
+            let run = |m: &TransMil| {
+                let mut rng = Rng::new(n as u64);
+                let out = m.forward(&x, &mut Mode::Train(&mut rng), false).unwrap();
+                let loss = candle_nn::loss::cross_entropy(&out.logits, &target).unwrap();
+                let grads = loss.backward().unwrap();
+                (loss.to_scalar::<f32>().unwrap(), grads)
+            };
+            let ((la, ga), (lb, gb)) = (run(&fused), run(&composed));
+            assert!((la - lb).abs() < 1e-5 * lb.abs().max(1.0), "n={n}: loss {la} vs {lb}");
+            for (name, var) in p.named_vars() {
+                let (a, b) = (ga.get(&var).unwrap(), gb.get(&var).unwrap());
+                let (a, b) = (
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-8);
+                let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                assert!(err < 1e-5, "n={n}, {name}: gradient rel err {err}");
+            }
+        }
     }
 
     #[test]

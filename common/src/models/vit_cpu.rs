@@ -202,6 +202,17 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// The softmax of each row of `x` (`n` wide), in place (TransMIL's Nyström maps in training).
+    fn softmax_rows(x: &mut [f32], n: usize) {
+        let mut inv = [0f32];
+        for row in x.chunks_mut(n) {
+            exp_rows(row, n, &mut inv);
+            row.iter_mut().for_each(|v| *v *= inv[0]);
+        }
+    }
+}
+
+simd_kernel! {
     /// Row `r` of the `w`-wide block at the start of `x` (rows `ld` apart) times `scale[r]`.
     fn scale_rows(x: &mut [f32], ld: usize, w: usize, scale: &[f32]) {
         for (r, s) in scale.iter().enumerate() {
