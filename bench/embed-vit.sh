@@ -3,13 +3,14 @@
 # architecture) at 224 px, wsimil against PyTorch as users install it (PyPI's torch wheel with timm,
 # eval and inference_mode; bench/py/embed_vit.py), random weights, batch 16:
 #   - model alone, images/s and peak memory, on one core and on all cores;
-#   - end to end from a slide on all cores (wsimil's pipeline against TRIDENT-style PyTorch:
-#     OpenSlide read_region and PIL resize in DataLoader workers feeding the model), same patches;
+#   - end to end from a slide on all cores, patches/s and peak memory (wsimil's pipeline against
+#     TRIDENT-style PyTorch: OpenSlide read_region and PIL resize in DataLoader workers feeding the
+#     model), same patches;
 #   - full-size parity: UNI's architecture built by timm with random weights and saved as UNI ships
 #     it (torch.save of the state dict), loaded by `--embedder uni`'s loader, features compared.
 # The peer needs scripts/dev/pypi-torch-env.sh (~3 GB); without it it is skipped with a message.
-# Last line: `embed-vit: wsimil vs pytorch = N.Nx (...)`, the geometric mean of the one-core
-# model-alone ratios.
+# Last line: `embed-vit: wsimil vs pytorch = N.Nx (...)`, the geometric mean of the six rate ratios
+# (two models: one core, all cores, end to end), every figure beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
@@ -20,13 +21,8 @@ BATCH=${BATCH:-16}
 ITERS=${ITERS:-3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-vit.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-PY=""
-venv="${WSIMIL_TOOLS:-$HOME/.cache/wsimil/tools}/pypi-torch-venv/bin/python"
-if "$venv" -c 'import torch, timm, openslide' 2>/dev/null; then
-  PY=$venv
-else
-  echo "embed-vit: PyPI's torch and timm not found (scripts/dev/pypi-torch-env.sh installs them): peer skipped" >&2
-fi
+PY=$(torch_python torch timm openslide)
+[[ -z $PY ]] && echo "embed-vit: PyPI's torch and timm not found (scripts/dev/pypi-torch-env.sh installs them): peer skipped" >&2
 # Peak resident memory (MiB) of a command, its output on stdout.
 rss() { /usr/bin/time -f "%M" -o "$work/rss" "$@"; }
 mib() { echo $(( $(cat "$work/rss") / 1024 )); }
@@ -36,18 +32,18 @@ for name in vit_base_patch16_224 vit_large_patch16_224; do
   arch=vit:$name
   w1=$(rss $ONE_CORE "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --iters "$ITERS" 2>/dev/null | awk '{print $3}'); w1m=$(mib)
   wa=$(rss "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --iters "$ITERS" 2>/dev/null | awk '{print $3}'); wam=$(mib)
-  read -r n e2e < <("$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --slide "$work/slide.svs" \
-    --coords-out "$work/coords.csv" 2>/dev/null | awk '{print $3, $4}')
-  line="$name: wsimil $w1 img/s on 1 core ($w1m MiB), $wa on $(nproc) cores ($wam MiB), end to end $e2e patches/s ($n patches)"
-  p1=0; pa=0; pe=0; p1m=0; pam=0
+  read -r n e2e < <(rss "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --slide "$work/slide.svs" \
+    --coords-out "$work/coords.csv" 2>/dev/null | awk '{print $3, $4}'); wem=$(mib)
+  line="$name: wsimil $w1 img/s on 1 core ($w1m MiB), $wa on $(nproc) cores ($wam MiB), end to end $e2e patches/s ($n patches, $wem MiB)"
+  p1=0; pa=0; pe=0; p1m=0; pam=0; pem=0
   if [[ -n $PY ]]; then
     p1=$(rss $ONE_CORE "$PY" bench/py/embed_vit.py model --name $name --threads 1 --batch "$BATCH" --iters "$ITERS" | awk '{print $3}'); p1m=$(mib)
     pa=$(rss "$PY" bench/py/embed_vit.py model --name $name --batch "$BATCH" --iters "$ITERS" | awk '{print $3}'); pam=$(mib)
-    pe=$("$PY" bench/py/embed_vit.py slide --name $name --batch "$BATCH" --slide "$work/slide.svs" --coords "$work/coords.csv" | awk '{print $4}')
-    line+="; pytorch $p1 img/s on 1 core ($p1m MiB), $pa on $(nproc) cores ($pam MiB), end to end $pe patches/s"
+    pe=$(rss "$PY" bench/py/embed_vit.py slide --name $name --batch "$BATCH" --slide "$work/slide.svs" --coords "$work/coords.csv" | awk '{print $4}'); pem=$(mib)
+    line+="; pytorch $p1 img/s on 1 core ($p1m MiB), $pa on $(nproc) cores ($pam MiB), end to end $pe patches/s ($pem MiB)"
   fi
   echo "embed-vit: $line" >&2
-  rows+=("$name:$w1:$p1:$wa:$pa:$e2e:$pe:$w1m:$p1m")
+  rows+=("$name:$w1:$p1:$wa:$pa:$e2e:$pe:$w1m:$p1m:$wam:$pam:$wem:$pem")
 done
 parity="not checked (no peer)"
 if [[ -n $PY ]]; then
@@ -70,16 +66,21 @@ import sys
 ver, parity, rows = sys.argv[1], sys.argv[2], [r.split(":") for r in sys.argv[3:]]
 short = {"vit_base_patch16_224": "ViT-B/16", "vit_large_patch16_224": "ViT-L/16"}
 if ver:
-    ratios = [float(w1) / float(p1) for _, w1, p1, *_ in rows]
+    # The headline: the geometric mean of every wsimil/PyTorch rate ratio (model alone on one core
+    # and on all cores, end to end from the slide), each model; every figure and memory beside it.
+    ratios = []
+    for _, w1, p1, wa, pa, e, pe, *_ in rows:
+        ratios += [float(w1) / float(p1), float(wa) / float(pa), float(e) / float(pe)]
     geo = 1.0
     for r in ratios:
         geo *= r
     geo **= 1 / len(ratios)
     parts = "; ".join(
         f"{short[n]} 1 core {float(w1):.2f} vs {float(p1):.2f} img/s ({float(w1)/float(p1):.2f}x, {w1m} vs {p1m} MiB), "
-        f"all cores {float(wa):.2f} vs {float(pa):.2f} ({float(wa)/float(pa):.2f}x), end to end {float(e):.2f} vs {float(pe):.2f} patches/s"
-        for n, w1, p1, wa, pa, e, pe, w1m, p1m in rows)
-    print(f"embed-vit: wsimil vs pytorch {ver} = {geo:.2f}x ({parts}; {parity})")
+        f"all cores {float(wa):.2f} vs {float(pa):.2f} ({float(wa)/float(pa):.2f}x, {wam} vs {pam} MiB), "
+        f"end to end {float(e):.2f} vs {float(pe):.2f} patches/s ({float(e)/float(pe):.2f}x, {wem} vs {pem} MiB)"
+        for n, w1, p1, wa, pa, e, pe, w1m, p1m, wam, pam, wem, pem in rows)
+    print(f"embed-vit: wsimil vs pytorch {ver} = {geo:.1f}x (geometric mean of {len(ratios)} rate ratios; {parts}; {parity})")
 else:
     parts = "; ".join(f"{short[n]} {float(w1):.2f} img/s on one core, {float(e):.2f} patches/s end to end" for n, w1, _, _, _, e, *_ in rows)
     print(f"embed-vit: wsimil {parts} (PyTorch not installed: no ratio)")

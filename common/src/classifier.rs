@@ -111,6 +111,27 @@ impl ModelCard {
         }
     }
 
+    /// Read a card, refusing one this wsimil cannot read by what differs: its format and version
+    /// are looked at first, so that a card from a later wsimil whose fields have changed is told
+    /// apart from a file that is not a card at all.
+    pub fn parse(bytes: &[u8]) -> Result<ModelCard, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        let field = |name: &str| value.get(name).cloned().unwrap_or(serde_json::Value::Null);
+        let (format, version) = (field("format"), field("format_version"));
+        if format.as_str() != Some(MODEL_FORMAT) {
+            return Err(format!("not a wsimil model (format {format}, expected {MODEL_FORMAT:?})"));
+        }
+        if version.as_u64().is_some_and(|v| v > u64::from(MODEL_FORMAT_VERSION)) {
+            return Err(format!(
+                "written by wsimil {} in model format {version}; this wsimil {WSIMIL_VERSION} reads format {MODEL_FORMAT_VERSION} at most",
+                field("wsimil_version").as_str().unwrap_or("(unknown)")
+            ));
+        }
+        let card: ModelCard = serde_json::from_value(value).map_err(|e| format!("not a wsimil model card: {e}"))?;
+        card.check_compatible()?;
+        Ok(card)
+    }
+
     /// Refuse a card this wsimil cannot read, saying what differs.
     pub fn check_compatible(&self) -> Result<(), String> {
         if self.format != MODEL_FORMAT {
@@ -235,5 +256,26 @@ mod tests {
         let mut other = card("w");
         other.format = "sklearn".into();
         assert!(other.check_compatible().unwrap_err().contains("not a wsimil model"));
+    }
+
+    #[test]
+    fn a_card_is_read_by_its_version_before_its_fields() {
+        let ok = card("w");
+        assert_eq!(ModelCard::parse(&serde_json::to_vec(&ok).unwrap()).unwrap(), ok);
+        // A later format whose fields changed: named by its version, not as an unreadable file.
+        let mut later = serde_json::to_value(&ok).unwrap();
+        later["format_version"] = serde_json::json!(MODEL_FORMAT_VERSION + 1);
+        later["wsimil_version"] = serde_json::json!("9.0.0");
+        later["members"] = serde_json::json!({"moved": "elsewhere"});
+        let e = ModelCard::parse(&serde_json::to_vec(&later).unwrap()).unwrap_err();
+        assert!(e.contains("written by wsimil 9.0.0 in model format 2"), "{e}");
+        let e = ModelCard::parse(br#"{"format": "sklearn"}"#).unwrap_err();
+        assert!(e.contains("not a wsimil model (format \"sklearn\""), "{e}");
+        let mut broken = serde_json::to_value(&ok).unwrap();
+        broken["members"] = serde_json::json!(3);
+        assert!(ModelCard::parse(&serde_json::to_vec(&broken).unwrap())
+            .unwrap_err()
+            .contains("not a wsimil model card"));
+        assert!(ModelCard::parse(b"<html>").unwrap_err().starts_with("not JSON"));
     }
 }

@@ -189,7 +189,13 @@ mod tests {
         let auc = small.auc.unwrap();
         assert_eq!(auc.value, evaluate(&p, &l, 2).auc.unwrap());
         assert!(auc.ci95.0 <= auc.value && auc.value <= auc.ci95.1 && auc.ci95.0 < auc.ci95.1, "{auc}");
-        assert!(small.accuracy.ci95.0 <= small.accuracy.value && small.accuracy.value <= small.accuracy.ci95.1);
+        for (name, e) in
+            [("accuracy", small.accuracy), ("balanced accuracy", small.balanced_accuracy), ("F1", small.f1)]
+        {
+            assert!(e.ci95.0 <= e.value && e.value <= e.ci95.1 && e.ci95.0 < e.ci95.1, "{name}: {e}");
+        }
+        assert_eq!(small.balanced_accuracy.value, evaluate(&p, &l, 2).balanced_accuracy);
+        assert_eq!(small.f1.value, evaluate(&p, &l, 2).f1);
         let (p, l) = make(400, &mut r);
         let big = evaluate_ci(&p, &l, 2, 500, 7);
         let width = |e: Estimate| e.ci95.1 - e.ci95.0;
@@ -225,6 +231,46 @@ mod tests {
         let m = evaluate(&probs, &[0, 1, 2], 3);
         assert_eq!(m.auc, Some(1.0));
         assert_eq!(m.accuracy, 1.0);
+    }
+
+    #[test]
+    fn multiclass_f1_and_balanced_accuracy_are_macro_and_their_intervals_hold_them() {
+        // Class 0: 2 of 2 right; class 1: 1 of 2 (one called 2); class 2: 1 of 1.
+        let probs = vec![
+            vec![0.7, 0.2, 0.1],
+            vec![0.6, 0.3, 0.1],
+            vec![0.1, 0.8, 0.1],
+            vec![0.1, 0.3, 0.6],
+            vec![0.2, 0.2, 0.6],
+        ];
+        let labels = [0, 0, 1, 1, 2];
+        let m = evaluate(&probs, &labels, 3);
+        assert!((m.accuracy - 0.8).abs() < 1e-12);
+        assert!((m.balanced_accuracy - (1.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
+        // F1 per class: 1, 2/3 (tp 1, fn 1), 2/3 (tp 1, fp 1); macro: their mean.
+        assert!((m.f1 - (1.0 + 2.0 / 3.0 + 2.0 / 3.0) / 3.0).abs() < 1e-12, "{}", m.f1);
+        let mut r = crate::rng::Rng::new(4);
+        let labels: Vec<usize> = (0..90).map(|i| i % 3).collect();
+        let probs: Vec<Vec<f64>> = labels
+            .iter()
+            .map(|&l| {
+                let mut p: Vec<f64> = (0..3).map(|c| r.uniform() + if c == l { 0.6 } else { 0.0 }).collect();
+                let s: f64 = p.iter().sum();
+                p.iter_mut().for_each(|v| *v /= s);
+                p
+            })
+            .collect();
+        let ci = evaluate_ci(&probs, &labels, 3, 300, 1);
+        let point = evaluate(&probs, &labels, 3);
+        assert_eq!(ci.auc.unwrap().value, point.auc.unwrap());
+        for (name, e) in [
+            ("AUC", ci.auc.unwrap()),
+            ("accuracy", ci.accuracy),
+            ("balanced accuracy", ci.balanced_accuracy),
+            ("macro F1", ci.f1),
+        ] {
+            assert!(e.ci95.0 <= e.value && e.value <= e.ci95.1 && e.ci95.0 < e.ci95.1, "{name}: {e}");
+        }
     }
 
     #[test]

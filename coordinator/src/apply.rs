@@ -54,9 +54,8 @@ pub async fn resolve(store: &Store, spec: &str, round: Option<u32>) -> anyhow::R
     }
     if let Ok(id) = ModelId::new(spec) {
         if store.exists(&layout::model_card(&id)).await? {
-            let card: ModelCard = store.get_json(&layout::model_card(&id)).await?;
-            card.check_compatible().map_err(|e| anyhow::anyhow!("model {id}: {e}"))?;
-            return Ok(card);
+            let bytes = store.get(&layout::model_card(&id)).await?;
+            return ModelCard::parse(&bytes).map_err(|e| anyhow::anyhow!("model {id}: {e}"));
         }
     }
     let (run, which) = match spec.split_once(':') {
@@ -200,9 +199,8 @@ pub async fn export(store: &Store, card: &ModelCard, out: &Path) -> anyhow::Resu
 /// their content addresses.
 pub async fn import_folder(store: &Store, dir: &Path) -> anyhow::Result<ModelCard> {
     let path = dir.join("model.json");
-    let card: ModelCard = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("{}", path.display()))?)
-        .with_context(|| format!("{}: not a wsimil model card", path.display()))?;
-    card.check_compatible().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let card = ModelCard::parse(&std::fs::read(&path).with_context(|| format!("{}", path.display()))?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut weights = Vec::new();
     for m in &card.members {
         let p = dir.join(format!("{}.safetensors", m.name));

@@ -457,6 +457,13 @@ impl RunArgs {
         if patch_px == 0 || target_mpp <= 0.0 {
             bail!("--patch-px and --target-mpp must be positive");
         }
+        if self.final_model && self.until != Until::Predict {
+            bail!(
+                "--final-model is trained after the cross-validation's predictions: it cannot be made by a run that \
+                 stops at --until {}",
+                self.until.stage().as_str()
+            );
+        }
         let weights = match (&self.weights, self.random_weights) {
             (_, Some(seed)) => Weights::Random(seed),
             (Some(p), None) => Weights::File(p.clone()),

@@ -72,6 +72,27 @@ fn unknown_choices_are_named_before_any_work() {
         }
         assert!(!store.exists(), "{flag} {value}: refused before anything was written");
     }
+    // Flags that contradict each other, said before any work.
+    let out = wsimil()
+        .args(["run", "--manifest", m.to_str().unwrap(), "--store", store.to_str().unwrap(), "--random-weights", "1"])
+        .args(["--final-model", "--until", "embed"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--final-model") && err.contains("--until embed"), "{err}");
+    assert!(!store.exists(), "--final-model with --until: refused before anything was written");
+    // A device or a job kind that does not exist, refused by the worker before it connects.
+    for (flag, value, needle) in [
+        ("--device", "tpu", "unknown device \"tpu\" (auto, cpu, cuda, cuda:N)"),
+        ("--kinds", "tile,train,dance", "invalid value 'dance' for '--kinds"),
+    ] {
+        let out = wsimil().args(["worker", "--nats", "nats://127.0.0.1:1", flag, value]).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{flag} {value}: {needle:?} not in {err}");
+        assert!(!err.contains("connect"), "{flag} {value}: refused before connecting: {err}");
+    }
     // A mistyped reader is refused at start, once, not by every tile job.
     let out = wsimil()
         .args(["run", "--manifest", m.to_str().unwrap(), "--store", store.to_str().unwrap(), "--random-weights", "1"])

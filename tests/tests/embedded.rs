@@ -396,4 +396,27 @@ async fn a_vision_transformer_embeds_the_cohort_and_its_features_say_so() {
     assert_eq!(p.preprocessing.as_ref().unwrap().input_px, 224);
     assert!(bag.features.iter().all(|v| v.is_finite()) && bag.features.iter().any(|v| *v != 0.0));
     assert_eq!(s.metrics().unwrap().predicted, 4);
+
+    // The same architecture from a weights file in timm's names (as a publisher ships it): the
+    // embedder card and every feature file record the file's SHA-256, the preset and the output.
+    let params = wsimil_common::models::params::Params::new(11);
+    st.embedder.architecture.build(params.var_builder(&candle_core::Device::Cpu)).unwrap();
+    let file = dir.path().join("pytorch_model.safetensors");
+    std::fs::write(&file, wsimil_common::models::params::safetensors_bytes(&params.snapshot().unwrap()).unwrap())
+        .unwrap();
+    let sha = wsimil_common::ids::sha256_hex(&std::fs::read(&file).unwrap());
+    st.embedder.weights = Weights::File(file.clone());
+    let s = run_once(&store, &st).await;
+    assert_eq!(stage(&s, JobKind::Embed).outcome.computed, 4, "other weights: embedded again");
+    let emb = s.plan.embedder.id();
+    let card: serde_json::Value =
+        serde_json::from_slice(&store.get(&layout::embedder_card(&emb)).await.unwrap()).unwrap();
+    assert_eq!(card["weights_sha256"], sha, "{card}");
+    assert_eq!(card["architecture"], "vit:vit_tiny_patch16_224", "{card}");
+    assert_eq!(card["output"], "class token", "{card}");
+    assert_eq!(card["feature_dim"], 192, "{card}");
+    assert!(card["source"].as_str().unwrap().ends_with("pytorch_model.safetensors"), "{card}");
+    let f = store.get(&layout::features(&emb, &s.plan.tiling.id(), &SlideId::new("demo-000").unwrap())).await.unwrap();
+    let bag = FeatureBag::from_parquet("f", f).unwrap();
+    assert_eq!(bag.provenance.weights_sha256.as_deref(), Some(sha.as_str()));
 }

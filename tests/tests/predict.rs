@@ -67,6 +67,18 @@ fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
     run.extend(s(&["--store", store.to_str().unwrap()]));
     let out = ok(&run);
     assert!(out.contains("final"), "{out}");
+    // The final model trains on every slide for the epochs the folds chose: their median best
+    // epoch (the upper one of two), counted from 1.
+    let json = |rel: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(store.join("runs/train-a/round-0").join(rel)).unwrap()).unwrap()
+    };
+    let mut best: Vec<u64> =
+        (0..2).map(|k| json(&format!("fold-{k}/metrics.json"))["best_epoch"].as_u64().unwrap()).collect();
+    best.sort_unstable();
+    let fin = json("final/metrics.json");
+    assert_eq!(fin["epochs"].as_u64().unwrap(), best[1] + 1, "{fin}");
+    assert_eq!(fin["curve"].as_array().unwrap().len() as u64, best[1] + 1, "trained for exactly those epochs");
+    assert_eq!(fin["n_train"].as_u64().unwrap(), 6, "on every slide");
 
     // The external cohort's slides under the training cohort's ids would get the training slides'
     // tiles (keys are by slide id): refused, every conflict named.
@@ -99,6 +111,45 @@ fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
     let out = ok(&predict("train-a:final", &external, &store, "ext-b-final"));
     assert!(out.contains("one classifier") && out.contains("embed    nothing to do"), "{out}");
 
+    // One fold's model, and then the same model by the id it was registered under: one classifier,
+    // the same probabilities both ways.
+    let out = ok(&predict("train-a:fold-1", &external, &store, "ext-b-fold1"));
+    assert!(out.contains("one classifier"), "{out}");
+    let id = out
+        .split("application ext-b-fold1: model ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no model id in {out}"))
+        .to_string();
+    ok(&predict(&id, &external, &store, "ext-b-by-id"));
+    let read = |name: &str| std::fs::read_to_string(store.join(format!("applied/{name}/predictions.csv"))).unwrap();
+    assert_eq!(probs(&read("ext-b-fold1")), probs(&read("ext-b-by-id")));
+    assert_ne!(probs(&read("ext-b-fold1")), probs(&csv), "one fold is not the folds' mean");
+    assert!(refused(&predict("train-a:fold-7", &external, &store, "x")).contains("run train-a has 2 folds: no fold 7"));
+
+    // What predict writes beside the CSV: the same predictions as Parquet, and each slide's
+    // attention over its patches (one value per patch, a distribution).
+    let (batch, _) = wsimil_common::table::read_parquet(
+        "predictions",
+        std::fs::read(store.join("applied/ext-b/predictions.parquet")).unwrap().into(),
+    )
+    .unwrap();
+    assert_eq!(batch.num_rows(), 4);
+    let tumour: &arrow_array::Float64Array = wsimil_common::table::column("predictions", &batch, "prob_tumor").unwrap();
+    for (i, (_, p)) in probs(&csv).iter().enumerate() {
+        // The CSV holds 6 decimals.
+        assert!((tumour.value(i) - p[1]).abs() < 1e-6, "slide {i}: parquet {} vs csv {}", tumour.value(i), p[1]);
+    }
+    for i in 0..4 {
+        let path = store.join(format!("applied/ext-b/attention/ext-demo-{i:03}.parquet"));
+        let map =
+            wsimil_common::attention::AttentionMap::from_parquet("attention", std::fs::read(&path).unwrap().into())
+                .unwrap();
+        assert!(!map.attention.is_empty() && map.attention.len() == map.xs.len());
+        let sum: f32 = map.attention.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-3, "slide {i}: attention sums to {sum}");
+    }
+
     // Exported, then applied from the folder in a store that has never seen the run: the same
     // probabilities.
     let bundle = d.join("bundle");
@@ -129,9 +180,11 @@ fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
     feats.extend(s(&["--features", "musk1"]));
     let err = refused(&feats);
     assert!(err.contains("--features musk1: model") && err.contains("not on musk1"), "{err}");
+    // A card from a later wsimil, its fields changed too: refused by its version, not as "not a card".
     let mut newer = card.clone();
     newer["format_version"] = serde_json::json!(99);
     newer["wsimil_version"] = serde_json::json!("9.0.0");
+    newer["members"] = serde_json::json!({"renamed": true});
     std::fs::write(bundle.join("model.json"), serde_json::to_vec(&newer).unwrap()).unwrap();
     let err = refused(&predict(bundle.to_str().unwrap(), &external, &d.join("third"), "n"));
     assert!(err.contains("model.json: written by wsimil 9.0.0 in model format 99"), "{err}");
@@ -141,6 +194,32 @@ fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
         .unwrap();
     let out = ok(&predict("train-a", &unlabelled, &store, "nolabels"));
     assert!(out.contains("1 slides predicted (no labels: no metrics)"), "{out}");
+}
+
+/// A model trained elsewhere (a CLAM_SB checkpoint made with CLAM's own code), imported as users
+/// have it and applied to slides: they are embedded with the embedder named at import and scored
+/// by the imported classifier, through the same `predict` as a model trained here.
+#[test]
+fn an_imported_checkpoint_predicts_new_slides() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = cohort_seeded(&d.join("c"), 2, 1024, 1280, false, 9);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/tests/fixtures/import/clam_sb.pt");
+    let folder = d.join("clam");
+    let mut import = s(&["import-model", "--clam", fixture.to_str().unwrap(), "--classes", "normal,tumor"]);
+    import.extend(s(&["--embedder", "resnet50-trunc", "--random-weights", "1", "--tissue-preset", "biopsy"]));
+    import.extend(s(&["--out", folder.to_str().unwrap()]));
+    ok(&import);
+    let store = d.join("store");
+    let out = ok(&predict(folder.to_str().unwrap(), &manifest, &store, "clam"));
+    assert!(out.contains("external validation (2 labelled slides)"), "{out}");
+    assert!(out.contains("embed") && !out.contains("embed    nothing to do"), "the slides were embedded: {out}");
+    let csv = std::fs::read_to_string(store.join("applied/clam/predictions.csv")).unwrap();
+    let rows = probs(&csv);
+    assert_eq!(rows.len(), 2, "{csv}");
+    for (slide, p) in rows {
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-6, "{slide}: {p:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

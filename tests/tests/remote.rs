@@ -259,3 +259,39 @@ async fn a_slide_in_a_bucket_is_read_by_ranges_not_downloaded() {
     .await
     .unwrap();
 }
+
+/// An object that goes after the manifest was checked (deleted while the cohort runs) fails its own
+/// job with the object's URL, and as a permanent failure: it is not retried as if the server had
+/// had a hiccup, and a good slide's job beside it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_gone_after_the_check_fails_its_own_job_for_good() {
+    use wsimil_common::grid::{TissueParams, TissuePreset};
+    use wsimil_common::ids::SlideId;
+    use wsimil_common::job::{Job, TileJob};
+    use wsimil_common::plan::TilingSpec;
+    use wsimil_worker::jobs::{execute, WorkerContext};
+    use wsimil_worker::slide::remote::{Scratch, SlideSources};
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = s3();
+    let bucket = s3.store("gone-objects");
+    bucket.put(&Key::from("good.svs"), std::fs::read(data("cmu_small_region.svs")).unwrap()).await.unwrap();
+    let url = |k: &str| format!("{}/{k}", s3.location("gone-objects"));
+    let sources = SlideSources::new(s3.options(), Scratch::new(dir.path().join("scratch"), 1 << 30));
+    let ctx =
+        WorkerContext::new(s3.store("gone-run"), wsimil_worker::device::Compute::cpu(), "t").with_sources(sources);
+    let tiling = TilingSpec {
+        patch_px: 256,
+        target_mpp: 2.0,
+        step_fraction: 1.0,
+        min_tissue_fraction: 0.5,
+        tissue: TissueParams::preset(TissuePreset::Biopsy),
+    };
+    let tile = |slide: &str, key: &str| {
+        Job::Tile(TileJob { slide: SlideId::new(slide).unwrap(), path: url(key), mpp: None, tiling: tiling.clone() })
+    };
+    let err = execute(&ctx, &tile("gone", "gone.svs")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&url("gone.svs")) && msg.contains("not found"), "{msg}");
+    assert!(!err.is_transient(), "a missing object is not retried: {msg}");
+    execute(&ctx, &tile("good", "good.svs")).await.unwrap();
+}

@@ -250,6 +250,8 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
         Ok((f, grid, model, s.bytes_read()))
     })
     .await?;
+    // The last job of the round to read the slide: a scratch copy of it goes now.
+    ctx.sources.finished_with(&job.path);
     if let Some((_, first)) = done.skipped.first() {
         warn!(slide = %job.slide, skipped = done.skipped.len(), "patches on corrupt tiles left out; first: {first}");
     }

@@ -126,6 +126,14 @@ impl SlideSources {
         &self.buckets
     }
 
+    /// The jobs of this round are done reading `location`: a scratch copy of it is removed (now,
+    /// or when the last reader lets it go). Local paths and slides read in place: nothing to do.
+    pub fn finished_with(&self, location: &str) {
+        if is_remote(location) {
+            self.scratch.finished_with(location);
+        }
+    }
+
     /// Open the slide at `location`: a local path, or an `s3://` URL (the reader `WSIMIL_READER` says).
     pub fn open(&self, location: &str) -> Result<Box<dyn SlideReader>, SlideError> {
         self.open_with(location, ReaderChoice::from_env()?)
@@ -244,6 +252,8 @@ pub struct Scratch {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<ScratchState>,
+    /// Woken when a download finishes or fails (others wait for a copy being downloaded).
+    changed: std::sync::Condvar,
 }
 
 #[derive(Default)]
@@ -257,6 +267,11 @@ struct ScratchEntry {
     size: u64,
     users: usize,
     last_used: u64,
+    /// The copy is whole (false while it downloads: its bytes are reserved all the same, so that
+    /// concurrent downloads never take the folder past its bound).
+    ready: bool,
+    /// Remove the copy when its last user lets it go ([`Scratch::finished_with`]).
+    discard: bool,
 }
 
 impl Scratch {
@@ -269,20 +284,22 @@ impl Scratch {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = parent.join(format!("{OWNED_PREFIX}{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
-        Scratch { dir, max_bytes, state: Mutex::default() }
+        Scratch { dir, max_bytes, state: Mutex::default(), changed: std::sync::Condvar::new() }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Bytes held now.
+    /// Bytes held or reserved by downloads now.
     pub fn bytes(&self) -> u64 {
         self.state.lock().unwrap().entries.values().map(|e| e.size).sum()
     }
 
-    /// A local copy of `url` (`size` bytes): the one held, or one `fetch` writes into the path it
-    /// is given (renamed into place once whole).
+    /// A local copy of `url` (`size` bytes): the one held, the one another job is downloading
+    /// (waited for), or one `fetch` writes into the path it is given (renamed into place once
+    /// whole). Room is made first, least recently used copies out, never one in use; a download
+    /// holds its bytes from the start.
     pub fn acquire(
         self: &Arc<Self>,
         url: &str,
@@ -290,32 +307,54 @@ impl Scratch {
         fetch: impl FnOnce(&Path) -> Result<(), SlideError>,
     ) -> Result<ScratchGuard, SlideError> {
         let config = |m: String| SlideError::Config(m);
+        let name = wsimil_common::ids::content_hash([url.as_bytes()]);
+        let ext = Path::new(url).extension().and_then(|e| e.to_str()).unwrap_or("slide");
+        let path = self.dir.join(format!("{name}.{ext}"));
         {
             let mut st = self.state.lock().unwrap();
-            st.clock += 1;
-            let now = st.clock;
-            if let Some(e) = st.entries.get_mut(url) {
-                if e.size == size && e.path.metadata().map(|m| m.len()).ok() == Some(size) {
-                    e.users += 1;
-                    e.last_used = now;
-                    return Ok(ScratchGuard { scratch: self.clone(), url: url.into(), path: e.path.clone() });
+            loop {
+                st.clock += 1;
+                let now = st.clock;
+                match st.entries.get_mut(url) {
+                    Some(e) if !e.ready => {
+                        st = self.changed.wait(st).unwrap();
+                        continue;
+                    }
+                    Some(e) if e.size == size && e.path.metadata().map(|m| m.len()).ok() == Some(size) => {
+                        e.users += 1;
+                        e.last_used = now;
+                        e.discard = false;
+                        return Ok(ScratchGuard { scratch: self.clone(), url: url.into(), path: e.path.clone() });
+                    }
+                    Some(e) if e.users > 0 => {
+                        return Err(SlideError::Open {
+                            path: url.into(),
+                            reason: format!(
+                                "the object is {size} bytes now, {} when it was copied for a job still reading it: it changed in the bucket",
+                                e.size
+                            ),
+                        });
+                    }
+                    Some(_) => {
+                        let stale = st.entries.remove(url).expect("present");
+                        let _ = std::fs::remove_file(&stale.path);
+                    }
+                    None => {}
                 }
+                break;
             }
-            if let Some(stale) = st.entries.remove(url) {
-                let _ = std::fs::remove_file(&stale.path);
-            }
-            // Room for it: the least recently used copies not in use go first.
+            // Room for it: the least recently used whole copies not in use go first.
             let mut held: u64 = st.entries.values().map(|e| e.size).sum();
             while held + size > self.max_bytes {
                 let victim = st
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.users == 0)
+                    .filter(|(_, e)| e.users == 0 && e.ready)
                     .min_by_key(|(_, e)| e.last_used)
                     .map(|(k, _)| k.clone());
                 let Some(v) = victim else {
                     return Err(config(format!(
-                        "{url}: {:.2} GB does not fit the scratch folder's {:.2} GB beside the {:.2} GB of slides in use (--scratch-max-gb)",
+                        "{url}: {:.2} GB does not fit the scratch folder's {:.2} GB beside the {:.2} GB of slides in use or downloading (--scratch-max-gb)",
                         size as f64 / 1e9,
                         self.max_bytes as f64 / 1e9,
                         held as f64 / 1e9
@@ -325,44 +364,67 @@ impl Scratch {
                 held -= e.size;
                 let _ = std::fs::remove_file(&e.path);
             }
+            let now = st.clock;
+            st.entries.insert(
+                url.to_string(),
+                ScratchEntry { path: path.clone(), size, users: 1, last_used: now, ready: false, discard: false },
+            );
         }
+        // The reservation is ours until it is ready or given up.
+        let give_up = |e: SlideError| {
+            self.state.lock().unwrap().entries.remove(url);
+            self.changed.notify_all();
+            e
+        };
         std::fs::create_dir_all(&self.dir)
-            .map_err(|e| config(format!("{}: cannot create the scratch folder: {e}", self.dir.display())))?;
-        let name = wsimil_common::ids::content_hash([url.as_bytes()]);
-        let ext = Path::new(url).extension().and_then(|e| e.to_str()).unwrap_or("slide");
-        let path = self.dir.join(format!("{name}.{ext}"));
+            .map_err(|e| give_up(config(format!("{}: cannot create the scratch folder: {e}", self.dir.display()))))?;
         let part = self.dir.join(format!("{name}.{}.part", std::process::id() as u64 ^ rand_tag()));
         let fetched = fetch(&part);
         let got = part.metadata().map(|m| m.len()).unwrap_or(0);
         if let Err(e) = fetched {
             let _ = std::fs::remove_file(&part);
-            return Err(e);
+            return Err(give_up(e));
         }
         if got != size {
             let _ = std::fs::remove_file(&part);
-            return Err(SlideError::Source(StoreError::Unavailable {
+            return Err(give_up(SlideError::Source(StoreError::Unavailable {
                 key: url.into(),
                 reason: format!("the download stopped at {got} of {size} bytes"),
-            }));
+            })));
         }
-        std::fs::rename(&part, &path).map_err(|e| config(format!("{}: {e}", path.display())))?;
+        std::fs::rename(&part, &path).map_err(|e| give_up(config(format!("{}: {e}", path.display()))))?;
         let mut st = self.state.lock().unwrap();
         st.clock += 1;
         let now = st.clock;
-        let e = st.entries.entry(url.to_string()).or_insert(ScratchEntry {
-            path: path.clone(),
-            size,
-            users: 0,
-            last_used: now,
-        });
-        e.users += 1;
-        e.last_used = now;
+        if let Some(e) = st.entries.get_mut(url) {
+            e.ready = true;
+            e.last_used = now;
+        }
+        drop(st);
+        self.changed.notify_all();
         Ok(ScratchGuard { scratch: self.clone(), url: url.into(), path })
     }
 
+    /// The jobs that read `url` are done with it: its copy is removed now, or when the last job
+    /// still reading it lets it go (it is downloaded again if a later job asks for it).
+    pub fn finished_with(&self, url: &str) {
+        let mut st = self.state.lock().unwrap();
+        let Some(e) = st.entries.get_mut(url) else { return };
+        if e.users > 0 || !e.ready {
+            e.discard = true;
+            return;
+        }
+        let e = st.entries.remove(url).expect("present");
+        let _ = std::fs::remove_file(&e.path);
+    }
+
     fn release(&self, url: &str) {
-        if let Some(e) = self.state.lock().unwrap().entries.get_mut(url) {
-            e.users = e.users.saturating_sub(1);
+        let mut st = self.state.lock().unwrap();
+        let Some(e) = st.entries.get_mut(url) else { return };
+        e.users = e.users.saturating_sub(1);
+        if e.users == 0 && e.discard {
+            let e = st.entries.remove(url).expect("present");
+            let _ = std::fs::remove_file(&e.path);
         }
     }
 }
@@ -455,6 +517,70 @@ mod tests {
         // b again: the copy held, no download.
         let b2 = s.acquire("s3://b/b.svs", 100, |_| panic!("downloaded again")).unwrap();
         assert_eq!(b2.path, b.path);
+    }
+
+    /// Jobs on several threads: a download in flight holds its bytes (the bound holds while two
+    /// download), and a second job asking for the slide being downloaded waits for that copy
+    /// instead of downloading it again.
+    #[test]
+    fn concurrent_downloads_keep_the_bound_and_one_slide_is_downloaded_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Barrier;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Scratch::new(dir.path().join("scratch"), 250));
+        let (started, fetches) = (Arc::new(Barrier::new(2)), Arc::new(AtomicUsize::new(0)));
+        // a is downloading (slowly) when b asks for room: b cannot have it, a's 200 bytes are taken.
+        let slow = {
+            let (s, started, fetches) = (s.clone(), started.clone(), fetches.clone());
+            std::thread::spawn(move || {
+                s.acquire("s3://b/a.svs", 200, |p| {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    started.wait();
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    write(p, 200)
+                })
+                .map(|g| g.path.clone())
+            })
+        };
+        started.wait();
+        let err = s.acquire("s3://b/b.svs", 100, |p| write(p, 100)).err().unwrap().to_string();
+        assert!(err.contains("does not fit") && err.contains("in use or downloading"), "{err}");
+        assert_eq!(s.bytes(), 200, "a's bytes are reserved while it downloads");
+        // The same slide asked for while it downloads: the one copy, waited for.
+        let again = s
+            .acquire("s3://b/a.svs", 200, |_| {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        let first = slow.join().unwrap().unwrap();
+        assert_eq!(again.path, first);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "downloaded once");
+    }
+
+    #[test]
+    fn a_copy_the_jobs_are_finished_with_is_removed_once_its_last_reader_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Scratch::new(dir.path().join("scratch"), 1000));
+        let g = s.acquire("s3://b/a.svs", 100, |p| write(p, 100)).unwrap();
+        let path = g.path.clone();
+        s.finished_with("s3://b/a.svs");
+        assert!(path.is_file(), "still read by a job");
+        drop(g);
+        assert!(!path.exists() && s.bytes() == 0, "removed when its last reader let it go");
+        // Not in use: removed at once; asked for again later, it is downloaded again.
+        let g = s.acquire("s3://b/a.svs", 100, |p| write(p, 100)).unwrap();
+        drop(g);
+        s.finished_with("s3://b/a.svs");
+        assert!(!path.exists());
+        let mut downloaded = false;
+        let _g = s
+            .acquire("s3://b/a.svs", 100, |p| {
+                downloaded = true;
+                write(p, 100)
+            })
+            .unwrap();
+        assert!(downloaded);
     }
 
     #[test]
