@@ -108,6 +108,11 @@ pub fn heatmap(run: &RunId, round: u32, slide: &SlideId) -> Path {
     key(format!("{}/heatmaps/{slide}.png", round_dir(run, round)))
 }
 
+/// The slide's patches and their attention as GeoJSON tiles QuPath imports.
+pub fn attention_geojson(run: &RunId, round: u32, slide: &SlideId) -> Path {
+    key(format!("{}/qupath/{slide}.geojson", round_dir(run, round)))
+}
+
 /// The [`crate::plan::EmbedderSpec`] of fold `fold`'s features in ICMIL round `round` ≥ 1.
 pub fn fold_embedder(run: &RunId, round: u32, fold: u32) -> Path {
     key(format!("{}/fold-{fold}/embedder.json", round_dir(run, round)))
@@ -166,6 +171,10 @@ pub fn applied_attention(name: &RunId, slide: &SlideId) -> Path {
 
 pub fn applied_heatmap(name: &RunId, slide: &SlideId) -> Path {
     key(format!("applied/{name}/heatmaps/{slide}.png"))
+}
+
+pub fn applied_attention_geojson(name: &RunId, slide: &SlideId) -> Path {
+    key(format!("applied/{name}/qupath/{slide}.geojson"))
 }
 
 pub fn applied_failures_prefix(name: &RunId) -> Path {

@@ -12,6 +12,7 @@
 //! - [`models`]: TransMIL, ABMIL, the patch embedders, optimizers, custom ops.
 //! - [`classifier`]: a trained model ready to apply (its card, its members), and its applications.
 //! - [`metrics`]: AUC, accuracy, balanced accuracy, F1.
+//! - [`truth`]: patch-level truth (lesion masks, GeoJSON annotations) and the instance-level figures.
 //! - [`rng`]: the seeded generator behind every random choice.
 
 pub mod attention;
@@ -29,6 +30,7 @@ pub mod records;
 pub mod rng;
 pub mod store;
 pub mod table;
+pub mod truth;
 
 /// The folder `scripts/fetch-data.sh` fills with the real data (slides, weights, benchmarks):
 /// `$WSIMIL_DATA`, else `$XDG_CACHE_HOME/wsimil/data`, else `~/.cache/wsimil/data`.

@@ -116,6 +116,10 @@ pub struct PlannedSlide {
     pub label: usize,
     /// Microns per pixel from the manifest, overriding the slide's own.
     pub mpp: Option<f64>,
+    /// The slide's lesion mask or GeoJSON annotation (path or URL, [`crate::truth`]): the
+    /// instance-level figures of its predictions. Absent from plans without it (same run ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truth: Option<String>,
 }
 
 /// One cross-validation fold: which slides train, validate (early stopping) and test.
@@ -162,26 +166,58 @@ pub struct IcmilConfig {
     pub lr: f64,
     /// Patches per fine-tuning step (BatchNorm needs at least 2).
     pub batch_size: usize,
-    /// At most this many confident patches per training slide, drawn at random (0 = all). A shard
-    /// holds its patches in memory (about 150 KB each at 224 px), so this bounds a job's memory.
+    /// At most this many patches per training slide, drawn at random (0 = all, as the paper). Patch
+    /// pixels are read from the slide batch by batch, never held for the whole shard.
     pub patches_per_slide: usize,
     /// Confidence exponent β in |2·minmax(attention) − 1|^β.
     pub beta: f64,
     /// Fine-tune the last this many blocks of the embedder (0 = the whole network, as the paper).
     pub trainable_blocks: usize,
+    /// The recipe (docs/icmil.md): the authors' code, or wsimil's first one. Plans written before
+    /// this field existed ran the first one, and keep their run ids.
+    #[serde(default = "IcmilMethod::first", skip_serializing_if = "IcmilMethod::is_first")]
+    pub method: IcmilMethod,
+}
+
+/// How a fine-tuning round weighs patches and what its loss pulls on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IcmilMethod {
+    /// As the authors' code (Dootmaan/ICMIL, its confidence-based branch): a patch's confidence is
+    /// `|2·minmax(a) − 1|^β` over the raw attention scores of the batch it is drawn in (patches of
+    /// every training slide, shuffled), weighting only the distillation of the student embedder's
+    /// view into the pseudo-label; the student's heads are kept consistent with the teacher's on the
+    /// teacher's own features (which does not reach the embedder); the next round's classifier is
+    /// trained from the same initialisation.
+    Paper,
+    /// wsimil's first recipe, kept to compare: confidence from the softmax attention min-maxed per
+    /// slide, zero-confidence patches left out, and all three loss terms on the student's features.
+    First,
+}
+
+impl IcmilMethod {
+    pub fn first() -> Self {
+        IcmilMethod::First
+    }
+    pub fn is_first(&self) -> bool {
+        *self == IcmilMethod::First
+    }
 }
 
 impl Default for IcmilConfig {
+    /// The authors' settings (Adam at 1e-5, batches of 100, every patch of the training slides,
+    /// β = 6, the whole network), one round.
     fn default() -> Self {
         IcmilConfig {
             rounds: 1,
             shards: 2,
             epochs: 1,
             lr: 1e-5,
-            batch_size: 16,
-            patches_per_slide: 256,
-            beta: 1.0,
+            batch_size: 100,
+            patches_per_slide: 0,
+            beta: 6.0,
             trainable_blocks: 0,
+            method: IcmilMethod::Paper,
         }
     }
 }

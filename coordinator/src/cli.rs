@@ -16,7 +16,7 @@ use wsimil_common::models::optim::OptimizerKind;
 use wsimil_common::models::zoo::Architecture;
 use wsimil_common::models::BagModelKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
-use wsimil_common::plan::{CorruptTiles, IcmilConfig, TilingSpec, TrainConfig};
+use wsimil_common::plan::{CorruptTiles, IcmilConfig, IcmilMethod, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::device::{BatchChoice, Compute, DeviceChoice, Precision};
 use wsimil_worker::error::RetryPolicy;
@@ -398,16 +398,22 @@ pub struct RunArgs {
     /// ICMIL: Adam learning rate (the paper's 1e-5).
     #[arg(long, default_value_t = 1e-5)]
     pub icmil_lr: f64,
-    /// ICMIL: patches per fine-tuning step.
-    #[arg(long, default_value_t = 16)]
+    /// ICMIL: patches per fine-tuning step (the authors' 100).
+    #[arg(long, default_value_t = 100)]
     pub icmil_batch_size: usize,
-    /// ICMIL: at most this many confident patches per training slide (0 = all). A fine-tuning job
-    /// holds its shard's patches in memory, ~150 KB each: more shards, less memory per job.
-    #[arg(long, default_value_t = 256)]
+    /// ICMIL: at most this many patches per training slide, drawn at random (0 = all, as the
+    /// authors). Pixels are read batch by batch, so this bounds time, not memory.
+    #[arg(long, default_value_t = 0)]
     pub icmil_patches_per_slide: usize,
-    /// ICMIL: confidence exponent β of |2·minmax(attention) − 1|^β.
-    #[arg(long, default_value_t = 1.0)]
+    /// ICMIL: confidence exponent β of |2·minmax(attention) − 1|^β (the authors' 6 for ABMIL).
+    #[arg(long, default_value_t = 6.0)]
     pub icmil_beta: f64,
+    /// ICMIL: the recipe. paper: the authors' code (confidence min-maxed over each batch of raw
+    /// attention scores, only the student's view distilled into the embedder, Adam with weight
+    /// decay, the next classifier from the same initialisation); first: wsimil's first recipe, kept
+    /// to compare (docs/icmil.md).
+    #[arg(long, value_enum, default_value_t = IcmilMethod::Paper)]
+    pub icmil_method: IcmilMethod,
     /// ICMIL: fine-tune only the embedder's last N blocks (0 = the whole network, as the paper).
     #[arg(long, default_value_t = 0)]
     pub icmil_trainable_blocks: usize,
@@ -549,6 +555,7 @@ impl RunArgs {
             patches_per_slide: self.icmil_patches_per_slide,
             beta: self.icmil_beta,
             trainable_blocks: self.icmil_trainable_blocks,
+            method: self.icmil_method,
         }))
     }
 }
@@ -827,6 +834,14 @@ pub struct DemoCohortArgs {
     /// store, whose slides must not reuse the first one's ids.
     #[arg(long, default_value = "demo-")]
     pub id_prefix: String,
+    /// Opacity of the planted tumour (0-1]: lower blends it into the tissue beneath (fainter
+    /// lesions, harder to see for an embedder not trained on pathology).
+    #[arg(long, default_value_t = 1.0)]
+    pub opacity: f64,
+    /// Staining sites: slides are dealt to this many sites, each shifting its slides' stain by its
+    /// own per-channel gain (up to ±25%): a batch effect the classifier must see past.
+    #[arg(long, default_value_t = 1)]
+    pub sites: usize,
 }
 
 /// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
@@ -867,12 +882,17 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
     if !(lo > 0.0 && lo <= hi) || args.max_regions == 0 {
         bail!("--radius needs 0 < MIN <= MAX and --max-regions at least 1");
     }
+    if !(args.opacity > 0.0 && args.opacity <= 1.0) || args.sites == 0 {
+        bail!("--opacity takes a value in (0, 1] and --sites at least 1");
+    }
     let opt = SynthOptions {
         slides: args.slides,
         seed: args.seed,
         radius: (lo, hi),
         max_regions: args.max_regions,
         id_prefix: args.id_prefix.clone(),
+        opacity: args.opacity,
+        sites: args.sites,
         ..SynthOptions::default()
     };
     let slides = build_cohort(&source, &tumour, &args.out, &opt)?;
@@ -1001,6 +1021,11 @@ mod tests {
         let s = run_args(&["--icmil-rounds", "2", "--icmil-shards", "3", "--icmil-trainable-blocks", "4"]).settings();
         let c = s.unwrap().icmil.unwrap();
         assert_eq!((c.rounds, c.shards, c.trainable_blocks, c.lr), (2, 3, 4, 1e-5));
+        // The authors' recipe unless told otherwise: their batch, every patch, β = 6.
+        assert_eq!((c.method, c.batch_size, c.patches_per_slide, c.beta), (IcmilMethod::Paper, 100, 0, 6.0));
+        assert_eq!(c, IcmilConfig { rounds: 2, shards: 3, trainable_blocks: 4, ..IcmilConfig::default() });
+        let first = run_args(&["--icmil-rounds", "1", "--icmil-method", "first"]).settings().unwrap().icmil.unwrap();
+        assert_eq!(first.method, IcmilMethod::First);
         for (bad, why) in [
             (&["--icmil-rounds", "1", "--icmil-batch-size", "1"][..], "at least 2"),
             (&["--icmil-rounds", "1", "--icmil-shards", "0"][..], "must be positive"),

@@ -1,5 +1,6 @@
 //! The cohort manifest: a CSV with `slide_id,path,label` and optional `fold` (the slide's test
-//! fold), `split` (`train`/`val`/`test`) and `mpp` columns.
+//! fold), `split` (`train`/`val`/`test`), `mpp` and `truth` (a lesion mask image or GeoJSON
+//! annotation per slide, for the instance-level figures: `wsimil_common::truth`) columns.
 //!
 //! Validation happens once, up front, and reports every problem at once with its line, so a user
 //! fixing a 5,000-slide manifest does not discover errors one run at a time.
@@ -32,6 +33,8 @@ pub struct Row {
     pub fold: Option<u32>,
     pub split: Option<Split>,
     pub mpp: Option<f64>,
+    /// The slide's lesion truth (mask or GeoJSON), resolved like `path`; checked up front when local.
+    pub truth: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +199,7 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
     if label_c.is_none() && labels_required {
         return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
     }
-    let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
+    let (fold_c, split_c, mpp_c, truth_c) = (col("fold"), col("split"), col("mpp"), col("truth"));
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
     let mut rows = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -311,8 +314,28 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
                 }
             },
         };
+        let truth = match field(truth_c) {
+            None => None,
+            Some(t) if is_remote(t) || (is_remote(&base.to_string_lossy()) && !t.starts_with('/')) => {
+                // Read by the predict jobs through the store's S3 settings.
+                Some(PathBuf::from(if is_remote(t) { t.to_string() } else { join_url(&base.to_string_lossy(), t) }))
+            }
+            Some(t) => {
+                let p = PathBuf::from(t);
+                let full = if p.is_absolute() { p } else { base.join(p) };
+                match std::fs::read(&full) {
+                    Ok(bytes) => {
+                        if let Err(e) = wsimil_common::truth::Truth::validate(&full.display().to_string(), &bytes) {
+                            at(Some(line), format!("{raw_id}: truth {e}"));
+                        }
+                    }
+                    Err(e) => at(Some(line), format!("{raw_id}: cannot read its truth {}: {e}", full.display())),
+                }
+                Some(full)
+            }
+        };
         if let (Some(slide), Some(path), Some(label)) = (slide, path, label) {
-            rows.push(Row { slide, path, label, fold, split, mpp });
+            rows.push(Row { slide, path, label, fold, split, mpp, truth });
         }
     }
     let row_problems = problems.len();
@@ -398,6 +421,33 @@ mod tests {
         assert!(has("line 7: e: unknown label \"cancer\""), "{text:#?}");
         assert!(has("line 8: f: ") && has("sub is a directory, not a slide file"), "{text:#?}");
         assert_eq!(problems.len(), 8, "{text:#?}");
+    }
+
+    #[test]
+    fn a_truth_column_is_resolved_like_paths_and_checked_before_any_work() {
+        let d = dir_with(&["a.svs", "b.svs", "c.svs", "d.svs"]);
+        let mut png = Vec::new();
+        image::DynamicImage::ImageLuma8(image::GrayImage::new(4, 4))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        std::fs::write(d.path().join("a.mask.png"), png).unwrap();
+        std::fs::write(
+            d.path().join("b.geojson"),
+            r#"{"type": "Polygon", "coordinates": [[[0,0],[9,0],[0,9],[0,0]]]}"#,
+        )
+        .unwrap();
+        std::fs::write(d.path().join("c.geojson"), r#"{"type": "FeatureCollection", "features": []}"#).unwrap();
+        let text = "slide_id,path,label,truth\na,a.svs,tumor,a.mask.png\nb,b.svs,tumor,b.geojson\n\
+                    c,c.svs,tumor,c.geojson\nd,d.svs,normal,\ne,a.svs,normal,gone.png\n";
+        let problems = parse(text, d.path(), None).unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 2, "{text:#?}");
+        assert!(text[0].contains("line 4: c: truth") && text[0].contains("no Polygon or MultiPolygon"), "{text:#?}");
+        assert!(text[1].contains("line 6: e: cannot read its truth") && text[1].contains("gone.png"), "{text:#?}");
+        let ok = "slide_id,path,label,truth\na,a.svs,tumor,a.mask.png\nb,b.svs,tumor,b.geojson\nd,d.svs,normal,\n";
+        let (rows, _) = parse(ok, d.path(), None).unwrap();
+        assert_eq!(rows[0].truth, Some(d.path().join("a.mask.png")));
+        assert_eq!(rows[2].truth, None, "an empty cell: no truth for that slide");
     }
 
     #[test]

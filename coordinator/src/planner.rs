@@ -137,6 +137,7 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
             path: r.path.display().to_string(),
             label: manifest.label_index(r),
             mpp: r.mpp,
+            truth: r.truth.as_ref().map(|t| t.display().to_string()),
         })
         .collect();
     let mut plan = RunPlan {
@@ -381,6 +382,7 @@ mod tests {
                 fold: folds.map(|f| f[i]),
                 split: None,
                 mpp: None,
+                truth: None,
             })
             .collect();
         Manifest { source: PathBuf::from("m.csv"), rows, classes: vec!["a".into(), "b".into()] }

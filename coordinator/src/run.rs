@@ -14,6 +14,7 @@ use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
+use wsimil_common::attention::AttentionMap;
 use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_common::layout;
@@ -221,6 +222,10 @@ pub struct RoundMetrics {
     pub balanced_accuracy: Option<MeanSd>,
     pub f1: Option<MeanSd>,
     pub failures: Vec<FailureRecord>,
+    /// How well the classifier finds the lesions, where the manifest gives slides' truth
+    /// (`wsimil_common::truth::instance_metrics` over the out-of-fold attention maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<wsimil_common::truth::InstanceMetrics>,
 }
 
 #[derive(Debug, Clone)]
@@ -407,7 +412,16 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
     for key in store.list(&layout::failures_prefix(&plan.run)).await? {
         failures.push(store.get_json::<FailureRecord>(&key).await?);
     }
+    // The instance-level figures from the attention maps of the slides with truth.
+    let mut maps = Vec::new();
+    for s in plan.slides.iter().filter(|s| s.truth.is_some()) {
+        let key = layout::attention(&plan.run, round, &s.id);
+        if store.exists(&key).await? {
+            maps.push(AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?);
+        }
+    }
     let metrics = RoundMetrics {
+        instance: wsimil_common::truth::instance_metrics(&maps),
         run: plan.run.clone(),
         round,
         classes: plan.classes.clone(),
@@ -531,6 +545,16 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
         ms(&m.accuracy),
         ms(&m.balanced_accuracy)
     ));
+    if let Some(i) = &m.instance {
+        out.push_str(&format!(
+            "instance level ({} slides with truth, {} patches, {} lesion): instance-path AUC {}  attention AUC {}\n",
+            i.slides,
+            i.patches,
+            i.lesion_patches,
+            fmt_opt(i.instance_auc),
+            fmt_opt(i.attention_auc)
+        ));
+    }
     if s.rounds.len() > 1 {
         out.push_str("ICMIL rounds, side by side (out-of-fold, pooled | per fold mean ± sd):\n");
         for r in &s.rounds {
@@ -538,8 +562,11 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
                 .pooled
                 .as_ref()
                 .map_or(("n/a".into(), f64::NAN, f64::NAN), |p| (fmt_opt(p.auc), p.accuracy, p.balanced_accuracy));
+            let instance = r.instance.map_or(String::new(), |i| {
+                format!(" | instance AUC {} attention AUC {}", fmt_opt(i.instance_auc), fmt_opt(i.attention_auc))
+            });
             out.push_str(&format!(
-                "  round {}: AUC {auc}  accuracy {acc:.3}  balanced accuracy {bacc:.3} | AUC {}\n",
+                "  round {}: AUC {auc}  accuracy {acc:.3}  balanced accuracy {bacc:.3} | AUC {}{instance}\n",
                 r.round,
                 ms(&r.auc)
             ));

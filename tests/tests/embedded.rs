@@ -9,7 +9,7 @@ use wsimil_common::ids::SlideId;
 use wsimil_common::job::JobKind;
 use wsimil_common::layout;
 use wsimil_common::models::zoo::Architecture;
-use wsimil_common::plan::{EmbedderSpec, IcmilConfig, TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, IcmilConfig, IcmilMethod, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_coordinator::dispatch::LocalDispatcher;
 use wsimil_coordinator::planner::FoldSettings;
@@ -303,8 +303,9 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         lr: 1e-4,
         batch_size: 4,
         patches_per_slide: 4,
-        beta: 1.0,
+        beta: 6.0,
         trainable_blocks: 2,
+        method: IcmilMethod::Paper,
     });
     let s = run_once(&store, &st).await;
     let run = s.plan.run.clone();
@@ -351,6 +352,23 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         "{report}"
     );
     assert!(store.exists(&layout::predictions_csv(&run, 1)).await.unwrap());
+    // The cohort's manifest carries its lesion masks: every round says how well its classifier
+    // finds them, patch by patch, and its attention comes as QuPath tiles too.
+    for r in &s.rounds {
+        let i = r.instance.unwrap_or_else(|| panic!("round {}: no instance-level figures", r.round));
+        assert_eq!(i.slides, 6, "every readable slide has truth");
+        assert!(i.lesion_patches > 0 && i.lesion_patches < i.patches, "{i:?}");
+        assert!(i.instance_auc.is_some_and(|a| (0.0..=1.0).contains(&a)), "{i:?}");
+        assert!(i.attention_auc.is_some(), "{i:?}");
+    }
+    assert!(report.contains("instance AUC"), "{report}");
+    let map = store.get(&layout::attention(&run, 1, &SlideId::new("demo-000").unwrap())).await.unwrap();
+    let map = wsimil_common::attention::AttentionMap::from_parquet("a", map).unwrap();
+    assert_eq!(map.truth.as_ref().map(Vec::len), Some(map.xs.len()));
+    assert_eq!(map.instance.as_ref().map(Vec::len), Some(map.xs.len()));
+    let tiles: serde_json::Value =
+        store.get_json(&layout::attention_geojson(&run, 1, &SlideId::new("demo-000").unwrap())).await.unwrap();
+    assert_eq!(tiles["features"].as_array().unwrap().len(), map.xs.len());
     // The teacher diagnostic reads the cohort's truth masks: one report per fold and round.
     for round in [0, 1] {
         let check =

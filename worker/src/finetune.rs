@@ -2,14 +2,18 @@
 //!
 //! The teacher is the fold's round-r classifier read at the instance level on the round-r features
 //! already in the store (see [`wsimil_common::models::icmil`] for the targets, the confidence
-//! weights and the loss), so the only network that runs per step is the student: a trainable copy
+//! weights and the losses), so the only network that runs per step is the student: a trainable copy
 //! of the round-r embedder (BatchNorm on batch statistics in its trainable layers) followed by
 //! trainable copies of the classifier's instance-level heads, on random views of the patches
-//! (random resized crop, horizontal and vertical flips). Adam at the paper's lr 1e-5.
+//! (random resized crop, horizontal and vertical flips).
 //!
-//! Patches with zero confidence carry no loss and are not read. The shard's result is the full set
-//! of the embedder's tensors (the trained ones updated, the rest as the teacher's), to be averaged
-//! with the fold's other shards by the coordinator.
+//! Patches are read from their slides batch by batch ([`TeacherData`] holds where each patch is
+//! and what the teacher says of it, not its pixels), so a shard of whole slides fits in memory.
+//! With the authors' recipe (`IcmilMethod::Paper`): every patch of the shard, shuffled across
+//! slides, confidence min-maxed per batch, Adam with weight decay 1e-4 as an L2 term, the heads'
+//! gradient norm clipped at 5. With the first one: zero-confidence patches left out, AdamW without
+//! decay. The shard's result is the full set of the embedder's tensors (the trained ones updated,
+//! the rest as the teacher's), to be averaged with the fold's other shards by the coordinator.
 
 use crate::embed::to_input;
 use crate::resample::resize_rgb;
@@ -19,33 +23,48 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 use wsimil_common::features::Preprocessing;
 use wsimil_common::models::embedder::Tune;
-use wsimil_common::models::icmil::{self, StudentOut, Targets};
-use wsimil_common::models::optim::{AdamW, Optimizer};
+use wsimil_common::models::icmil::{self, HeadsOnTeacher, StudentOut, Targets};
+use wsimil_common::models::optim::{clip_grad_norm, Adam, AdamW, Optimizer};
 use wsimil_common::models::params::Params;
 use wsimil_common::models::zoo::Architecture;
 use wsimil_common::models::{BagModel, BagModelConfig, Mode};
-use wsimil_common::plan::IcmilConfig;
+use wsimil_common::plan::{IcmilConfig, IcmilMethod};
 use wsimil_common::rng::Rng;
+
+/// Where a patch is: an index into the shard's slides and its level-0 top-left corner.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PatchRef {
+    pub slide: usize,
+    pub x: i64,
+    pub y: i64,
+}
 
 /// The patches a shard learns from, with the teacher's targets, row-aligned.
 #[derive(Default)]
 pub struct TeacherData {
-    /// At the embedder's input size.
-    pub images: Vec<RgbImage>,
+    pub patches: Vec<PatchRef>,
     /// Instance logits, `[n, n_classes]` row-major.
     pub logits: Vec<f32>,
     /// Reduced features, `[n, reduced_dim]` row-major.
     pub reduced: Vec<f32>,
+    /// The teacher's own (round-r) features of the patches, `[n, feature_dim]`: the authors' loss
+    /// runs the student's heads on them.
+    pub features: Vec<f32>,
+    /// Raw attention scores, min-maxed per batch (the authors' confidence).
+    pub scores: Vec<f32>,
+    /// Confidence weights fixed per slide (the first recipe's).
     pub weights: Vec<f32>,
     pub n_classes: usize,
     pub reduced_dim: usize,
+    pub feature_dim: usize,
 }
 
-/// The teacher's view of one slide: instance logits, reduced features and confidence weights for
-/// each of its `feats` [N, D] (round-r features).
+/// The teacher's view of one slide: instance logits, reduced features, attention scores and the
+/// first recipe's per-slide confidence weights for each of its `feats` [N, D] (round-r features).
 pub struct SlideTargets {
     pub logits: Vec<Vec<f32>>,
     pub reduced: Vec<Vec<f32>>,
+    pub scores: Vec<f32>,
     pub weights: Vec<f32>,
 }
 
@@ -56,29 +75,36 @@ pub fn slide_targets(classifier: &BagModel, feats: &Tensor, beta: f64) -> Result
     Ok(SlideTargets {
         logits: logits.detach().to_vec2::<f32>()?,
         reduced: reduced.detach().to_vec2::<f32>()?,
+        scores: classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
         weights: icmil::confidence_weights(&attention, beta),
     })
 }
 
 impl TeacherData {
-    /// Add patch `i` of a slide's targets with its image.
-    pub fn push(&mut self, t: &SlideTargets, i: usize, image: RgbImage) {
+    /// Add patch `i` of a slide's targets, where it is and its teacher features.
+    pub fn push(&mut self, t: &SlideTargets, i: usize, at: PatchRef, features: &[f32]) {
         self.n_classes = t.logits[i].len();
         self.reduced_dim = t.reduced[i].len();
+        self.feature_dim = features.len();
         self.logits.extend_from_slice(&t.logits[i]);
         self.reduced.extend_from_slice(&t.reduced[i]);
+        self.features.extend_from_slice(features);
+        self.scores.push(t.scores[i]);
         self.weights.push(t.weights[i]);
-        self.images.push(image);
+        self.patches.push(at);
     }
 
     pub fn len(&self) -> usize {
-        self.images.len()
+        self.patches.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
+        self.patches.is_empty()
     }
 }
+
+/// Reads the pixels of patches (indices into [`TeacherData::patches`]) at the embedder's input size.
+pub type PatchReader<'a> = dyn Fn(&[usize]) -> Result<Vec<RgbImage>> + Sync + 'a;
 
 /// A random view of a patch: a crop of 50–100 % of its area with aspect ratio 3/4–4/3
 /// (log-uniform), resized back to the patch's size, then flipped horizontally and vertically with
@@ -125,17 +151,32 @@ pub fn tune_of(cfg: &IcmilConfig) -> Tune {
     }
 }
 
-/// Fine-tune `architecture` starting from `teacher`'s tensors on `data`, with copies of the
-/// classifier's heads (`heads`) as the student's and the originals frozen as the teacher's.
+/// The authors' confidence of a batch's patches: `|2·minmax(a) − 1|^β` of their raw attention scores,
+/// min and max taken over this batch (patches of many slides).
+pub fn batch_confidence(data: &TeacherData, idx: &[usize], beta: f64) -> Vec<f32> {
+    let scores: Vec<f32> = idx.iter().map(|&i| data.scores[i]).collect();
+    icmil::confidence_weights(&scores, beta)
+}
+
+/// The authors' optimizer settings: Adam's weight decay (an L2 term) and the heads' gradient-norm bound.
+const PAPER_WEIGHT_DECAY: f64 = 1e-4;
+const PAPER_HEAD_CLIP: f64 = 5.0;
+
+/// Fine-tune `architecture` starting from `teacher`'s tensors on `data` (pixels from `read`), with
+/// copies of the classifier's heads (`heads`) as the student's and the originals frozen as the
+/// teacher's.
+#[allow(clippy::too_many_arguments)]
 pub fn finetune(
     architecture: &Architecture,
     teacher: &BTreeMap<String, Tensor>,
     heads: (&BagModelConfig, &BTreeMap<String, Tensor>),
     data: &TeacherData,
+    read: &PatchReader,
     cfg: &IcmilConfig,
     seed: u64,
     device: &Device,
 ) -> Result<Finetuned> {
+    let paper = cfg.method == IcmilMethod::Paper;
     let student_params = Params::new(seed);
     student_params
         .preload(teacher.iter().filter(|(_, t)| t.dtype().is_float()).map(|(k, v)| (k.clone(), v.clone())))?;
@@ -151,17 +192,23 @@ pub fn finetune(
         .filter(|(n, _)| !n.ends_with(".running_mean") && !n.ends_with(".running_var"))
         .map(|(_, v)| v)
         .collect();
-    vars.extend(head_params.vars());
-    let mut opt = AdamW::new(vars, cfg.lr, 0.0)?;
+    let head_vars = head_params.vars();
+    vars.extend(head_vars.iter().cloned());
+    let mut opt: Box<dyn Optimizer> = if paper {
+        Box::new(Adam::new(vars, cfg.lr, PAPER_WEIGHT_DECAY)?)
+    } else {
+        Box::new(AdamW::new(vars, cfg.lr, 0.0)?)
+    };
 
     let s = pre.input_px as usize;
-    let (c, r) = (data.n_classes, data.reduced_dim);
+    let (c, r, f) = (data.n_classes, data.reduced_dim, data.feature_dim);
     let rows = |src: &[f32], idx: &[usize], width: usize| -> Result<Tensor> {
         let v: Vec<f32> = idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect();
         Tensor::from_vec(v, (idx.len(), width), device)
     };
     let mut rng = Rng::new(seed);
-    let mut order: Vec<usize> = (0..data.len()).collect();
+    // The first recipe learns from confident patches only; the authors' from every one.
+    let mut order: Vec<usize> = (0..data.len()).filter(|&i| paper || data.weights[i] > 0.0).collect();
     let (mut steps, mut epoch_losses) = (0, Vec::new());
     for _ in 0..cfg.epochs {
         rng.shuffle(&mut order);
@@ -169,22 +216,38 @@ pub fn finetune(
         // BatchNorm needs two patches: a last batch of one is dropped.
         for idx in order.chunks(cfg.batch_size.max(2)).filter(|b| b.len() >= 2) {
             let seeds: Vec<u64> = idx.iter().map(|_| rng.next_u64()).collect();
-            let pixels: Vec<u8> = idx
+            let images = read(idx)?;
+            let pixels: Vec<u8> = images
                 .par_iter()
                 .zip(seeds)
-                .flat_map_iter(|(&i, sd)| augment(&data.images[i], &mut Rng::new(sd)).into_raw())
+                .flat_map_iter(|(img, sd)| augment(img, &mut Rng::new(sd)).into_raw())
                 .collect();
+            drop(images);
             let x = to_input(pixels, idx.len(), s, &pre, device, DType::F32)?;
-            let f = student.forward(&x)?;
-            let (reduced, logits) = student_heads.instance_path(&f)?;
-            let (_, teacher_head_logits) = teacher_heads.instance_path(&f)?;
+            let feats = student.forward(&x)?;
+            let (reduced, logits) = student_heads.instance_path(&feats)?;
             let (tl, tr) = (rows(&data.logits, idx, c)?, rows(&data.reduced, idx, r)?);
-            let w = rows(&data.weights, idx, 1)?.flatten_all()?;
-            let loss = icmil::weighted_loss(
-                &Targets { logits: &tl, reduced: &tr, weights: &w },
-                &StudentOut { logits: &logits, teacher_head_logits: &teacher_head_logits, reduced: &reduced },
-            )?;
-            opt.step(&loss.backward()?)?;
+            let loss = if paper {
+                let w = Tensor::from_vec(batch_confidence(data, idx, cfg.beta), idx.len(), device)?;
+                let (on_reduced, on_logits) = student_heads.instance_path(&rows(&data.features, idx, f)?)?;
+                icmil::paper_loss(
+                    &Targets { logits: &tl, reduced: &tr, weights: &w },
+                    &logits,
+                    &HeadsOnTeacher { logits: &on_logits, reduced: &on_reduced },
+                )?
+            } else {
+                let (_, teacher_head_logits) = teacher_heads.instance_path(&feats)?;
+                let w = rows(&data.weights, idx, 1)?.flatten_all()?;
+                icmil::weighted_loss(
+                    &Targets { logits: &tl, reduced: &tr, weights: &w },
+                    &StudentOut { logits: &logits, teacher_head_logits: &teacher_head_logits, reduced: &reduced },
+                )?
+            };
+            let mut grads = loss.backward()?;
+            if paper {
+                clip_grad_norm(&mut grads, &head_vars, PAPER_HEAD_CLIP)?;
+            }
+            opt.step(&grads)?;
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             batches += 1;
             steps += 1;
@@ -245,6 +308,7 @@ mod tests {
         let heads = hp.snapshot().unwrap();
         // Eight patches of two looks, each with a confident target for its class.
         let mut data = TeacherData::default();
+        let mut images = Vec::new();
         let mut rng = Rng::new(1);
         for i in 0..8 {
             let img = RgbImage::from_fn(224, 224, |x, y| {
@@ -255,29 +319,45 @@ mod tests {
             let t = SlideTargets {
                 logits: vec![if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] }],
                 reduced: vec![(0..512).map(|j| ((j + i) % 7) as f32 * 0.3).collect()],
+                scores: vec![if cls == 0 { -2.0 } else { 2.0 }],
                 weights: vec![1.0],
             };
-            data.push(&t, 0, img);
+            let feats: Vec<f32> = (0..1280).map(|j| ((j * 7 + i) % 11) as f32 * 0.1).collect();
+            data.push(&t, 0, PatchRef { slide: 0, x: i as i64, y: 0 }, &feats);
+            images.push(img);
         }
-        // The whole network (a random one needs its BatchNorms to train to separate anything).
-        let cfg = IcmilConfig { epochs: 3, lr: 3e-3, batch_size: 4, trainable_blocks: 0, ..IcmilConfig::default() };
-        let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
-        assert_eq!(out.steps, 6);
-        let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
-        assert!(last < first * 0.8, "loss {:?}", out.epoch_losses);
+        let read = |idx: &[usize]| Ok(idx.iter().map(|&i| images[i].clone()).collect());
         let changed = |out: &Finetuned, name: &str| {
             let diff = (&out.tensors[name] - &teacher[name]).unwrap().abs().unwrap().max_all().unwrap();
             diff.to_scalar::<f32>().unwrap() > 0.0
         };
-        assert!(changed(&out, "_conv_stem.weight") && changed(&out, "_bn0.running_var"));
-        assert_eq!(out.tensors.len(), teacher.len());
-        // The result is an ordinary checkpoint: it builds the inference embedder.
-        let vb = candle_nn::VarBuilder::from_tensors(out.tensors.into_iter().collect(), DType::F32, &d);
-        assert!(Architecture::EfficientNetLite0.build(vb).is_ok());
+        // The whole network (a random one needs its BatchNorms to train to separate anything),
+        // with either recipe.
+        for method in [IcmilMethod::Paper, IcmilMethod::First] {
+            let cfg = IcmilConfig {
+                epochs: 3,
+                lr: 3e-3,
+                batch_size: 4,
+                trainable_blocks: 0,
+                method,
+                ..IcmilConfig::default()
+            };
+            let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d)
+                .unwrap();
+            assert_eq!(out.steps, 6);
+            let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
+            assert!(last < first * 0.8, "{method:?}: loss {:?}", out.epoch_losses);
+            assert!(changed(&out, "_conv_stem.weight") && changed(&out, "_bn0.running_var"));
+            assert_eq!(out.tensors.len(), teacher.len());
+            // The result is an ordinary checkpoint: it builds the inference embedder.
+            let vb = candle_nn::VarBuilder::from_tensors(out.tensors.into_iter().collect(), DType::F32, &d);
+            assert!(Architecture::EfficientNetLite0.build(vb).is_ok());
+        }
 
         // The last block only: one step changes it and the head, nothing before it.
-        let cfg = IcmilConfig { epochs: 1, batch_size: 8, trainable_blocks: 1, ..cfg };
-        let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        let cfg = IcmilConfig { epochs: 1, lr: 3e-3, batch_size: 8, trainable_blocks: 1, ..IcmilConfig::default() };
+        let out =
+            finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d).unwrap();
         for name in ["_blocks.15._project_conv.weight", "_conv_head.weight", "_bn1.running_mean", "_bn1.weight"] {
             assert!(changed(&out, name), "{name} should have trained");
         }
@@ -300,6 +380,7 @@ mod tests {
         BagModel::new(&hcfg, hp.var_builder(&d)).unwrap();
         let heads = hp.snapshot().unwrap();
         let mut data = TeacherData::default();
+        let mut images = Vec::new();
         for i in 0..6 {
             let img = RgbImage::from_fn(224, 224, |x, y| {
                 let v = if i % 2 == 0 { ((x / 16 + y / 16) % 2 * 200) as u8 } else { 90 };
@@ -309,12 +390,23 @@ mod tests {
             let t = SlideTargets {
                 logits: vec![if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] }],
                 reduced: vec![(0..512).map(|j| ((j + i) % 5) as f32 * 0.2).collect()],
+                scores: vec![i as f32],
                 weights: vec![1.0],
             };
-            data.push(&t, 0, img);
+            let feats: Vec<f32> = (0..192).map(|j| ((j + 3 * i) % 5) as f32 * 0.2).collect();
+            data.push(&t, 0, PatchRef { slide: 0, x: 0, y: i as i64 }, &feats);
+            images.push(img);
         }
-        let cfg = IcmilConfig { epochs: 3, lr: 1e-3, batch_size: 3, trainable_blocks: 1, ..IcmilConfig::default() };
-        let out = finetune(&arch, &teacher, (&hcfg, &heads), &data, &cfg, 0, &d).unwrap();
+        let read = |idx: &[usize]| Ok(idx.iter().map(|&i| images[i].clone()).collect());
+        let cfg = IcmilConfig {
+            epochs: 3,
+            lr: 1e-3,
+            batch_size: 3,
+            trainable_blocks: 1,
+            beta: 1.0,
+            ..IcmilConfig::default()
+        };
+        let out = finetune(&arch, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d).unwrap();
         assert_eq!(out.steps, 6);
         let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
         assert!(last < first, "loss {:?}", out.epoch_losses);
@@ -345,5 +437,29 @@ mod tests {
         let att = model.forward(&feats.unsqueeze(0).unwrap(), &mut Mode::Eval, true).unwrap().attention.unwrap();
         assert_eq!(t.weights, icmil::confidence_weights(&att.to_vec1::<f32>().unwrap(), 1.0));
         assert_eq!(t.weights.iter().filter(|w| **w == 1.0).count(), 2, "the most and least attended patches");
+        assert_eq!(t.scores, model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap());
+    }
+
+    /// The authors' confidence is relative to the batch: the same patch weighs fully in a batch
+    /// where its score is the highest and little in one where others score higher.
+    #[test]
+    fn the_papers_confidence_is_min_maxed_over_the_batch() {
+        let mut data = TeacherData::default();
+        for (i, score) in [0.0f32, 1.0, 2.0, 4.0].into_iter().enumerate() {
+            let t = SlideTargets {
+                logits: vec![vec![0.0, 0.0]],
+                reduced: vec![vec![0.0]],
+                scores: vec![score],
+                weights: vec![0.0],
+            };
+            data.push(&t, 0, PatchRef { slide: i, x: 0, y: 0 }, &[0.0]);
+        }
+        // Patch 2 (score 2) between 0 and 4: the middle, no confidence; between 0 and 2: the top.
+        let w = batch_confidence(&data, &[0, 2, 3], 1.0);
+        assert_eq!(w, vec![1.0, 0.0, 1.0]);
+        let w = batch_confidence(&data, &[0, 1, 2], 1.0);
+        assert_eq!(w, vec![1.0, 0.0, 1.0]);
+        let w = batch_confidence(&data, &[1, 2, 3], 2.0);
+        assert!((w[1] - (1.0f32 / 3.0).powi(2)).abs() < 1e-6, "{w:?}");
     }
 }

@@ -361,7 +361,11 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
                 .collect()
         };
         let (tr, va, te) = (to_bags(&train_bags)?, to_bags(&val_bags)?, to_bags(&test_bags)?);
-        let seed = cfg.seed ^ ((round as u64) << 32) ^ fold_no as u64;
+        // The authors retrain each round's classifier from scratch; here from the same
+        // initialisation and sample order as round 0's, so that a round's change is the features'
+        // doing, not a new draw (the first recipe drew anew each round).
+        let paper = plan2.icmil.as_ref().is_some_and(|c| c.method == wsimil_common::plan::IcmilMethod::Paper);
+        let seed = cfg.seed ^ (if paper { 0 } else { (round as u64) << 32 }) ^ fold_no as u64;
         let mut log = |e: &EpochRecord| {
             tracing::debug!(fold = fold_no, epoch = e.epoch, train_loss = e.train_loss, val_loss = e.val_loss)
         };
@@ -419,20 +423,27 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
     let device = ctx.device().clone();
     let model_cfg = report.model.clone();
     let label = label_of(&plan, job.slide.as_str());
-    let (probs, attention, bag) = blocking(move || {
+    let (probs, attention, instance, bag) = blocking(move || {
         let err = candle_err("prediction");
         let params = Params::new(0);
         params.preload(load_safetensors(&weights, &device).map_err(&err)?)?;
         let model = BagModel::new(&model_cfg, params.var_builder(&device)).map_err(&err)?;
         let b = Bag::from_features(&bag, label, &device).map_err(&err)?;
         let (probs, att) = train::predict(&model, &b.features, true).map_err(&err)?;
-        Ok((probs, att.unwrap_or_default(), bag))
+        let instance = train::instance_positive(&model, &b.features).map_err(&err)?;
+        Ok((probs, att.unwrap_or_default(), instance, bag))
     })
     .await?;
+    let truth = match plan.slide(&job.slide).and_then(|s| s.truth.clone()) {
+        Some(t) => slide_truth(ctx, &t, &bag).await,
+        None => None,
+    };
     let map = AttentionMap {
         xs: bag.xs.clone(),
         ys: bag.ys.clone(),
         attention: attention.clone(),
+        instance,
+        truth,
         provenance: PredictionProvenance {
             slide: job.slide.to_string(),
             round: job.round,
@@ -445,8 +456,43 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
         },
     };
     write_heatmap(ctx, &job.slide, &bag, &attention, &layout::heatmap(&job.run, job.round, &job.slide)).await?;
+    write_geojson(ctx, &bag, &map, &layout::attention_geojson(&job.run, job.round, &job.slide)).await?;
     ctx.store.put(&att_key, map.to_parquet()?).await?;
     Ok(Done::Computed)
+}
+
+/// The lesion coverage of each of `bag`'s patches from the slide's truth file (local or `s3://`),
+/// or `None` with a warning when it cannot be had: the prediction stands without it.
+async fn slide_truth(ctx: &WorkerContext, location: &str, bag: &FeatureBag) -> Option<Vec<f32>> {
+    let tp = bag.provenance.tiling.as_ref()?;
+    let bytes = if crate::slide::remote::is_remote(location) {
+        ctx.sources.buckets().get(location).await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+    } else {
+        std::fs::read(location).map_err(|e| format!("{location}: {e}"))
+    };
+    let truth =
+        bytes.and_then(|b| wsimil_common::truth::Truth::from_bytes(location, &b, (tp.level0_width, tp.level0_height)));
+    match truth {
+        Ok(t) => Some(t.coverage(&bag.xs, &bag.ys, tp.patch_level0)),
+        Err(e) => {
+            warn!(slide = %bag.provenance.slide, "its truth is left out of the instance-level figures: {e}");
+            None
+        }
+    }
+}
+
+/// The attention map as QuPath tiles under `key`, when the patches' size is known (slides wsimil
+/// tiled).
+async fn write_geojson(
+    ctx: &WorkerContext,
+    bag: &FeatureBag,
+    map: &AttentionMap,
+    key: &object_store::path::Path,
+) -> Result<(), JobError> {
+    let Some(tp) = &bag.provenance.tiling else { return Ok(()) };
+    let bytes = heatmap::geojson(&map.xs, &map.ys, tp.patch_level0, &map.attention, map.instance.as_deref());
+    ctx.store.put(key, bytes).await?;
+    Ok(())
 }
 
 /// The attention heatmap of `bag`'s slide under `key`, when wsimil tiled the slide (the thumbnail and
@@ -581,10 +627,11 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
     }
     let device = ctx.device().clone();
     let (model2, bags2) = (model.clone(), bags.clone());
-    let (probs, attention) = blocking(move || {
+    let (probs, attention, instance) = blocking(move || {
         let err = candle_err("scoring");
         let mut probs: Vec<f64> = Vec::new();
         let mut attention: Vec<Vec<f32>> = Vec::new();
+        let mut instance: Vec<Option<Vec<f32>>> = Vec::new();
         for ((_, m), bag) in model2.iter().zip(&bags2) {
             let x = Tensor::from_vec(bag.features.clone(), (1, bag.len(), bag.dim), &device).map_err(&err)?;
             let (p, a) = train::predict(m, &x, true).map_err(&err)?;
@@ -593,15 +640,20 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
             }
             probs.iter_mut().zip(&p).for_each(|(s, v)| *s += v / model2.len() as f64);
             attention.push(a.unwrap_or_default());
+            instance.push(train::instance_positive(m, &x).map_err(&err)?);
         }
+        // Members on the same patches: their per-patch figures averaged; else the first member's.
         let same = bags2.iter().all(|b| b.xs == bags2[0].xs && b.ys == bags2[0].ys);
-        let att = if same {
-            let n = attention.len() as f32;
-            (0..attention[0].len()).map(|i| attention.iter().map(|a| a[i]).sum::<f32>() / n).collect()
-        } else {
-            attention.swap_remove(0)
+        let mean = |v: &[Vec<f32>]| -> Vec<f32> {
+            let n = v.len() as f32;
+            (0..v[0].len()).map(|i| v.iter().map(|a| a[i]).sum::<f32>() / n).collect()
         };
-        Ok((probs, att))
+        let att = if same { mean(&attention) } else { attention.swap_remove(0) };
+        let inst = match instance.iter().cloned().collect::<Option<Vec<_>>>() {
+            Some(all) if same => Some(mean(&all)),
+            _ => instance.swap_remove(0),
+        };
+        Ok((probs, att, inst))
     })
     .await?;
     let bag = &bags[0];
@@ -609,6 +661,8 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         xs: bag.xs.clone(),
         ys: bag.ys.clone(),
         attention: attention.clone(),
+        instance,
+        truth: None,
         provenance: PredictionProvenance {
             slide: job.slide.to_string(),
             round: 0,
@@ -621,6 +675,7 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         },
     };
     write_heatmap(ctx, &job.slide, bag, &attention, &layout::applied_heatmap(&job.app, &job.slide)).await?;
+    write_geojson(ctx, bag, &map, &layout::applied_attention_geojson(&job.app, &job.slide)).await?;
     ctx.store.put(&att_key, map.to_parquet()?).await?;
     Ok(Done::Computed)
 }
@@ -671,33 +726,52 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         let pre = arch
             .preprocessing()
             .ok_or_else(|| JobError::Input(format!("embedder {arch} has no patches to fine-tune")))?;
-        for (bag, grid, path) in &inputs {
+        let paper = cfg.method == wsimil_common::plan::IcmilMethod::Paper;
+        let mut slides = Vec::with_capacity(inputs.len());
+        for (si, (bag, grid, path)) in inputs.into_iter().enumerate() {
             let feats = Tensor::from_vec(bag.features.clone(), (bag.len(), bag.dim), &device).map_err(&err)?;
             let targets = crate::finetune::slide_targets(&classifier, &feats, cfg.beta).map_err(&err)?;
-            let mut picked: Vec<usize> = (0..bag.len()).filter(|&i| targets.weights[i] > 0.0).collect();
+            // The authors learn from every patch (their confidence weighs it per batch); the first
+            // recipe from the patches its per-slide confidence keeps.
+            let mut picked: Vec<usize> = (0..bag.len()).filter(|&i| paper || targets.weights[i] > 0.0).collect();
             rng.shuffle(&mut picked);
             if cfg.patches_per_slide > 0 {
                 picked.truncate(cfg.patches_per_slide);
             }
             picked.sort_unstable();
-            let s = sources.open(path)?;
-            let images: Vec<_> = picked
-                .par_iter()
-                .map(|&i| {
-                    let p = wsimil_common::grid::Patch { x: bag.xs[i], y: bag.ys[i], tissue: 0.0 };
-                    crate::embed::read_patch(s.as_ref(), grid, &p, &pre)
-                })
-                .collect::<Result<_, _>>()?;
-            for (i, img) in picked.into_iter().zip(images) {
-                data.push(&targets, i, img);
+            for i in picked {
+                let at = crate::finetune::PatchRef { slide: si, x: bag.xs[i], y: bag.ys[i] };
+                data.push(&targets, i, at, &bag.features[i * bag.dim..(i + 1) * bag.dim]);
             }
+            slides.push((sources.open(&path)?, grid));
         }
         let patches = data.len();
         if patches < 2 {
             return Ok((None, patches));
         }
-        let out = crate::finetune::finetune(&arch, &teacher_tensors, (&model_cfg, &heads), &data, &cfg, seed, &device)
-            .map_err(&err)?;
+        // Pixels are read batch by batch from the open slides; a read that fails keeps its slide
+        // error (transient or not) for the job to report, not a training error.
+        let failed: std::sync::Mutex<Option<crate::slide::SlideError>> = std::sync::Mutex::new(None);
+        let read = |idx: &[usize]| -> candle_core::Result<Vec<image::RgbImage>> {
+            idx.par_iter()
+                .map(|&i| {
+                    let p = data.patches[i];
+                    let (reader, grid) = &slides[p.slide];
+                    let patch = wsimil_common::grid::Patch { x: p.x, y: p.y, tissue: 0.0 };
+                    crate::embed::read_patch(reader.as_ref(), grid, &patch, &pre).map_err(|e| {
+                        let msg = e.to_string();
+                        failed.lock().unwrap().get_or_insert(e);
+                        candle_core::Error::Msg(msg)
+                    })
+                })
+                .collect()
+        };
+        let out =
+            crate::finetune::finetune(&arch, &teacher_tensors, (&model_cfg, &heads), &data, &read, &cfg, seed, &device);
+        if let Some(e) = failed.into_inner().unwrap() {
+            return Err(e.into());
+        }
+        let out = out.map_err(&err)?;
         let bytes = wsimil_common::models::params::safetensors_bytes(&out.tensors).map_err(&err)?;
         Ok((Some((bytes, out.steps, out.epoch_losses)), patches))
     })

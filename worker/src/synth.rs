@@ -33,6 +33,13 @@ pub struct SynthOptions {
     /// Slide ids are this and a number (`demo-000`): another prefix keeps a second cohort's ids
     /// apart from the first's in one store.
     pub id_prefix: String,
+    /// How opaque the planted tumour is (1 = the tumour image replaces the tissue, lower blends it
+    /// into the normal tissue beneath: fainter lesions, a harder task).
+    pub opacity: f64,
+    /// Staining sites: slide i comes from site i mod `sites`, and each site shifts every slide's
+    /// stain by its own per-channel gain (±`site_shift`), as scanners and labs differ. 1: one site.
+    pub sites: usize,
+    pub site_shift: f64,
 }
 
 impl Default for SynthOptions {
@@ -46,6 +53,9 @@ impl Default for SynthOptions {
             max_regions: 3,
             tiff: TiffOptions::default(),
             id_prefix: "demo-".into(),
+            opacity: 1.0,
+            sites: 1,
+            site_shift: 0.25,
         }
     }
 }
@@ -118,8 +128,9 @@ fn boundary(r0: f64, phases: &[f64; 4], theta: f64) -> f64 {
         + 0.06 * (9.0 * theta + phases[2]).sin())
 }
 
-/// Plant one tumour region; returns its alpha coverage added to `cover` (same size as `canvas`).
-fn plant(canvas: &mut RgbImage, cover: &mut [f32], tumour: &RgbImage, region: &Region, rng: &mut Rng) {
+/// Plant one tumour region, `opacity` times its blending weight; its coverage (before opacity) is
+/// added to `cover` (same size as `canvas`).
+fn plant(canvas: &mut RgbImage, cover: &mut [f32], tumour: &RgbImage, region: &Region, opacity: f32, rng: &mut Rng) {
     let phases = [rng.range(0.0, 6.3), rng.range(0.0, 6.3), rng.range(0.0, 6.3), 0.0];
     let reach = region.radius * 1.45;
     let side = (2.0 * reach).ceil() as u32;
@@ -149,8 +160,9 @@ fn plant(canvas: &mut RgbImage, cover: &mut [f32], tumour: &RgbImage, region: &R
             let ty = (oy + (y - y0)).min(tex.height() - 1);
             let t = tex.get_pixel(tx, ty).0;
             let p = canvas.get_pixel_mut(x, y);
+            let blend = a * opacity;
             for (v, tv) in p.0.iter_mut().zip(t) {
-                *v = (a * tv as f32 + (1.0 - a) * *v as f32).round() as u8;
+                *v = (blend * tv as f32 + (1.0 - blend) * *v as f32).round() as u8;
             }
             let i = (y * w + x) as usize;
             cover[i] = cover[i].max(a);
@@ -184,6 +196,15 @@ pub fn build_cohort(
     let source_tissue = tissue::detect(&small_src, TRUTH_DOWNSAMPLE as f64, &detect);
     let mut labels: Vec<bool> = (0..opt.slides).map(|i| i % 2 == 1).collect();
     rng.shuffle(&mut labels);
+    // Each site's stain, drawn once: its slides share it (and keep their own small jitter).
+    // (Drawn from a generator of their own, so that one site leaves the cohort as it always was.)
+    let site_gains: Vec<[f64; 3]> = if opt.sites <= 1 {
+        vec![[1.0; 3]]
+    } else {
+        let mut srng = Rng::new(opt.seed ^ 0x5173_5eed);
+        let s = opt.site_shift;
+        (0..opt.sites).map(|_| [0; 3].map(|_| srng.range(1.0 - s, 1.0 + s))).collect()
+    };
     let mut slides = Vec::new();
     for (i, positive) in labels.into_iter().enumerate() {
         let mut srng = rng.fork(i as u64);
@@ -232,14 +253,15 @@ pub fn build_cohort(
                         .any(|g: &Region| ((g.cx - cx).powi(2) + (g.cy - cy).powi(2)).sqrt() < g.radius + r0);
                     if f > 0.75 && !overlaps {
                         let region = Region { cx, cy, radius: r0 };
-                        plant(&mut canvas, &mut cover, tumour, &region, &mut srng);
+                        plant(&mut canvas, &mut cover, tumour, &region, opt.opacity as f32, &mut srng);
                         regions.push(region);
                         break;
                     }
                 }
             }
         }
-        let gains = [srng.range(0.9, 1.1), srng.range(0.9, 1.1), srng.range(0.9, 1.1)];
+        let site = site_gains[i % site_gains.len()];
+        let gains = [0, 1, 2].map(|c| site[c] * srng.range(0.9, 1.1));
         jitter(&mut canvas, gains);
         let bytes = write_slide(&canvas, &id, &opt.tiff)?;
         let path = out.join("slides").join(format!("{id}.svs"));
@@ -264,9 +286,12 @@ pub fn build_cohort(
             truth_mask: Some(truth_rel),
         });
     }
-    let mut csv = String::from("slide_id,path,label\n");
+    // The truth masks go in the manifest too: runs report how well they find the planted lesions.
+    let mut csv = String::from("slide_id,path,label,truth\n");
     for s in &slides {
-        csv.push_str(&format!("{},{},{}\n", s.slide_id, s.path.display(), s.label));
+        let truth = s.truth_mask.as_ref().map(|m| out.join(m)).map(|m| m.canonicalize().unwrap_or(m));
+        let truth = truth.map(|t| t.display().to_string()).unwrap_or_default();
+        csv.push_str(&format!("{},{},{},{truth}\n", s.slide_id, s.path.display(), s.label));
     }
     let manifest = out.join("manifest.csv");
     std::fs::write(&manifest, csv).map_err(io(&manifest))?;
@@ -281,29 +306,11 @@ pub fn read_level0(slide: &dyn crate::slide::SlideReader) -> Result<RgbImage, cr
     slide.read_region(0, 0, 0, w as u32, h as u32)
 }
 
-/// The fraction of each patch (level-0 top-left, side `patch`) covered by a truth mask.
+/// The fraction of each patch (level-0 top-left, side `patch`) covered by a demo truth mask (at
+/// [`TRUTH_DOWNSAMPLE`]): [`wsimil_common::truth::Truth::coverage`].
 pub fn patch_truth(mask: &GrayImage, xs: &[i64], ys: &[i64], patch: u64) -> Vec<f32> {
-    let ds = TRUTH_DOWNSAMPLE as f64;
-    xs.iter()
-        .zip(ys)
-        .map(|(x, y)| {
-            let (x0, y0) = ((*x as f64 / ds) as u32, (*y as f64 / ds) as u32);
-            let side = ((patch as f64 / ds).round() as u32).max(1);
-            let mut on = 0u32;
-            let mut all = 0u32;
-            for yy in y0..(y0 + side).min(mask.height()) {
-                for xx in x0..(x0 + side).min(mask.width()) {
-                    all += 1;
-                    on += (mask.get_pixel(xx, yy).0[0] > 0) as u32;
-                }
-            }
-            if all == 0 {
-                0.0
-            } else {
-                on as f32 / all as f32
-            }
-        })
-        .collect()
+    let truth = wsimil_common::truth::Truth { mask: mask.clone(), downsample: TRUTH_DOWNSAMPLE as f64 };
+    truth.coverage(xs, ys, patch)
 }
 
 /// A `width × height` image tiled with flipped and rotated copies of `source` (real tissue at any

@@ -80,6 +80,17 @@ pub fn predict(
     Ok((probs, att))
 }
 
+/// The instance path's probability of the positive class (the second of two) for each instance of
+/// `bag` [1, N, D]; `None` for more than two classes.
+pub fn instance_positive(model: &BagModel, bag: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
+    let (_, logits) = model.instance_path(&bag.squeeze(0)?)?;
+    if logits.dim(1)? != 2 {
+        return Ok(None);
+    }
+    let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    Ok(Some(p.narrow(1, 1, 1)?.squeeze(1)?.to_vec1::<f32>()?))
+}
+
 /// A random subset of `max` instances of a bag (training-time memory bound), in original order.
 fn subsample(bag: &Tensor, n: usize, max: usize, rng: &mut Rng) -> candle_core::Result<Tensor> {
     if max == 0 || n <= max {

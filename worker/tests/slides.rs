@@ -146,8 +146,58 @@ fn synthetic_slides_open_in_openslide_and_match_their_source() {
         assert!(mean_abs_diff(&l1, &down) < 6.0);
     }
     let manifest = std::fs::read_to_string(dir.path().join("manifest.csv")).unwrap();
-    assert!(manifest.starts_with("slide_id,path,label\n") && manifest.lines().count() == 3);
+    assert!(manifest.starts_with("slide_id,path,label,truth\n") && manifest.lines().count() == 3);
     assert!(dir.path().join(pos.truth_mask.as_ref().unwrap()).is_file());
+    let truth_cell = manifest.lines().nth(1).unwrap().split(',').nth(3).unwrap().to_string();
+    assert!(truth_cell.ends_with(".tumour.png") && std::path::Path::new(&truth_cell).is_file(), "{manifest}");
+}
+
+/// `--opacity` blends the lesions into the tissue beneath and changes nothing else; `--sites`
+/// shifts each site's stain and leaves the crops and lesions where they were.
+#[test]
+fn fainter_lesions_and_staining_sites_change_only_what_they_say() {
+    use wsimil_worker::synth::{build_cohort, read_level0, SynthOptions};
+    let src = slide::open(&data("cmu_small_region.svs")).unwrap();
+    let source = read_level0(src.as_ref()).unwrap();
+    let tumour = image::open(data("target_image.png")).unwrap().to_rgb8();
+    let make = |opt: SynthOptions| {
+        let dir = tempfile::tempdir().unwrap();
+        let slides = build_cohort(&source, &tumour, dir.path(), &opt).unwrap();
+        let pixels: Vec<RgbImage> =
+            slides.iter().map(|s| slide::open(&s.path).unwrap().read_region(0, 0, 0, 768, 768).unwrap()).collect();
+        let masks: Vec<image::GrayImage> = slides
+            .iter()
+            .map(|s| image::open(dir.path().join(s.truth_mask.as_ref().unwrap())).unwrap().to_luma8())
+            .collect();
+        (slides, pixels, masks)
+    };
+    let base =
+        SynthOptions { slides: 2, width: 768, height: 768, seed: 5, radius: (150.0, 200.0), ..Default::default() };
+    let (b, bp, masks) = make(base.clone());
+    let (f, fp, _) = make(SynthOptions { opacity: 0.4, ..base.clone() });
+    let (s, sp, _) = make(SynthOptions { sites: 2, ..base.clone() });
+    let pos = b.iter().position(|x| x.label == "tumor").unwrap();
+    for other in [&f, &s] {
+        assert_eq!(
+            serde_json::to_string(&b[pos].regions).unwrap(),
+            serde_json::to_string(&other[pos].regions).unwrap()
+        );
+    }
+    assert_eq!(bp[1 - pos], fp[1 - pos], "no lesion, nothing to blend");
+    // Inside the lesion the faint slide differs; outside it barely (JPEG blocks at the border).
+    let (mut inside, mut outside) = ((0f64, 0u64), (0f64, 0u64));
+    for (x, y, p) in bp[pos].enumerate_pixels() {
+        let d: f64 = p.0.iter().zip(fp[pos].get_pixel(x, y).0).map(|(a, b)| (*a as f64 - b as f64).abs()).sum();
+        let m = &masks[pos];
+        let lesion = m.get_pixel((x / 8).min(m.width() - 1), (y / 8).min(m.height() - 1)).0[0] > 0;
+        let acc = if lesion { &mut inside } else { &mut outside };
+        acc.0 += d;
+        acc.1 += 1;
+    }
+    let (inside, outside) = (inside.0 / inside.1.max(1) as f64, outside.0 / outside.1.max(1) as f64);
+    assert!(inside > 10.0 && inside > 10.0 * outside, "lesion changed by {inside:.1}, the rest by {outside:.1}");
+    // Two sites: the same tissue in another stain.
+    assert!(mean_abs_diff(&bp[1 - pos], &sp[1 - pos]) > 3.0);
 }
 
 fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {

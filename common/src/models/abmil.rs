@@ -62,18 +62,30 @@ impl Abmil {
         }
     }
 
+    /// The gated attention's logits a = w(tanh(V H) ⊙ sigmoid(U H)) of reduced instances H, [N, 1].
+    fn gated(&self, h: &Tensor) -> Result<Tensor> {
+        let gate_v = self.attention_v.forward(h)?.tanh()?;
+        let gate_u = candle_nn::ops::sigmoid(&self.attention_u.forward(h)?)?;
+        self.attention_w.forward(&(gate_v * gate_u)?)
+    }
+
     /// `bag`: [1, N, in_dim]. Attention is the softmax over instances (sums to 1).
     pub fn forward(&self, bag: &Tensor, mode: &mut Mode, want_attention: bool) -> Result<BagOutput> {
         let x = bag.squeeze(0)?;
         let h = self.reduce(&x, mode)?;
-        let gate_v = self.attention_v.forward(&h)?.tanh()?;
-        let gate_u = candle_nn::ops::sigmoid(&self.attention_u.forward(&h)?)?;
-        let a = self.attention_w.forward(&(gate_v * gate_u)?)?.t()?; // [1, N]
+        let a = self.gated(&h)?.t()?; // [1, N]
         let a = softmax(&a, mode.is_train())?;
         let z = super::ops::matmul(&a, &h)?; // [1, L]
         let logits = self.classifier.forward(&z)?;
         let attention = if want_attention { Some(a.squeeze(0)?) } else { None };
         Ok(BagOutput { logits, attention })
+    }
+
+    /// The attention logits of instances `feats` [N, in_dim] (no dropout, no softmax), [N]: each
+    /// instance's own, whatever bag it is in.
+    pub fn attention_logits(&self, feats: &Tensor) -> Result<Tensor> {
+        let h = self.fc.forward(feats)?.relu()?;
+        self.gated(&h)?.squeeze(1)
     }
 
     /// Instance-level path (ICMIL's teacher): the classifier applied to each reduced instance.
@@ -104,5 +116,11 @@ mod tests {
         assert_eq!(a.len(), 7);
         assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(a.iter().all(|v| *v > 0.0));
+        // The logits are the attention before the softmax: softmax(logits) is the attention.
+        let logits = m.attention_logits(&x.squeeze(0).unwrap()).unwrap().to_vec1::<f32>().unwrap();
+        let z: f32 = logits.iter().map(|v| v.exp()).sum();
+        for (l, a) in logits.iter().zip(&a) {
+            assert!((l.exp() / z - a).abs() < 1e-6, "{l} → {a}");
+        }
     }
 }

@@ -9,14 +9,18 @@
 //!   features into a second target. Both come from the stored features, so the teacher's embedder
 //!   never runs during fine-tuning.
 //! - **Confidence.** Each patch is weighted by how decisively the bag classifier attended to it:
-//!   `|2·minmax(a) − 1|^β` over the slide's attention `a`, so patches at either end of the slide's
-//!   attention range count fully and the ambiguous middle not at all.
-//! - **Loss** per patch (`KL(p‖q) = Σ p (log p − log q)`, target first, PyTorch's `kl_div`):
-//!   `KL(t ‖ s) + ½·KL(t ‖ h_T(s)) + ½·KL(r_T ‖ r_S)`, where `t` is the teacher's instance
-//!   distribution, `s` the student's (its embedder on an augmented view, then its copies of the
-//!   heads), `h_T(s)` the frozen teacher heads applied to the student's features, and `r` the
-//!   reduced features read as distributions (softmax over their width). The batch loss is the
-//!   confidence-weighted mean.
+//!   `|2·minmax(a) − 1|^β`, so patches at either end of the attention range count fully and the
+//!   ambiguous middle not at all. As the authors' code (`IcmilMethod::Paper`): `a` is the raw
+//!   attention score ([`super::BagModel::attention_scores`]) and the min-max is over the batch of
+//!   patches being trained on, drawn from every training slide. wsimil's first recipe
+//!   (`IcmilMethod::First`): the softmax attention min-maxed per slide.
+//! - **Loss** (`KL(p‖q) = Σ p (log p − log q)`, target first, PyTorch's `kl_div`): the authors'
+//!   [`paper_loss`], in which only the distillation of the student embedder's view reaches the
+//!   embedder; or the first recipe's per patch `KL(t ‖ s) + ½·KL(t ‖ h_T(s)) + ½·KL(r_T ‖ r_S)`,
+//!   where `t` is the teacher's instance distribution, `s` the student's (its embedder on an
+//!   augmented view, then its copies of the heads), `h_T(s)` the frozen teacher heads applied to the
+//!   student's features, and `r` the reduced features read as distributions (softmax over their
+//!   width), averaged with the confidence weights.
 //! - **Merging shards.** The round's embedder is the patch-count-weighted average of every tensor
 //!   the shards fine-tuned (federated averaging), BatchNorm running statistics included.
 
@@ -73,6 +77,35 @@ pub fn weighted_loss(t: &Targets, s: &StudentOut) -> Result<Tensor> {
     let l = patch_losses(t, s)?;
     let total = t.weights.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     (l * t.weights)?.sum_all()? / f64::from(total.max(f32::MIN_POSITIVE))
+}
+
+/// The student's heads on the teacher's own features (the stored round-r features of the
+/// un-augmented patches): what keeps the heads consistent with the teacher's in the authors' loss.
+pub struct HeadsOnTeacher<'a> {
+    /// [B, C].
+    pub logits: &'a Tensor,
+    /// [B, R].
+    pub reduced: &'a Tensor,
+}
+
+/// The authors' loss (`step2_train_teacherstudent_abmil_ax_semilearn.py` of Dootmaan/ICMIL):
+///
+/// ```text
+/// mean_B(w · KL(t ‖ s)) / C  +  ½ · mean_B(KL(t ‖ h_S(f_T))) / C  +  ½ · mean_B(KL(r_T ‖ r_S(f_T))) / R
+/// ```
+///
+/// PyTorch's `KLDivLoss` with its default mean over every element of [B, width] is the per-row KL
+/// divided by the width, hence /C and /R; the confidence `w` weighs the first term only, a plain
+/// mean (not normalised by Σw). `s` is the student embedder's features of an augmented view
+/// through the student's heads: the only term that reaches the embedder. The other two hold the
+/// student's heads to the teacher's on the teacher's features.
+pub fn paper_loss(t: &Targets, student_logits: &Tensor, on_teacher: &HeadsOnTeacher) -> Result<Tensor> {
+    let (b, c) = t.logits.dims2()?;
+    let r = t.reduced.dim(1)?;
+    let main = (kl_rows(t.logits, student_logits)? * t.weights)?.sum_all()? / (b * c) as f64;
+    let heads = kl_rows(t.logits, on_teacher.logits)?.sum_all()? / (b * c) as f64;
+    let reduced = kl_rows(t.reduced, on_teacher.reduced)?.sum_all()? / (b * r) as f64;
+    main? + ((heads? + reduced?)? * 0.5)?
 }
 
 /// Weighted average of shard results, tensor by tensor (`weights`: patches each shard trained
@@ -143,13 +176,21 @@ mod tests {
         assert!((back[0] - got[0]).abs() > 1e-3);
     }
 
+    /// Two patches: teacher logits and reduced features, student logits, a second pair of
+    /// logits and reduced features (teacher heads on the student / student heads on the teacher).
+    fn two_patches() -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+        (
+            t(&[3.0, 0.0, 0.0, 3.0], (2, 2)),
+            t(&[1.0, 0.0, 2.0, 0.5, 0.0, 1.0], (2, 3)),
+            t(&[0.0, 0.0, 1.0, 0.0], (2, 2)),
+            t(&[1.0, 0.0, 0.0, 0.5], (2, 2)),
+            t(&[0.0, 0.0, 0.0, 1.0, 1.0, 1.0], (2, 3)),
+        )
+    }
+
     #[test]
     fn the_loss_combines_three_terms_and_weights_patches_by_confidence() {
-        let tl = t(&[3.0, 0.0, 0.0, 3.0], (2, 2));
-        let tr = t(&[1.0, 0.0, 2.0, 0.5, 0.0, 1.0], (2, 3));
-        let sl = t(&[0.0, 0.0, 1.0, 0.0], (2, 2));
-        let sh = t(&[1.0, 0.0, 0.0, 0.0], (2, 2));
-        let sr = t(&[0.0, 0.0, 0.0, 1.0, 1.0, 1.0], (2, 3));
+        let (tl, tr, sl, sh, sr) = two_patches();
         let s = StudentOut { logits: &sl, teacher_head_logits: &sh, reduced: &sr };
         let k = |a: &Tensor, b: &Tensor| kl_rows(a, b).unwrap().to_vec1::<f32>().unwrap();
         let (m, h, r) = (k(&tl, &sl), k(&tl, &sh), k(&tr, &sr));
@@ -165,6 +206,29 @@ mod tests {
         let w13 = Tensor::new(&[1.0f32, 3.0], &Device::Cpu).unwrap();
         let l = weighted_loss(&Targets { logits: &tl, reduced: &tr, weights: &w13 }, &s).unwrap();
         assert!((l.to_scalar::<f32>().unwrap() - (per[0] + 3.0 * per[1]) / 4.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_papers_loss_weighs_only_the_students_view_and_averages_as_kl_div_does() {
+        let (tl, tr, sl, hl, hr) = two_patches();
+        let k = |a: &Tensor, b: &Tensor| kl_rows(a, b).unwrap().to_vec1::<f32>().unwrap();
+        let (m, h, r) = (k(&tl, &sl), k(&tl, &hl), k(&tr, &hr));
+        let w = Tensor::new(&[1.0f32, 0.25], &Device::Cpu).unwrap();
+        let targets = Targets { logits: &tl, reduced: &tr, weights: &w };
+        let got = paper_loss(&targets, &sl, &HeadsOnTeacher { logits: &hl, reduced: &hr }).unwrap();
+        // PyTorch: KLDivLoss()(log q, p) is the mean over all B·width elements.
+        let want = (m[0] * 1.0 + m[1] * 0.25) / 4.0 + 0.5 * (h[0] + h[1]) / 4.0 + 0.5 * (r[0] + r[1]) / 6.0;
+        assert!((got.to_scalar::<f32>().unwrap() - want).abs() < 1e-6, "{got} vs {want}");
+        // Zero confidence everywhere leaves the heads' consistency terms.
+        let zero = Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap();
+        let got = paper_loss(
+            &Targets { logits: &tl, reduced: &tr, weights: &zero },
+            &sl,
+            &HeadsOnTeacher { logits: &hl, reduced: &hr },
+        )
+        .unwrap();
+        let want = 0.5 * (h[0] + h[1]) / 4.0 + 0.5 * (r[0] + r[1]) / 6.0;
+        assert!((got.to_scalar::<f32>().unwrap() - want).abs() < 1e-6);
     }
 
     #[test]

@@ -173,6 +173,23 @@ impl BagModel {
             BagModel::Abmil(m) => m.instance_path(feats),
         }
     }
+
+    /// Each instance's attention on a scale shared by every slide, [N] (ICMIL's confidence is the
+    /// min-max of these over a batch of patches from many slides). ABMIL: the gated attention's raw
+    /// logits, before the softmax over the bag (what the authors' code min-maxes). TransMIL, whose
+    /// attention exists only within its bag: `ln(N·a)`, the log of the cls token's attention
+    /// relative to uniform, so that slides of different sizes compare (wsimil's own choice: the
+    /// authors have no TransMIL variant).
+    pub fn attention_scores(&self, feats: &Tensor) -> Result<Tensor> {
+        match self {
+            BagModel::Abmil(m) => m.attention_logits(feats),
+            BagModel::Transmil(m) => {
+                let n = feats.dim(0)?;
+                let a = m.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?.attention.expect("asked for attention");
+                (a.to_dtype(candle_core::DType::F32)? * n as f64)?.clamp(1e-30, f64::MAX)?.log()
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ struct AdamState {
     beta2: f64,
     eps: f64,
     step: u64,
+    /// Weight decay as an L2 term added to the gradient (PyTorch's `Adam`), not decoupled.
+    l2: bool,
 }
 
 impl AdamState {
@@ -39,7 +41,7 @@ impl AdamState {
         assert_eq!(vars.len(), decay.len(), "one weight decay per parameter");
         let moments =
             vars.iter().map(|v| Ok(Moments { m: v.zeros_like()?, v: v.zeros_like()? })).collect::<Result<_>>()?;
-        Ok(AdamState { vars, moments, decay, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0 })
+        Ok(AdamState { vars, moments, decay, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0, l2: false })
     }
 
     /// Advance the step, update both moments of every parameter with a gradient, and hand each
@@ -49,6 +51,8 @@ impl AdamState {
         let (b1, b2) = (self.beta1, self.beta2);
         for ((var, st), wd) in self.vars.iter().zip(self.moments.iter_mut()).zip(&self.decay) {
             let Some(g) = grads.get(var) else { continue };
+            let g = if self.l2 && *wd != 0.0 { (g + (var.as_tensor() * *wd)?)? } else { g.clone() };
+            let g = &g;
             st.m = ((&st.m * b1)? + (g * (1.0 - b1))?)?;
             st.v = ((&st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             apply(var, st, *wd)?;
@@ -115,23 +119,76 @@ impl AdamW {
     }
 }
 
-impl Optimizer for AdamW {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let s = &self.0;
-        let t = (s.step + 1) as f64;
-        let (c1, c2) = (1.0 - s.beta1.powf(t), 1.0 - s.beta2.powf(t));
-        let (lr, eps) = (s.lr, s.eps);
-        self.0.update(grads, |var, st, wd| {
-            let p = (var.as_tensor() * (1.0 - lr * wd))?;
+impl AdamState {
+    /// Adam's bias-corrected step; the weight decay decoupled (AdamW) unless it went into the
+    /// gradient ([`Adam`]).
+    fn adam_step(&mut self, grads: &GradStore) -> Result<()> {
+        let t = (self.step + 1) as f64;
+        let (c1, c2) = (1.0 - self.beta1.powf(t), 1.0 - self.beta2.powf(t));
+        let (lr, eps, l2) = (self.lr, self.eps, self.l2);
+        self.update(grads, |var, st, wd| {
+            let decoupled = if l2 { 0.0 } else { wd };
+            let p = (var.as_tensor() * (1.0 - lr * decoupled))?;
             let denom = ((&st.v / c2)?.sqrt()? + eps)?;
             let update = ((&st.m / denom)? * (lr / c1))?;
             var.set(&(p - update)?)
         })
     }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.0.adam_step(grads)
+    }
 
     fn learning_rate(&self) -> f64 {
         self.0.lr
     }
+}
+
+/// Adam with weight decay as an L2 term of the gradient, as PyTorch's `Adam(weight_decay=…)`: what
+/// ICMIL's authors fine-tune the embedder with (lr 1e-5, weight decay 1e-4).
+pub struct Adam(AdamState);
+
+impl Adam {
+    pub fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
+        let decay = vec![weight_decay; vars.len()];
+        let mut s = AdamState::new(vars, decay, lr)?;
+        s.l2 = true;
+        Ok(Adam(s))
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.0.adam_step(grads)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.0.lr
+    }
+}
+
+/// Scale the gradients of `vars` together so that their joint L2 norm is at most `max_norm`
+/// (PyTorch's `clip_grad_norm_`, which divides by the norm plus 1e-6). Returns the norm before.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = sq.sqrt();
+    let scale = max_norm / (norm + 1e-6);
+    if scale < 1.0 {
+        for v in vars {
+            if let Some(g) = grads.get(v) {
+                let scaled = (g * scale)?;
+                grads.insert(v, scaled);
+            }
+        }
+    }
+    Ok(norm)
 }
 
 /// Lookahead: every `k` inner steps, slow weights move `alpha` of the way to the fast weights and
@@ -230,6 +287,51 @@ mod tests {
         let v = x.as_tensor().to_vec1::<f32>().unwrap();
         assert!((v[0] - (1.0 - 0.1 * 2.0)).abs() < 1e-6, "{v:?}");
         assert!((v[1] - (-2.0 + 0.1 * 4.0)).abs() < 1e-6, "{v:?}");
+    }
+
+    /// PyTorch's Adam with weight decay: the decay enters the gradient, so it goes through the
+    /// moments (AdamW's does not): the two steps differ, and Adam's is the L2 one by hand.
+    #[test]
+    fn adam_adds_its_weight_decay_to_the_gradient_as_pytorch_does() {
+        let (lr, wd) = (0.1, 0.5);
+        let x = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Adam::new(vec![x.clone()], lr, wd).unwrap();
+        for _ in 0..2 {
+            let loss = x.as_tensor().sqr().unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        // By hand: g = 2x + wd·x, m and v bias-corrected, two steps.
+        let (mut p, mut m, mut v) = ([1.0f64, -2.0], [0f64; 2], [0f64; 2]);
+        for t in 1..=2 {
+            for i in 0..2 {
+                let g = 2.0 * p[i] + wd * p[i];
+                m[i] = 0.9 * m[i] + 0.1 * g;
+                v[i] = 0.999 * v[i] + 0.001 * g * g;
+                let (mh, vh) = (m[i] / (1.0 - 0.9f64.powi(t)), v[i] / (1.0 - 0.999f64.powi(t)));
+                p[i] -= lr * mh / (vh.sqrt() + 1e-8);
+            }
+        }
+        let got = x.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - p[i]).abs() < 1e-5, "{got:?} vs {p:?}");
+        }
+    }
+
+    #[test]
+    fn clipping_scales_the_joint_gradient_norm_and_leaves_small_ones() {
+        let (a, b) = (Var::new(&[3.0f32], &Device::Cpu).unwrap(), Var::new(&[4.0f32], &Device::Cpu).unwrap());
+        let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap() + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+            .unwrap()
+            .affine(0.5, 0.0)
+            .unwrap();
+        let mut grads = loss.backward().unwrap(); // (3, 4): norm 5
+        let norm = clip_grad_norm(&mut grads, &[a.clone(), b.clone()], 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let g = |v: &Var, grads: &GradStore| grads.get(v).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!((g(&a, &grads) - 0.6).abs() < 1e-5 && (g(&b, &grads) - 0.8).abs() < 1e-5);
+        let before = g(&a, &grads);
+        clip_grad_norm(&mut grads, &[a.clone(), b.clone()], 5.0).unwrap();
+        assert_eq!(g(&a, &grads), before, "under the bound: untouched");
     }
 
     #[test]
