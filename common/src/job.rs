@@ -65,6 +65,10 @@ pub struct EmbedJob {
     pub path: String,
     pub tiling: TilingId,
     pub embedder: EmbedderSpec,
+    /// The last job the run (or application) reads this slide in: a worker's scratch copy of it
+    /// goes when the job is done. Absent (false) from jobs that are not, and from older messages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release_slide: bool,
 }
 
 /// Train the bag classifier of one fold of a run's round.

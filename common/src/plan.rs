@@ -196,6 +196,15 @@ pub enum IcmilMethod {
 }
 
 impl IcmilMethod {
+    /// The recipe's own batch size, patches per slide (0 = all) and confidence exponent β: the
+    /// authors' 100, every patch, 6; the first recipe's 16, 256, 1.
+    pub fn defaults(self) -> (usize, usize, f64) {
+        match self {
+            IcmilMethod::Paper => (100, 0, 6.0),
+            IcmilMethod::First => (16, 256, 1.0),
+        }
+    }
+
     pub fn first() -> Self {
         IcmilMethod::First
     }
@@ -208,14 +217,15 @@ impl Default for IcmilConfig {
     /// The authors' settings (Adam at 1e-5, batches of 100, every patch of the training slides,
     /// β = 6, the whole network), one round.
     fn default() -> Self {
+        let (batch_size, patches_per_slide, beta) = IcmilMethod::Paper.defaults();
         IcmilConfig {
             rounds: 1,
             shards: 2,
             epochs: 1,
             lr: 1e-5,
-            batch_size: 100,
-            patches_per_slide: 0,
-            beta: 6.0,
+            batch_size,
+            patches_per_slide,
+            beta,
             trainable_blocks: 0,
             method: IcmilMethod::Paper,
         }

@@ -3,8 +3,8 @@
 //! diagnostics.
 //!
 //! A slide's truth is given in the manifest's optional `truth` column, as either
-//! - a **mask image** (PNG or JPEG) covering the whole slide at any downsample: non-zero pixels are
-//!   lesion; the downsample is the slide's level-0 width over the mask's width (what
+//! - a **mask image** (PNG or JPEG) covering the whole slide at any downsample: pixels of 128 and
+//!   above are lesion; the downsample is the slide's level-0 width over the mask's width (what
 //!   `wsimil demo-cohort` writes, and what a CAMELYON16 annotation rasterised at level 5 or 6 is);
 //! - a **GeoJSON** file (`.geojson`/`.json`): a FeatureCollection (or one Feature, or a bare
 //!   geometry) of Polygons and MultiPolygons in level-0 pixel coordinates, holes included, as
@@ -94,7 +94,8 @@ impl Truth {
                 for yy in y0.max(0)..(y0 + side).min(mh) {
                     for xx in x0.max(0)..(x0 + side).min(mw) {
                         all += 1;
-                        on += (self.mask.get_pixel(xx as u32, yy as u32).0[0] > 0) as u32;
+                        // Half-grey and above: JPEG's ringing around a mask's edges is not lesion.
+                        on += (self.mask.get_pixel(xx as u32, yy as u32).0[0] >= 128) as u32;
                     }
                 }
                 if all == 0 {

@@ -372,7 +372,7 @@ pub async fn apply(
     for &kind in kinds {
         let jobs = match kind {
             JobKind::Tile => planner::tile_jobs_for(store, &slides, &plan.tiling).await?,
-            JobKind::Embed => planner::embed_jobs_for(store, &slides, &plan.tiling, &plan.embedders).await?,
+            JobKind::Embed => planner::embed_jobs_for(store, &slides, &plan.tiling, &plan.embedders, true).await?,
             _ => score_jobs(store, plan).await?,
         };
         let planned = jobs.len();

@@ -398,16 +398,16 @@ pub struct RunArgs {
     /// ICMIL: Adam learning rate (the paper's 1e-5).
     #[arg(long, default_value_t = 1e-5)]
     pub icmil_lr: f64,
-    /// ICMIL: patches per fine-tuning step (the authors' 100).
-    #[arg(long, default_value_t = 100)]
-    pub icmil_batch_size: usize,
-    /// ICMIL: at most this many patches per training slide, drawn at random (0 = all, as the
-    /// authors). Pixels are read batch by batch, so this bounds time, not memory.
-    #[arg(long, default_value_t = 0)]
-    pub icmil_patches_per_slide: usize,
-    /// ICMIL: confidence exponent β of |2·minmax(attention) − 1|^β (the authors' 6 for ABMIL).
-    #[arg(long, default_value_t = 6.0)]
-    pub icmil_beta: f64,
+    /// ICMIL: patches per fine-tuning step [default: the method's: paper 100, first 16].
+    #[arg(long)]
+    pub icmil_batch_size: Option<usize>,
+    /// ICMIL: at most this many patches per training slide, drawn at random (0 = all). Pixels are
+    /// read batch by batch, so this bounds time, not memory [default: paper 0, first 256].
+    #[arg(long)]
+    pub icmil_patches_per_slide: Option<usize>,
+    /// ICMIL: confidence exponent β of |2·minmax(attention) − 1|^β [default: paper 6, first 1].
+    #[arg(long)]
+    pub icmil_beta: Option<f64>,
     /// ICMIL: the recipe. paper: the authors' code (confidence min-maxed over each batch of raw
     /// attention scores, only the student's view distilled into the embedder, Adam with weight
     /// decay, the next classifier from the same initialisation); first: wsimil's first recipe, kept
@@ -537,10 +537,16 @@ impl RunArgs {
         if self.icmil_rounds == 0 {
             return Ok(None);
         }
-        if self.icmil_shards == 0 || self.icmil_epochs == 0 || self.icmil_lr <= 0.0 || self.icmil_beta <= 0.0 {
+        let (batch_size, patches_per_slide, beta) = self.icmil_method.defaults();
+        let (batch_size, patches_per_slide, beta) = (
+            self.icmil_batch_size.unwrap_or(batch_size),
+            self.icmil_patches_per_slide.unwrap_or(patches_per_slide),
+            self.icmil_beta.unwrap_or(beta),
+        );
+        if self.icmil_shards == 0 || self.icmil_epochs == 0 || self.icmil_lr <= 0.0 || beta <= 0.0 {
             bail!("--icmil-shards, --icmil-epochs, --icmil-lr and --icmil-beta must be positive");
         }
-        if self.icmil_batch_size < 2 {
+        if batch_size < 2 {
             bail!("--icmil-batch-size must be at least 2 (BatchNorm trains on batch statistics)");
         }
         if self.until != Until::Predict {
@@ -551,9 +557,9 @@ impl RunArgs {
             shards: self.icmil_shards,
             epochs: self.icmil_epochs,
             lr: self.icmil_lr,
-            batch_size: self.icmil_batch_size,
-            patches_per_slide: self.icmil_patches_per_slide,
-            beta: self.icmil_beta,
+            batch_size,
+            patches_per_slide,
+            beta,
             trainable_blocks: self.icmil_trainable_blocks,
             method: self.icmil_method,
         }))
@@ -1026,6 +1032,10 @@ mod tests {
         assert_eq!(c, IcmilConfig { rounds: 2, shards: 3, trainable_blocks: 4, ..IcmilConfig::default() });
         let first = run_args(&["--icmil-rounds", "1", "--icmil-method", "first"]).settings().unwrap().icmil.unwrap();
         assert_eq!(first.method, IcmilMethod::First);
+        // The first recipe with its own settings, as it ran: its batch, its cap, its β.
+        assert_eq!((first.batch_size, first.patches_per_slide, first.beta), (16, 256, 1.0));
+        let set = run_args(&["--icmil-rounds", "1", "--icmil-method", "first", "--icmil-beta", "2"]).settings();
+        assert_eq!(set.unwrap().icmil.unwrap().beta, 2.0, "given values win");
         for (bad, why) in [
             (&["--icmil-rounds", "1", "--icmil-batch-size", "1"][..], "at least 2"),
             (&["--icmil-rounds", "1", "--icmil-shards", "0"][..], "must be positive"),

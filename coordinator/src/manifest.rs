@@ -199,7 +199,9 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
     if label_c.is_none() && labels_required {
         return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
     }
-    let (fold_c, split_c, mpp_c, truth_c) = (col("fold"), col("split"), col("mpp"), col("truth"));
+    let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
+    // Truth feeds a run's instance-level figures; an application of a model reads no such column.
+    let truth_c = if purpose == Purpose::Training { col("truth") } else { None };
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
     let mut rows = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();

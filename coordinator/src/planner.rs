@@ -260,16 +260,20 @@ pub async fn embed_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<Vec
     }
     let specs = round_embedders(store, plan, round).await?;
     let slides: Vec<SlideRef> = plan.slides.iter().map(|s| SlideRef { id: &s.id, path: &s.path, mpp: s.mpp }).collect();
-    embed_jobs_for(store, &slides, &plan.tiling, &specs).await
+    // The last round reads the slides for the last time (earlier ones: ICMIL fine-tunes and
+    // re-embeds from them again).
+    embed_jobs_for(store, &slides, &plan.tiling, &specs, round == plan.icmil_rounds()).await
 }
 
 /// Embed jobs for those of `slides` that have a patch grid of `tiling` but no features from one of
-/// `specs` (runs and applications alike).
+/// `specs` (runs and applications alike). With `last_read`, each slide's last job releases the
+/// slide (a worker's scratch copy of it).
 pub async fn embed_jobs_for(
     store: &Store,
     slides: &[SlideRef<'_>],
     tiling: &TilingSpec,
     specs: &[EmbedderSpec],
+    last_read: bool,
 ) -> Result<Vec<Job>, StoreError> {
     let tiling = tiling.id();
     let mut jobs = Vec::new();
@@ -277,6 +281,7 @@ pub async fn embed_jobs_for(
         if !store.exists(&layout::patch_grid(&tiling, s.id)).await? {
             continue;
         }
+        let first = jobs.len();
         for spec in specs {
             if !store.exists(&layout::features(&spec.id(), &tiling, s.id)).await? {
                 jobs.push(Job::Embed(EmbedJob {
@@ -284,8 +289,12 @@ pub async fn embed_jobs_for(
                     path: s.path.to_string(),
                     tiling: tiling.clone(),
                     embedder: spec.clone(),
+                    release_slide: false,
                 }));
             }
+        }
+        if let (true, Some(Job::Embed(last))) = (last_read && jobs.len() > first, jobs.last_mut()) {
+            last.release_slide = true;
         }
     }
     Ok(jobs)

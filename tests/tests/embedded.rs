@@ -231,7 +231,8 @@ async fn resnet50_trunc_loads_torchvision_safetensors_and_embeds_a_real_slide() 
     execute(&ctx, &Job::Tile(TileJob { slide: slide.clone(), path: path.clone(), mpp: None, tiling: tiling.clone() }))
         .await
         .unwrap();
-    let job = EmbedJob { slide: slide.clone(), path, tiling: tiling.id(), embedder: spec.clone() };
+    let job =
+        EmbedJob { slide: slide.clone(), path, tiling: tiling.id(), embedder: spec.clone(), release_slide: false };
     execute(&ctx, &Job::Embed(job)).await.unwrap();
     let key = layout::features(&spec.id(), &tiling.id(), &slide);
     let bag = wsimil_common::features::FeatureBag::from_parquet(key.as_ref(), store.get(&key).await.unwrap()).unwrap();

@@ -8,7 +8,8 @@
 //! (random resized crop, horizontal and vertical flips).
 //!
 //! Patches are read from their slides batch by batch ([`TeacherData`] holds where each patch is
-//! and what the teacher says of it, not its pixels), so a shard of whole slides fits in memory.
+//! and what the teacher says of it, not its pixels), so a shard of whole slides fits in memory; an
+//! epoch mixes the patches of a few slides at a time ([`epoch_order`]), so few are open at once.
 //! With the authors' recipe (`IcmilMethod::Paper`): every patch of the shard, shuffled across
 //! slides, confidence min-maxed per batch, Adam with weight decay 1e-4 as an L2 term, the heads'
 //! gradient norm clipped at 5. With the first one: zero-confidence patches left out, AdamW without
@@ -72,10 +73,15 @@ pub fn slide_targets(classifier: &BagModel, feats: &Tensor, beta: f64) -> Result
     let out = classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?;
     let attention = out.attention.expect("asked for attention").to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let (reduced, logits) = classifier.instance_path(feats)?;
+    let scores = match classifier {
+        // TransMIL's score is its attention, ln(N·a): the forward pass above has it.
+        BagModel::Transmil(_) => attention.iter().map(|a| (a * attention.len() as f32).max(1e-30).ln()).collect(),
+        _ => classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+    };
     Ok(SlideTargets {
         logits: logits.detach().to_vec2::<f32>()?,
         reduced: reduced.detach().to_vec2::<f32>()?,
-        scores: classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        scores,
         weights: icmil::confidence_weights(&attention, beta),
     })
 }
@@ -158,6 +164,34 @@ pub fn batch_confidence(data: &TeacherData, idx: &[usize], beta: f64) -> Vec<f32
     icmil::confidence_weights(&scores, beta)
 }
 
+/// Slides whose patches an epoch mixes at a time (see [`epoch_order`]).
+pub const SLIDES_MIXED: usize = 8;
+
+/// One epoch's order of `patches`: the slides dealt at random into groups of [`SLIDES_MIXED`],
+/// each group's patches shuffled together, the groups one after the other. A batch then mixes the
+/// patches of up to 8 slides (two groups where it straddles), so its min-max confidence is taken
+/// across slides as the authors' is, while a job keeps at most 16 slides open (a remote slide's
+/// read cache, an OpenSlide slide's scratch copy) instead of every slide of its shard.
+pub fn epoch_order(data: &TeacherData, patches: &[usize], rng: &mut Rng) -> Vec<usize> {
+    let mut slides: Vec<usize> = patches.iter().map(|&i| data.patches[i].slide).collect();
+    slides.sort_unstable();
+    slides.dedup();
+    rng.shuffle(&mut slides);
+    let group: std::collections::HashMap<usize, usize> =
+        slides.iter().enumerate().map(|(k, &s)| (s, k / SLIDES_MIXED)).collect();
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); slides.len().div_ceil(SLIDES_MIXED)];
+    for &i in patches {
+        groups[group[&data.patches[i].slide]].push(i);
+    }
+    groups
+        .into_iter()
+        .flat_map(|mut g| {
+            rng.shuffle(&mut g);
+            g
+        })
+        .collect()
+}
+
 /// The authors' optimizer settings: Adam's weight decay (an L2 term) and the heads' gradient-norm bound.
 const PAPER_WEIGHT_DECAY: f64 = 1e-4;
 const PAPER_HEAD_CLIP: f64 = 5.0;
@@ -208,10 +242,10 @@ pub fn finetune(
     };
     let mut rng = Rng::new(seed);
     // The first recipe learns from confident patches only; the authors' from every one.
-    let mut order: Vec<usize> = (0..data.len()).filter(|&i| paper || data.weights[i] > 0.0).collect();
+    let order: Vec<usize> = (0..data.len()).filter(|&i| paper || data.weights[i] > 0.0).collect();
     let (mut steps, mut epoch_losses) = (0, Vec::new());
     for _ in 0..cfg.epochs {
-        rng.shuffle(&mut order);
+        let order = epoch_order(data, &order, &mut rng);
         let (mut total, mut batches) = (0.0, 0);
         // BatchNorm needs two patches: a last batch of one is dropped.
         for idx in order.chunks(cfg.batch_size.max(2)).filter(|b| b.len() >= 2) {
@@ -335,8 +369,8 @@ mod tests {
         // with either recipe.
         for method in [IcmilMethod::Paper, IcmilMethod::First] {
             let cfg = IcmilConfig {
-                epochs: 3,
-                lr: 3e-3,
+                epochs: 4,
+                lr: 1e-3,
                 batch_size: 4,
                 trainable_blocks: 0,
                 method,
@@ -344,9 +378,10 @@ mod tests {
             };
             let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d)
                 .unwrap();
-            assert_eq!(out.steps, 6);
-            let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
-            assert!(last < first * 0.8, "{method:?}: loss {:?}", out.epoch_losses);
+            assert_eq!(out.steps, 8);
+            // Two batches an epoch at a high rate: the last two epochs' mean against the first.
+            let l = &out.epoch_losses;
+            assert!((l[2] + l[3]) / 2.0 < l[0] * 0.8, "{method:?}: loss {l:?}");
             assert!(changed(&out, "_conv_stem.weight") && changed(&out, "_bn0.running_var"));
             assert_eq!(out.tensors.len(), teacher.len());
             // The result is an ordinary checkpoint: it builds the inference embedder.
@@ -438,6 +473,40 @@ mod tests {
         assert_eq!(t.weights, icmil::confidence_weights(&att.to_vec1::<f32>().unwrap(), 1.0));
         assert_eq!(t.weights.iter().filter(|w| **w == 1.0).count(), 2, "the most and least attended patches");
         assert_eq!(t.scores, model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap());
+        // TransMIL's scores come from the same forward pass as its confidence: ln(N·a).
+        let cfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Transmil, 5, 2).with_landmarks(4);
+        let p = Params::new(5);
+        let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
+        let t = slide_targets(&model, &feats, 1.0).unwrap();
+        let want = model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap();
+        assert!(t.scores.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{:?} vs {want:?}", t.scores);
+    }
+
+    #[test]
+    fn an_epoch_mixes_a_few_slides_at_a_time_and_visits_every_patch_once() {
+        let mut data = TeacherData::default();
+        let t = SlideTargets {
+            logits: vec![vec![0.0, 0.0]],
+            reduced: vec![vec![0.0]],
+            scores: vec![0.0],
+            weights: vec![1.0],
+        };
+        for slide in 0..30 {
+            for k in 0..(5 + slide % 4) {
+                data.push(&t, 0, PatchRef { slide, x: k as i64, y: 0 }, &[0.0]);
+            }
+        }
+        let all: Vec<usize> = (0..data.len()).collect();
+        let mut rng = Rng::new(7);
+        let order = epoch_order(&data, &all, &mut rng);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, all, "every patch once");
+        for batch in order.chunks(20) {
+            let slides: std::collections::BTreeSet<usize> = batch.iter().map(|&i| data.patches[i].slide).collect();
+            assert!(slides.len() > 2 && slides.len() <= 2 * SLIDES_MIXED, "{slides:?}");
+        }
+        assert_ne!(order, epoch_order(&data, &all, &mut rng), "another order each epoch");
     }
 
     /// The authors' confidence is relative to the batch: the same patch weighs fully in a batch

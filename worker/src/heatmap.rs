@@ -114,6 +114,9 @@ fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32) {
 /// percentile, bottom) to the highest (100th, top), labelled.
 pub fn with_legend(map: &RgbImage) -> RgbImage {
     let (w, h) = map.dimensions();
+    if h == 0 {
+        return map.clone();
+    }
     let scale = (h / 160).clamp(1, 4);
     let bar = 6 * scale;
     let strip = bar + 4 * scale + 16 * scale;
@@ -187,8 +190,11 @@ mod tests {
         // The legend to the right: the ramp's top is the hottest colour, its bottom the coldest.
         assert!(img.width() > 20);
         let col = (20..img.width()).find(|&x| img.get_pixel(x, 5).0 != [255, 255, 255]).expect("a legend");
-        let (top, bottom) = (img.get_pixel(col, 4).0, img.get_pixel(col, 5).0);
-        assert_ne!(top, bottom);
+        let rows: Vec<u32> = (0..10).filter(|&y| img.get_pixel(col, y).0 != [255, 255, 255]).collect();
+        let (top, bottom) = (img.get_pixel(col, rows[0]).0, img.get_pixel(col, *rows.last().unwrap()).0);
+        assert!(top[0] > top[2] && bottom[2] > bottom[0], "hot {top:?} above cold {bottom:?}");
+        // Nothing to draw a legend on: the map as it is.
+        assert_eq!(with_legend(&RgbImage::new(5, 0)).dimensions(), (5, 0));
     }
 
     #[test]

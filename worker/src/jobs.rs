@@ -250,8 +250,10 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
         Ok((f, grid, model, s.bytes_read()))
     })
     .await?;
-    // The last job of the round to read the slide: a scratch copy of it goes now.
-    ctx.sources.finished_with(&job.path);
+    if job.release_slide {
+        // The run's last read of the slide: a scratch copy of it goes now.
+        ctx.sources.finished_with(&job.path);
+    }
     if let Some((_, first)) = done.skipped.first() {
         warn!(slide = %job.slide, skipped = done.skipped.len(), "patches on corrupt tiles left out; first: {first}");
     }
@@ -743,26 +745,50 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 let at = crate::finetune::PatchRef { slide: si, x: bag.xs[i], y: bag.ys[i] };
                 data.push(&targets, i, at, &bag.features[i * bag.dim..(i + 1) * bag.dim]);
             }
-            slides.push((sources.open(&path)?, grid));
+            slides.push((path, grid));
         }
         let patches = data.len();
         if patches < 2 {
             return Ok((None, patches));
         }
-        // Pixels are read batch by batch from the open slides; a read that fails keeps its slide
-        // error (transient or not) for the job to report, not a training error.
+        // Pixels are read batch by batch, the slides opened as batches need them and the least
+        // recently used closed past 2·SLIDES_MIXED (a batch mixes the patches of at most that many:
+        // `finetune::epoch_order`); a slide no patch was drawn from is never opened. A read that
+        // fails keeps its slide error (transient or not) for the job to report, not a training error.
         let failed: std::sync::Mutex<Option<crate::slide::SlideError>> = std::sync::Mutex::new(None);
+        let fail = |e: crate::slide::SlideError| {
+            let msg = e.to_string();
+            failed.lock().unwrap().get_or_insert(e);
+            candle_core::Error::Msg(msg)
+        };
+        type Open = (usize, Arc<Box<dyn crate::slide::SlideReader>>);
+        let open: Mutex<Vec<Open>> = Mutex::new(Vec::new());
+        let keep = 2 * crate::finetune::SLIDES_MIXED;
         let read = |idx: &[usize]| -> candle_core::Result<Vec<image::RgbImage>> {
+            let need: std::collections::BTreeSet<usize> = idx.iter().map(|&i| data.patches[i].slide).collect();
+            let readers: HashMap<usize, Arc<Box<dyn crate::slide::SlideReader>>> = {
+                let mut open = open.lock().unwrap();
+                for &s in &need {
+                    match open.iter().position(|(k, _)| *k == s) {
+                        Some(at) => {
+                            let e = open.remove(at);
+                            open.push(e);
+                        }
+                        None => open.push((s, Arc::new(sources.open(&slides[s].0).map_err(fail)?))),
+                    }
+                }
+                while open.len() > keep.max(need.len()) {
+                    let Some(at) = open.iter().position(|(k, _)| !need.contains(k)) else { break };
+                    open.remove(at);
+                }
+                open.iter().filter(|(k, _)| need.contains(k)).map(|(k, r)| (*k, r.clone())).collect()
+            };
             idx.par_iter()
                 .map(|&i| {
                     let p = data.patches[i];
-                    let (reader, grid) = &slides[p.slide];
                     let patch = wsimil_common::grid::Patch { x: p.x, y: p.y, tissue: 0.0 };
-                    crate::embed::read_patch(reader.as_ref(), grid, &patch, &pre).map_err(|e| {
-                        let msg = e.to_string();
-                        failed.lock().unwrap().get_or_insert(e);
-                        candle_core::Error::Msg(msg)
-                    })
+                    crate::embed::read_patch(readers[&p.slide].as_ref().as_ref(), &slides[p.slide].1, &patch, &pre)
+                        .map_err(fail)
                 })
                 .collect()
         };

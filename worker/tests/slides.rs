@@ -543,6 +543,7 @@ async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
             path: path.display().to_string(),
             tiling: tiling.id(),
             embedder: embedder.clone(),
+            release_slide: false,
         };
         let result = execute(&ctx, &Job::Embed(job)).await;
         match policy {

@@ -536,10 +536,6 @@ impl CustomOp3 for LayerNormGrad {
     }
 }
 
-/// The shared inner loop: for one (b, c) plane, visit every (output, input, weight) index triple.
-/// `f(out_row, in_row, weight_index, lo, hi)` is called for each tap, where output columns
-/// `lo..hi` read in-bounds input columns.
-#[inline]
 /// `Σ a·b` over two slices of one length, in 16 partial sums (a vector register's worth) added at
 /// the end: the compiler keeps a sequential sum sequential, which is scalar code.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -555,6 +551,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The shared inner loop: for one (b, c) plane, visit every (output, input, weight) index triple.
+/// `f(out_row, in_row, weight_index, lo, hi)` is called for each tap, where output columns
+/// `lo..hi` read in-bounds input columns.
+#[inline]
 fn for_each_tap(
     geom: DwGeom,
     (h, w): (usize, usize),
@@ -929,6 +929,16 @@ pub fn seed_device(device: &candle_core::Device, seed: u64) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn dot_is_the_sum_of_products_at_every_length() {
+        for n in [0, 5, 16, 37] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() <= 1e-4 * want.abs().max(1.0), "n={n}");
+        }
+    }
 
     #[test]
     fn the_gradient_of_a_maximum_is_shared_among_ties_as_pytorch_shares_it() {

@@ -327,13 +327,15 @@ impl Scratch {
                         return Ok(ScratchGuard { scratch: self.clone(), url: url.into(), path: e.path.clone() });
                     }
                     Some(e) if e.users > 0 => {
-                        return Err(SlideError::Open {
-                            path: url.into(),
-                            reason: format!(
+                        let reason = if e.size != size {
+                            format!(
                                 "the object is {size} bytes now, {} when it was copied for a job still reading it: it changed in the bucket",
                                 e.size
-                            ),
-                        });
+                            )
+                        } else {
+                            format!("its scratch copy {} is gone or cut short while a job reads it", e.path.display())
+                        };
+                        return Err(SlideError::Open { path: url.into(), reason });
                     }
                     Some(_) => {
                         let stale = st.entries.remove(url).expect("present");
@@ -370,29 +372,27 @@ impl Scratch {
                 ScratchEntry { path: path.clone(), size, users: 1, last_used: now, ready: false, discard: false },
             );
         }
-        // The reservation is ours until it is ready or given up.
-        let give_up = |e: SlideError| {
-            self.state.lock().unwrap().entries.remove(url);
-            self.changed.notify_all();
-            e
-        };
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| give_up(config(format!("{}: cannot create the scratch folder: {e}", self.dir.display()))))?;
+        // The reservation is ours until it is ready; given up (entry and part file removed, waiters
+        // woken) on any other way out, a panic in `fetch` included.
         let part = self.dir.join(format!("{name}.{}.part", std::process::id() as u64 ^ rand_tag()));
-        let fetched = fetch(&part);
+        let reservation = Reservation { scratch: self, url, part: &part, done: false };
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| config(format!("{}: cannot create the scratch folder: {e}", self.dir.display())))?;
+        fetch(&part)?;
         let got = part.metadata().map(|m| m.len()).unwrap_or(0);
-        if let Err(e) = fetched {
-            let _ = std::fs::remove_file(&part);
-            return Err(give_up(e));
-        }
         if got != size {
-            let _ = std::fs::remove_file(&part);
-            return Err(give_up(SlideError::Source(StoreError::Unavailable {
+            return Err(SlideError::Source(StoreError::Unavailable {
                 key: url.into(),
                 reason: format!("the download stopped at {got} of {size} bytes"),
-            })));
+            }));
         }
-        std::fs::rename(&part, &path).map_err(|e| give_up(config(format!("{}: {e}", path.display()))))?;
+        std::fs::rename(&part, &path).map_err(|e| config(format!("{}: {e}", path.display())))?;
+        reservation.commit();
+        Ok(ScratchGuard { scratch: self.clone(), url: url.into(), path })
+    }
+
+    /// Mark `url`'s copy whole and wake whoever waits for it.
+    fn ready(&self, url: &str) {
         let mut st = self.state.lock().unwrap();
         st.clock += 1;
         let now = st.clock;
@@ -402,7 +402,6 @@ impl Scratch {
         }
         drop(st);
         self.changed.notify_all();
-        Ok(ScratchGuard { scratch: self.clone(), url: url.into(), path })
     }
 
     /// The jobs that read `url` are done with it: its copy is removed now, or when the last job
@@ -425,6 +424,31 @@ impl Scratch {
         if e.users == 0 && e.discard {
             let e = st.entries.remove(url).expect("present");
             let _ = std::fs::remove_file(&e.path);
+        }
+    }
+}
+
+/// A download's hold on its bytes in a [`Scratch`], until [`Reservation::commit`].
+struct Reservation<'a> {
+    scratch: &'a Scratch,
+    url: &'a str,
+    part: &'a Path,
+    done: bool,
+}
+
+impl Reservation<'_> {
+    fn commit(mut self) {
+        self.done = true;
+        self.scratch.ready(self.url);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(self.part);
+            self.scratch.state.lock().unwrap().entries.remove(self.url);
+            self.scratch.changed.notify_all();
         }
     }
 }
@@ -556,6 +580,25 @@ mod tests {
         let first = slow.join().unwrap().unwrap();
         assert_eq!(again.path, first);
         assert_eq!(fetches.load(Ordering::SeqCst), 1, "downloaded once");
+    }
+
+    /// A download that dies (an error or a panic) gives its reservation back: its bytes, its part
+    /// file, and the slide to whoever asks next, who would otherwise wait for it for ever.
+    #[test]
+    fn a_download_that_dies_gives_its_reservation_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Scratch::new(dir.path().join("scratch"), 100));
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = s.acquire("s3://b/p.svs", 80, |p| {
+                write(p, 40).unwrap();
+                panic!("the connection thread died")
+            });
+        }));
+        assert!(died.is_err());
+        assert_eq!(s.bytes(), 0, "no bytes held for it");
+        assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 0, "no part file left");
+        let g = s.acquire("s3://b/p.svs", 80, |p| write(p, 80)).unwrap();
+        assert_eq!(g.path.metadata().unwrap().len(), 80);
     }
 
     #[test]
