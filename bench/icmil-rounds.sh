@@ -16,8 +16,9 @@
 # fine-tuning job per fold (as the authors' one process), the last 3 blocks trainable, 48 patches
 # per training slide, batches of 32, 2 epochs, lr 1e-4 (the paper's 1e-5 over every patch of
 # every slide for many epochs is a GPU's work). METHODS="paper first" adds wsimil's first recipe.
-# Control: round 0 retrained with two other classifier seeds on the same folds and features, so a
-# round's change can be set against what retraining alone moves.
+# Control: round 0 retrained with two other classifier seeds on the same folds and features; per
+# figure, the noise is the spread (sd) of round 0 over those three seeds, averaged over cohorts, and
+# a round's change counts only where it is larger than that.
 # Wall time per round and stage from each run's report.
 # Last line: `icmil-rounds: ... round 0 ... round 2 ...` per model. SEEDS (default "1 2 3") picks
 # the cohorts, MODELS (default "abmil transmil") the classifiers.
@@ -72,7 +73,7 @@ def stage_secs(log):
             r = int(m.group(1) or 0)
             secs.setdefault(r, {})[m.group(2)] = float(m.group(3))
     return secs
-row = {"model": model, "methods": {}, "control": [rounds(f"{model}-control-{t}")[0]["auc"] for t in (101, 202)]}
+row = {"model": model, "methods": {}, "control": [rounds(f"{model}-control-{t}")[0] for t in (101, 202)]}
 for meth in methods:
     row["methods"][meth] = {"rounds": rounds(f"{model}-{meth}"), "secs": stage_secs(f"{d}/{model}-{meth}.log")}
 print(json.dumps(row))
@@ -90,21 +91,31 @@ f = lambda v: "n/a" if v is None else f"{v:.3f}"
 parts = []
 for model in dict.fromkeys(r["model"] for r in rows):
     mine = [r for r in rows if r["model"] == model]
-    # Retraining noise: per cohort, the spread of round 0 over its three classifier seeds.
-    noise = st.mean(sd([r["methods"][methods[0]]["rounds"][0]["auc"]] + r["control"]) for r in mine)
+    figures = [("auc", "slide AUC"), ("inst", "instance AUC"), ("att", "attention AUC")]
+    # Retraining noise, per figure: per cohort, the spread of round 0 over its three classifier
+    # seeds (same folds, same features), averaged over the cohorts.
+    noise = {}
+    for key, _ in figures:
+        spreads = [sd([v for v in [r["methods"][methods[0]]["rounds"][0][key]] + [c[key] for c in r["control"]]
+                       if v is not None]) for r in mine]
+        noise[key] = st.mean(spreads)
     for meth in methods:
         runs = [r["methods"][meth] for r in mine]
         last = min(len(x["rounds"]) for x in runs) - 1
-        for key, name in [("auc", "slide AUC"), ("inst", "instance AUC"), ("att", "attention AUC")]:
+        above = [True] * len(runs)
+        for key, name in figures:
             v0 = [x["rounds"][0][key] for x in runs]
             vl = [x["rounds"][last][key] for x in runs]
             if any(v is None for v in v0 + vl):
                 continue
             d = [b - a for a, b in zip(v0, vl)]
+            if key != "att":
+                above = [a and x > noise[key] for a, x in zip(above, d)]
             print(f"  {model} {meth} {name}: " + "; ".join(
                 " → ".join(f"{x['rounds'][r][key]:.3f}" for r in range(last + 1)) for x in runs), file=sys.stderr)
             parts.append(f"{model} {meth} {name} round 0 {st.mean(v0):.3f} → round {last} {st.mean(vl):.3f} "
-                         f"(Δ {st.mean(d):+.3f}, up in {sum(x > 0 for x in d)}/{len(d)})")
+                         f"(Δ {st.mean(d):+.3f}, noise {noise[key]:.3f}, above it in {sum(x > noise[key] for x in d)}/{len(d)})")
+        parts.append(f"{model} {meth} slide and instance AUC both above noise in {sum(above)}/{len(above)}")
         secs = {}
         for x in runs:
             for r, stages in x["secs"].items():
@@ -113,6 +124,5 @@ for model in dict.fromkeys(r["model"] for r in rows):
                         secs[k] = secs.get(k, 0.0) + v / len(runs) / last
         print(f"  {model} {meth} seconds per ICMIL round and stage (mean): " +
               ", ".join(f"{k} {v:.0f}" for k, v in sorted(secs.items(), key=lambda kv: -kv[1])), file=sys.stderr)
-    parts.append(f"{model} retraining noise (sd of round 0 over 3 classifier seeds) {noise:.3f}")
 print(f"icmil-rounds: {len(rows) // max(1, len(set(r['model'] for r in rows)))} cohorts, out-of-fold; " + "; ".join(parts) + f"; wall {wall} s")
 PY
