@@ -102,20 +102,20 @@ for model in dict.fromkeys(r["model"] for r in rows):
     for meth in methods:
         runs = [r["methods"][meth] for r in mine]
         last = min(len(x["rounds"]) for x in runs) - 1
-        above = [True] * len(runs)
+        deltas = {}
         for key, name in figures:
             v0 = [x["rounds"][0][key] for x in runs]
             vl = [x["rounds"][last][key] for x in runs]
             if any(v is None for v in v0 + vl):
                 continue
-            d = [b - a for a, b in zip(v0, vl)]
-            if key != "att":
-                above = [a and x > noise[key] for a, x in zip(above, d)]
+            d = deltas[key] = [b - a for a, b in zip(v0, vl)]
             print(f"  {model} {meth} {name}: " + "; ".join(
                 " → ".join(f"{x['rounds'][r][key]:.3f}" for r in range(last + 1)) for x in runs), file=sys.stderr)
             parts.append(f"{model} {meth} {name} round 0 {st.mean(v0):.3f} → round {last} {st.mean(vl):.3f} "
                          f"(Δ {st.mean(d):+.3f}, noise {noise[key]:.3f}, above it in {sum(x > noise[key] for x in d)}/{len(d)})")
-        parts.append(f"{model} {meth} slide and instance AUC both above noise in {sum(above)}/{len(above)}")
+        if "auc" in deltas and "inst" in deltas:  # instance AUC only where the cohorts have truth
+            both = sum(a > noise["auc"] and i > noise["inst"] for a, i in zip(deltas["auc"], deltas["inst"]))
+            parts.append(f"{model} {meth} slide and instance AUC both above noise in {both}/{len(runs)}")
         secs = {}
         for x in runs:
             for r, stages in x["secs"].items():
