@@ -16,6 +16,14 @@ pub trait Optimizer {
     fn learning_rate(&self) -> f64;
 }
 
+/// A parameter's value as data. A variable tracks the graph of what is computed from it, so state
+/// computed from it directly (moments with an L2 term, Lookahead's slow weights) would hold the
+/// previous step's state through that graph, and that one the step's before: a chain that grew by
+/// about 100 MB an epoch on ABMIL (bench/train-scale.sh, 1,024-d features). Gradients likewise.
+fn value(var: &Var) -> Tensor {
+    var.as_tensor().detach()
+}
+
 struct Moments {
     m: Tensor,
     v: Tensor,
@@ -51,7 +59,10 @@ impl AdamState {
         let (b1, b2) = (self.beta1, self.beta2);
         for ((var, st), wd) in self.vars.iter().zip(self.moments.iter_mut()).zip(&self.decay) {
             let Some(g) = grads.get(var) else { continue };
-            let g = if self.l2 && *wd != 0.0 { (g + (var.as_tensor() * *wd)?)? } else { g.clone() };
+            // A variable's gradient can carry the graph it came from (candle detaches only the
+            // gradients of intermediate nodes): the moments take it as data.
+            let g = g.detach();
+            let g = if self.l2 && *wd != 0.0 { (g + (value(var) * *wd)?)? } else { g };
             let g = &g;
             st.m = ((&st.m * b1)? + (g * (1.0 - b1))?)?;
             st.v = ((&st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -93,7 +104,7 @@ impl Optimizer for RAdam {
             lr / (1.0 - b1.powf(t))
         };
         self.0.update(grads, |var, st, wd| {
-            let p = if wd != 0.0 { (var.as_tensor() * (1.0 - wd * lr))? } else { var.as_tensor().clone() };
+            let p = if wd != 0.0 { (value(var) * (1.0 - wd * lr))? } else { value(var) };
             let update = if rectified { (&st.m / (st.v.sqrt()? + eps)?)? } else { st.m.clone() };
             var.set(&(p - (update * step_size)?)?)
         })
@@ -128,7 +139,7 @@ impl AdamState {
         let (lr, eps, l2) = (self.lr, self.eps, self.l2);
         self.update(grads, |var, st, wd| {
             let decoupled = if l2 { 0.0 } else { wd };
-            let p = (var.as_tensor() * (1.0 - lr * decoupled))?;
+            let p = (value(var) * (1.0 - lr * decoupled))?;
             let denom = ((&st.v / c2)?.sqrt()? + eps)?;
             let update = ((&st.m / denom)? * (lr / c1))?;
             var.set(&(p - update)?)
@@ -214,10 +225,10 @@ impl<O: Optimizer> Optimizer for Lookahead<O> {
         self.steps += 1;
         if self.steps.is_multiple_of(self.k) {
             match &mut self.slow {
-                None => self.slow = Some(self.vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<_>>()?),
+                None => self.slow = Some(self.vars.iter().map(|v| value(v).copy()).collect::<Result<_>>()?),
                 Some(slow) => {
                     for (var, slow) in self.vars.iter().zip(slow.iter_mut()) {
-                        *slow = (&*slow + ((var.as_tensor() - &*slow)? * self.alpha)?)?;
+                        *slow = (&*slow + ((value(var) - &*slow)? * self.alpha)?)?;
                         var.set(slow)?;
                     }
                 }
@@ -275,6 +286,32 @@ mod tests {
             opt.step(&loss.backward().unwrap()).unwrap();
         }
         x.as_tensor().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// What an optimizer keeps between steps is data, never a graph back to earlier steps.
+    #[test]
+    fn state_kept_between_steps_holds_no_graph_of_earlier_steps() {
+        let x = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+        let w = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let loss = |x: &Var, w: &Var| {
+            (x.as_tensor().sqr().unwrap().sum_all().unwrap() + w.as_tensor().sum_all().unwrap()).unwrap()
+        };
+        let mut adam = Adam::new(vec![x.clone(), w.clone()], 0.1, 0.5).unwrap();
+        let mut la = Lookahead::new(
+            RAdam::new(vec![x.clone(), w.clone()], 0.1, 0.5).unwrap(),
+            vec![x.clone(), w.clone()],
+            0.5,
+            2,
+        )
+        .unwrap();
+        for _ in 0..5 {
+            adam.step(&loss(&x, &w).backward().unwrap()).unwrap();
+            la.step(&loss(&x, &w).backward().unwrap()).unwrap();
+        }
+        for m in adam.0.moments.iter().chain(&la.inner.0.moments) {
+            assert!(!m.m.track_op() && !m.v.track_op(), "moments hold a graph");
+        }
+        assert!(la.slow.as_ref().unwrap().iter().all(|s| !s.track_op()), "slow weights hold a graph");
     }
 
     #[test]
