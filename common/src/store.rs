@@ -176,6 +176,16 @@ impl Store {
         r.bytes().await.map_err(|e| StoreError::from_os(key, e))
     }
 
+    /// The size of the object at `key` in bytes.
+    pub async fn size(&self, key: &Path) -> Result<u64, StoreError> {
+        self.inner.head(key).await.map(|m| m.size).map_err(|e| StoreError::from_os(key, e))
+    }
+
+    /// Bytes `range` of the object at `key` (a ranged GET on S3, a seek and read locally).
+    pub async fn get_range(&self, key: &Path, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
+        self.inner.get_range(key, range).await.map_err(|e| StoreError::from_os(key, e))
+    }
+
     pub async fn exists(&self, key: &Path) -> Result<bool, StoreError> {
         match self.inner.head(key).await {
             Ok(_) => Ok(true),

@@ -59,11 +59,7 @@ pub fn write_parquet(
 pub fn read_parquet(what: &str, bytes: Bytes) -> Result<(RecordBatch, Option<String>), TableError> {
     let pq = |source| TableError::Parquet { what: what.to_string(), source };
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(pq)?;
-    let prov = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == PROVENANCE_KEY).and_then(|k| k.value.clone()));
+    let prov = provenance_of(builder.metadata());
     let schema = builder.schema().clone();
     let reader = builder.build().map_err(pq)?;
     let batches =
@@ -71,6 +67,13 @@ pub fn read_parquet(what: &str, bytes: Bytes) -> Result<(RecordBatch, Option<Str
     let batch = arrow_select::concat::concat_batches(&schema, &batches)
         .map_err(|source| TableError::Arrow { what: what.to_string(), source })?;
     Ok((batch, prov))
+}
+
+/// The raw provenance JSON of a file's metadata.
+pub fn provenance_of(meta: &parquet::file::metadata::ParquetMetaData) -> Option<String> {
+    meta.file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == PROVENANCE_KEY).and_then(|k| k.value.clone()))
 }
 
 /// Parse the provenance record of a file into `T`.
