@@ -53,6 +53,26 @@ pub struct EmbeddingProvenance {
     pub output: Option<String>,
 }
 
+impl EmbeddingProvenance {
+    /// Features of `slide` from `embedder` (`architecture`, `feature_dim` wide), nothing else known.
+    pub fn new(slide: &str, embedder: &str, architecture: &str, feature_dim: usize) -> Self {
+        EmbeddingProvenance {
+            slide: slide.into(),
+            embedder: embedder.into(),
+            architecture: architecture.into(),
+            feature_dim,
+            preprocessing: None,
+            tiling_id: None,
+            tiling: None,
+            patches_skipped: 0,
+            imported_from: None,
+            compute: None,
+            weights_sha256: None,
+            output: None,
+        }
+    }
+}
+
 /// The bag of one slide: `n` patches with their `dim`-wide features, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureBag {

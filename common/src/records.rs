@@ -17,6 +17,9 @@ pub struct EpochRecord {
     pub epoch: usize,
     pub train_loss: f64,
     pub val_loss: f64,
+    /// Wall seconds of the epoch: its training pass and its validation pass, bags read included.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// A slide's class probabilities from the model of its test fold.
@@ -44,6 +47,23 @@ pub struct FoldReport {
     pub test: Option<Metrics>,
     pub predictions: Vec<SlidePrediction>,
     pub seconds: f64,
+    /// How its bags were read within the worker's memory budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bags: Option<BagReads>,
+}
+
+/// How a job's feature bags were read (`--bag-cache-gb`): how many came from the store and how
+/// many from memory, and how long the steps waited for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BagReads {
+    /// Bags read from the store (and decoded).
+    pub reads: u64,
+    /// Bags a pass found in memory.
+    pub hits: u64,
+    /// Bytes read from the store.
+    pub bytes_read: u64,
+    /// Seconds the job waited for a bag that was not there yet.
+    pub waited_s: f64,
 }
 
 /// What training a run's final model (on every slide, `--final-model`) left besides its weights
@@ -59,6 +79,8 @@ pub struct FinalReport {
     pub fold_best_epochs: Vec<usize>,
     pub curve: Vec<EpochRecord>,
     pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bags: Option<BagReads>,
 }
 
 /// What an ICMIL fine-tuning shard did; stored beside its weights and in the merged embedder's card.

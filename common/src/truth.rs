@@ -132,37 +132,61 @@ pub struct InstanceMetrics {
 /// The instance-level figures of slides' attention maps ([`AttentionMap::truth`] set); `None`
 /// when no map has truth.
 pub fn instance_metrics(maps: &[AttentionMap]) -> Option<InstanceMetrics> {
-    let mut m = InstanceMetrics { slides: 0, patches: 0, lesion_patches: 0, instance_auc: None, attention_auc: None };
-    let (mut inst, mut inst_truth) = (Vec::new(), Vec::new());
-    let (mut att, mut att_truth) = (Vec::new(), Vec::new());
-    let mut has_instance = true;
-    for map in maps {
-        let Some(truth) = &map.truth else { continue };
+    let mut figures = InstanceFigures::default();
+    maps.iter().for_each(|m| figures.add(m));
+    figures.finish()
+}
+
+/// [`instance_metrics`] one map at a time: what it keeps of a map is a score and a flag per patch,
+/// so a cohort's figures never need its maps in memory together.
+#[derive(Default)]
+pub struct InstanceFigures {
+    slides: usize,
+    patches: usize,
+    lesion_patches: usize,
+    /// Instance-path probability and lesion flag of every patch of the slides with truth.
+    instance: Vec<(f32, bool)>,
+    /// Attention min-maxed within its slide, of every patch of the slides with a lesion.
+    attention: Vec<(f32, bool)>,
+    /// Whether every map with truth had instance-path probabilities.
+    missing_instance: bool,
+}
+
+impl InstanceFigures {
+    pub fn add(&mut self, map: &AttentionMap) {
+        let Some(truth) = &map.truth else { return };
         let lesion: Vec<bool> = truth.iter().map(|c| *c >= POSITIVE_COVERAGE).collect();
-        m.slides += 1;
-        m.patches += lesion.len();
-        m.lesion_patches += lesion.iter().filter(|l| **l).count();
+        self.slides += 1;
+        self.patches += lesion.len();
+        self.lesion_patches += lesion.iter().filter(|l| **l).count();
         match &map.instance {
-            Some(p) => {
-                inst.extend(p.iter().map(|v| *v as f64));
-                inst_truth.extend(&lesion);
-            }
-            None => has_instance = false,
+            Some(p) => self.instance.extend(p.iter().copied().zip(lesion.iter().copied())),
+            None => self.missing_instance = true,
         }
         if lesion.iter().any(|l| *l) {
             let (lo, hi) =
                 map.attention.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &a| (l.min(a), h.max(a)));
             let span = if hi > lo { hi - lo } else { 1.0 };
-            att.extend(map.attention.iter().map(|a| ((a - lo) / span) as f64));
-            att_truth.extend(&lesion);
+            self.attention.extend(map.attention.iter().map(|a| (a - lo) / span).zip(lesion.iter().copied()));
         }
     }
-    if m.slides == 0 {
-        return None;
+
+    pub fn finish(self) -> Option<InstanceMetrics> {
+        if self.slides == 0 {
+            return None;
+        }
+        let auc = |pairs: &[(f32, bool)]| {
+            let (scores, truth): (Vec<f64>, Vec<bool>) = pairs.iter().map(|&(s, t)| (s as f64, t)).unzip();
+            crate::metrics::binary_auc(&scores, &truth)
+        };
+        Some(InstanceMetrics {
+            slides: self.slides,
+            patches: self.patches,
+            lesion_patches: self.lesion_patches,
+            instance_auc: if self.missing_instance { None } else { auc(&self.instance) },
+            attention_auc: auc(&self.attention),
+        })
     }
-    m.instance_auc = if has_instance { crate::metrics::binary_auc(&inst, &inst_truth) } else { None };
-    m.attention_auc = crate::metrics::binary_auc(&att, &att_truth);
-    Some(m)
 }
 
 /// A polygon: its outer ring then its holes, each a list of (x, y) level-0 points.

@@ -18,6 +18,7 @@ use wsimil_common::models::BagModelKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
 use wsimil_common::plan::{CorruptTiles, IcmilConfig, IcmilMethod, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
+use wsimil_worker::bags::{BagBudget, BagPrecision};
 use wsimil_worker::device::{BatchChoice, Compute, DeviceChoice, Precision};
 use wsimil_worker::error::RetryPolicy;
 use wsimil_worker::jobs::WorkerContext;
@@ -256,6 +257,23 @@ pub struct ComputeArgs {
     /// fastest that fits, measured on the GPU; the plan's on the CPU).
     #[arg(long, default_value = "plan", env = "WSIMIL_EMBED_BATCH")]
     pub embed_batch: BatchChoice,
+    /// Memory for feature bags, in GB, all jobs of this process together (training, scoring,
+    /// ICMIL teachers): bags beyond it are read from the store again as the steps need them,
+    /// read ahead; what fits stays in memory across epochs. Results do not depend on it.
+    /// Default: half of this machine's memory (or of its container's limit).
+    #[arg(long, env = "WSIMIL_BAG_CACHE_GB", value_parser = positive_gb)]
+    pub bag_cache_gb: Option<f64>,
+    /// How bags are held in memory: f32 as stored, or f16 (half the memory; the model reads the
+    /// features rounded to f16, so figures may move in their last digits).
+    #[arg(long, value_enum, default_value_t = BagPrecision::F32, env = "WSIMIL_BAG_PRECISION")]
+    pub bag_precision: BagPrecision,
+}
+
+fn positive_gb(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of gigabytes")),
+    }
 }
 
 impl ComputeArgs {
@@ -263,6 +281,14 @@ impl ComputeArgs {
         let c = Compute::open(self.device, self.precision, self.embed_batch).map_err(anyhow::Error::msg)?;
         eprintln!("wsimil: computing on {}", c.describe());
         Ok(c)
+    }
+
+    /// The bag budget these settings give (the machine's default where none is set).
+    pub fn bag_budget(&self) -> BagBudget {
+        match self.bag_cache_gb {
+            Some(gb) => BagBudget::gb(gb, self.bag_precision),
+            None => BagBudget { precision: self.bag_precision, ..BagBudget::machine_default() },
+        }
     }
 }
 
@@ -697,7 +723,11 @@ async fn dispatcher(
         let (client, queue) = nats.open("wsimil-coordinator").await?;
         Box::new(crate::jetstream::NatsDispatcher::new(client, queue))
     } else {
-        let ctx = Arc::new(WorkerContext::new(store.clone(), compute.open()?, "embedded").with_sources(sources()?));
+        let ctx = Arc::new(
+            WorkerContext::new(store.clone(), compute.open()?, "embedded")
+                .with_sources(sources()?)
+                .with_bag_budget(compute.bag_budget()),
+        );
         Box::new(LocalDispatcher::new(ctx, RetryPolicy::default()))
     })
 }
@@ -926,7 +956,11 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let store = args.store.open()?;
     let (_client, queue) = args.nats.open(&format!("wsimil-worker-{name}")).await?;
     let sources = args.slides.sources(&args.store)?;
-    let ctx = Arc::new(WorkerContext::new(store, args.compute.open()?, name.clone()).with_sources(sources));
+    let ctx = Arc::new(
+        WorkerContext::new(store, args.compute.open()?, name.clone())
+            .with_sources(sources)
+            .with_bag_budget(args.compute.bag_budget()),
+    );
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -1056,6 +1090,24 @@ mod tests {
         assert_eq!(tiling(&["--embedder", "virchow2"]), (224, 0.5));
         assert_eq!(tiling(&["--embedder", "conch-vision"]), (512, 0.5));
         assert_eq!(tiling(&["--embedder", "conch-vision", "--patch-px", "448", "--target-mpp", "0.25"]), (448, 0.25));
+    }
+
+    #[test]
+    fn the_bag_budget_is_the_flag_or_half_the_machine_and_a_bad_one_is_refused() {
+        let set = run_args(&["--bag-cache-gb", "2.5", "--bag-precision", "f16"]).compute.bag_budget();
+        assert_eq!(set, BagBudget { bytes: 2_500_000_000, precision: BagPrecision::F16 });
+        let default = run_args(&[]).compute.bag_budget();
+        assert_eq!(default.bytes, wsimil_worker::bags::machine_memory() / 2);
+        assert_eq!(default.precision, BagPrecision::F32);
+        // The budget never changes the run (results do not depend on it): the same settings.
+        let settings = |extra: &[&str]| format!("{:?}", run_args(extra).settings().unwrap());
+        assert_eq!(settings(&["--bag-cache-gb", "1"]), settings(&[]));
+        for bad in ["0", "-1", "lots", "inf"] {
+            let flag = format!("--bag-cache-gb={bad}");
+            let argv = ["wsimil", "run", "--manifest", "m.csv", flag.as_str()];
+            let err = Cli::try_parse_from(argv).err().unwrap().to_string();
+            assert!(err.contains("not a positive number of gigabytes"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -223,7 +223,7 @@ pub struct RoundMetrics {
     pub f1: Option<MeanSd>,
     pub failures: Vec<FailureRecord>,
     /// How well the classifier finds the lesions, where the manifest gives slides' truth
-    /// (`wsimil_common::truth::instance_metrics` over the out-of-fold attention maps).
+    /// (`wsimil_common::truth::InstanceFigures` over the out-of-fold attention maps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<wsimil_common::truth::InstanceMetrics>,
 }
@@ -412,16 +412,16 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
     for key in store.list(&layout::failures_prefix(&plan.run)).await? {
         failures.push(store.get_json::<FailureRecord>(&key).await?);
     }
-    // The instance-level figures from the attention maps of the slides with truth.
-    let mut maps = Vec::new();
+    // The instance-level figures from the attention maps of the slides with truth, one at a time.
+    let mut instance = wsimil_common::truth::InstanceFigures::default();
     for s in plan.slides.iter().filter(|s| s.truth.is_some()) {
         let key = layout::attention(&plan.run, round, &s.id);
         if store.exists(&key).await? {
-            maps.push(AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?);
+            instance.add(&AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?);
         }
     }
     let metrics = RoundMetrics {
-        instance: wsimil_common::truth::instance_metrics(&maps),
+        instance: instance.finish(),
         run: plan.run.clone(),
         round,
         classes: plan.classes.clone(),

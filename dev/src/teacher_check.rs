@@ -57,13 +57,14 @@ pub async fn teacher_check(
             let bag = FeatureBag::from_parquet(key.as_ref(), store.get(&key).await?)?;
             let feats = candle_core::Tensor::from_vec(bag.features.clone(), (bag.len(), bag.dim), &dev)?;
             let t = wsimil_worker::finetune::slide_targets(&classifier, &feats, beta)?;
+            let logits = classifier.instance_path(&feats)?.1.to_vec2::<f32>()?;
             let side = bag.provenance.tiling.as_ref().map_or(512, |p| p.patch_level0);
             let cover = match &truth.truth_mask {
                 Some(m) => patch_truth(&image::open(cohort.join(m))?.to_luma8(), &bag.xs, &bag.ys, side),
                 None => vec![0.0; bag.len()],
             };
             let positive = truth.label == "tumor";
-            for ((l, c), w) in t.logits.iter().zip(&cover).zip(&t.weights) {
+            for ((l, c), w) in logits.iter().zip(&cover).zip(&t.weights) {
                 let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let z: f32 = l.iter().map(|v| (v - m).exp()).sum();
                 let p = ((l[tumour_class] - m).exp() / z) as f64;

@@ -8,8 +8,10 @@
 //! (random resized crop, horizontal and vertical flips).
 //!
 //! Patches are read from their slides batch by batch ([`TeacherData`] holds where each patch is
-//! and what the teacher says of it, not its pixels), so a shard of whole slides fits in memory; an
-//! epoch mixes the patches of a few slides at a time ([`epoch_order`]), so few are open at once.
+//! and its confidence, not its pixels), and the teacher's rows (instance logits, reduced features,
+//! its own features) from the slides' bags the same way ([`StreamedRows`], within the worker's bag
+//! budget), so a shard of whole slides never sits in memory; an epoch mixes the patches of a few
+//! slides at a time ([`epoch_order`]), so few are open, and few bags held, at once.
 //! With the authors' recipe (`IcmilMethod::Paper`): every patch of the shard, shuffled across
 //! slides, confidence min-maxed per batch, Adam with weight decay 1e-4 as an L2 term, the heads'
 //! gradient norm clipped at 5. With the first one: zero-confidence patches left out, AdamW without
@@ -32,39 +34,31 @@ use wsimil_common::models::{BagModel, BagModelConfig, Mode};
 use wsimil_common::plan::{IcmilConfig, IcmilMethod};
 use wsimil_common::rng::Rng;
 
-/// Where a patch is: an index into the shard's slides and its level-0 top-left corner.
+/// Where a patch is: an index into the shard's slides, its row in that slide's bag, and its
+/// level-0 top-left corner.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PatchRef {
     pub slide: usize,
+    pub row: usize,
     pub x: i64,
     pub y: i64,
 }
 
-/// The patches a shard learns from, with the teacher's targets, row-aligned.
+/// The patches a shard learns from, with what the teacher says of each that fits in a number (its
+/// instance logits, reduced features and own features are the [`TeacherRows`]' to give, batch by
+/// batch), row-aligned.
 #[derive(Default)]
 pub struct TeacherData {
     pub patches: Vec<PatchRef>,
-    /// Instance logits, `[n, n_classes]` row-major.
-    pub logits: Vec<f32>,
-    /// Reduced features, `[n, reduced_dim]` row-major.
-    pub reduced: Vec<f32>,
-    /// The teacher's own (round-r) features of the patches, `[n, feature_dim]`: the authors' loss
-    /// runs the student's heads on them.
-    pub features: Vec<f32>,
     /// Raw attention scores, min-maxed per batch (the authors' confidence).
     pub scores: Vec<f32>,
     /// Confidence weights fixed per slide (the first recipe's).
     pub weights: Vec<f32>,
-    pub n_classes: usize,
-    pub reduced_dim: usize,
-    pub feature_dim: usize,
 }
 
-/// The teacher's view of one slide: instance logits, reduced features, attention scores and the
-/// first recipe's per-slide confidence weights for each of its `feats` [N, D] (round-r features).
+/// The teacher's view of one slide, per patch: the raw attention scores and the first recipe's
+/// per-slide confidence weights of its `feats` [N, D] (round-r features).
 pub struct SlideTargets {
-    pub logits: Vec<Vec<f32>>,
-    pub reduced: Vec<Vec<f32>>,
     pub scores: Vec<f32>,
     pub weights: Vec<f32>,
 }
@@ -72,31 +66,19 @@ pub struct SlideTargets {
 pub fn slide_targets(classifier: &BagModel, feats: &Tensor, beta: f64) -> Result<SlideTargets> {
     let out = classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?;
     let attention = out.attention.expect("asked for attention").to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let (reduced, logits) = classifier.instance_path(feats)?;
     let scores = match classifier {
         // TransMIL's score is its attention, ln(N·a): the forward pass above has it.
         BagModel::Transmil(_) => attention.iter().map(|a| (a * attention.len() as f32).max(1e-30).ln()).collect(),
         _ => classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
     };
-    Ok(SlideTargets {
-        logits: logits.detach().to_vec2::<f32>()?,
-        reduced: reduced.detach().to_vec2::<f32>()?,
-        scores,
-        weights: icmil::confidence_weights(&attention, beta),
-    })
+    Ok(SlideTargets { scores, weights: icmil::confidence_weights(&attention, beta) })
 }
 
 impl TeacherData {
-    /// Add patch `i` of a slide's targets, where it is and its teacher features.
-    pub fn push(&mut self, t: &SlideTargets, i: usize, at: PatchRef, features: &[f32]) {
-        self.n_classes = t.logits[i].len();
-        self.reduced_dim = t.reduced[i].len();
-        self.feature_dim = features.len();
-        self.logits.extend_from_slice(&t.logits[i]);
-        self.reduced.extend_from_slice(&t.reduced[i]);
-        self.features.extend_from_slice(features);
-        self.scores.push(t.scores[i]);
-        self.weights.push(t.weights[i]);
+    /// Add patch `at.row` of a slide with the slide's targets.
+    pub fn push(&mut self, t: &SlideTargets, at: PatchRef) {
+        self.scores.push(t.scores[at.row]);
+        self.weights.push(t.weights[at.row]);
         self.patches.push(at);
     }
 
@@ -106,6 +88,105 @@ impl TeacherData {
 
     pub fn is_empty(&self) -> bool {
         self.patches.is_empty()
+    }
+}
+
+/// What the teacher gives a batch of patches: instance logits `[b, C]`, reduced features `[b, R]`
+/// (its instance path on its own features) and those features `[b, D]`, f32 on the device.
+pub struct TeacherBatch {
+    pub logits: Tensor,
+    pub reduced: Tensor,
+    pub features: Tensor,
+}
+
+/// The teacher's rows of patches (indices into [`TeacherData::patches`]).
+pub type TeacherRows<'a> = dyn Fn(&[usize]) -> Result<TeacherBatch> + 'a;
+
+/// One slide's teacher rows, computed from its bag.
+struct SlideRows {
+    /// The bag, holding its share of the worker's budget while these rows are kept.
+    _bag: crate::bags::Loaded,
+    features: Tensor,
+    reduced: Tensor,
+    logits: Tensor,
+}
+
+/// The teacher's rows read from the shard's bags as batches need them: a slide's bag comes from
+/// the worker's memory or the store ([`crate::bags`]), its instance path runs once on the whole
+/// bag (the same numbers as a pass over the shard would give), and the slide is kept while among
+/// the last 2·[`SLIDES_MIXED`] a batch needed (a batch mixes at most that many: [`epoch_order`]).
+/// So a shard never holds its slides' features all at once.
+pub struct StreamedRows<'a> {
+    loader: &'a crate::bags::BagLoader,
+    classifier: &'a BagModel,
+    patches: &'a [PatchRef],
+    device: Device,
+    held: std::sync::Mutex<Vec<(usize, std::sync::Arc<SlideRows>)>>,
+}
+
+/// Slides a fine-tuning job keeps the rows of, at most.
+pub const SLIDES_HELD: usize = 2 * SLIDES_MIXED;
+
+impl<'a> StreamedRows<'a> {
+    /// Rows of `patches`, whose `slide` indexes `loader`'s entries.
+    pub fn new(
+        loader: &'a crate::bags::BagLoader,
+        classifier: &'a BagModel,
+        patches: &'a [PatchRef],
+        device: &Device,
+    ) -> Self {
+        StreamedRows { loader, classifier, patches, device: device.clone(), held: Default::default() }
+    }
+
+    /// Slides whose rows are kept now (for tests).
+    pub fn held(&self) -> Vec<usize> {
+        self.held.lock().unwrap().iter().map(|(s, _)| *s).collect()
+    }
+
+    fn slide(&self, s: usize, needed: &std::collections::BTreeSet<usize>) -> Result<std::sync::Arc<SlideRows>> {
+        let mut held = self.held.lock().unwrap();
+        if let Some(at) = held.iter().position(|(k, _)| *k == s) {
+            let e = held.remove(at);
+            held.push(e.clone());
+            return Ok(e.1);
+        }
+        // Room first: the least recently used slides this batch does not need go.
+        while held.len() >= SLIDES_HELD {
+            let Some(at) = held.iter().position(|(k, _)| !needed.contains(k)) else { break };
+            held.remove(at);
+        }
+        let mut pass = self.loader.pass(&[s]);
+        let Some(bag) = pass.next_bag() else {
+            let why = self.loader.failure_text().unwrap_or_else(|| "the bag reader stopped".into());
+            return Err(candle_core::Error::Msg(why));
+        };
+        let features = crate::bags::on_device(&bag.features, &self.device)?.squeeze(0)?;
+        let (reduced, logits) = self.classifier.instance_path(&features)?;
+        let rows = std::sync::Arc::new(SlideRows {
+            _bag: bag,
+            features,
+            reduced: reduced.detach().to_dtype(DType::F32)?,
+            logits: logits.detach().to_dtype(DType::F32)?,
+        });
+        held.push((s, rows.clone()));
+        Ok(rows)
+    }
+
+    pub fn batch(&self, idx: &[usize]) -> Result<TeacherBatch> {
+        let needed: std::collections::BTreeSet<usize> = idx.iter().map(|&i| self.patches[i].slide).collect();
+        let (mut logits, mut reduced, mut features) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in idx {
+            let p = self.patches[i];
+            let rows = self.slide(p.slide, &needed)?;
+            logits.push(rows.logits.narrow(0, p.row, 1)?);
+            reduced.push(rows.reduced.narrow(0, p.row, 1)?);
+            features.push(rows.features.narrow(0, p.row, 1)?);
+        }
+        Ok(TeacherBatch {
+            logits: Tensor::cat(&logits, 0)?,
+            reduced: Tensor::cat(&reduced, 0)?,
+            features: Tensor::cat(&features, 0)?,
+        })
     }
 }
 
@@ -206,6 +287,7 @@ pub fn finetune(
     heads: (&BagModelConfig, &BTreeMap<String, Tensor>),
     data: &TeacherData,
     read: &PatchReader,
+    rows: &TeacherRows,
     cfg: &IcmilConfig,
     seed: u64,
     device: &Device,
@@ -235,11 +317,6 @@ pub fn finetune(
     };
 
     let s = pre.input_px as usize;
-    let (c, r, f) = (data.n_classes, data.reduced_dim, data.feature_dim);
-    let rows = |src: &[f32], idx: &[usize], width: usize| -> Result<Tensor> {
-        let v: Vec<f32> = idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect();
-        Tensor::from_vec(v, (idx.len(), width), device)
-    };
     let mut rng = Rng::new(seed);
     // The first recipe learns from confident patches only; the authors' from every one.
     let order: Vec<usize> = (0..data.len()).filter(|&i| paper || data.weights[i] > 0.0).collect();
@@ -260,20 +337,22 @@ pub fn finetune(
             let x = to_input(pixels, idx.len(), s, &pre, device, DType::F32)?;
             let feats = student.forward(&x)?;
             let (reduced, logits) = student_heads.instance_path(&feats)?;
-            let (tl, tr) = (rows(&data.logits, idx, c)?, rows(&data.reduced, idx, r)?);
+            let teacher = rows(idx)?;
+            let (tl, tr) = (&teacher.logits, &teacher.reduced);
             let loss = if paper {
                 let w = Tensor::from_vec(batch_confidence(data, idx, cfg.beta), idx.len(), device)?;
-                let (on_reduced, on_logits) = student_heads.instance_path(&rows(&data.features, idx, f)?)?;
+                let (on_reduced, on_logits) = student_heads.instance_path(&teacher.features)?;
                 icmil::paper_loss(
-                    &Targets { logits: &tl, reduced: &tr, weights: &w },
+                    &Targets { logits: tl, reduced: tr, weights: &w },
                     &logits,
                     &HeadsOnTeacher { logits: &on_logits, reduced: &on_reduced },
                 )?
             } else {
                 let (_, teacher_head_logits) = teacher_heads.instance_path(&feats)?;
-                let w = rows(&data.weights, idx, 1)?.flatten_all()?;
+                let w: Vec<f32> = idx.iter().map(|&i| data.weights[i]).collect();
+                let w = Tensor::from_vec(w, idx.len(), device)?;
                 icmil::weighted_loss(
-                    &Targets { logits: &tl, reduced: &tr, weights: &w },
+                    &Targets { logits: tl, reduced: tr, weights: &w },
                     &StudentOut { logits: &logits, teacher_head_logits: &teacher_head_logits, reduced: &reduced },
                 )?
             };
@@ -300,6 +379,34 @@ pub fn finetune(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Teacher rows held in memory, patch by patch (what the bags would give).
+    #[derive(Default)]
+    struct Held {
+        logits: Vec<Vec<f32>>,
+        reduced: Vec<Vec<f32>>,
+        features: Vec<Vec<f32>>,
+    }
+
+    impl Held {
+        fn push(&mut self, logits: Vec<f32>, reduced: Vec<f32>, features: Vec<f32>) {
+            self.logits.push(logits);
+            self.reduced.push(reduced);
+            self.features.push(features);
+        }
+
+        fn batch(&self, idx: &[usize], d: &Device) -> Result<TeacherBatch> {
+            let rows = |v: &[Vec<f32>]| {
+                let w = v[0].len();
+                Tensor::from_vec(idx.iter().flat_map(|&i| v[i].clone()).collect::<Vec<f32>>(), (idx.len(), w), d)
+            };
+            Ok(TeacherBatch {
+                logits: rows(&self.logits)?,
+                reduced: rows(&self.reduced)?,
+                features: rows(&self.features)?,
+            })
+        }
+    }
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 77]))
@@ -342,6 +449,7 @@ mod tests {
         let heads = hp.snapshot().unwrap();
         // Eight patches of two looks, each with a confident target for its class.
         let mut data = TeacherData::default();
+        let mut held = Held::default();
         let mut images = Vec::new();
         let mut rng = Rng::new(1);
         for i in 0..8 {
@@ -350,17 +458,17 @@ mod tests {
                 image::Rgb([v, (rng.below(50) + 100) as u8, 150])
             });
             let cls = i % 2;
-            let t = SlideTargets {
-                logits: vec![if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] }],
-                reduced: vec![(0..512).map(|j| ((j + i) % 7) as f32 * 0.3).collect()],
-                scores: vec![if cls == 0 { -2.0 } else { 2.0 }],
-                weights: vec![1.0],
-            };
-            let feats: Vec<f32> = (0..1280).map(|j| ((j * 7 + i) % 11) as f32 * 0.1).collect();
-            data.push(&t, 0, PatchRef { slide: 0, x: i as i64, y: 0 }, &feats);
+            let t = SlideTargets { scores: vec![if cls == 0 { -2.0 } else { 2.0 }], weights: vec![1.0] };
+            data.push(&t, PatchRef { slide: 0, row: 0, x: i as i64, y: 0 });
+            held.push(
+                if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] },
+                (0..512).map(|j| ((j + i) % 7) as f32 * 0.3).collect(),
+                (0..1280).map(|j| ((j * 7 + i) % 11) as f32 * 0.1).collect(),
+            );
             images.push(img);
         }
         let read = |idx: &[usize]| Ok(idx.iter().map(|&i| images[i].clone()).collect());
+        let rows = |idx: &[usize]| held.batch(idx, &d);
         let changed = |out: &Finetuned, name: &str| {
             let diff = (&out.tensors[name] - &teacher[name]).unwrap().abs().unwrap().max_all().unwrap();
             diff.to_scalar::<f32>().unwrap() > 0.0
@@ -376,8 +484,9 @@ mod tests {
                 method,
                 ..IcmilConfig::default()
             };
-            let out = finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d)
-                .unwrap();
+            let out =
+                finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &rows, &cfg, 0, &d)
+                    .unwrap();
             assert_eq!(out.steps, 8);
             // Two batches an epoch at a high rate: the last two epochs' mean against the first.
             let l = &out.epoch_losses;
@@ -392,7 +501,8 @@ mod tests {
         // The last block only: one step changes it and the head, nothing before it.
         let cfg = IcmilConfig { epochs: 1, lr: 3e-3, batch_size: 8, trainable_blocks: 1, ..IcmilConfig::default() };
         let out =
-            finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d).unwrap();
+            finetune(&Architecture::EfficientNetLite0, &teacher, (&hcfg, &heads), &data, &read, &rows, &cfg, 0, &d)
+                .unwrap();
         for name in ["_blocks.15._project_conv.weight", "_conv_head.weight", "_bn1.running_mean", "_bn1.weight"] {
             assert!(changed(&out, name), "{name} should have trained");
         }
@@ -415,6 +525,7 @@ mod tests {
         BagModel::new(&hcfg, hp.var_builder(&d)).unwrap();
         let heads = hp.snapshot().unwrap();
         let mut data = TeacherData::default();
+        let mut held = Held::default();
         let mut images = Vec::new();
         for i in 0..6 {
             let img = RgbImage::from_fn(224, 224, |x, y| {
@@ -422,17 +533,17 @@ mod tests {
                 image::Rgb([v, 120, 150])
             });
             let cls = i % 2;
-            let t = SlideTargets {
-                logits: vec![if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] }],
-                reduced: vec![(0..512).map(|j| ((j + i) % 5) as f32 * 0.2).collect()],
-                scores: vec![i as f32],
-                weights: vec![1.0],
-            };
-            let feats: Vec<f32> = (0..192).map(|j| ((j + 3 * i) % 5) as f32 * 0.2).collect();
-            data.push(&t, 0, PatchRef { slide: 0, x: 0, y: i as i64 }, &feats);
+            let t = SlideTargets { scores: vec![i as f32], weights: vec![1.0] };
+            data.push(&t, PatchRef { slide: 0, row: 0, x: 0, y: i as i64 });
+            held.push(
+                if cls == 0 { vec![3.0, -3.0] } else { vec![-3.0, 3.0] },
+                (0..512).map(|j| ((j + i) % 5) as f32 * 0.2).collect(),
+                (0..192).map(|j| ((j + 3 * i) % 5) as f32 * 0.2).collect(),
+            );
             images.push(img);
         }
         let read = |idx: &[usize]| Ok(idx.iter().map(|&i| images[i].clone()).collect());
+        let rows = |idx: &[usize]| held.batch(idx, &d);
         let cfg = IcmilConfig {
             epochs: 3,
             lr: 1e-3,
@@ -441,7 +552,7 @@ mod tests {
             beta: 1.0,
             ..IcmilConfig::default()
         };
-        let out = finetune(&arch, &teacher, (&hcfg, &heads), &data, &read, &cfg, 0, &d).unwrap();
+        let out = finetune(&arch, &teacher, (&hcfg, &heads), &data, &read, &rows, &cfg, 0, &d).unwrap();
         assert_eq!(out.steps, 6);
         let (first, last) = (out.epoch_losses[0], *out.epoch_losses.last().unwrap());
         assert!(last < first, "loss {:?}", out.epoch_losses);
@@ -467,8 +578,6 @@ mod tests {
         let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
         let feats = Tensor::randn(0f32, 1.0, (6, 5), &d).unwrap();
         let t = slide_targets(&model, &feats, 1.0).unwrap();
-        let (_, logits) = model.instance_path(&feats).unwrap();
-        assert_eq!(t.logits, logits.to_vec2::<f32>().unwrap());
         let att = model.forward(&feats.unsqueeze(0).unwrap(), &mut Mode::Eval, true).unwrap().attention.unwrap();
         assert_eq!(t.weights, icmil::confidence_weights(&att.to_vec1::<f32>().unwrap(), 1.0));
         assert_eq!(t.weights.iter().filter(|w| **w == 1.0).count(), 2, "the most and least attended patches");
@@ -482,18 +591,95 @@ mod tests {
         assert!(t.scores.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{:?} vs {want:?}", t.scores);
     }
 
+    /// The teacher's rows from the bags are its instance path on the patch's own features, a
+    /// batch's slides read as needed and at most [`SLIDES_HELD`] kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_teacher_rows_are_the_instance_path_of_each_patch_from_few_bags_at_once() {
+        use crate::bags::{index, BagBudget, BagLoader, BagMemory, BagPrecision};
+        use wsimil_common::features::{EmbeddingProvenance, FeatureBag};
+        use wsimil_common::ids::{EmbedderId, SlideId, TilingId};
+        let store = wsimil_common::store::Store::memory();
+        let ids = (EmbedderId::new("e").unwrap(), TilingId::new("t").unwrap());
+        let mut slides = Vec::new();
+        let mut all: Vec<Vec<f32>> = Vec::new();
+        let mut r = Rng::new(5);
+        for s in 0..40 {
+            let slide = SlideId::new(format!("s{s}")).unwrap();
+            let n = 3 + s % 5;
+            let features: Vec<f32> = (0..n * 8).map(|_| r.normal() as f32).collect();
+            let bag = FeatureBag {
+                xs: (0..n as i64).collect(),
+                ys: vec![s as i64; n],
+                dim: 8,
+                features: features.clone(),
+                provenance: EmbeddingProvenance::new(slide.as_str(), "e", "test", 8),
+            };
+            let key = wsimil_common::layout::features(&ids.0, &ids.1, &slide);
+            store.put(&key, bag.to_parquet().unwrap()).await.unwrap();
+            slides.push((slide, 0));
+            all.push(features);
+        }
+        let (entries, _) = index(&store, &ids, &slides).await.unwrap();
+        let need: u64 = entries.iter().map(|e| e.need(BagPrecision::F32)).max().unwrap();
+        // A budget for 10 bags cannot feed batches of 16 slides: said before any work.
+        let small = BagMemory::new(BagBudget { bytes: 10 * need, precision: BagPrecision::F32 });
+        let handle = tokio::runtime::Handle::current();
+        let err = BagLoader::holding(small, store.clone(), entries.clone(), handle.clone(), SLIDES_HELD, "ICMIL test")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("ICMIL test: 16 of these bags at once"), "{err}");
+        // Room for 20: batches go through, 16 slides kept at most, nothing kept across passes.
+        let memory = BagMemory::new(BagBudget { bytes: 20 * need, precision: BagPrecision::F32 });
+        let loader = BagLoader::holding(memory, store, entries, handle, SLIDES_HELD, "ICMIL test").unwrap();
+        let d = Device::Cpu;
+        let cfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 8, 2);
+        let p = Params::new(3);
+        let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
+        let patches: Vec<PatchRef> = (0..40)
+            .flat_map(|s| (0..all[s].len() / 8).map(move |row| PatchRef { slide: s, row, x: row as i64, y: s as i64 }))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let rows = StreamedRows::new(&loader, &model, &patches, &d);
+            let mut order: Vec<usize> = (0..patches.len()).collect();
+            Rng::new(1).shuffle(&mut order);
+            let data = TeacherData {
+                patches: patches.clone(),
+                scores: vec![0.0; patches.len()],
+                weights: vec![1.0; patches.len()],
+            };
+            let order = epoch_order(&data, &order, &mut Rng::new(2));
+            for idx in order.chunks(9) {
+                let b = rows.batch(idx).unwrap();
+                let feats: Vec<f32> = idx
+                    .iter()
+                    .flat_map(|&i| all[patches[i].slide][patches[i].row * 8..(patches[i].row + 1) * 8].to_vec())
+                    .collect();
+                let feats = Tensor::from_vec(feats, (idx.len(), 8), &d).unwrap();
+                assert_eq!(b.features.to_vec2::<f32>().unwrap(), feats.to_vec2::<f32>().unwrap());
+                let (reduced, logits) = model.instance_path(&feats).unwrap();
+                let close = |a: &Tensor, b: &Tensor| {
+                    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(diff < 1e-5, "{diff}");
+                };
+                close(&b.logits, &logits);
+                close(&b.reduced, &reduced);
+                assert!(rows.held().len() <= SLIDES_HELD, "{:?}", rows.held());
+            }
+            // The epoch goes group by group, so each slide's bag is read once.
+            let stats = loader.stats();
+            assert_eq!(stats.reads + stats.hits, 40, "{stats:?}");
+        })
+        .await
+        .unwrap();
+    }
+
     #[test]
     fn an_epoch_mixes_a_few_slides_at_a_time_and_visits_every_patch_once() {
         let mut data = TeacherData::default();
-        let t = SlideTargets {
-            logits: vec![vec![0.0, 0.0]],
-            reduced: vec![vec![0.0]],
-            scores: vec![0.0],
-            weights: vec![1.0],
-        };
+        let t = SlideTargets { scores: vec![0.0], weights: vec![1.0] };
         for slide in 0..30 {
             for k in 0..(5 + slide % 4) {
-                data.push(&t, 0, PatchRef { slide, x: k as i64, y: 0 }, &[0.0]);
+                data.push(&t, PatchRef { slide, row: 0, x: k as i64, y: 0 });
             }
         }
         let all: Vec<usize> = (0..data.len()).collect();
@@ -515,13 +701,8 @@ mod tests {
     fn the_papers_confidence_is_min_maxed_over_the_batch() {
         let mut data = TeacherData::default();
         for (i, score) in [0.0f32, 1.0, 2.0, 4.0].into_iter().enumerate() {
-            let t = SlideTargets {
-                logits: vec![vec![0.0, 0.0]],
-                reduced: vec![vec![0.0]],
-                scores: vec![score],
-                weights: vec![0.0],
-            };
-            data.push(&t, 0, PatchRef { slide: i, x: 0, y: 0 }, &[0.0]);
+            let t = SlideTargets { scores: vec![score], weights: vec![0.0] };
+            data.push(&t, PatchRef { slide: i, row: 0, x: 0, y: 0 });
         }
         // Patch 2 (score 2) between 0 and 4: the middle, no confidence; between 0 and 2: the top.
         let w = batch_confidence(&data, &[0, 2, 3], 1.0);

@@ -4,18 +4,20 @@
 //!
 //! Failures are [`JobError`]s, classified once in [`crate::error`].
 
+use crate::bags::{BagBudget, BagEntry, BagLoader, BagMemory, Streamed};
 use crate::device::{tune_batch, BatchChoice, Compute, TUNED_BATCHES};
 use crate::embed::{embed_patches, EmbedError, EmbedOptions};
 use crate::error::JobError;
 use crate::heatmap;
 use crate::slide::remote::SlideSources;
 use crate::tiling::{png_bytes_rgb, tile_slide};
-use crate::train::{self, Bag};
+use crate::train::{self, Bag, BagSet};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 use wsimil_common::attention::{AttentionMap, PredictionProvenance};
 use wsimil_common::classifier::{ApplyPlan, Member, ModelCard, ModelId};
@@ -29,7 +31,7 @@ use wsimil_common::models::params::{load_safetensors, Params};
 use wsimil_common::models::{BagModel, BagModelConfig};
 use wsimil_common::plan::{EmbedderSpec, RunPlan};
 use wsimil_common::records::{EpochRecord, FinalReport, FoldReport, ShardReport};
-use wsimil_common::store::{Store, StoreError};
+use wsimil_common::store::Store;
 
 impl From<EmbedError> for JobError {
     fn from(e: EmbedError) -> Self {
@@ -67,6 +69,8 @@ pub struct WorkerContext {
     models: Mutex<HashMap<ModelId, Arc<LoadedModel>>>,
     /// Where slides are read from: local paths, or `s3://` URLs with a scratch folder.
     pub sources: Arc<SlideSources>,
+    /// The memory all the worker's jobs may take for feature bags ([`crate::bags`]).
+    pub bags: Arc<BagMemory>,
 }
 
 /// An embedder loaded for inference, with the batch size it runs at here.
@@ -81,7 +85,19 @@ impl WorkerContext {
             embedders: Mutex::new(HashMap::new()),
             models: Mutex::new(HashMap::new()),
             sources: Arc::new(SlideSources::local()),
+            bags: BagMemory::new(BagBudget::machine_default()),
         }
+    }
+
+    /// Hold feature bags within `budget` (`--bag-cache-gb`, `--bag-precision`).
+    pub fn with_bag_budget(mut self, budget: BagBudget) -> Self {
+        self.bags = BagMemory::new(budget);
+        self
+    }
+
+    /// A loader of `entries` within this worker's bag budget, its reads on the current runtime.
+    fn bag_loader(&self, entries: Vec<BagEntry>) -> Result<BagLoader, JobError> {
+        BagLoader::new(self.bags.clone(), self.store.clone(), entries, tokio::runtime::Handle::current())
     }
 
     /// Read slides through `sources` (the S3 settings and scratch folder of the CLI).
@@ -293,31 +309,26 @@ pub async fn load_plan(store: &Store, run: &RunId) -> Result<RunPlan, JobError> 
     Ok(store.get_json(&layout::run_plan(run)).await?)
 }
 
-/// Feature bags of `slides` under `features/<emb>/<tiling>/` (those that exist; the others are
-/// reported missing).
-async fn load_bags(
+/// The feature bag of `slide` under `features/<emb>/<tiling>/` (`None`: no features, or none
+/// with patches), decoded once, with its share of the worker's bag budget held until dropped.
+async fn load_bag(
     ctx: &WorkerContext,
     (emb, tiling): &(EmbedderId, TilingId),
-    slides: &[SlideId],
-) -> Result<(Vec<FeatureBag>, Vec<SlideId>), JobError> {
-    let mut bags = Vec::new();
-    let mut missing = Vec::new();
-    for s in slides {
-        let key = layout::features(emb, tiling, s);
-        match ctx.store.get(&key).await {
-            Ok(bytes) => {
-                let bag = FeatureBag::from_parquet(key.as_ref(), bytes)?;
-                if bag.is_empty() {
-                    missing.push(s.clone());
-                } else {
-                    bags.push(bag);
-                }
-            }
-            Err(StoreError::NotFound { .. }) => missing.push(s.clone()),
-            Err(e) => return Err(e.into()),
-        }
+    slide: &SlideId,
+) -> Result<Option<(FeatureBag, OwnedSemaphorePermit)>, JobError> {
+    let key = layout::features(emb, tiling, slide);
+    let Some(shape) = crate::bags::shape_of(&ctx.store, &key).await? else { return Ok(None) };
+    if shape.patches == 0 {
+        return Ok(None);
     }
-    Ok((bags, missing))
+    // Its file and the decoded features (f32: a bag applied whole is scored as read).
+    let need = shape.file_bytes + shape.decoded_bytes(4);
+    let what = format!("slide {slide}'s bag ({} patches × {} features)", shape.patches, shape.dim);
+    let held = ctx.bags.hold(need, &what).await?;
+    let bytes = ctx.store.get(&key).await?;
+    let name = key.to_string();
+    let bag = blocking(move || Ok(FeatureBag::from_parquet(&name, bytes)?)).await?;
+    Ok(Some((bag, held)))
 }
 
 fn label_of(plan: &RunPlan, slide: &str) -> usize {
@@ -337,32 +348,34 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         .ok_or_else(|| JobError::Input(format!("run {} has no fold {}", job.run, job.fold)))?
         .clone();
     let ids = plan.round_feature_ids(&ctx.store, job.round, job.fold).await?;
-    let (train_bags, miss_train) = load_bags(ctx, &ids, &fold.train).await?;
-    let (val_bags, miss_val) = load_bags(ctx, &ids, &fold.val).await?;
-    let (test_bags, miss_test) = load_bags(ctx, &ids, &fold.test).await?;
-    let missing: Vec<String> = miss_train.iter().chain(&miss_val).chain(&miss_test).map(|s| s.to_string()).collect();
+    // Every bag's shape from its footer, then the bags themselves as the steps need them.
+    let sets = [&fold.train, &fold.val, &fold.test];
+    let wanted: Vec<(SlideId, usize)> =
+        sets.iter().flat_map(|v| v.iter()).map(|s| (s.clone(), label_of(&plan, s.as_str()))).collect();
+    let (entries, missing) = crate::bags::index(&ctx.store, &ids, &wanted).await?;
     if !missing.is_empty() {
         warn!(fold = job.fold, ?missing, "slides without features are left out of this fold");
     }
-    if train_bags.is_empty() {
+    let member = |set: &[SlideId]| -> Vec<usize> {
+        let ids: std::collections::HashSet<&SlideId> = set.iter().collect();
+        (0..entries.len()).filter(|&i| ids.contains(&entries[i].slide)).collect()
+    };
+    let (tr, va, te) = (member(&fold.train), member(&fold.val), member(&fold.test));
+    if tr.is_empty() {
         return Err(JobError::Input(format!("fold {}: no training slide has features", job.fold)));
     }
-    let in_dim = train_bags[0].dim;
+    let in_dim = entries[tr[0]].shape.dim;
     let n_classes = plan.classes.len();
     let model_cfg = BagModelConfig::new(plan.train.model, in_dim, n_classes)
         .with_dropout(plan.train.dropout)
         .with_landmarks(plan.train.landmarks);
+    let loader = ctx.bag_loader(entries)?;
     let device = ctx.device().clone();
     let (fold_no, round, cfg) = (job.fold, job.round, plan.train.clone());
     let plan2 = plan.clone();
     let (report, weights) = blocking(move || {
         let err = candle_err("training");
-        let to_bags = |v: &[FeatureBag]| -> Result<Vec<Bag>, JobError> {
-            v.iter()
-                .map(|b| Bag::from_features(b, label_of(&plan2, &b.provenance.slide), &device).map_err(&err))
-                .collect()
-        };
-        let (tr, va, te) = (to_bags(&train_bags)?, to_bags(&val_bags)?, to_bags(&test_bags)?);
+        let fail = |e: candle_core::Error| loader.take_failure().unwrap_or_else(|| err(e));
         // The authors retrain each round's classifier from scratch; here from the same
         // initialisation and sample order as round 0's, so that a round's change is the features'
         // doing, not a new draw (the first recipe drew anew each round).
@@ -371,11 +384,19 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         let mut log = |e: &EpochRecord| {
             tracing::debug!(fold = fold_no, epoch = e.epoch, train_loss = e.train_loss, val_loss = e.val_loss)
         };
-        let (tr, va, te): (Vec<&Bag>, Vec<&Bag>, Vec<&Bag>) =
-            (tr.iter().collect(), va.iter().collect(), te.iter().collect());
+        let (tr, va, te) = (Streamed::new(&loader, tr), Streamed::new(&loader, va), Streamed::new(&loader, te));
         let trained =
-            train::train(&model_cfg, &cfg, &tr, &va, train::Stop::Early, seed, &device, &mut log).map_err(&err)?;
-        let (predictions, test_metrics) = train::test(&trained.model, &te, n_classes).map_err(&err)?;
+            train::train(&model_cfg, &cfg, &tr, &va, train::Stop::Early, seed, &device, &mut log).map_err(fail)?;
+        let (predictions, test_metrics) = train::test(&trained.model, &te, n_classes, &device).map_err(fail)?;
+        let stats = loader.stats();
+        info!(
+            fold = fold_no,
+            reads = stats.reads,
+            hits = stats.hits,
+            read_gib = stats.bytes_read as f64 / (1u64 << 30) as f64,
+            waited_s = stats.waited_s,
+            "bags"
+        );
         let report = FoldReport {
             fold: fold_no,
             model: model_cfg,
@@ -389,6 +410,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
             test: test_metrics,
             predictions,
             seconds: started.elapsed().as_secs_f64(),
+            bags: Some(stats),
         };
         Ok((report, trained.params.to_safetensors().map_err(&err)?))
     })
@@ -418,8 +440,7 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
     let report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, job.round, fold)).await?;
     let weights = ctx.store.get(&layout::fold_model(&job.run, job.round, fold)).await?;
     let ids = plan.round_feature_ids(&ctx.store, job.round, fold).await?;
-    let (bags, _) = load_bags(ctx, &ids, std::slice::from_ref(&job.slide)).await?;
-    let Some(bag) = bags.into_iter().next() else {
+    let Some((mut bag, held)) = load_bag(ctx, &ids, &job.slide).await? else {
         return Err(JobError::Input(format!("{}: no features to predict from", job.slide)));
     };
     let device = ctx.device().clone();
@@ -430,12 +451,13 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
         let params = Params::new(0);
         params.preload(load_safetensors(&weights, &device).map_err(&err)?)?;
         let model = BagModel::new(&model_cfg, params.var_builder(&device)).map_err(&err)?;
-        let b = Bag::from_features(&bag, label, &device).map_err(&err)?;
+        let b = Bag::from_features(&mut bag, label, &device).map_err(&err)?;
         let (probs, att) = train::predict(&model, &b.features, true).map_err(&err)?;
         let instance = train::instance_positive(&model, &b.features).map_err(&err)?;
         Ok((probs, att.unwrap_or_default(), instance, bag))
     })
     .await?;
+    drop(held);
     let truth = match plan.slide(&job.slide).and_then(|s| s.truth.clone()) {
         Some(t) => slide_truth(ctx, &t, &bag).await,
         None => None,
@@ -544,37 +566,39 @@ async fn train_final(ctx: &WorkerContext, job: &FinalJob) -> Result<Done, JobErr
     let mut sorted = best_epochs.clone();
     sorted.sort_unstable();
     let epochs = sorted[sorted.len() / 2] + 1;
-    let ids: Vec<SlideId> = plan.slides.iter().map(|s| s.id.clone()).collect();
-    let (bags, missing) = load_bags(ctx, &plan.round_feature_ids(&ctx.store, 0, 0).await?, &ids).await?;
+    let wanted: Vec<(SlideId, usize)> = plan.slides.iter().map(|s| (s.id.clone(), s.label)).collect();
+    let (entries, missing) =
+        crate::bags::index(&ctx.store, &plan.round_feature_ids(&ctx.store, 0, 0).await?, &wanted).await?;
     if !missing.is_empty() {
         warn!(?missing, "slides without features are left out of the final model");
     }
-    if bags.is_empty() {
+    if entries.is_empty() {
         return Err(JobError::Input(format!("run {}: no slide has features", job.run)));
     }
-    let model_cfg = BagModelConfig::new(plan.train.model, bags[0].dim, plan.classes.len())
+    let model_cfg = BagModelConfig::new(plan.train.model, entries[0].shape.dim, plan.classes.len())
         .with_dropout(plan.train.dropout)
         .with_landmarks(plan.train.landmarks);
-    let (device, cfg, plan2) = (ctx.device().clone(), plan.train.clone(), plan.clone());
+    let all: Vec<usize> = (0..entries.len()).collect();
+    let loader = ctx.bag_loader(entries)?;
+    let (device, cfg) = (ctx.device().clone(), plan.train.clone());
     let (report, weights) = blocking(move || {
         let err = candle_err("training the final model");
-        let all: Vec<Bag> = bags
-            .iter()
-            .map(|b| Bag::from_features(b, label_of(&plan2, &b.provenance.slide), &device).map_err(&err))
-            .collect::<Result<_, _>>()?;
-        let refs: Vec<&Bag> = all.iter().collect();
+        let fail = |e: candle_core::Error| loader.take_failure().unwrap_or_else(|| err(e));
+        let bags = Streamed::new(&loader, all);
         let seed = cfg.seed ^ 0xf1a1;
+        let none: Vec<&Bag> = Vec::new();
         let trained =
-            train::train(&model_cfg, &cfg, &refs, &[], train::Stop::After(epochs), seed, &device, &mut |_| {})
-                .map_err(&err)?;
+            train::train(&model_cfg, &cfg, &bags, &none, train::Stop::After(epochs), seed, &device, &mut |_| {})
+                .map_err(fail)?;
         let report = FinalReport {
             model: model_cfg,
             train: cfg,
-            n_train: refs.len(),
+            n_train: bags.len(),
             epochs,
             fold_best_epochs: best_epochs,
             curve: trained.curve,
             seconds: started.elapsed().as_secs_f64(),
+            bags: Some(loader.stats()),
         };
         Ok((report, trained.params.to_safetensors().map_err(&err)?))
     })
@@ -603,14 +627,13 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         .ok_or_else(|| JobError::Input(format!("{}: not in application {}", job.slide, job.app)))?
         .clone();
     let model = ctx.model(&app.model).await?;
-    let mut bags = Vec::new();
+    let (mut bags, mut held) = (Vec::new(), Vec::new());
     for (m, _) in model.iter() {
         let ids = app.features_of(&m.embedder);
-        let (found, _) = load_bags(ctx, &ids, std::slice::from_ref(&job.slide)).await?;
-        let bag = found
-            .into_iter()
-            .next()
+        let (bag, h) = load_bag(ctx, &ids, &job.slide)
+            .await?
             .ok_or_else(|| JobError::Input(format!("{}: no features from {} to score with", job.slide, ids.0)))?;
+        held.push(h);
         // Features must come from the embedder (and tiling) the member was trained on.
         let p = &bag.provenance;
         if p.embedder != ids.0.as_str() || p.feature_dim != m.config.in_dim() {
@@ -628,14 +651,16 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         bags.push(bag);
     }
     let device = ctx.device().clone();
-    let (model2, bags2) = (model.clone(), bags.clone());
-    let (probs, attention, instance) = blocking(move || {
+    let model2 = model.clone();
+    let (probs, attention, instance, bags) = blocking(move || {
         let err = candle_err("scoring");
+        let mut bags2 = bags;
         let mut probs: Vec<f64> = Vec::new();
         let mut attention: Vec<Vec<f32>> = Vec::new();
         let mut instance: Vec<Option<Vec<f32>>> = Vec::new();
-        for ((_, m), bag) in model2.iter().zip(&bags2) {
-            let x = Tensor::from_vec(bag.features.clone(), (1, bag.len(), bag.dim), &device).map_err(&err)?;
+        for ((_, m), bag) in model2.iter().zip(&mut bags2) {
+            let x =
+                Tensor::from_vec(std::mem::take(&mut bag.features), (1, bag.len(), bag.dim), &device).map_err(&err)?;
             let (p, a) = train::predict(m, &x, true).map_err(&err)?;
             if probs.is_empty() {
                 probs = vec![0.0; p.len()];
@@ -655,9 +680,10 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
             Some(all) if same => Some(mean(&all)),
             _ => instance.swap_remove(0),
         };
-        Ok((probs, att, inst))
+        Ok((probs, att, inst, bags2))
     })
     .await?;
+    drop(held);
     let bag = &bags[0];
     let map = AttentionMap {
         xs: bag.xs.clone(),
@@ -699,28 +725,43 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
     let teacher = plan.fold_embedder(&ctx.store, prev, job.fold).await?;
     let ids = (teacher.id(), plan.tiling.id());
     let slides = plan.shard_slides(job.fold as usize, job.shard, job.shards);
-    let (bags, missing) = load_bags(ctx, &ids, &slides).await?;
+    let wanted: Vec<(SlideId, usize)> = slides.iter().map(|s| (s.clone(), label_of(&plan, s.as_str()))).collect();
+    let (entries, missing) = crate::bags::index(&ctx.store, &ids, &wanted).await?;
     if !missing.is_empty() {
         warn!(fold = job.fold, shard = job.shard, ?missing, "training slides without features are left out");
     }
     let fold_report: FoldReport = ctx.store.get_json(&layout::fold_metrics(&job.run, prev, job.fold)).await?;
     let heads = ctx.store.get(&layout::fold_model(&job.run, prev, job.fold)).await?;
-    let mut inputs = Vec::new();
-    for bag in bags {
-        let slide = SlideId::new(bag.provenance.slide.clone()).map_err(|e| JobError::Input(e.to_string()))?;
-        let grid_key = layout::patch_grid(&ids.1, &slide);
+    let mut slides = Vec::new();
+    for e in &entries {
+        let grid_key = layout::patch_grid(&ids.1, &e.slide);
         let grid = PatchGrid::from_parquet(grid_key.as_ref(), ctx.store.get(&grid_key).await?)?;
-        let path = plan.slide(&slide).map(|s| s.path.clone()).unwrap_or_default();
-        inputs.push((bag, grid, path));
+        let path = plan.slide(&e.slide).map(|s| s.path.clone()).unwrap_or_default();
+        slides.push((path, grid));
     }
+    let slide_names: Vec<String> = entries.iter().map(|e| e.slide.to_string()).collect();
+    // The teacher's rows come from the bags as batches need them, a batch's slides held at once.
+    let why = format!(
+        "ICMIL fine-tuning mixes the patches of up to {} slides in a batch, each slide's bag held meanwhile",
+        crate::finetune::SLIDES_HELD
+    );
+    let loader = BagLoader::holding(
+        ctx.bags.clone(),
+        ctx.store.clone(),
+        entries,
+        tokio::runtime::Handle::current(),
+        crate::finetune::SLIDES_HELD,
+        &why,
+    )?
+    .with_coords();
     let teacher_tensors = ctx.embedder_tensors(&teacher).await?;
     let device = ctx.device().clone();
     let seed = plan.train.seed ^ 0x1c31 ^ ((job.round as u64) << 40) ^ ((job.fold as u64) << 20) ^ job.shard as u64;
     let (arch, model_cfg, teacher_id) = (teacher.architecture.clone(), fold_report.model.clone(), teacher.id());
-    let slide_names: Vec<String> = inputs.iter().map(|(b, _, _)| b.provenance.slide.clone()).collect();
     let sources = ctx.sources.clone();
     let (result, patches) = blocking(move || {
         let err = candle_err("ICMIL fine-tuning");
+        let bag_failure = |e: candle_core::Error| loader.take_failure().unwrap_or_else(|| err(e));
         let heads = load_safetensors(&heads, &device).map_err(&err)?;
         let classifier = crate::finetune::classifier(&model_cfg, &heads, &device).map_err(&err)?;
         let mut data = crate::finetune::TeacherData::default();
@@ -729,24 +770,29 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
             .preprocessing()
             .ok_or_else(|| JobError::Input(format!("embedder {arch} has no patches to fine-tune")))?;
         let paper = cfg.method == wsimil_common::plan::IcmilMethod::Paper;
-        let mut slides = Vec::with_capacity(inputs.len());
-        for (si, (bag, grid, path)) in inputs.into_iter().enumerate() {
-            let feats = Tensor::from_vec(bag.features.clone(), (bag.len(), bag.dim), &device).map_err(&err)?;
+        // One pass over the shard's bags: each slide's confidence, and the patches it gives.
+        let all: Vec<usize> = (0..slides.len()).collect();
+        let mut pass = loader.pass(&all);
+        for si in all {
+            let Some(bag) = pass.next_bag() else {
+                return Err(loader.take_failure().unwrap_or_else(|| JobError::Input("the bag reader stopped".into())));
+            };
+            let feats = crate::bags::on_device(&bag.features, &device).and_then(|f| f.squeeze(0)).map_err(&err)?;
             let targets = crate::finetune::slide_targets(&classifier, &feats, cfg.beta).map_err(&err)?;
+            let (xs, ys) = bag.coords.as_deref().expect("the loader reads corners");
             // The authors learn from every patch (their confidence weighs it per batch); the first
             // recipe from the patches its per-slide confidence keeps.
-            let mut picked: Vec<usize> = (0..bag.len()).filter(|&i| paper || targets.weights[i] > 0.0).collect();
+            let mut picked: Vec<usize> = (0..xs.len()).filter(|&i| paper || targets.weights[i] > 0.0).collect();
             rng.shuffle(&mut picked);
             if cfg.patches_per_slide > 0 {
                 picked.truncate(cfg.patches_per_slide);
             }
             picked.sort_unstable();
-            for i in picked {
-                let at = crate::finetune::PatchRef { slide: si, x: bag.xs[i], y: bag.ys[i] };
-                data.push(&targets, i, at, &bag.features[i * bag.dim..(i + 1) * bag.dim]);
+            for row in picked {
+                data.push(&targets, crate::finetune::PatchRef { slide: si, row, x: xs[row], y: ys[row] });
             }
-            slides.push((path, grid));
         }
+        drop(pass);
         let patches = data.len();
         if patches < 2 {
             return Ok((None, patches));
@@ -792,12 +838,22 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 })
                 .collect()
         };
-        let out =
-            crate::finetune::finetune(&arch, &teacher_tensors, (&model_cfg, &heads), &data, &read, &cfg, seed, &device);
+        let rows = crate::finetune::StreamedRows::new(&loader, &classifier, &data.patches, &device);
+        let out = crate::finetune::finetune(
+            &arch,
+            &teacher_tensors,
+            (&model_cfg, &heads),
+            &data,
+            &read,
+            &|idx: &[usize]| rows.batch(idx),
+            &cfg,
+            seed,
+            &device,
+        );
         if let Some(e) = failed.into_inner().unwrap() {
             return Err(e.into());
         }
-        let out = out.map_err(&err)?;
+        let out = out.map_err(bag_failure)?;
         let bytes = wsimil_common::models::params::safetensors_bytes(&out.tensors).map_err(&err)?;
         Ok((Some((bytes, out.steps, out.epoch_losses)), patches))
     })

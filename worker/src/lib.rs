@@ -6,6 +6,7 @@
 //! - [`tiling`]: the tile stage: overview, tissue mask, patch grid.
 //! - [`resample`]: antialiased resizing.
 //! - [`embed`]: the embed stage: patch reading, preprocessing, batched embedding.
+//! - [`bags`]: feature bags streamed from the store within the worker's memory budget.
 //! - [`train`]: the train stage: bag classifier training, early stopping, evaluation.
 //! - [`heatmap`]: attention heatmaps over thumbnails.
 //! - [`jobs`]: executing a job against the store.
@@ -14,6 +15,7 @@
 //! - [`synth`], [`tiff`]: the semi-synthetic demo cohort, written as pyramidal TIFF slides.
 //! - [`device`], [`device_check`]: device, precision and batch size; a device's kernels against the CPU's.
 
+pub mod bags;
 pub mod contours;
 pub mod device;
 pub mod device_check;

@@ -11,7 +11,7 @@ use wsimil_common::plan::TrainConfig;
 use wsimil_common::records::{EpochRecord, SlidePrediction};
 use wsimil_common::rng::Rng;
 
-/// One slide's bag, ready for the model.
+/// One slide's bag in memory, ready for the model (a bag being scored, the unit tests' toy bags).
 pub struct Bag {
     pub slide: String,
     pub label: usize,
@@ -20,9 +20,66 @@ pub struct Bag {
 }
 
 impl Bag {
-    pub fn from_features(bag: &FeatureBag, label: usize, device: &Device) -> candle_core::Result<Self> {
-        let features = Tensor::from_vec(bag.features.clone(), (1, bag.len(), bag.dim), device)?;
-        Ok(Bag { slide: bag.provenance.slide.clone(), label, features, n: bag.len() })
+    /// The bag of `bag`'s features, which it takes (no copy on the CPU).
+    pub fn from_features(bag: &mut FeatureBag, label: usize, device: &Device) -> candle_core::Result<Self> {
+        let n = bag.len();
+        let features = Tensor::from_vec(std::mem::take(&mut bag.features), (1, n, bag.dim), device)?;
+        Ok(Bag { slide: bag.provenance.slide.clone(), label, features, n })
+    }
+}
+
+/// The bags a training job goes through, one at a time: in memory (`Vec<&Bag>`), or streamed from
+/// the store within the worker's budget ([`crate::bags::Streamed`]). Training sees the same bags in
+/// the same order either way.
+pub trait BagSet {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn label(&self, i: usize) -> usize;
+    fn slide(&self, i: usize) -> &str;
+    /// Call `f` with each bag of `order` (positions in this set), in that order, its features
+    /// `[1, N, D]` as f32 on `device`.
+    fn visit(
+        &self,
+        order: &[usize],
+        device: &Device,
+        f: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()>;
+    /// Every bag once, in order.
+    fn visit_all(
+        &self,
+        device: &Device,
+        f: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        let all: Vec<usize> = (0..self.len()).collect();
+        self.visit(&all, device, f)
+    }
+}
+
+impl BagSet for Vec<&Bag> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn label(&self, i: usize) -> usize {
+        self[i].label
+    }
+
+    fn slide(&self, i: usize) -> &str {
+        &self[i].slide
+    }
+
+    fn visit(
+        &self,
+        order: &[usize],
+        device: &Device,
+        f: &mut dyn FnMut(usize, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        for &i in order {
+            f(i, &self[i].features.to_device(device)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -52,16 +109,17 @@ fn add_grads(acc: &mut Option<GradStore>, new: GradStore, vars: &[Var]) -> candl
 }
 
 /// Mean cross-entropy of `model` over `bags` (evaluation mode).
-pub fn mean_loss(model: &BagModel, bags: &[&Bag]) -> candle_core::Result<f64> {
+pub fn mean_loss(model: &BagModel, bags: &dyn BagSet, device: &Device) -> candle_core::Result<f64> {
     if bags.is_empty() {
         return Ok(f64::NAN);
     }
     let mut total = 0.0;
-    for b in bags {
-        let out = model.forward(&b.features, &mut Mode::Eval, false)?;
-        let target = Tensor::new(&[b.label as u32], b.features.device())?;
+    bags.visit_all(device, &mut |i, x| {
+        let out = model.forward(x, &mut Mode::Eval, false)?;
+        let target = Tensor::new(&[bags.label(i) as u32], device)?;
         total += candle_nn::loss::cross_entropy(&out.logits, &target)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
+        Ok(())
+    })?;
     Ok(total / bags.len() as f64)
 }
 
@@ -92,7 +150,8 @@ pub fn instance_positive(model: &BagModel, bag: &Tensor) -> candle_core::Result<
 }
 
 /// A random subset of `max` instances of a bag (training-time memory bound), in original order.
-fn subsample(bag: &Tensor, n: usize, max: usize, rng: &mut Rng) -> candle_core::Result<Tensor> {
+fn subsample(bag: &Tensor, max: usize, rng: &mut Rng) -> candle_core::Result<Tensor> {
+    let n = bag.dim(1)?;
     if max == 0 || n <= max {
         return Ok(bag.clone());
     }
@@ -120,8 +179,8 @@ pub enum Stop {
 pub fn train(
     model_cfg: &BagModelConfig,
     cfg: &TrainConfig,
-    train: &[&Bag],
-    val: &[&Bag],
+    train: &dyn BagSet,
+    val: &dyn BagSet,
     stop: Stop,
     seed: u64,
     device: &Device,
@@ -144,15 +203,15 @@ pub fn train(
         Stop::After(n) => n,
     };
     for epoch in 0..epochs {
+        let epoch_started = std::time::Instant::now();
         rng.shuffle(&mut order);
         let mut grads = None;
         let mut pending = 0;
         let mut train_loss = 0.0;
-        for &i in &order {
-            let b = train[i];
-            let x = subsample(&b.features, b.n, cfg.max_train_instances, &mut rng)?;
+        train.visit(&order, device, &mut |i, features| {
+            let x = subsample(features, cfg.max_train_instances, &mut rng)?;
             let out = model.forward(&x, &mut Mode::Train(&mut rng), false)?;
-            let target = Tensor::new(&[b.label as u32], device)?;
+            let target = Tensor::new(&[train.label(i) as u32], device)?;
             let loss = candle_nn::loss::cross_entropy(&out.logits, &target)?;
             train_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             add_grads(&mut grads, (loss / accumulate as f64)?.backward()?, &vars)?;
@@ -161,13 +220,14 @@ pub fn train(
                 opt.step(&grads.take().expect("accumulated"))?;
                 pending = 0;
             }
-        }
+            Ok(())
+        })?;
         if let Some(g) = grads.take() {
             opt.step(&g)?;
         }
         let train_loss = train_loss / train.len().max(1) as f64;
-        let val_loss = if val.is_empty() { train_loss } else { mean_loss(&model, val)? };
-        let rec = EpochRecord { epoch, train_loss, val_loss };
+        let val_loss = if val.is_empty() { train_loss } else { mean_loss(&model, val, device)? };
+        let rec = EpochRecord { epoch, train_loss, val_loss, seconds: epoch_started.elapsed().as_secs_f64() };
         log(&rec);
         curve.push(rec);
         if let Stop::After(n) = stop {
@@ -199,14 +259,16 @@ pub fn train(
 /// Predictions and metrics of a trained model on `bags`.
 pub fn test(
     model: &BagModel,
-    bags: &[&Bag],
+    bags: &dyn BagSet,
     n_classes: usize,
+    device: &Device,
 ) -> candle_core::Result<(Vec<SlidePrediction>, Option<Metrics>)> {
     let mut preds = Vec::new();
-    for b in bags {
-        let (probs, _) = predict(model, &b.features, false)?;
-        preds.push(SlidePrediction { slide: b.slide.clone(), label: b.label, probs });
-    }
+    bags.visit_all(device, &mut |i, x| {
+        let (probs, _) = predict(model, x, false)?;
+        preds.push(SlidePrediction { slide: bags.slide(i).to_string(), label: bags.label(i), probs });
+        Ok(())
+    })?;
     let metrics = (!preds.is_empty()).then(|| {
         let probs: Vec<Vec<f64>> = preds.iter().map(|p| p.probs.clone()).collect();
         let labels: Vec<usize> = preds.iter().map(|p| p.label).collect();
@@ -249,9 +311,10 @@ mod tests {
             bags.iter().partition(|b| b.slide.trim_start_matches('s').parse::<usize>().unwrap() < 30);
         let cfg = TrainConfig { max_epochs: 30, patience: 30, lr: 5e-3, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
-        let run = |seed| train(&mcfg, &cfg, &tr, &[], Stop::Early, seed, &Device::Cpu, &mut |_| {}).unwrap();
+        let none: Vec<&Bag> = Vec::new();
+        let run = |seed| train(&mcfg, &cfg, &tr, &none, Stop::Early, seed, &Device::Cpu, &mut |_| {}).unwrap();
         let a = run(7);
-        let (_, m) = test(&a.model, &te, 2).unwrap();
+        let (_, m) = test(&a.model, &te, 2, &Device::Cpu).unwrap();
         let auc = m.unwrap().auc.unwrap();
         assert!(auc > 0.9, "toy AUC {auc}");
         let b = run(7);
@@ -276,7 +339,7 @@ mod tests {
         assert!(t.curve.len() < 40, "stopped early after {} epochs", t.curve.len());
         let best = t.curve.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)).unwrap();
         assert_eq!(t.best_epoch, best.epoch);
-        let now = mean_loss(&t.model, &val).unwrap();
+        let now = mean_loss(&t.model, &val, &Device::Cpu).unwrap();
         assert!((now - best.val_loss).abs() < 1e-6, "restored weights give the best val loss");
     }
 
@@ -287,7 +350,8 @@ mod tests {
         // Patience 1 would stop an early-stopping run at once; a fixed count ignores it.
         let cfg = TrainConfig { max_epochs: 50, patience: 1, lr: 1e-2, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
-        let t = train(&mcfg, &cfg, &refs, &[], Stop::After(7), 0, &Device::Cpu, &mut |_| {}).unwrap();
+        let none: Vec<&Bag> = Vec::new();
+        let t = train(&mcfg, &cfg, &refs, &none, Stop::After(7), 0, &Device::Cpu, &mut |_| {}).unwrap();
         assert_eq!((t.curve.len(), t.best_epoch), (7, 6));
     }
 }
