@@ -38,6 +38,13 @@ pub enum Command {
     Features(FeaturesArgs),
     /// A round's ICMIL teachers against the demo cohort's patch-level truth.
     IcmilTeacherCheck(TeacherCheckArgs),
+    /// A synthetic cohort at TCGA scale: random features with a planted signal, as imported
+    /// features (and CLAM h5 files) with a manifest (bench/train-scale.sh).
+    MakeCohort(MakeCohortArgs),
+    /// Seconds to decode feature files, one after another (bench/train-scale.sh's read ceiling).
+    BenchDecode(BenchDecodeArgs),
+    /// Print one object of a store (local or S3) to stdout.
+    StoreGet(StoreGetArgs),
     /// The product's `wsimil check-device` (here so that the GPU kit needs one binary).
     CheckDevice(CheckDeviceArgs),
 }
@@ -96,6 +103,79 @@ pub struct BenchTransmilArgs {
     pub steps: usize,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MakeCohortArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The feature set's name (what `wsimil run --features` takes).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub slides: usize,
+    /// Mean patches per slide.
+    #[arg(long, default_value_t = 5000)]
+    pub patches: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write CLAM's layout here: h5_files/<slide>.h5 and dataset.csv.
+    #[arg(long)]
+    pub h5_dir: Option<PathBuf>,
+    /// Where the manifest goes.
+    #[arg(long)]
+    pub manifest_out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreGetArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    pub key: String,
+}
+
+/// `wsimil-dev store-get`.
+pub async fn store_get(args: StoreGetArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let bytes = args.store.open()?.get(&object_store::path::Path::parse(&args.key)?).await?;
+    std::io::stdout().write_all(&bytes)?;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDecodeArgs {
+    /// Feature Parquet files.
+    pub files: Vec<PathBuf>,
+}
+
+/// `wsimil-dev bench-decode`: prints `decode FILES BYTES SECONDS` (whole files read first; the
+/// decode alone is timed, as the bag loader does it).
+pub fn bench_decode(args: BenchDecodeArgs) -> anyhow::Result<()> {
+    let mut secs = 0.0;
+    let mut bytes = 0u64;
+    for f in &args.files {
+        let b = bytes::Bytes::from(std::fs::read(f).with_context(|| f.display().to_string())?);
+        bytes += b.len() as u64;
+        let t = std::time::Instant::now();
+        let d = wsimil_common::features::decode::<f32>(&f.display().to_string(), b, false)?;
+        secs += t.elapsed().as_secs_f64();
+        drop(d);
+    }
+    println!("decode {} {bytes} {secs:.4}", args.files.len());
+    Ok(())
+}
+
+/// `wsimil-dev make-cohort`: prints `cohort SLIDES PATCHES BYTES`.
+pub async fn make_cohort(args: MakeCohortArgs) -> anyhow::Result<()> {
+    let store = args.store.open()?;
+    let spec = crate::cohort::CohortSpec { slides: args.slides, patches: args.patches, dim: args.dim, seed: args.seed };
+    let name = wsimil_common::ids::EmbedderId::new(&args.name)?;
+    let (manifest, bytes) = crate::cohort::write_cohort(&store, &name, &spec, args.h5_dir.as_deref()).await?;
+    std::fs::write(&args.manifest_out, manifest).with_context(|| format!("{}", args.manifest_out.display()))?;
+    println!("cohort {} {} {bytes}", args.slides, args.slides * args.patches);
+    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -25,6 +25,17 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(cli::icmil_teacher_check(args))),
+        Command::MakeCohort(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(cli::make_cohort(args))),
+        Command::BenchDecode(args) => cli::bench_decode(args),
+        Command::StoreGet(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(cli::store_get(args))),
         Command::CheckDevice(args) => wsimil_coordinator::cli::check_device(args),
     };
     match result {
