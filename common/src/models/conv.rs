@@ -288,11 +288,7 @@ mod tests {
 
     #[test]
     fn frozen_convolutions_match_candles_for_every_shape_the_embedders_use() {
-        if blas().is_none() {
-            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS (scripts/setup.sh)");
-            eprintln!("OpenBLAS not installed: the fast path is never taken; nothing to compare");
-            return;
-        }
+        crate::models::blas::for_test();
         // (cin, cout, k, stride, padding, input h×w, act, residual): ResNet's stem, 3×3 and strided
         // 1×1 downsample, pointwise with residual, EfficientNet's TF-SAME stride-2 stem on odd and
         // even inputs.
@@ -325,9 +321,7 @@ mod tests {
 
     #[test]
     fn mismatched_inputs_are_refused_with_the_reason() {
-        if blas().is_none() {
-            return;
-        }
+        crate::models::blas::for_test();
         let conv =
             FrozenConv::new(&randn(&[4, 3, 3, 3], 1), &randn(&[4], 2), (3, 3), 1, Padding::Symmetric(1)).unwrap();
         let e = conv.forward(&randn(&[1, 5, 6, 6], 3), Act::None, None).unwrap_err().to_string();

@@ -8,6 +8,7 @@
 //!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]); the Vision Transformers of the
 //!   pathology foundation models, [`vit`] (with [`vit_cpu`], its fused CPU kernels); [`weights`]:
 //!   weights files as publishers ship them (safetensors, PyTorch state dicts), checked by name.
+//! - [`cpu`]: which vector instructions the kernels may use (one rule for every choice).
 //! - [`ops`]: depthwise convolution with backward, iterative pseudo-inverse, seeded dropout.
 //! - [`params`]: seeded parameter creation and safetensors IO.
 //! - [`optim`]: RAdam, Lookahead and AdamW.
@@ -17,6 +18,7 @@ pub mod abmil;
 pub mod blas;
 pub mod conv;
 pub mod convbn;
+pub mod cpu;
 pub mod efficientnet;
 pub mod embedder;
 pub mod icmil;

@@ -601,10 +601,7 @@ mod tests {
     /// runs the very products and softmax of the forward pass.
     #[test]
     fn recomputed_maps_give_the_gradients_kept_ones_give() {
-        if blas().is_none() {
-            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS (scripts/setup.sh)");
-            return;
-        }
+        crate::models::blas::for_test();
         let (h, dh, m, k, dim, np) = (2, 8, 4, 3, 12, 24);
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, np, dim), &dev).unwrap()).unwrap();

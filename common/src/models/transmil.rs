@@ -388,10 +388,7 @@ mod tests {
     /// for the pseudo-inverse's scale (the gradient is shared among ties in both).
     #[test]
     fn the_fused_attention_trains_exactly_as_the_composed_one() {
-        if crate::models::blas::blas().is_none() {
-            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS (scripts/setup.sh)");
-            return;
-        }
+        crate::models::blas::for_test();
         let cfg = TransMilConfig { dim: 32, heads: 2, dim_head: 16, landmarks: 16, ..TransMilConfig::paper(12, 3) };
         let p = Params::new(5);
         let fused = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();

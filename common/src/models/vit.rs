@@ -965,10 +965,7 @@ mod tests {
 
     #[test]
     fn the_fused_cpu_path_gives_the_generic_paths_features() {
-        if crate::models::blas::blas().is_none() {
-            assert!(std::env::var_os("CI").is_none(), "CI installs OpenBLAS");
-            return;
-        }
+        crate::models::blas::for_test();
         let cfg = small(Naming::Timm);
         let p = Params::new(2);
         let m = Vit::new(&cfg, "t", pre(32), p.var_builder(&Device::Cpu), Tune::Frozen).unwrap();

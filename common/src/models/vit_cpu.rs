@@ -70,30 +70,6 @@ pub fn linear(blas: &Blas, x: &[f32], k: usize, w: &[f32], b: Option<&[f32]>, n:
     unsafe { assume_init(y) }
 }
 
-/// Which vector instructions the element-wise kernels are compiled for, chosen once at run time.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Simd {
-    Avx512,
-    Avx2,
-    Baseline,
-}
-
-fn simd() -> Simd {
-    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Simd::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return Simd::Avx2;
-            }
-        }
-        Simd::Baseline
-    })
-}
-
 /// `pub fn $name(args)` calling `$body` compiled three times: for AVX-512, AVX2 + FMA and the
 /// baseline, the widest the CPU has (the loops are written for the compiler to vectorise).
 macro_rules! simd_kernel {
@@ -108,8 +84,9 @@ macro_rules! simd_kernel {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-            match simd() {
-                // SAFETY: the CPU has the features (checked at run time by `simd`).
+            use $crate::models::cpu::Simd;
+            match Simd::of_this_cpu() {
+                // SAFETY: the CPU has every feature the copy is compiled for (`Simd`'s one rule).
                 #[cfg(target_arch = "x86_64")]
                 Simd::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
