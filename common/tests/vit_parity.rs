@@ -75,6 +75,13 @@ fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
 
 #[test]
 fn every_vit_preset_gives_its_publishers_features() {
+    // The fused CPU path runs through OpenBLAS; without it `forward` would be the generic path and
+    // this test would compare that path twice.
+    assert!(
+        wsimil_common::models::blas::blas().is_some(),
+        "this test checks the fused CPU path, which needs OpenBLAS: install it (scripts/setup.sh) and leave \
+         WSIMIL_BLAS unset"
+    );
     let mut checked = Vec::new();
     for stem in [
         "uni",
@@ -153,4 +160,41 @@ fn a_file_for_another_preset_is_refused_with_the_tensors_that_differ() {
     // And at full size the reduced file is misshaped everywhere: counted, the first few named.
     let err = Architecture::Vit(VitPreset::Uni).read_weights(&file).expect_err("refused").to_string();
     assert!(err.contains("does not fit uni: ") && err.contains("more)"), "{err}");
+}
+
+/// Every preset at full size against its publisher's library, without shipping gigabytes:
+/// `scripts/dev/vit_fixtures.py --shapes` records, from timm, transformers and CONCH's own code at
+/// full size (on PyTorch's meta device), every tensor of the state dict each publisher ships, the
+/// width of the features its code returns, and its model card's preprocessing. Through the path a
+/// user's weights file takes (`Architecture::fit_vit` on the file's shapes, then the tensors it
+/// expects), each preset must expect exactly those tensors (the rest of the file being what it
+/// ignores, CONCH's text tower), give features of that width, and prepare patches the same way.
+#[test]
+fn every_preset_expects_exactly_its_publishers_full_size_tensors() {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("full_size.json")).unwrap()).unwrap();
+    let mut names: Vec<String> = VitPreset::ALL.iter().map(|p| p.name().to_string()).collect();
+    names.push("vit:vit_small_patch14_reg4_dinov2".into());
+    for name in &names {
+        let entry = record.get(name.as_str()).unwrap_or_else(|| panic!("{name}: not in full_size.json"));
+        let shipped: std::collections::BTreeMap<String, Vec<usize>> =
+            serde_json::from_value(entry["tensors"].clone()).unwrap();
+        let arch: Architecture = name.parse().unwrap();
+        let cfg = arch.fit_vit(&|n| shipped.get(n).cloned()).unwrap();
+        let needed = vit::tensor_specs(&cfg);
+        for spec in &needed {
+            assert_eq!(shipped.get(&spec.name), Some(&spec.shape), "{name}: {} (expected {:?})", spec.name, spec.shape);
+        }
+        let expected: std::collections::HashSet<&str> = needed.iter().map(|s| s.name.as_str()).collect();
+        let unused: Vec<&String> =
+            shipped.keys().filter(|n| !expected.contains(n.as_str()) && !vit::ignorable(cfg.naming, n)).collect();
+        assert!(unused.is_empty(), "{name}: the publisher ships tensors wsimil neither reads nor ignores: {unused:?}");
+        assert_eq!(arch.feature_dim(), entry["feature_dim"].as_u64().map(|d| d as usize), "{name}: features");
+        let pre = arch.preprocessing().unwrap();
+        let floats = |k: &str| -> Vec<f32> { serde_json::from_value(entry[k].clone()).unwrap() };
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(close(&pre.mean, &floats("mean")) && close(&pre.std, &floats("std")), "{name}: {pre:?} vs {entry}");
+        assert_eq!(Some(pre.input_px as u64), entry["input_px"].as_u64(), "{name}: input side");
+    }
+    assert_eq!(record.as_object().unwrap().len(), names.len(), "an entry for every preset, and only those");
 }

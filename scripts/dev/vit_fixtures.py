@@ -10,6 +10,12 @@ beside the inputs. common/tests/vit_parity.rs loads those files through wsimil's
 
     scripts/dev/vit_fixtures.py --out common/tests/fixtures/vit [--conch CONCH_CHECKOUT]
     scripts/dev/vit_fixtures.py --full uni --out DIR      # one preset at full size (not committed)
+    scripts/dev/vit_fixtures.py --shapes common/tests/fixtures/vit/full_size.json --conch CONCH_CHECKOUT
+
+`--shapes` builds every preset at full size on PyTorch's meta device (no memory, no numbers) and
+records, as small JSON, every tensor of the state dict its publisher ships (name and shape), the
+width of the features its own code returns (a forward pass on meta tensors) and the preprocessing
+its model card gives: what vit_parity.rs holds each of wsimil's presets to, without gigabytes.
 
 Needs PyPI's torch, timm and transformers (scripts/dev/pypi-torch-env.sh) and, for conch-vision,
 a checkout of https://github.com/mahmoodlab/CONCH (its code is imported from there, never copied).
@@ -200,13 +206,76 @@ def resample_fixture(out):
     save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(out, "resample.safetensors"))
 
 
+def shapes(path, conch):
+    """Every preset at full size, on the meta device: its shipped tensors and its features' width."""
+    record = {}
+
+    def add(name, model, state, mean_std, output, side, features):
+        record[name] = {
+            "tensors": {k: list(v.shape) for k, v in state.items()},
+            "feature_dim": int(features.shape[-1]),
+            "output": output,
+            "input_px": side,
+            "mean": mean_std[0],
+            "std": mean_std[1],
+        }
+        print(f"{name}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.0f}M numbers, "
+              f"{int(features.shape[-1])}-d features", file=sys.stderr)
+
+    with torch.device("meta"):
+        presets = timm_presets(True)
+        # H-optimus-1 is built as H-optimus-0 (its card and TRIDENT): its own entry all the same.
+        presets["h-optimus-1"] = presets["h-optimus-0"]
+        for name, (build, mean_std, output, side) in presets.items():
+            model = build().eval()
+            x = torch.empty(1, 3, side, side)
+            add(name, model, model.state_dict(), mean_std, output, side, timm_features(model, x, output))
+        from transformers import Dinov2Config, Dinov2Model
+        # owkin/phikon-v2's config.json.
+        cfg = Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                           image_size=224, patch_size=16, layerscale_value=1e-5, use_swiglu_ffn=False)
+        model = Dinov2Model(cfg).eval()
+        feats = model(pixel_values=torch.empty(1, 3, 224, 224)).last_hidden_state[:, 0]
+        # The names as save_pretrained writes them (the shipped checkpoint's), not transformers 5's
+        # in-memory renames.
+        from transformers.core_model_loading import revert_weight_conversion
+        add("phikon-v2", model, revert_weight_conversion(model, model.state_dict()), IMAGENET, "class", 224, feats)
+        if conch:
+            sys.path.insert(0, conch)
+            from conch.open_clip_custom.coca_model import CoCa
+            from conch.open_clip_custom.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+            # As conch.open_clip_custom.create_model builds it: the config CoCa(**cfg).
+            cfg_path = os.path.join(conch, "conch", "open_clip_custom", "model_configs", "conch_ViT-B-16.json")
+            with open(cfg_path) as f:
+                c = json.load(f)
+            c.pop("custom_text", None)
+            model = CoCa(**c).eval()
+            side = c["vision_cfg"]["image_size"]
+            feats = model.encode_image(torch.empty(1, 3, side, side), proj_contrast=False, normalize=False)
+            mean_std = (list(OPENAI_DATASET_MEAN), list(OPENAI_DATASET_STD))
+            add("conch-vision", model, model.state_dict(), mean_std, "class", side, feats)
+        else:
+            print("conch-vision: skipped (no --conch checkout)", file=sys.stderr)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=0, sort_keys=True)
+        f.write("\n")
+    print(f"{len(record)} presets' full-size tensors (timm {__import__('timm').__version__}, "
+          f"transformers {__import__('transformers').__version__}) in {path}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--shapes", help="write every preset's full-size tensors and features' width to this JSON")
     ap.add_argument("--data", default=os.environ.get("WSIMIL_DATA", os.path.expanduser("~/.cache/wsimil/data")))
     ap.add_argument("--conch", help="a checkout of mahmoodlab/CONCH (for conch-vision)")
     ap.add_argument("--full", help="build this one preset at full size instead")
     a = ap.parse_args()
+    if a.shapes:
+        shapes(a.shapes, a.conch)
+        return
+    if not a.out:
+        ap.error("--out DIR (or --shapes FILE)")
     os.makedirs(a.out, exist_ok=True)
     u8 = patches(a.data)
     save_file({"patches": torch.from_numpy(np.ascontiguousarray(u8))}, os.path.join(a.out, "patches.safetensors"))
