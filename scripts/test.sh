@@ -9,6 +9,9 @@ export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
 WSIMIL_TOOLS=$(dirname "$(./scripts/fetch-tools.sh)")
 export WSIMIL_TOOLS
 cargo fmt --all -- --check
+# Lints of every crate and target, as a warning-free build requires (a check build: ~4 min on CI's
+# 2 cores the first time, seconds after).
+cargo clippy --workspace --all-targets -- -D warnings
 # The cuda feature must keep compiling: type-checked with CUDA 13 from PyPI (no GPU needed).
 # WSIMIL_SKIP_CUDA_CHECK=1 skips it (local iterations).
 [[ -n ${WSIMIL_SKIP_CUDA_CHECK:-} ]] || ./scripts/build-cuda.sh --check

@@ -221,7 +221,7 @@ mod tests {
         };
         let embedder = EmbedderSpec {
             architecture: Architecture::ResNet50Trunc,
-            weights: "abc".into(),
+            weights: crate::plan::WeightsRef::Sha256("ab".repeat(32)),
             batch_size: 16,
             corrupt_tiles: Default::default(),
         };

@@ -44,10 +44,13 @@ pub struct EmbeddingProvenance {
     /// different precisions differ in their last bits.
     #[serde(default)]
     pub compute: Option<String>,
-    /// SHA-256 of the embedder's weights file as its publisher ships it (`random-<seed>` for
-    /// random weights).
+    /// SHA-256 of the embedder's weights file as its publisher ships it (or as an ICMIL merge
+    /// wrote it); none for random weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_sha256: Option<String>,
+    /// The seed of random weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_seed: Option<u64>,
     /// What each feature is (`class token`, `class token + mean patch token`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
@@ -68,6 +71,7 @@ impl EmbeddingProvenance {
             imported_from: None,
             compute: None,
             weights_sha256: None,
+            weights_seed: None,
             output: None,
         }
     }
@@ -353,6 +357,7 @@ mod tests {
                 imported_from: None,
                 compute: None,
                 weights_sha256: None,
+                weights_seed: None,
                 output: None,
             },
         }

@@ -33,14 +33,14 @@ impl TilingSpec {
     }
 }
 
-/// Which patch embedder, with which weights. `weights_sha256` pins the exact file, so an
+/// Which patch embedder, with which weights. The weights' SHA-256 pins the exact file, so an
 /// [`EmbedderId`] names one set of numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbedderSpec {
     /// The network (its name, as `--embedder` takes it).
     pub architecture: Architecture,
-    /// SHA-256 of the safetensors weights, or `random-<seed>` for randomly initialised weights.
-    pub weights: String,
+    /// Its weights: a file's SHA-256, a seed, or the name features were imported under.
+    pub weights: WeightsRef,
     /// Patches per forward pass.
     pub batch_size: usize,
     /// What a corrupt tile inside an otherwise readable slide does to the patches on it.
@@ -59,9 +59,77 @@ pub enum CorruptTiles {
     Fail,
 }
 
+/// An embedder's weights, as a plan names them. Written as one string, as plans have always held
+/// it (so ids and stored plans are unchanged): the SHA-256 in hex, `random-<seed>`, or the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum WeightsRef {
+    /// SHA-256 (64 hex digits) of the safetensors weights the store keeps under the embedder's id.
+    Sha256(String),
+    /// Initialised from this seed (tests, smoke runs): nothing is stored.
+    Random(u64),
+    /// Features imported under this name (`wsimil import-clam`): no network, no weights.
+    Imported(String),
+}
+
+impl WeightsRef {
+    /// The SHA-256 of the weights file, where there is one.
+    pub fn sha256(&self) -> Option<&str> {
+        match self {
+            WeightsRef::Sha256(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The seed of random weights.
+    pub fn seed(&self) -> Option<u64> {
+        match self {
+            WeightsRef::Random(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// Whether the store keeps weights for it (a file's, or an ICMIL merge's).
+    pub fn stored(&self) -> bool {
+        matches!(self, WeightsRef::Sha256(_))
+    }
+}
+
+impl std::fmt::Display for WeightsRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightsRef::Sha256(h) => f.write_str(h),
+            WeightsRef::Random(s) => write!(f, "random-{s}"),
+            WeightsRef::Imported(name) => f.write_str(name),
+        }
+    }
+}
+
+impl From<WeightsRef> for String {
+    fn from(w: WeightsRef) -> String {
+        w.to_string()
+    }
+}
+
+impl From<String> for WeightsRef {
+    /// `random-<seed>`, 64 hex digits, or else a name (every string reads back as it was written).
+    fn from(s: String) -> WeightsRef {
+        if let Some(seed) = s.strip_prefix("random-").and_then(|n| n.parse::<u64>().ok()) {
+            if format!("random-{seed}") == s {
+                return WeightsRef::Random(seed);
+            }
+        }
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return WeightsRef::Sha256(s);
+        }
+        WeightsRef::Imported(s)
+    }
+}
+
 impl EmbedderSpec {
     pub fn id(&self) -> EmbedderId {
-        let short = &self.weights[..self.weights.len().min(12)];
+        let weights = self.weights.to_string();
+        let short = &weights[..weights.len().min(12)];
         EmbedderId::new(format!("{}-{}", self.architecture.id_stem(), short)).expect("embedder ids are safe")
     }
 }
@@ -286,5 +354,41 @@ impl RunPlan {
     /// The fold whose test set holds `id`.
     pub fn test_fold_of(&self, id: &SlideId) -> Option<u32> {
         self.folds.iter().position(|f| f.test.contains(id)).map(|k| k as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind of weights is written as the one string plans have always held (so embedder ids
+    /// and stored plans are unchanged) and reads back as the same kind.
+    #[test]
+    fn weights_are_written_as_plans_always_held_them_and_read_back_typed() {
+        let sha = "0123456789abcdef".repeat(4);
+        let cases = [
+            (WeightsRef::Random(7), "random-7".to_string()),
+            (WeightsRef::Sha256(sha.clone()), sha.clone()),
+            (WeightsRef::Imported("tcga-uni".into()), "tcga-uni".to_string()),
+            // Not a seed, not a SHA-256: names.
+            (WeightsRef::Imported("random-x".into()), "random-x".to_string()),
+            (WeightsRef::Imported("random-07".into()), "random-07".to_string()),
+            (WeightsRef::Imported(sha.to_uppercase()), sha.to_uppercase()),
+        ];
+        for (w, text) in cases {
+            let json = serde_json::to_string(&w).unwrap();
+            assert_eq!(json, format!("{text:?}"));
+            assert_eq!(serde_json::from_str::<WeightsRef>(&json).unwrap(), w, "{text}");
+        }
+        assert_eq!((WeightsRef::Random(7).seed(), WeightsRef::Random(7).sha256()), (Some(7), None));
+        assert_eq!(WeightsRef::Sha256(sha.clone()).sha256(), Some(sha.as_str()));
+        assert!(WeightsRef::Sha256(sha).stored() && !WeightsRef::Random(1).stored());
+        let spec = EmbedderSpec {
+            architecture: Architecture::EfficientNetLite0,
+            weights: WeightsRef::Random(3),
+            batch_size: 8,
+            corrupt_tiles: CorruptTiles::Skip,
+        };
+        assert!(spec.id().as_str().ends_with("-random-3"), "{}", spec.id());
     }
 }

@@ -85,6 +85,22 @@ pub struct S3Options {
     /// Retries of a failed request inside the S3 client (with backoff) before the error reaches the
     /// job, which then retries on its own terms; `None` keeps the client's default (10).
     pub max_retries: Option<usize>,
+    /// An access key given in code (tools, tests); `None` takes the `AWS_*` variables and the
+    /// usual chain (instance profile, web identity) as the S3 client finds them.
+    pub credentials: Option<S3Credentials>,
+}
+
+/// An S3 access key pair. Its `Debug` never shows the secret.
+#[derive(Clone, Default)]
+pub struct S3Credentials {
+    pub key_id: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials").field("key_id", &self.key_id).field("secret", &"…").finish()
+    }
 }
 
 /// A cloneable handle to the store every stage reads from and writes to.
@@ -123,6 +139,9 @@ impl Store {
             }
             if s3.path_style {
                 b = b.with_virtual_hosted_style_request(false);
+            }
+            if let Some(c) = &s3.credentials {
+                b = b.with_access_key_id(&c.key_id).with_secret_access_key(&c.secret);
             }
             if let Some(n) = s3.max_retries {
                 b = b.with_retry(object_store::RetryConfig { max_retries: n, ..Default::default() });
@@ -248,9 +267,13 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_credentials() {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "very-secret-key");
-        let opts = S3Options { endpoint: Some("http://127.0.0.1:1".into()), path_style: true, ..Default::default() };
+        let opts = S3Options {
+            endpoint: Some("http://127.0.0.1:1".into()),
+            path_style: true,
+            credentials: Some(S3Credentials { key_id: "AKIDEXAMPLE".into(), secret: "very-secret-key".into() }),
+            ..Default::default()
+        };
+        assert!(!format!("{opts:?}").contains("very-secret-key"), "{opts:?}");
         let store = Store::open("s3://bucket/prefix", &opts).unwrap();
         let shown = format!("{store:?}");
         assert!(!shown.contains("very-secret-key") && !shown.contains("AKIDEXAMPLE"), "{shown}");
@@ -292,10 +315,9 @@ mod tests {
             endpoint: Some("http://127.0.0.1:9".into()),
             path_style: true,
             max_retries: Some(0),
+            credentials: Some(S3Credentials { key_id: "AKIDEXAMPLE".into(), secret: "very-secret-key".into() }),
             ..Default::default()
         };
-        std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "very-secret-key");
         let store = Store::open("s3://bucket/prefix", &opts).unwrap();
         let err = store.get(&Path::from("a/b.json")).await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");

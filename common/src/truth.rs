@@ -33,13 +33,16 @@ pub struct Truth {
 
 impl Truth {
     /// Check a truth file before any work (`name`, its path or URL, gives its kind by extension):
-    /// a mask image that decodes, or GeoJSON with polygons.
+    /// a mask image that decodes, or GeoJSON whose shapes have an area. A GeoJSON document with no
+    /// shapes at all (QuPath's export of a slide without annotations) declares a slide without
+    /// lesions; one whose shapes are all points or lines marks no area, and is refused.
     pub fn validate(name: &str, bytes: &[u8]) -> Result<(), String> {
         if is_geojson(name) {
-            let polygons = geojson_polygons(bytes).map_err(|e| format!("{name}: {e}"))?;
-            if polygons.is_empty() {
+            let shapes = geojson_shapes(bytes).map_err(|e| format!("{name}: {e}"))?;
+            if shapes.polygons.is_empty() && shapes.without_area > 0 {
                 return Err(format!(
-                    "{name}: no Polygon or MultiPolygon (an empty annotation: leave the truth cell empty)"
+                    "{name}: {} shape(s), none a Polygon or MultiPolygon: points and lines mark no lesion area",
+                    shapes.without_area
                 ));
             }
             return Ok(());
@@ -53,7 +56,7 @@ impl Truth {
     /// whose level 0 is `level0` = (width, height) pixels.
     pub fn from_bytes(name: &str, bytes: &[u8], level0: (u64, u64)) -> Result<Truth, String> {
         if is_geojson(name) {
-            let polygons = geojson_polygons(bytes).map_err(|e| format!("{name}: {e}"))?;
+            let polygons = geojson_shapes(bytes).map_err(|e| format!("{name}: {e}"))?.polygons;
             let ds = GEOJSON_DOWNSAMPLE;
             let (w, h) =
                 (((level0.0 as f64) / ds).ceil().max(1.0) as u32, ((level0.1 as f64) / ds).ceil().max(1.0) as u32);
@@ -192,15 +195,22 @@ impl InstanceFigures {
 /// A polygon: its outer ring then its holes, each a list of (x, y) level-0 points.
 type Polygon = Vec<Vec<(f64, f64)>>;
 
-/// Every Polygon and MultiPolygon of a GeoJSON document.
-fn geojson_polygons(bytes: &[u8]) -> Result<Vec<Polygon>, String> {
+/// The shapes of a GeoJSON document: its Polygons and MultiPolygons, and a count of the others.
+#[derive(Default)]
+struct Shapes {
+    polygons: Vec<Polygon>,
+    /// Points and lines: shapes that mark no area.
+    without_area: usize,
+}
+
+fn geojson_shapes(bytes: &[u8]) -> Result<Shapes, String> {
     let doc: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    let mut out = Vec::new();
+    let mut out = Shapes::default();
     collect(&doc, &mut out)?;
     Ok(out)
 }
 
-fn collect(v: &serde_json::Value, out: &mut Vec<Polygon>) -> Result<(), String> {
+fn collect(v: &serde_json::Value, out: &mut Shapes) -> Result<(), String> {
     let ring = |r: &serde_json::Value| -> Result<Vec<(f64, f64)>, String> {
         r.as_array()
             .ok_or("a ring is not an array of points")?
@@ -232,14 +242,14 @@ fn collect(v: &serde_json::Value, out: &mut Vec<Polygon>) -> Result<(), String> 
                 collect(g, out)?;
             }
         }
-        Some("Polygon") => out.push(polygon(v.get("coordinates").ok_or("a Polygon without coordinates")?)?),
+        Some("Polygon") => out.polygons.push(polygon(v.get("coordinates").ok_or("a Polygon without coordinates")?)?),
         Some("MultiPolygon") => {
             for p in v.get("coordinates").and_then(|c| c.as_array()).ok_or("a MultiPolygon without coordinates")? {
-                out.push(polygon(p)?);
+                out.polygons.push(polygon(p)?);
             }
         }
         // Points and lines mark no area.
-        Some(_) => {}
+        Some(_) => out.without_area += 1,
         None => {
             // QuPath writes a bare array of Features too.
             if let Some(items) = v.as_array() {
@@ -380,5 +390,23 @@ mod tests {
         let e = Truth::from_bytes("a.geojson", br#"{"type": "Polygon", "coordinates": [[[0, 0], "x"]]}"#, (64, 64))
             .unwrap_err();
         assert!(e.starts_with("a.geojson: a point is not [x, y]"), "{e}");
+    }
+
+    /// QuPath exports a slide without annotations as an empty FeatureCollection (or an empty
+    /// array): that declares a lesion-free slide, every patch negative. Shapes that are all points
+    /// or lines mark no area and are refused, named.
+    #[test]
+    fn an_empty_annotation_is_a_slide_without_lesions() {
+        for doc in [r#"{"type": "FeatureCollection", "features": []}"#, "[]"] {
+            Truth::validate("n.geojson", doc.as_bytes()).unwrap();
+            let t = Truth::from_bytes("n.geojson", doc.as_bytes(), (1024, 512)).unwrap();
+            assert_eq!((t.mask.width(), t.mask.height()), (64, 32));
+            assert!(t.coverage(&[0, 512, 768], &[0, 256, 256], 256).iter().all(|c| *c == 0.0), "{doc}");
+        }
+        let points = r#"{"type": "FeatureCollection", "features": [
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}},
+            {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[5, 5], [9, 9]]}}]}"#;
+        let e = Truth::validate("p.geojson", points.as_bytes()).unwrap_err();
+        assert!(e.starts_with("p.geojson: 2 shape(s), none a Polygon or MultiPolygon"), "{e}");
     }
 }

@@ -15,12 +15,10 @@
 use crate::dispatch::{Dispatcher, StageOutcome};
 use crate::manifest::{self, Purpose};
 use crate::planner::{self, SlideRef};
+use crate::predictions::{Prediction, Table};
 use anyhow::{bail, Context};
-use arrow_array::{Float64Array, RecordBatch, StringArray};
-use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use wsimil_common::attention::AttentionMap;
 use wsimil_common::classifier::{AppliedSlide, ApplyPlan, Member, ModelCard, ModelId, ModelSource, TrainingSummary};
 use wsimil_common::ids::{content_hash, sha256_hex, EmbedderId, RunId};
@@ -31,7 +29,6 @@ use wsimil_common::models::zoo::Architecture;
 use wsimil_common::plan::RunPlan;
 use wsimil_common::records::{EmbedderCard, FinalReport, FoldReport};
 use wsimil_common::store::{S3Options, Store};
-use wsimil_common::table::write_parquet;
 use wsimil_worker::slide::remote::Buckets;
 
 /// Which of a run's models.
@@ -177,7 +174,7 @@ pub async fn export(store: &Store, card: &ModelCard, out: &Path) -> anyhow::Resu
         std::fs::write(&p, &bytes).with_context(|| io(&p))?;
     }
     for e in card.embedders() {
-        if e.weights.starts_with("random-") || e.architecture == Architecture::Imported {
+        if !e.weights.stored() || e.architecture == Architecture::Imported {
             continue; // nothing to carry: seeded random weights, or features imported by name
         }
         let id = e.id();
@@ -212,7 +209,7 @@ pub async fn import_folder(store: &Store, dir: &Path) -> anyhow::Result<ModelCar
         weights.push(bytes::Bytes::from(bytes));
     }
     for e in card.embedders() {
-        if e.weights.starts_with("random-") || e.architecture == Architecture::Imported {
+        if !e.weights.stored() || e.architecture == Architecture::Imported {
             continue;
         }
         let id = e.id();
@@ -229,7 +226,7 @@ pub async fn import_folder(store: &Store, dir: &Path) -> anyhow::Result<ModelCar
             Err(_) => EmbedderCard {
                 id: id.clone(),
                 architecture: e.architecture.to_string(),
-                weights_sha256: e.weights.clone(),
+                weights_sha256: e.weights.to_string(),
                 source: Some(p.display().to_string()),
                 parent: None,
                 lineage: None,
@@ -286,7 +283,7 @@ pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) 
                 );
             }
             for e in &embedders {
-                if !e.weights.starts_with("random-") && !store.exists(&layout::embedder_weights(&e.id())).await? {
+                if e.weights.stored() && !store.exists(&layout::embedder_weights(&e.id())).await? {
                     bail!("model {}: its embedder {} is not in {} (export the model with its embedders: wsimil export-model)", card.id, e.id(), store.location());
                 }
             }
@@ -408,19 +405,19 @@ async fn score_jobs(store: &Store, plan: &ApplyPlan) -> anyhow::Result<Vec<Job>>
 /// Gather the scored slides into predictions (Parquet and CSV) and, over the labelled ones, metrics
 /// with bootstrap 95% confidence intervals.
 pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyMetrics> {
-    let mut rows: Vec<(String, Option<usize>, Vec<f64>)> = Vec::new();
+    let mut rows: Vec<Prediction> = Vec::new();
     for s in &plan.slides {
         let key = layout::applied_attention(&plan.name, &s.id);
         if !store.exists(&key).await? {
             continue;
         }
         let map = AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?;
-        rows.push((s.id.to_string(), s.label, map.provenance.probs));
+        rows.push(Prediction { slide: s.id.to_string(), label: s.label, fold: None, probs: map.provenance.probs });
     }
-    let labelled: Vec<&(String, Option<usize>, Vec<f64>)> = rows.iter().filter(|r| r.1.is_some()).collect();
+    let labelled: Vec<&Prediction> = rows.iter().filter(|r| r.label.is_some()).collect();
     let metrics = (!labelled.is_empty()).then(|| {
-        let probs: Vec<Vec<f64>> = labelled.iter().map(|r| r.2.clone()).collect();
-        let labels: Vec<usize> = labelled.iter().map(|r| r.1.expect("labelled")).collect();
+        let probs: Vec<Vec<f64>> = labelled.iter().map(|r| r.probs.clone()).collect();
+        let labels: Vec<usize> = labelled.iter().map(|r| r.label.expect("labelled")).collect();
         evaluate_ci(&probs, &labels, plan.classes.len(), 1000, 0)
     });
     let mut failures = Vec::new();
@@ -437,47 +434,16 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
         metrics,
         failures,
     };
-    write_predictions(store, plan, &rows).await?;
+    let table = Table {
+        csv: layout::applied_predictions_csv(&plan.name),
+        parquet: layout::applied_predictions_parquet(&plan.name),
+        classes: &plan.classes,
+        folds: false,
+        provenance: serde_json::json!({"application": plan.name, "model": plan.model, "kind": "predictions of a trained model"}),
+    };
+    table.write(store, &rows).await?;
     store.put_json(&layout::applied_metrics(&plan.name), &m).await?;
     Ok(m)
-}
-
-async fn write_predictions(
-    store: &Store,
-    plan: &ApplyPlan,
-    rows: &[(String, Option<usize>, Vec<f64>)],
-) -> anyhow::Result<()> {
-    let classes = &plan.classes;
-    let predicted = |p: &[f64]| p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
-    let label = |l: &Option<usize>| l.map(|l| classes[l].as_str()).unwrap_or("");
-    let mut fields = vec![
-        Field::new("slide_id", DataType::Utf8, false),
-        Field::new("label", DataType::Utf8, true),
-        Field::new("predicted", DataType::Utf8, false),
-    ];
-    let mut cols: Vec<Arc<dyn arrow_array::Array>> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
-        Arc::new(StringArray::from(rows.iter().map(|r| r.1.map(|l| classes[l].as_str())).collect::<Vec<_>>())),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| classes[predicted(&r.2)].as_str()))),
-    ];
-    for (c, name) in classes.iter().enumerate() {
-        fields.push(Field::new(format!("prob_{name}"), DataType::Float64, false));
-        cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2[c]))));
-    }
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
-    let prov =
-        serde_json::json!({"application": plan.name, "model": plan.model, "kind": "predictions of a trained model"});
-    store.put(&layout::applied_predictions_parquet(&plan.name), write_parquet("predictions", &batch, &prov)?).await?;
-    let mut csv = format!(
-        "slide_id,label,predicted,{}\n",
-        classes.iter().map(|c| format!("prob_{c}")).collect::<Vec<_>>().join(",")
-    );
-    for r in rows {
-        let probs: Vec<String> = r.2.iter().map(|p| format!("{p:.6}")).collect();
-        csv.push_str(&format!("{},{},{},{}\n", r.0, label(&r.1), classes[predicted(&r.2)], probs.join(",")));
-    }
-    store.put(&layout::applied_predictions_csv(&plan.name), csv.into_bytes()).await?;
-    Ok(())
 }
 
 /// The report a person reads.

@@ -103,6 +103,7 @@ impl StoreArgs {
             region: self.s3_region.clone(),
             path_style: self.s3_path_style,
             max_retries: self.s3_max_retries,
+            credentials: None,
         }
     }
 }
@@ -129,7 +130,8 @@ impl SlideArgs {
         if dir.exists() && !dir.is_dir() {
             bail!("--scratch {}: not a folder", dir.display());
         }
-        Ok(SlideSources::new(store.s3(), Scratch::new(dir, (self.scratch_max_gb * 1e9) as u64)))
+        let reader = wsimil_worker::slide::ReaderChoice::from_env()?;
+        Ok(SlideSources::new(store.s3(), Scratch::new(dir, (self.scratch_max_gb * 1e9) as u64)).with_reader(reader))
     }
 }
 
@@ -301,6 +303,111 @@ pub struct StatusArgs {
     pub run: Option<String>,
 }
 
+/// How slides are tiled: `run`, and `import-model` (how the checkpoint's features were made).
+#[derive(Debug, Args, Clone)]
+pub struct TilingArgs {
+    /// Patch side in pixels at the target resolution [default: 256, or the embedder's (the ViT
+    /// presets': docs/encoders.md)].
+    #[arg(long)]
+    pub patch_px: Option<u32>,
+    /// Target resolution in µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x) [default: 0.5, or the embedder's].
+    #[arg(long)]
+    pub target_mpp: Option<f64>,
+    /// Tissue detection preset (CLAM's).
+    #[arg(long, value_enum, default_value_t = TissuePreset::Tcga)]
+    pub tissue_preset: TissuePreset,
+    /// Saturation threshold: otsu, or a number 0-255 (the presets' own is 8).
+    #[arg(long, default_value = "otsu")]
+    pub tissue_threshold: Threshold,
+    /// Minimum tissue fraction of a kept patch.
+    #[arg(long, default_value_t = 0.25)]
+    pub min_tissue: f32,
+}
+
+impl TilingArgs {
+    /// The tiling for `embedder`: the flags, else the embedder's own patch size and resolution
+    /// (CLAM's 256 px at 0.5 µm/px for the CNNs).
+    pub fn spec(&self, embedder: &Architecture) -> anyhow::Result<TilingSpec> {
+        let (hint_px, hint_mpp) = embedder.tiling_hint().unwrap_or((256, 0.5));
+        let (patch_px, target_mpp) = (self.patch_px.unwrap_or(hint_px), self.target_mpp.unwrap_or(hint_mpp));
+        if patch_px == 0 || !(target_mpp > 0.0 && target_mpp.is_finite()) {
+            bail!("--patch-px and --target-mpp must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.min_tissue) {
+            bail!("--min-tissue {} is not a fraction between 0 and 1", self.min_tissue);
+        }
+        Ok(TilingSpec {
+            patch_px,
+            target_mpp,
+            step_fraction: 1.0,
+            min_tissue_fraction: self.min_tissue,
+            tissue: TissueParams { threshold: self.tissue_threshold.0, ..TissueParams::preset(self.tissue_preset) },
+        })
+    }
+}
+
+/// The patch embedder and its weights: `run`, and `import-model` (the checkpoint's embedder).
+#[derive(Debug, Args, Clone)]
+pub struct EmbedderArgs {
+    /// Patch embedder: efficientnet-lite0 (the CPU default), resnet50-trunc, a pathology foundation
+    /// model (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, gigapath-tile, phikon-v2,
+    /// conch-vision), or vit:<timm-name> (docs/encoders.md).
+    #[arg(long, default_value = "efficientnet-lite0")]
+    pub embedder: Architecture,
+    /// Embedder weights as the publisher ships them: safetensors, or PyTorch's zip `.bin`/`.pth`
+    /// state dict. Default for efficientnet-lite0: the fetched ImageNet weights.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Use seeded random embedder weights instead (smoke tests).
+    #[arg(long, conflicts_with = "weights")]
+    pub random_weights: Option<u64>,
+    /// Patches per embedder forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// A corrupt tile inside a readable slide: skip the patches on it (counted in the features'
+    /// provenance) or fail the slide.
+    #[arg(long, value_enum, default_value_t = CorruptTiles::Skip)]
+    pub on_corrupt_tile: CorruptTiles,
+}
+
+impl EmbedderArgs {
+    /// The embedder with its weights: the file, the seed, or (EfficientNet-Lite0) the fetched
+    /// ImageNet weights; a missing file is said with what to pass.
+    pub fn choice(&self) -> anyhow::Result<EmbedderChoice> {
+        let weights = match (&self.weights, self.random_weights) {
+            (_, Some(seed)) => Weights::Random(seed),
+            (Some(p), None) => Weights::File(p.clone()),
+            (None, None) if self.embedder == Architecture::EfficientNetLite0 => {
+                let p = wsimil_common::data_dir().join("efficientnet-lite0.safetensors");
+                if !p.is_file() {
+                    bail!(
+                        "no EfficientNet-Lite0 weights at {}: run scripts/fetch-data.sh, or pass --weights",
+                        p.display()
+                    );
+                }
+                Weights::File(p)
+            }
+            (None, None) => match &self.embedder {
+                Architecture::Vit(p) => bail!(
+                    "--embedder {} needs --weights FILE, the file its publisher ships: {} (or --random-weights SEED)",
+                    self.embedder,
+                    p.spec().weights
+                ),
+                _ => bail!(
+                    "--embedder {} needs --weights FILE (safetensors, or PyTorch's .bin/.pth; or --random-weights SEED)",
+                    self.embedder
+                ),
+            },
+        };
+        Ok(EmbedderChoice {
+            architecture: self.embedder.clone(),
+            weights,
+            batch_size: self.batch_size.max(1),
+            corrupt_tiles: self.on_corrupt_tile,
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -336,42 +443,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub train_seed: Option<u64>,
 
-    /// Patch side in pixels at the target resolution [default: 256, or the embedder's (the ViT
-    /// presets': docs/encoders.md)].
-    #[arg(long)]
-    pub patch_px: Option<u32>,
-    /// Target resolution in µm per pixel (0.5 ≈ 20x, 0.25 ≈ 40x) [default: 0.5, or the embedder's].
-    #[arg(long)]
-    pub target_mpp: Option<f64>,
-    /// Tissue detection preset (CLAM's).
-    #[arg(long, value_enum, default_value_t = TissuePreset::Tcga)]
-    pub tissue_preset: TissuePreset,
-    /// Saturation threshold: otsu, or a number 0-255 (the presets' own is 8).
-    #[arg(long, default_value = "otsu")]
-    pub tissue_threshold: Threshold,
-    /// Minimum tissue fraction of a kept patch.
-    #[arg(long, default_value_t = 0.25)]
-    pub min_tissue: f32,
-
-    /// Patch embedder: efficientnet-lite0 (the CPU default), resnet50-trunc, a pathology foundation
-    /// model (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, gigapath-tile, phikon-v2,
-    /// conch-vision), or vit:<timm-name> (docs/encoders.md).
-    #[arg(long, default_value = "efficientnet-lite0")]
-    pub embedder: Architecture,
-    /// Embedder weights as the publisher ships them: safetensors, or PyTorch's zip `.bin`/`.pth`
-    /// state dict. Default for efficientnet-lite0: the fetched ImageNet weights.
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Use seeded random embedder weights instead (smoke tests).
-    #[arg(long, conflicts_with = "weights")]
-    pub random_weights: Option<u64>,
-    /// Patches per embedder forward pass.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// A corrupt tile inside a readable slide: skip the patches on it (counted in the features'
-    /// provenance) or fail the slide.
-    #[arg(long, value_enum, default_value_t = CorruptTiles::Skip)]
-    pub on_corrupt_tile: CorruptTiles,
+    #[command(flatten)]
+    pub tiling: TilingArgs,
+    #[command(flatten)]
+    pub embedder: EmbedderArgs,
 
     /// Train on features imported under this name (`wsimil import-bags`): no tiling or embedding.
     #[arg(long)]
@@ -483,12 +558,7 @@ impl std::str::FromStr for Threshold {
 impl RunArgs {
     /// Check the flags and turn them into run settings.
     pub fn settings(&self) -> anyhow::Result<RunSettings> {
-        let tissue = TissueParams { threshold: self.tissue_threshold.0, ..TissueParams::preset(self.tissue_preset) };
-        let (hint_px, hint_mpp) = self.embedder.tiling_hint().unwrap_or((256, 0.5));
-        let (patch_px, target_mpp) = (self.patch_px.unwrap_or(hint_px), self.target_mpp.unwrap_or(hint_mpp));
-        if patch_px == 0 || target_mpp <= 0.0 {
-            bail!("--patch-px and --target-mpp must be positive");
-        }
+        let tiling = self.tiling.spec(&self.embedder.embedder)?;
         if self.final_model && self.until != Until::Predict {
             bail!(
                 "--final-model is trained after the cross-validation's predictions: it cannot be made by a run that \
@@ -496,49 +566,14 @@ impl RunArgs {
                 self.until.stage().as_str()
             );
         }
-        let weights = match (&self.weights, self.random_weights) {
-            (_, Some(seed)) => Weights::Random(seed),
-            (Some(p), None) => Weights::File(p.clone()),
-            (None, None) if self.embedder == Architecture::EfficientNetLite0 => {
-                let p = wsimil_common::data_dir().join("efficientnet-lite0.safetensors");
-                if !p.is_file() {
-                    bail!(
-                        "no EfficientNet-Lite0 weights at {}: run scripts/fetch-data.sh, or pass --weights",
-                        p.display()
-                    );
-                }
-                Weights::File(p)
-            }
-            (None, None) => match &self.embedder {
-                Architecture::Vit(p) => bail!(
-                    "--embedder {} needs --weights FILE, the file its publisher ships: {} (or --random-weights SEED)",
-                    self.embedder,
-                    p.spec().weights
-                ),
-                _ => bail!(
-                    "--embedder {} needs --weights FILE (safetensors, or PyTorch's .bin/.pth; or --random-weights SEED)",
-                    self.embedder
-                ),
-            },
-        };
+        let embedder = self.embedder.choice()?;
         Ok(RunSettings {
             s3: self.store.s3(),
             manifest: self.manifest.clone(),
             classes: self.classes.clone(),
             run: self.run.as_deref().map(RunId::new).transpose().context("--run")?,
-            tiling: TilingSpec {
-                patch_px,
-                target_mpp,
-                step_fraction: 1.0,
-                min_tissue_fraction: self.min_tissue,
-                tissue,
-            },
-            embedder: EmbedderChoice {
-                architecture: self.embedder.clone(),
-                weights,
-                batch_size: self.batch_size.max(1),
-                corrupt_tiles: self.on_corrupt_tile,
-            },
+            tiling,
+            embedder,
             train: TrainConfig {
                 model: self.model,
                 optimizer: self.optimizer,
@@ -684,18 +719,28 @@ pub struct PredictArgs {
     pub features: Option<String>,
 }
 
+impl PredictArgs {
+    /// Check the flags and turn them into settings, before the store is opened.
+    pub fn settings(&self) -> anyhow::Result<crate::apply::ApplySettings> {
+        wsimil_worker::slide::ReaderChoice::from_env()?;
+        if self.model.trim().is_empty() {
+            bail!("--model: empty (a run, RUN:fold-K, RUN:final, a model id, or a model folder)");
+        }
+        Ok(crate::apply::ApplySettings {
+            s3: self.store.s3(),
+            manifest: self.manifest.clone(),
+            name: self.name.as_deref().map(RunId::new).transpose().context("--name")?,
+            features: self.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
+        })
+    }
+}
+
 /// `wsimil predict`.
 pub async fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    wsimil_worker::slide::ReaderChoice::from_env()?;
+    let settings = args.settings()?;
     let store = args.store.open()?;
     let started = std::time::Instant::now();
     let card = crate::apply::resolve(&store, &args.model, args.round).await?;
-    let settings = crate::apply::ApplySettings {
-        s3: args.store.s3(),
-        manifest: args.manifest.clone(),
-        name: args.name.as_deref().map(RunId::new).transpose().context("--name")?,
-        features: args.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
-    };
     let plan = crate::apply::prepare(&store, &card, &settings).await?;
     eprintln!(
         "wsimil: applying model {} ({}) to {} slides as {}, store {}",
@@ -774,45 +819,59 @@ pub struct ImportModelArgs {
     pub weights: Option<PathBuf>,
     #[arg(long, conflicts_with = "weights")]
     pub random_weights: Option<u64>,
-    /// How its slides were tiled: patch side and resolution [default: 256 px at 0.5 µm/px, or the
-    /// embedder's], tissue detection.
-    #[arg(long)]
-    pub patch_px: Option<u32>,
-    #[arg(long)]
-    pub target_mpp: Option<f64>,
-    #[arg(long, value_enum, default_value_t = TissuePreset::Tcga)]
-    pub tissue_preset: TissuePreset,
+    /// How its slides were tiled (as for `run`: the embedder's patch size and resolution unless
+    /// given).
+    #[command(flatten)]
+    pub tiling: TilingArgs,
     /// The folder to write (as `export-model` does).
     #[arg(long)]
     pub out: PathBuf,
 }
 
+/// What `import-model` does, checked.
+pub struct ImportModelSettings {
+    pub format: crate::apply::Checkpoint,
+    pub file: PathBuf,
+    pub embedder: EmbedderChoice,
+    pub tiling: TilingSpec,
+}
+
+impl ImportModelArgs {
+    /// Check the flags and turn them into settings, before any file is read.
+    pub fn settings(&self) -> anyhow::Result<ImportModelSettings> {
+        let (format, file) = match (&self.transmil, &self.clam) {
+            (Some(f), _) => (crate::apply::Checkpoint::OfficialTransmil, f.clone()),
+            (None, Some(f)) => (crate::apply::Checkpoint::ClamSb, f.clone()),
+            (None, None) => unreachable!("clap requires one"),
+        };
+        if self.classes.len() < 2 {
+            bail!("--classes: a classifier needs two classes at least, not {:?}", self.classes);
+        }
+        let embedder = EmbedderArgs {
+            embedder: self.embedder.clone(),
+            weights: self.weights.clone(),
+            random_weights: self.random_weights,
+            ..clap_defaults::<EmbedderArgs>()
+        };
+        Ok(ImportModelSettings {
+            format,
+            file,
+            tiling: self.tiling.spec(&self.embedder)?,
+            embedder: embedder.choice()?,
+        })
+    }
+}
+
+/// A flag group's values when none of its flags is given: clap's own defaults, for commands that
+/// take some of a group's flags and not the others (so no default is written twice).
+fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults"));
+    T::from_arg_matches(&cmd.get_matches_from(["defaults"])).expect("every flag of the group has a default")
+}
+
 /// `wsimil import-model`.
 pub async fn import_model(args: ImportModelArgs) -> anyhow::Result<()> {
-    let (hint_px, hint_mpp) = args.embedder.tiling_hint().unwrap_or((256, 0.5));
-    let tiling = TilingSpec {
-        patch_px: args.patch_px.unwrap_or(hint_px),
-        target_mpp: args.target_mpp.unwrap_or(hint_mpp),
-        step_fraction: 1.0,
-        min_tissue_fraction: 0.25,
-        tissue: TissueParams::preset(args.tissue_preset),
-    };
-    let weights = match (&args.weights, args.random_weights) {
-        (_, Some(seed)) => Weights::Random(seed),
-        (Some(p), None) => Weights::File(p.clone()),
-        (None, None) => bail!("--embedder {} needs --weights FILE (or --random-weights SEED)", args.embedder),
-    };
-    let embedder = EmbedderChoice {
-        architecture: args.embedder.clone(),
-        weights,
-        batch_size: 16,
-        corrupt_tiles: CorruptTiles::Skip,
-    };
-    let (format, file) = match (&args.transmil, &args.clam) {
-        (Some(f), _) => (crate::apply::Checkpoint::OfficialTransmil, f.clone()),
-        (None, Some(f)) => (crate::apply::Checkpoint::ClamSb, f.clone()),
-        (None, None) => unreachable!("clap requires one"),
-    };
+    let ImportModelSettings { format, file, embedder, tiling } = args.settings()?;
     let card = crate::apply::import_checkpoint(format, &file, &args.classes, &embedder, tiling, &args.out).await?;
     println!(
         "model {} ({} from {}, classes {}) written to {}",
@@ -946,47 +1005,20 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
 /// `wsimil worker`.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     wsimil_worker::slide::ReaderChoice::from_env()?;
-    let kinds = args.kinds.clone();
-    let name = args.name.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "worker".into());
-        format!("{host}-{}", std::process::id())
-    });
+    let name = args.name.clone().unwrap_or_else(wsimil_worker::service::default_name);
     let store = args.store.open()?;
     let (_client, queue) = args.nats.open(&format!("wsimil-worker-{name}")).await?;
-    let sources = args.slides.sources(&args.store)?;
-    let ctx = Arc::new(
-        WorkerContext::new(store, args.compute.open()?, name.clone())
-            .with_sources(sources)
-            .with_bag_budget(args.compute.bag_budget()),
-    );
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    let served: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-    eprintln!("wsimil worker {name}: serving {} (concurrency {})", served.join(","), args.concurrency);
+    let ctx = WorkerContext::new(store, args.compute.open()?, name)
+        .with_sources(args.slides.sources(&args.store)?)
+        .with_bag_budget(args.compute.bag_budget());
     let settings = wsimil_worker::service::ServiceSettings {
-        kinds,
+        kinds: args.kinds.clone(),
         concurrency: args.concurrency.max(1),
         backoff: Duration::from_secs(args.backoff),
         noop: args.noop,
     };
-    wsimil_worker::service::serve(ctx, queue, settings, rx).await?;
-    eprintln!("wsimil worker {name}: drained, exiting");
+    wsimil_worker::service::run_until_signalled(Arc::new(ctx), queue, settings).await?;
     Ok(())
-}
-
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 fn run_filter(run: &Option<String>) -> impl Fn(&wsimil_common::nats::JobStatus) -> bool + '_ {
@@ -1078,6 +1110,60 @@ mod tests {
             let err = run_args(bad).settings().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    fn import_args(extra: &[&str]) -> ImportModelArgs {
+        let mut argv = vec!["wsimil", "import-model", "--transmil", "m.pth", "--classes", "a,b", "--out", "o"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::ImportModel(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    /// `import-model` takes `run`'s rules for the embedder and its tiling: the same defaults and
+    /// the same refusals, from the one place both are written.
+    #[test]
+    fn import_model_settles_its_embedder_and_tiling_as_run_does() {
+        for emb in [&["--embedder", "virchow2"][..], &["--embedder", "resnet50-trunc", "--patch-px", "512"][..]] {
+            let imported = import_args(&[emb, &["--random-weights", "3"][..]].concat()).settings().unwrap();
+            let run = run_args(&[emb, &["--random-weights", "3"][..]].concat()).settings().unwrap();
+            assert_eq!(imported.tiling, run.tiling, "{emb:?}");
+            let (i, r) = (&imported.embedder, &run.embedder);
+            assert_eq!(
+                (&i.architecture, i.batch_size, i.corrupt_tiles),
+                (&r.architecture, r.batch_size, r.corrupt_tiles),
+                "{emb:?}"
+            );
+            assert!(matches!(i.weights, Weights::Random(3)), "{emb:?}");
+        }
+        let err = import_args(&["--embedder", "uni"]).settings().err().unwrap().to_string();
+        let run_err = run_args(&["--embedder", "uni"]);
+        let run_err =
+            RunArgs { embedder: EmbedderArgs { random_weights: None, ..run_err.embedder.clone() }, ..run_err };
+        assert_eq!(err, run_err.settings().err().unwrap().to_string());
+        assert!(err.contains("needs --weights FILE"), "{err}");
+        let err = import_args(&["--embedder", "uni", "--random-weights", "1", "--target-mpp", "0"]).settings();
+        assert!(err.err().unwrap().to_string().contains("must be positive"));
+        assert!(import_args(&["--embedder", "uni", "--random-weights", "1", "--classes", "a"]).settings().is_err());
+    }
+
+    #[test]
+    fn predict_checks_its_names_before_the_store_is_opened() {
+        let args = |extra: &[&str]| {
+            let mut argv =
+                vec!["wsimil", "predict", "--model", "r", "--manifest", "m.csv", "--store", "/nonexistent/x"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Predict(a) => *a,
+                _ => unreachable!(),
+            }
+        };
+        let s = args(&["--name", "ext-1"]).settings().unwrap();
+        assert_eq!(s.name.unwrap().as_str(), "ext-1");
+        let err = args(&["--name", "a/b"]).settings().err().unwrap();
+        assert!(format!("{err:#}").starts_with("--name"), "{err:#}");
+        assert!(!std::path::Path::new("/nonexistent/x").exists(), "nothing created");
     }
 
     #[test]

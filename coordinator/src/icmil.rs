@@ -8,7 +8,7 @@
 use anyhow::{bail, Context};
 use wsimil_common::layout;
 use wsimil_common::models::{icmil, params};
-use wsimil_common::plan::{EmbedderSpec, RunPlan};
+use wsimil_common::plan::{EmbedderSpec, RunPlan, WeightsRef};
 use wsimil_common::records::{EmbedderCard, Lineage, ShardReport, WSIMIL_VERSION};
 use wsimil_common::store::Store;
 
@@ -49,7 +49,7 @@ pub async fn merge(store: &Store, plan: &RunPlan, round: u32, fold: u32) -> anyh
     })
     .await??;
     let sha = wsimil_common::ids::sha256_hex(&bytes);
-    let spec = EmbedderSpec { weights: sha.clone(), ..parent.clone() };
+    let spec = EmbedderSpec { weights: WeightsRef::Sha256(sha.clone()), ..parent.clone() };
     let id = spec.id();
     if !store.exists(&layout::embedder_weights(&id)).await? {
         store.put(&layout::embedder_weights(&id), bytes).await?;

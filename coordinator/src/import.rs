@@ -188,6 +188,7 @@ async fn put_bag(store: &Store, name: &EmbedderId, slide: &SlideId, bag: Importe
             imported_from: Some(source.to_string()),
             compute: None,
             weights_sha256: None,
+            weights_seed: None,
             output: None,
         },
     };

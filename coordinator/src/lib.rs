@@ -6,6 +6,7 @@
 //! - [`jetstream`]: distributed mode: the NATS JetStream dispatcher, `status`, `retry-failed`.
 //! - [`run`]: the stages in order, and the round's summary (predictions, metrics).
 //! - [`apply`]: a trained model applied to new slides (`wsimil predict`), models as folders.
+//! - [`predictions`]: the predictions table both write (CSV and Parquet).
 //! - [`cli`]: the `wsimil` command line.
 
 pub mod apply;
@@ -54,4 +55,5 @@ pub mod import;
 pub mod jetstream;
 pub mod manifest;
 pub mod planner;
+pub mod predictions;
 pub mod run;

@@ -121,7 +121,8 @@ pub async fn load_for(
     };
     let invalid = |problems| ManifestError::Invalid { path: path.to_path_buf(), problems };
     let parsed = parse_for(&text, &base, classes, purpose);
-    let remote = check_objects(&parsed.remote, buckets).await;
+    let mut remote = check_objects(&parsed.remote, buckets).await;
+    remote.extend(check_truth(&parsed.remote_truth, buckets).await);
     let mut problems = parsed.problems;
     if !remote.is_empty() {
         problems.extend(remote);
@@ -153,6 +154,8 @@ struct Parsed {
     problems: Vec<Problem>,
     /// (line, slide id, URL) of every `s3://` path.
     remote: Vec<(usize, String, String)>,
+    /// (line, slide id, URL) of every `s3://` truth file.
+    remote_truth: Vec<(usize, String, String)>,
 }
 
 /// HEAD every object: a problem for each that is missing, empty or cannot be reached.
@@ -173,17 +176,38 @@ async fn check_objects(remote: &[(usize, String, String)], buckets: &Buckets) ->
     problems
 }
 
+/// Read every truth file in a bucket and check it as local ones are: a problem for each that
+/// cannot be read or is not a mask or an annotation.
+async fn check_truth(remote: &[(usize, String, String)], buckets: &Buckets) -> Vec<Problem> {
+    use futures::StreamExt;
+    let got: Vec<_> =
+        futures::stream::iter(remote.iter().map(|(_, _, url)| buckets.get(url))).buffered(16).collect().await;
+    let mut problems = Vec::new();
+    for ((line, id, url), bytes) in remote.iter().zip(got) {
+        let message = match bytes {
+            Ok(b) => match wsimil_common::truth::Truth::validate(url, &b) {
+                Ok(()) => continue,
+                Err(e) => format!("{id}: truth {e}"),
+            },
+            Err(e) => format!("{id}: cannot read its truth {url}: {e}"),
+        };
+        problems.push(Problem { line: Some(*line), message });
+    }
+    problems
+}
+
 fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpose) -> Parsed {
     let labels_required = purpose == Purpose::Training;
     let mut problems: Vec<Problem> = Vec::new();
     let mut remote = Vec::new();
+    let mut remote_truth = Vec::new();
     let mut at = |line: Option<usize>, message: String| problems.push(Problem { line, message });
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
     let headers: Vec<String> = match reader.headers() {
         Ok(h) => h.iter().map(|s| s.to_ascii_lowercase()).collect(),
         Err(e) => {
             let problems = vec![Problem { line: Some(1), message: format!("unreadable header: {e}") }];
-            return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
+            return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote, remote_truth };
         }
     };
     let col = |name: &str| headers.iter().position(|h| h == name);
@@ -194,10 +218,10 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
         }
     }
     let (Some(id_c), Some(path_c)) = (id_c, path_c) else {
-        return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
+        return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote, remote_truth };
     };
     if label_c.is_none() && labels_required {
-        return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote };
+        return Parsed { rows: Vec::new(), classes: Vec::new(), problems, remote, remote_truth };
     }
     let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
     // Truth feeds a run's instance-level figures; an application of a model reads no such column.
@@ -319,8 +343,10 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
         let truth = match field(truth_c) {
             None => None,
             Some(t) if is_remote(t) || (is_remote(&base.to_string_lossy()) && !t.starts_with('/')) => {
-                // Read by the predict jobs through the store's S3 settings.
-                Some(PathBuf::from(if is_remote(t) { t.to_string() } else { join_url(&base.to_string_lossy(), t) }))
+                // Read through the store's S3 settings: checked by `load_for`, before any work.
+                let url = if is_remote(t) { t.to_string() } else { join_url(&base.to_string_lossy(), t) };
+                remote_truth.push((line, raw_id.to_string(), url.clone()));
+                Some(PathBuf::from(url))
             }
             Some(t) => {
                 let p = PathBuf::from(t);
@@ -360,7 +386,7 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
             message: format!("only one class ({}) in the cohort: a classifier needs at least two", classes.join(", ")),
         });
     }
-    Parsed { rows, classes, problems, remote }
+    Parsed { rows, classes, problems, remote, remote_truth }
 }
 
 impl Manifest {
@@ -438,13 +464,20 @@ mod tests {
             r#"{"type": "Polygon", "coordinates": [[[0,0],[9,0],[0,9],[0,0]]]}"#,
         )
         .unwrap();
-        std::fs::write(d.path().join("c.geojson"), r#"{"type": "FeatureCollection", "features": []}"#).unwrap();
+        std::fs::write(
+            d.path().join("c.geojson"),
+            r#"{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}"#,
+        )
+        .unwrap();
         let text = "slide_id,path,label,truth\na,a.svs,tumor,a.mask.png\nb,b.svs,tumor,b.geojson\n\
                     c,c.svs,tumor,c.geojson\nd,d.svs,normal,\ne,a.svs,normal,gone.png\n";
         let problems = parse(text, d.path(), None).unwrap_err();
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 2, "{text:#?}");
-        assert!(text[0].contains("line 4: c: truth") && text[0].contains("no Polygon or MultiPolygon"), "{text:#?}");
+        assert!(
+            text[0].contains("line 4: c: truth") && text[0].contains("none a Polygon or MultiPolygon"),
+            "{text:#?}"
+        );
         assert!(text[1].contains("line 6: e: cannot read its truth") && text[1].contains("gone.png"), "{text:#?}");
         let ok = "slide_id,path,label,truth\na,a.svs,tumor,a.mask.png\nb,b.svs,tumor,b.geojson\nd,d.svs,normal,\n";
         let (rows, _) = parse(ok, d.path(), None).unwrap();

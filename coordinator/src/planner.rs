@@ -478,7 +478,7 @@ mod tests {
         };
         let e = EmbedderSpec {
             architecture: wsimil_common::models::zoo::Architecture::ResNet50Trunc,
-            weights: "random-1".into(),
+            weights: wsimil_common::plan::WeightsRef::Random(1),
             batch_size: 8,
             corrupt_tiles: Default::default(),
         };

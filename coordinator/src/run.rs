@@ -8,12 +8,10 @@
 use crate::dispatch::{Dispatcher, StageOutcome};
 use crate::manifest::{self, Manifest};
 use crate::planner::{self, FoldSettings};
+use crate::predictions::{Prediction, Table};
 use anyhow::{bail, Context};
-use arrow_array::{Float64Array, Int32Array, RecordBatch, StringArray};
-use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::Arc;
 use wsimil_common::attention::AttentionMap;
 use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
@@ -21,10 +19,9 @@ use wsimil_common::layout;
 use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
 use wsimil_common::models::weights::WeightsFile;
 use wsimil_common::models::zoo::Architecture;
-use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig, WeightsRef};
 use wsimil_common::records::{EmbedderCard, FoldReport, WSIMIL_VERSION};
 use wsimil_common::store::{S3Options, Store};
-use wsimil_common::table::write_parquet;
 use wsimil_worker::slide::remote::Buckets;
 
 /// Where an embedder's weights come from.
@@ -66,18 +63,18 @@ pub struct RunSettings {
 
 /// Put the embedder's weights into the store under their content address and return its spec.
 pub async fn register_embedder(store: &Store, choice: &EmbedderChoice) -> anyhow::Result<EmbedderSpec> {
-    let spec = |weights: String| EmbedderSpec {
+    let spec = |weights: WeightsRef| EmbedderSpec {
         architecture: choice.architecture.clone(),
         weights,
         batch_size: choice.batch_size,
         corrupt_tiles: choice.corrupt_tiles,
     };
     match &choice.weights {
-        Weights::Random(seed) => Ok(spec(format!("random-{seed}"))),
+        Weights::Random(seed) => Ok(spec(WeightsRef::Random(*seed))),
         Weights::File(path) => {
             let (p, arch) = (path.clone(), choice.architecture.clone());
             let sha = tokio::task::spawn_blocking(move || file_sha256(&p)).await??;
-            let spec = spec(sha.clone());
+            let spec = spec(WeightsRef::Sha256(sha.clone()));
             let id = spec.id();
             let key = layout::embedder_weights(&id);
             if !store.exists(&key).await? {
@@ -168,7 +165,7 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
             check_imported(store, name, &manifest).await?;
             EmbedderSpec {
                 architecture: Architecture::Imported,
-                weights: name.to_string(),
+                weights: WeightsRef::Imported(name.to_string()),
                 batch_size: settings.embedder.batch_size,
                 corrupt_tiles: Default::default(),
             }
@@ -390,7 +387,7 @@ pub async fn run(
 /// Gather fold reports into out-of-fold predictions (Parquet and CSV) and the round's metrics.
 pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Result<RoundMetrics> {
     let n_classes = plan.classes.len();
-    let mut rows: Vec<(String, usize, u32, Vec<f64>)> = Vec::new();
+    let mut rows: Vec<Prediction> = Vec::new();
     let mut per_fold = Vec::new();
     for k in 0..plan.folds.len() as u32 {
         let key = layout::fold_metrics(&plan.run, round, k);
@@ -400,11 +397,16 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
         }
         let report: FoldReport = store.get_json(&key).await?;
         per_fold.push(report.test);
-        rows.extend(report.predictions.into_iter().map(|p| (p.slide, p.label, k, p.probs)));
+        rows.extend(report.predictions.into_iter().map(|p| Prediction {
+            slide: p.slide,
+            label: Some(p.label),
+            fold: Some(k),
+            probs: p.probs,
+        }));
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    let probs: Vec<Vec<f64>> = rows.iter().map(|r| r.3.clone()).collect();
-    let labels: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    rows.sort_by(|a, b| a.slide.cmp(&b.slide));
+    let probs: Vec<Vec<f64>> = rows.iter().map(|r| r.probs.clone()).collect();
+    let labels: Vec<usize> = rows.iter().map(|r| r.label.expect("out-of-fold rows are labelled")).collect();
     let pooled = (!rows.is_empty()).then(|| evaluate(&probs, &labels, n_classes));
     let folds: Vec<&Metrics> = per_fold.iter().flatten().collect();
     let collect = |f: &dyn Fn(&Metrics) -> Option<f64>| mean_sd(&folds.iter().filter_map(|m| f(m)).collect::<Vec<_>>());
@@ -435,54 +437,16 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
         per_fold,
         failures,
     };
-    write_predictions(store, plan, round, &rows).await?;
+    let table = Table {
+        csv: layout::predictions_csv(&plan.run, round),
+        parquet: layout::predictions_parquet(&plan.run, round),
+        classes: &plan.classes,
+        folds: true,
+        provenance: serde_json::json!({"run": plan.run, "round": round, "kind": "out-of-fold predictions"}),
+    };
+    table.write(store, &rows).await?;
     store.put_json(&layout::round_metrics(&plan.run, round), &metrics).await?;
     Ok(metrics)
-}
-
-async fn write_predictions(
-    store: &Store,
-    plan: &RunPlan,
-    round: u32,
-    rows: &[(String, usize, u32, Vec<f64>)],
-) -> anyhow::Result<()> {
-    let predicted = |p: &[f64]| p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
-    let mut fields = vec![
-        Field::new("slide_id", DataType::Utf8, false),
-        Field::new("label", DataType::Utf8, false),
-        Field::new("fold", DataType::Int32, false),
-        Field::new("predicted", DataType::Utf8, false),
-    ];
-    let mut cols: Vec<Arc<dyn arrow_array::Array>> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| plan.classes[r.1].as_str()))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.2 as i32))),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| plan.classes[predicted(&r.3)].as_str()))),
-    ];
-    for (c, name) in plan.classes.iter().enumerate() {
-        fields.push(Field::new(format!("prob_{name}"), DataType::Float64, false));
-        cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3[c]))));
-    }
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
-    let prov = serde_json::json!({"run": plan.run, "round": round, "kind": "out-of-fold predictions"});
-    store.put(&layout::predictions_parquet(&plan.run, round), write_parquet("predictions", &batch, &prov)?).await?;
-    let mut csv = format!(
-        "slide_id,label,fold,predicted,{}\n",
-        plan.classes.iter().map(|c| format!("prob_{c}")).collect::<Vec<_>>().join(",")
-    );
-    for r in rows {
-        let probs: Vec<String> = r.3.iter().map(|p| format!("{p:.6}")).collect();
-        csv.push_str(&format!(
-            "{},{},{},{},{}\n",
-            r.0,
-            plan.classes[r.1],
-            r.2,
-            plan.classes[predicted(&r.3)],
-            probs.join(",")
-        ));
-    }
-    store.put(&layout::predictions_csv(&plan.run, round), csv.into_bytes()).await?;
-    Ok(())
 }
 
 fn fmt_opt(m: Option<f64>) -> String {

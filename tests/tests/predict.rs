@@ -159,7 +159,16 @@ fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
     let card: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("model.json")).unwrap()).unwrap();
     assert_eq!(card["classes"], serde_json::json!(["normal", "tumor"]));
     assert_eq!(card["members"].as_array().unwrap().len(), 2);
-    assert!(card["training"]["cv_auc_pooled"].is_number() || card["training"]["cv_auc_pooled"].is_null());
+    // The card's training block is the run's: its slides, and the cross-validation figures the
+    // run reported (mean over folds and pooled out-of-fold), not blanks.
+    let training = &card["training"];
+    assert_eq!(training["slides"], 6, "{card}");
+    assert_eq!(training["per_class"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum::<u64>(), 6);
+    let cv = json("metrics.json");
+    let pooled = cv["pooled"]["auc"].as_f64().unwrap_or_else(|| panic!("the run reports a pooled AUC: {cv}"));
+    assert_eq!(training["cv_auc_pooled"].as_f64(), Some(pooled), "{card}");
+    assert_eq!(training["cv_auc_mean"].as_f64(), cv["auc"]["mean"].as_f64(), "{card}");
+    assert!(training["cv_auc_mean"].is_number(), "{card}");
     let other = d.join("other-store");
     ok(&predict(bundle.to_str().unwrap(), &external, &other, "ext-b"));
     let there = std::fs::read_to_string(other.join("applied/ext-b/predictions.csv")).unwrap();
@@ -222,6 +231,9 @@ fn an_imported_checkpoint_predicts_new_slides() {
     }
 }
 
+/// `predict` on a worker pool: a new cohort the bucket has never seen is tiled, embedded and
+/// scored by a worker through JetStream, and the predictions are those of the same model applied
+/// in one process to the same slides in a store of its own (nothing shared but the model folder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prediction_through_nats_and_s3_gives_the_embedded_predictions() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,11 +245,7 @@ async fn prediction_through_nats_and_s3_gives_the_embedded_predictions() {
     let mut run = run_flags(&train, &["--model", "abmil", "--run", "m"]);
     run.extend(store.clone());
     ok(&run);
-    // The reference: in this process, into the same bucket.
-    let mut local = s(&["predict", "--model", "m", "--manifest", external.to_str().unwrap(), "--name", "here"]);
-    local.extend(store.clone());
-    ok(&local);
-    // On a worker, through JetStream.
+    // On a worker, through JetStream: the external slides are tiled and embedded by the pool.
     let nats = Nats::start();
     let mut worker = spawn("w", d, &worker_flags(&nats, &store, "w"));
     let mut remote = s(&["predict", "--model", "m", "--manifest", external.to_str().unwrap(), "--name", "there"]);
@@ -245,17 +253,33 @@ async fn prediction_through_nats_and_s3_gives_the_embedded_predictions() {
     remote.extend(nats_flags(&nats));
     let out = ok(&remote);
     assert!(out.contains("external validation (3 labelled slides)"), "{out}");
-    assert!(log(d, "w").contains("score"), "{}", log(d, "w"));
-    let bucket = s3.store("predict");
-    let get = |name: &str| {
-        let bucket = bucket.clone();
-        let key = object_store::path::Path::from(format!("applied/{name}/predictions.csv"));
-        async move { String::from_utf8(bucket.get(&key).await.unwrap().to_vec()).unwrap() }
-    };
-    let (a, b) = (get("here").await, get("there").await);
+    for kind in ["tile", "embed", "score"] {
+        let line = out.lines().find(|l| l.trim_start().starts_with(kind)).unwrap_or_else(|| panic!("{kind}: {out}"));
+        assert!(line.contains("3 planned,    3 computed"), "{kind}: the pool did every slide: {out}");
+        let worker_log = log(d, "w");
+        for k in 0..3 {
+            let (job, slide) = (format!("{kind}."), format!("ext-demo-{k:03}"));
+            assert!(
+                worker_log.lines().any(|l| l.contains("done") && l.contains(&job) && l.contains(&slide)),
+                "the worker did {job}…{slide}: {worker_log}"
+            );
+        }
+    }
+    worker.terminate(std::time::Duration::from_secs(30));
+
+    // The reference: the model exported, applied in this process in a store of its own.
+    let bundle = d.join("bundle");
+    let mut export = s(&["export-model", "m", "--out", bundle.to_str().unwrap()]);
+    export.extend(store.clone());
+    ok(&export);
+    let here = d.join("here-store");
+    ok(&predict(bundle.to_str().unwrap(), &external, &here, "here"));
+    let a = std::fs::read_to_string(here.join("applied/here/predictions.csv")).unwrap();
+    let key = object_store::path::Path::from("applied/there/predictions.csv");
+    let b = String::from_utf8(s3.store("predict").get(&key).await.unwrap().to_vec()).unwrap();
+    assert_eq!(probs(&a).len(), 3);
     for ((x, pa), (y, pb)) in probs(&a).iter().zip(probs(&b)) {
         assert_eq!(x, &y);
         assert!(pa.iter().zip(&pb).all(|(p, q)| (p - q).abs() < 1e-5), "{x}: {pa:?} vs {pb:?}");
     }
-    worker.terminate(std::time::Duration::from_secs(30));
 }

@@ -274,9 +274,16 @@ async fn an_object_gone_after_the_check_fails_its_own_job_for_good() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = s3();
     let bucket = s3.store("gone-objects");
-    bucket.put(&Key::from("good.svs"), std::fs::read(data("cmu_small_region.svs")).unwrap()).await.unwrap();
+    let svs = std::fs::read(data("cmu_small_region.svs")).unwrap();
+    bucket.put(&Key::from("good.svs"), svs.clone()).await.unwrap();
+    bucket.put(&Key::from("gone.svs"), svs.clone()).await.unwrap();
     let url = |k: &str| format!("{}/{k}", s3.location("gone-objects"));
     let sources = SlideSources::new(s3.options(), Scratch::new(dir.path().join("scratch"), 1 << 30));
+    // The manifest's check (a HEAD of every object) finds both, whole; then one goes.
+    let sizes = sources.buckets().head_all(&[url("good.svs"), url("gone.svs")]).await;
+    assert!(sizes.iter().all(|s| s.as_ref().is_ok_and(|n| *n == svs.len() as u64)), "{sizes:?}");
+    bucket.delete(&Key::from("gone.svs")).await.unwrap();
+    assert!(!bucket.exists(&Key::from("gone.svs")).await.unwrap());
     let ctx =
         WorkerContext::new(s3.store("gone-run"), wsimil_worker::device::Compute::cpu(), "t").with_sources(sources);
     let tiling = TilingSpec {
@@ -294,4 +301,113 @@ async fn an_object_gone_after_the_check_fails_its_own_job_for_good() {
     assert!(msg.contains(&url("gone.svs")) && msg.contains("not found"), "{msg}");
     assert!(!err.is_transient(), "a missing object is not retried: {msg}");
     execute(&ctx, &tile("good", "good.svs")).await.unwrap();
+}
+
+/// Truth files in a bucket are read and checked with the manifest, before any work, as local ones
+/// are: a missing one and one that is neither a mask nor an annotation are named with their lines;
+/// an empty annotation (QuPath's export of a slide without lesions) is a lesion-free slide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truth_files_in_a_bucket_are_checked_before_any_work() {
+    use wsimil_coordinator::manifest::{self, ManifestError};
+    use wsimil_worker::slide::remote::Buckets;
+    let s3 = s3();
+    let bucket = s3.store("truth-objects");
+    for k in ["a.svs", "b.svs", "c.svs", "d.svs"] {
+        bucket.put(&Key::from(k), b"a slide".to_vec()).await.unwrap();
+    }
+    bucket
+        .put(&Key::from("a.geojson"), br#"{"type": "Polygon", "coordinates": [[[0,0],[9,0],[0,9],[0,0]]]}"#.to_vec())
+        .await
+        .unwrap();
+    bucket.put(&Key::from("b.geojson"), br#"{"type": "FeatureCollection", "features": []}"#.to_vec()).await.unwrap();
+    bucket.put(&Key::from("c.png"), b"not a picture".to_vec()).await.unwrap();
+    let at = s3.location("truth-objects");
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("m.csv");
+    let write = |rows: &str| std::fs::write(&csv, format!("slide_id,path,label,truth\n{rows}")).unwrap();
+    let buckets = Buckets::new(s3.options());
+    write(&format!(
+        "a,{at}/a.svs,tumor,{at}/a.geojson\nb,{at}/b.svs,normal,{at}/b.geojson\nc,{at}/c.svs,tumor,{at}/c.png\n\
+         d,{at}/d.svs,normal,{at}/gone.geojson\n"
+    ));
+    let err = manifest::load(&csv, None, &buckets).await.unwrap_err();
+    let ManifestError::Invalid { problems, .. } = &err else { panic!("{err}") };
+    let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(text.len(), 2, "{text:#?}");
+    assert!(text[0].starts_with(&format!("line 4: c: truth {at}/c.png: not a mask image")), "{text:#?}");
+    assert!(text[1].starts_with(&format!("line 5: d: cannot read its truth {at}/gone.geojson")), "{text:#?}");
+    assert!(text[1].contains("not found"), "{text:#?}");
+    write(&format!("a,{at}/a.svs,tumor,{at}/a.geojson\nb,{at}/b.svs,normal,{at}/b.geojson\n"));
+    let m = manifest::load(&csv, None, &buckets).await.unwrap();
+    assert_eq!(m.rows[1].truth.as_deref(), Some(Path::new(&format!("{at}/b.geojson"))));
+}
+
+/// The S3 server goes away part way through a ranged read of a slide (a proxy in front of it
+/// closes every connection mid-response and refuses new ones): the job fails with the slide's URL
+/// as a store that is unavailable, the retry policy decides to try it again, and once the server
+/// is back the same job tiles the slide as a run that never saw the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_mid_read_fails_the_job_for_a_retry_that_then_succeeds() {
+    use wsimil_common::grid::{TissueParams, TissuePreset};
+    use wsimil_common::ids::SlideId;
+    use wsimil_common::job::{Job, TileJob};
+    use wsimil_common::plan::TilingSpec;
+    use wsimil_worker::error::{Decision, RetryPolicy};
+    use wsimil_worker::jobs::{execute, WorkerContext};
+    use wsimil_worker::slide::remote::{Scratch, SlideSources};
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = s3();
+    let bucket = s3.store("cut-objects");
+    let svs = std::fs::read(data("cmu_small_region.svs")).unwrap();
+    bucket.put(&Key::from("a.svs"), svs.clone()).await.unwrap();
+    let url = format!("{}/a.svs", s3.location("cut-objects"));
+    let tiling = TilingSpec {
+        patch_px: 256,
+        target_mpp: 2.0,
+        step_fraction: 1.0,
+        min_tissue_fraction: 0.5,
+        tissue: TissueParams::preset(TissuePreset::Biopsy),
+    };
+    let job = Job::Tile(TileJob { slide: SlideId::new("a").unwrap(), path: url.clone(), mpp: None, tiling });
+    // Slides read through `endpoint`, no retries inside the S3 client (the job's policy decides);
+    // features written straight to the server under `run`.
+    let ctx = |endpoint: String, run: &str| {
+        let mut options = s3.options();
+        options.endpoint = Some(endpoint);
+        options.max_retries = Some(0);
+        let sources = SlideSources::new(options, Scratch::new(dir.path().join(run), 1 << 30));
+        WorkerContext::new(s3.store(run), wsimil_worker::device::Compute::cpu(), "t").with_sources(sources)
+    };
+    let tiles = |run: &str| {
+        let store = s3.store(run);
+        async move { store.list(&Key::from("")).await.unwrap().len() }
+    };
+    // What a run that never saw the failure writes.
+    execute(&ctx(s3.endpoint(), "cut-direct"), &job).await.unwrap();
+    let want = tiles("cut-direct").await;
+    assert!(want > 0);
+
+    // 200 kB into the responses: past the HEAD and the first ranged GET of the header (64 KiB),
+    // inside the reads of the slide's tiles.
+    let proxy = Proxy::start(s3.port, Some(200_000));
+    let err = execute(&ctx(proxy.endpoint(), "cut-run"), &job).await.unwrap_err();
+    let (cut, passed) = proxy.cut();
+    assert!(cut && passed >= 200_000, "the proxy cut a response: {passed} bytes passed");
+    let msg = err.to_string();
+    assert!(msg.contains(&url) && msg.contains("unavailable"), "{msg}");
+    assert!(err.is_transient(), "{msg}");
+    let policy = RetryPolicy::default();
+    assert_eq!(policy.decide(&err, 1), Decision::RetryAfter(policy.backoff), "{msg}");
+
+    // The server is back (on the same address): the retried job succeeds, with what the run that
+    // never failed wrote.
+    let port = proxy.port;
+    drop(proxy);
+    let back = Proxy::start_on(port, s3.port, None);
+    execute(&ctx(back.endpoint(), "cut-run"), &job).await.unwrap();
+    assert_eq!(tiles("cut-run").await, want);
+    let (a, b) = (s3.store("cut-direct"), s3.store("cut-run"));
+    for key in a.list(&Key::from("")).await.unwrap() {
+        assert_eq!(a.get(&key).await.unwrap(), b.get(&key).await.unwrap(), "{key}");
+    }
 }

@@ -176,9 +176,7 @@ impl WorkerContext {
     async fn embedder_tensors(&self, spec: &EmbedderSpec) -> Result<BTreeMap<String, Tensor>, JobError> {
         let device = self.compute.device.clone();
         let arch = spec.architecture.clone();
-        if let Some(seed) = spec.weights.strip_prefix("random-") {
-            let seed: u64 =
-                seed.parse().map_err(|_| JobError::Config(format!("bad random weights spec {:?}", spec.weights)))?;
+        if let Some(seed) = spec.weights.seed() {
             let p = Params::new(seed);
             let name = arch.to_string();
             arch.build(p.var_builder(&device)).map_err(candle_err(&name))?;
@@ -289,7 +287,8 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
             patches_skipped: done.skipped.len(),
             imported_from: None,
             compute: Some(ctx.compute.describe()),
-            weights_sha256: Some(job.embedder.weights.clone()),
+            weights_sha256: job.embedder.weights.sha256().map(str::to_string),
+            weights_seed: job.embedder.weights.seed(),
             output: Some(model.output()),
         },
     };

@@ -30,6 +30,42 @@ pub struct ServiceSettings {
     pub noop: bool,
 }
 
+/// This host's name and this process's id: a worker's name unless it is given one.
+pub fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{}-{}", if host.is_empty() { "worker" } else { host.as_str() }, std::process::id())
+}
+
+/// The `wsimil worker` process: serve until SIGTERM or SIGINT, then drain (running jobs finish,
+/// no new ones are taken) and return.
+pub async fn run_until_signalled(
+    ctx: Arc<WorkerContext>,
+    queue: Arc<Queue>,
+    settings: ServiceSettings,
+) -> Result<(), NatsError> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let served: Vec<&str> = settings.kinds.iter().map(|k| k.as_str()).collect();
+    eprintln!("wsimil worker {}: serving {} (concurrency {})", ctx.name, served.join(","), settings.concurrency);
+    let name = ctx.name.clone();
+    serve(ctx, queue, settings, rx).await?;
+    eprintln!("wsimil worker {name}: drained, exiting");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Run until `shutdown` turns true, then drain.
 pub async fn serve(
     ctx: Arc<WorkerContext>,

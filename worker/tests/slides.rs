@@ -6,7 +6,7 @@ use common::data;
 use image::RgbImage;
 use wsimil_common::grid::TissueParams;
 use wsimil_common::models::zoo::Architecture;
-use wsimil_common::plan::TilingSpec;
+use wsimil_common::plan::{TilingSpec, WeightsRef};
 use wsimil_worker::slide::{self, SlideError};
 use wsimil_worker::tiling::tile_slide;
 
@@ -534,7 +534,7 @@ async fn a_corrupt_tile_skips_the_patches_on_it_or_fails_the_slide_by_policy() {
     for policy in [CorruptTiles::Skip, CorruptTiles::Fail] {
         let embedder = EmbedderSpec {
             architecture: Architecture::EfficientNetLite0,
-            weights: "random-1".into(),
+            weights: WeightsRef::Random(1),
             batch_size: 8,
             corrupt_tiles: policy,
         };

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use wsimil_common::nats::{JobState, JobStatus, NatsOptions, Queue, QueueSettings};
-use wsimil_common::store::{S3Options, Store};
+use wsimil_common::store::{S3Credentials, S3Options, Store};
 
 pub const S3_KEY: &str = "wsimil-test";
 pub const S3_SECRET: &str = "wsimil-test-secret";
@@ -246,9 +246,6 @@ impl S3 {
     /// A store handle on `s3://bucket/prefix` (the bucket made on the first write), as the tests'
     /// admin identity.
     pub fn open(&self, location: &str) -> Store {
-        std::env::set_var("AWS_ACCESS_KEY_ID", S3_KEY);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", S3_SECRET);
-        std::env::set_var("AWS_REGION", "us-east-1");
         Store::open(location, &self.options()).unwrap()
     }
 
@@ -258,6 +255,8 @@ impl S3 {
             region: Some("us-east-1".into()),
             path_style: true,
             max_retries: None,
+            // Given in, not set in this process's environment (tests run on parallel threads).
+            credentials: Some(S3Credentials { key_id: S3_KEY.into(), secret: S3_SECRET.into() }),
         }
     }
 
@@ -364,4 +363,103 @@ pub fn worker_flags(nats: &Nats, store: &[String], name: &str) -> Vec<String> {
     v.extend(nats_flags(nats));
     v.extend(store.iter().cloned());
     v
+}
+
+/// A TCP proxy on loopback in front of a server, that can go away part way through a response:
+/// once `cut_after` bytes of responses have passed it closes every connection, mid-transfer, and
+/// refuses new ones (the server stopped). [`Proxy::start_on`] brings one back on the same port.
+pub struct Proxy {
+    pub port: u16,
+    passed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+/// Stop a proxy: no new connections, every open one closed both ways.
+fn stop_proxy(down: &std::sync::atomic::AtomicBool, open: &std::sync::Mutex<Vec<std::net::TcpStream>>) {
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for s in open.lock().unwrap().iter() {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Proxy {
+    pub fn start(upstream: u16, cut_after: Option<u64>) -> Proxy {
+        Self::start_on(0, upstream, cut_after)
+    }
+
+    pub fn start_on(port: u16, upstream: u16, cut_after: Option<u64>) -> Proxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        // The port of a proxy just stopped is free once its accept loop has seen the stop.
+        let t = Instant::now();
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break l,
+                Err(e) if t.elapsed() > Duration::from_secs(5) => panic!("proxy port {port}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let passed = Arc::new(AtomicU64::new(0));
+        let down = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (p, d, o) = (passed.clone(), down.clone(), open.clone());
+        std::thread::spawn(move || {
+            while !d.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = std::net::TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                o.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                // Requests pass as they are.
+                let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+                // Responses are counted, and cut at `cut_after`.
+                let (mut from, mut to, p, d, o) = (server, client, p.clone(), d.clone(), o.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        let before = p.fetch_add(n as u64, Ordering::SeqCst);
+                        let pass = match cut_after {
+                            Some(cut) if before + n as u64 >= cut => cut.saturating_sub(before) as usize,
+                            _ => n,
+                        };
+                        let sent = to.write_all(&buf[..pass]).is_ok();
+                        if pass < n {
+                            stop_proxy(&d, &o);
+                        }
+                        if !sent || pass < n || d.load(Ordering::SeqCst) {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { port, passed, down, open }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether it went away (cut a response), and the response bytes that passed until then.
+    pub fn cut(&self) -> (bool, u64) {
+        use std::sync::atomic::Ordering;
+        (self.down.load(Ordering::SeqCst), self.passed.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        stop_proxy(&self.down, &self.open);
+    }
 }

@@ -105,11 +105,23 @@ pub fn join_url(base: &str, rel: &str) -> String {
 pub struct SlideSources {
     buckets: Buckets,
     scratch: Arc<Scratch>,
+    /// Which reader opens the slides, chosen once (`wsimil`'s `WSIMIL_READER`, read at start).
+    reader: ReaderChoice,
 }
 
 impl SlideSources {
+    /// Slides opened by the best reader for each ([`ReaderChoice::Auto`]).
     pub fn new(s3: S3Options, scratch: Scratch) -> Self {
-        SlideSources { buckets: Buckets::new(s3), scratch: Arc::new(scratch) }
+        SlideSources { buckets: Buckets::new(s3), scratch: Arc::new(scratch), reader: ReaderChoice::Auto }
+    }
+
+    /// Every slide opened by `reader`.
+    pub fn with_reader(self, reader: ReaderChoice) -> Self {
+        SlideSources { reader, ..self }
+    }
+
+    pub fn reader(&self) -> ReaderChoice {
+        self.reader
     }
 
     /// Local files only (and buckets with the environment's S3 settings), scratch in the system's
@@ -134,9 +146,9 @@ impl SlideSources {
         }
     }
 
-    /// Open the slide at `location`: a local path, or an `s3://` URL (the reader `WSIMIL_READER` says).
+    /// Open the slide at `location`, a local path or an `s3://` URL, with this source's reader.
     pub fn open(&self, location: &str) -> Result<Box<dyn SlideReader>, SlideError> {
-        self.open_with(location, ReaderChoice::from_env()?)
+        self.open_with(location, self.reader)
     }
 
     /// [`Self::open`] with the reader chosen: native (ranged reads), OpenSlide (a scratch copy), or

@@ -70,15 +70,20 @@ impl ByteSource for File {
     }
 }
 
-/// Fetched extents of an object, oldest first for eviction.
-#[derive(Default)]
+/// Fetched extents of an object, oldest first for eviction, at most `cap` bytes (but always the
+/// newest extent, however long).
 struct Extents {
     by_start: BTreeMap<u64, Bytes>,
     order: VecDeque<u64>,
     bytes: usize,
+    cap: usize,
 }
 
 impl Extents {
+    fn new(cap: usize) -> Self {
+        Extents { by_start: BTreeMap::new(), order: VecDeque::new(), bytes: 0, cap }
+    }
+
     /// The extent holding all of `[off, off + len)`, if one does (extents may overlap: a short one
     /// can start inside a long one, so a few before `off` are looked at).
     fn covering(&self, off: u64, len: u64) -> Option<(u64, &Bytes)> {
@@ -97,7 +102,7 @@ impl Extents {
         } else {
             self.order.push_back(start);
         }
-        while self.bytes > REMOTE_CACHE_BYTES && self.order.len() > 1 {
+        while self.bytes > self.cap && self.order.len() > 1 {
             if let Some(s) = self.order.pop_front() {
                 if let Some(b) = self.by_start.remove(&s) {
                     self.bytes -= b.len();
@@ -133,7 +138,7 @@ impl RemoteSource {
             key,
             url,
             len: meta.size,
-            extents: Mutex::default(),
+            extents: Mutex::new(Extents::new(REMOTE_CACHE_BYTES)),
             fetched: AtomicU64::new(0),
             runtime,
         })
@@ -141,6 +146,11 @@ impl RemoteSource {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Keep at most `bytes` of fetched extents instead of [`REMOTE_CACHE_BYTES`].
+    pub fn with_cache_bytes(self, bytes: usize) -> Self {
+        RemoteSource { extents: Mutex::new(Extents::new(bytes)), ..self }
     }
 
     /// Fetch `ranges` (already merged), concurrently, into the cache.
@@ -278,6 +288,44 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(src.len(), 1_000_000);
+    }
+
+    /// Past its bound the cache lets its oldest extents go: a read there is fetched again, the
+    /// newer ones are still served from memory, and what is held never passes the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cache_evicts_its_oldest_extents_past_its_bound() {
+        let store = object_store::memory::InMemory::new();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let key = Key::from("a.svs");
+        store.put(&key, data.clone().into()).await.unwrap();
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let ra = READ_AHEAD as usize;
+            let src =
+                RemoteSource::open(Arc::new(store), key, "s3://b/a.svs".into(), rt).unwrap().with_cache_bytes(2 * ra);
+            let mut buf = vec![0u8; 10];
+            let mut read = |at: u64, src: &RemoteSource| {
+                let before = src.bytes_read();
+                src.read_at(at, &mut buf).unwrap();
+                assert_eq!(&buf[..], &data[at as usize..at as usize + 10]);
+                src.bytes_read() - before
+            };
+            assert_eq!(read(0, &src), READ_AHEAD, "a miss");
+            assert_eq!(read(200_000, &src), READ_AHEAD, "a miss");
+            assert_eq!(read(5, &src), 0, "two extents fit");
+            assert_eq!(read(400_000, &src), READ_AHEAD, "a third: the oldest goes");
+            assert_eq!(src.extents.lock().unwrap().bytes, 2 * ra);
+            assert_eq!(read(200_005, &src), 0, "the second stays");
+            assert_eq!(read(400_005, &src), 0, "the third stays");
+            assert_eq!(read(10, &src), READ_AHEAD, "the first was let go: fetched again");
+            assert_eq!(read(200_010, &src), READ_AHEAD, "which pushed out the second");
+            // One extent longer than the bound is still kept (the read needs it), alone.
+            src.prefetch(&[(600_000, 3 * READ_AHEAD)]).unwrap();
+            let ext = src.extents.lock().unwrap();
+            assert_eq!((ext.by_start.len(), ext.bytes), (1, 3 * ra));
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
