@@ -1145,7 +1145,16 @@ mod tests {
         assert!(err.contains("needs --weights FILE"), "{err}");
         let err = import_args(&["--embedder", "uni", "--random-weights", "1", "--target-mpp", "0"]).settings();
         assert!(err.err().unwrap().to_string().contains("must be positive"));
-        assert!(import_args(&["--embedder", "uni", "--random-weights", "1", "--classes", "a"]).settings().is_err());
+        let one_class = ["wsimil", "import-model", "--transmil", "m.pth", "--classes", "a", "--out", "o"];
+        let Command::ImportModel(a) =
+            Cli::try_parse_from(one_class.iter().chain(&["--embedder", "uni", "--random-weights", "1"]))
+                .unwrap()
+                .command
+        else {
+            unreachable!()
+        };
+        let err = a.settings().err().expect("one class is refused").to_string();
+        assert!(err.contains("two classes at least"), "{err}");
     }
 
     #[test]
