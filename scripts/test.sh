@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
 WSIMIL_TOOLS=$(dirname "$(./scripts/fetch-tools.sh)")
 export WSIMIL_TOOLS
+# Debian's chromium renders report.html in the browser test (headless).
+if ! command -v chromium >/dev/null; then
+  echo "test: installing chromium" >&2
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  }
+fi
 cargo fmt --all -- --check
 # Lints of every crate and target, as a warning-free build requires (a check build: ~4 min on CI's
 # 2 cores the first time, seconds after).

@@ -8,6 +8,7 @@
 //! embedders/<embedder>/model.safetensors             its weights
 //! features/<embedder>/<tiling>/<slide>.parquet       one row per patch: x, y, feature
 //! runs/<run>/plan.json                               the run's configuration and cohort
+//! runs/<run>/report.html                             the page a person reads (heatmaps linked beside it)
 //! runs/<run>/failures/<job>.json                     why a job failed (latest attempt)
 //! runs/<run>/round-<r>/fold-<k>/model.safetensors    bag classifier of one fold
 //! runs/<run>/round-<r>/fold-<k>/metrics.json         its test metrics and training curve
@@ -25,6 +26,7 @@
 //! applied/<name>/plan.json                           a model applied to a cohort (`wsimil predict`)
 //! applied/<name>/predictions.parquet | .csv          its slide probabilities
 //! applied/<name>/metrics.json                        with bootstrap 95% CIs, when the cohort has labels
+//! applied/<name>/report.html                         the page a person reads (heatmaps linked beside it)
 //! applied/<name>/attention/<slide>.parquet           per-patch attention (the members' mean)
 //! applied/<name>/heatmaps/<slide>.png                attention heatmap over the thumbnail
 //! applied/<name>/failures/<job>.json                 why a job failed
@@ -70,6 +72,10 @@ pub fn features(embedder: &EmbedderId, tiling: &TilingId, slide: &SlideId) -> Pa
 
 pub fn run_plan(run: &RunId) -> Path {
     key(format!("runs/{run}/plan.json"))
+}
+
+pub fn run_report(run: &RunId) -> Path {
+    key(format!("runs/{run}/report.html"))
 }
 
 pub fn failures_prefix(run: &RunId) -> Path {
@@ -167,6 +173,10 @@ pub fn applied_metrics(name: &RunId) -> Path {
 /// The application's "done" marker for a slide.
 pub fn applied_attention(name: &RunId, slide: &SlideId) -> Path {
     key(format!("applied/{name}/attention/{slide}.parquet"))
+}
+
+pub fn applied_report(name: &RunId) -> Path {
+    key(format!("applied/{name}/report.html"))
 }
 
 pub fn applied_heatmap(name: &RunId, slide: &SlideId) -> Path {

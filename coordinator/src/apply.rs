@@ -384,6 +384,10 @@ pub async fn apply(
         stages.push(crate::run::StageReport { round: 0, kind, label: kind.as_str().into(), planned, outcome });
     }
     let metrics = summarise(store, plan).await?;
+    // A view of what the store holds: failing to draw it loses nothing.
+    if let Err(e) = crate::report::write_applied_report(store, &plan.name).await {
+        tracing::warn!("application {}: report.html not written: {e:#}", plan.name);
+    }
     Ok(ApplySummary { plan: plan.clone(), card: card.clone(), stages, metrics })
 }
 
@@ -493,6 +497,7 @@ pub fn render(s: &ApplySummary, store: &Store) -> String {
     };
     out.push_str(&format!("predictions: {}\n", at(&layout::applied_predictions_csv(&m.name))));
     out.push_str(&format!("metrics:     {}\n", at(&layout::applied_metrics(&m.name))));
+    out.push_str(&format!("report:      {}\n", at(&layout::applied_report(&m.name))));
     if s.plan.imported.is_none() {
         out.push_str(&format!(
             "heatmaps:    {}/\n",

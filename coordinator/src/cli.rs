@@ -66,6 +66,14 @@ pub enum Command {
     /// Write a model (a run's, or a model in the store) as a self-contained folder: its classifiers,
     /// its embedders' weights, and a card (classes, architecture, tiling, training, version).
     ExportModel(ExportModelArgs),
+    /// Write features as HDF5 files the other MIL codebases read (CLAM, TRIDENT, STAMP, MIL-Lab):
+    /// `features` and `coords` per slide with TRIDENT's attributes, in CLAM's `h5_files/` with its
+    /// dataset CSV or TRIDENT's `features_<encoder>/`.
+    ExportFeatures(ExportFeaturesArgs),
+    /// Make a run's (or a `predict` application's) report.html again from what the store holds
+    /// (both write it as they end): figures per round, curves, confusion matrix, calibration,
+    /// slides ranked worst error first with their heatmaps, and failures.
+    Report(ReportArgs),
     /// Make a model folder from a checkpoint trained elsewhere: the official TransMIL code's
     /// (`.pth`/`.ckpt`) or CLAM's attention MIL (CLAM_SB), with the classes and the embedder its
     /// features came from.
@@ -796,6 +804,129 @@ pub async fn export_model(args: ExportModelArgs) -> anyhow::Result<()> {
     let card = crate::apply::resolve(&store, &args.model, args.round).await?;
     crate::apply::export(&store, &card, &args.out).await?;
     println!("model {} ({}) written to {}", card.id, card.ensemble, args.out.display());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run, or the name of a `predict` application.
+    pub run: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `wsimil report`.
+pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let store = args.store.open()?;
+    let run = RunId::new(args.run.as_str()).map_err(|e| anyhow::anyhow!("{:?}: {e}", args.run))?;
+    let key = if store.exists(&wsimil_common::layout::run_plan(&run)).await? {
+        crate::report::write_run_report(&store, &run).await?
+    } else if store.exists(&wsimil_common::layout::applied_plan(&run)).await? {
+        crate::report::write_applied_report(&store, &run).await?
+    } else {
+        bail!("{run}: neither a run nor an application (wsimil predict) in {}", store.location());
+    };
+    match store.local_path(&key) {
+        Some(p) => println!("{}", p.display()),
+        None => println!("{}/{key}", store.location()),
+    }
+    Ok(())
+}
+
+/// File formats `export-features` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FeatureFormat {
+    /// HDF5: `features` [N, D] f32, `coords` [N, 2] i64, one file per slide.
+    H5,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportFeaturesArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The features of this run's slides (with their labels): round 0's, or with --round R and
+    /// --fold K those fold K's ICMIL embedder made in round R.
+    #[arg(long, conflicts_with = "features", required_unless_present = "features")]
+    pub run: Option<String>,
+    #[arg(long, requires = "run")]
+    pub round: Option<u32>,
+    #[arg(long, requires = "run")]
+    pub fold: Option<u32>,
+    /// Every bag imported under this name (`import-bags`, `import-clam`).
+    #[arg(long)]
+    pub features: Option<String>,
+    #[arg(long, value_enum, default_value_t = FeatureFormat::H5)]
+    pub format: FeatureFormat,
+    /// `clam`: TO/h5_files/<slide>.h5 and TO/dataset.csv; `trident`: TO/features_<encoder>/<slide>.h5.
+    #[arg(long, value_enum, default_value_t = crate::export::H5Layout::Clam)]
+    pub layout: crate::export::H5Layout,
+    /// The folder to write into.
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+/// `wsimil export-features`.
+pub async fn export_features(args: ExportFeaturesArgs) -> anyhow::Result<()> {
+    use crate::export::{export_h5, ExportSlide};
+    use wsimil_common::ids::{SlideId, TilingId};
+    let store = args.store.open()?;
+    let FeatureFormat::H5 = args.format;
+    let (embedder, tiling, slides) = match (&args.run, &args.features) {
+        (Some(run), _) => {
+            let run = RunId::new(run.as_str()).map_err(|e| anyhow::anyhow!("--run {run:?}: {e}"))?;
+            let plan: wsimil_common::plan::RunPlan = store
+                .get_json(&wsimil_common::layout::run_plan(&run))
+                .await
+                .with_context(|| format!("--run {run}: no such run in {}", store.location()))?;
+            let round = args.round.unwrap_or(0);
+            if round > plan.icmil_rounds() {
+                bail!("--round {round}: run {run} has {} ICMIL round(s) after round 0", plan.icmil_rounds());
+            }
+            let fold = match (round, args.fold) {
+                (0, f) => f.unwrap_or(0),
+                (_, Some(f)) if (f as usize) < plan.folds.len() => f,
+                (_, Some(f)) => bail!("--fold {f}: run {run} has {} fold(s)", plan.folds.len()),
+                (_, None) => bail!(
+                    "--round {round}: each fold has its own embedder in an ICMIL round; say which with --fold (0 to {})",
+                    plan.folds.len().saturating_sub(1)
+                ),
+            };
+            let (e, t) = plan.round_feature_ids(&store, round, fold).await?;
+            let slides = plan
+                .slides
+                .iter()
+                .map(|s| ExportSlide { id: s.id.clone(), label: plan.classes.get(s.label).cloned() })
+                .collect::<Vec<_>>();
+            (e, t, slides)
+        }
+        (None, Some(name)) => {
+            let name = EmbedderId::new(name.as_str()).map_err(|e| anyhow::anyhow!("--features {name:?}: {e}"))?;
+            let tiling = TilingId::new(wsimil_common::plan::IMPORTED_TILING).expect("safe");
+            let prefix = object_store::path::Path::from(format!("features/{name}/{tiling}"));
+            let mut slides = Vec::new();
+            for key in store.list(&prefix).await? {
+                if let Some(stem) = key.filename().and_then(|f| f.strip_suffix(".parquet")) {
+                    slides.push(ExportSlide { id: SlideId::new(stem)?, label: None });
+                }
+            }
+            if slides.is_empty() {
+                bail!("--features {name}: nothing imported under that name in {}", store.location());
+            }
+            (name, tiling, slides)
+        }
+        (None, None) => bail!("say which features: --run RUN or --features NAME"),
+    };
+    let out = export_h5(&store, &embedder, &tiling, &slides, &args.to, args.layout).await?;
+    println!("{} slides ({} patches, {}-d) written to {}", out.slides, out.patches, out.dim, out.dir.display());
+    if !out.missing.is_empty() {
+        let names: Vec<String> = out.missing.iter().take(10).map(|s| s.to_string()).collect();
+        println!(
+            "{} slide(s) have no features in the store and were left out (failed or not yet embedded): {}{}",
+            out.missing.len(),
+            names.join(", "),
+            if out.missing.len() > 10 { ", ..." } else { "" }
+        );
+    }
     Ok(())
 }
 

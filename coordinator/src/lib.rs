@@ -7,11 +7,14 @@
 //! - [`run`]: the stages in order, and the round's summary (predictions, metrics).
 //! - [`apply`]: a trained model applied to new slides (`wsimil predict`), models as folders.
 //! - [`predictions`]: the predictions table both write (CSV and Parquet).
+//! - [`report`]: `report.html`, the page a person reads at the end of a run.
+//! - [`export`]: features out as the HDF5 files CLAM and TRIDENT read (`wsimil export-features`).
 //! - [`cli`]: the `wsimil` command line.
 
 pub mod apply;
 pub mod cli;
 pub mod dispatch;
+pub mod export;
 
 /// Keep freed memory in the process instead of handing it back to the kernel. Tensors of tens of
 /// megabytes are allocated and freed for every layer of every batch; glibc serves blocks over its
@@ -56,4 +59,5 @@ pub mod jetstream;
 pub mod manifest;
 pub mod planner;
 pub mod predictions;
+pub mod report;
 pub mod run;

@@ -20,6 +20,8 @@ fn main() -> std::process::ExitCode {
         Command::ImportClam(args) => tokio_main(cli::import_clam(args)),
         Command::Predict(args) => tokio_main(cli::predict(*args)),
         Command::ExportModel(args) => tokio_main(cli::export_model(args)),
+        Command::ExportFeatures(args) => tokio_main(cli::export_features(args)),
+        Command::Report(args) => tokio_main(cli::report(args)),
         Command::ImportModel(args) => tokio_main(cli::import_model(*args)),
     };
     match result {

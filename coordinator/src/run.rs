@@ -367,6 +367,10 @@ pub async fn run(
         }
         if until == JobKind::Predict {
             rounds.push(summarise(store, plan, round).await?);
+            // The page is a view of what the store holds: failing to draw it loses nothing.
+            if let Err(e) = crate::report::write_run_report(store, &plan.run).await {
+                tracing::warn!("run {}: report.html not written: {e:#}", plan.run);
+            }
         }
     }
     if final_model && until == JobKind::Predict {
@@ -555,6 +559,7 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
     };
     out.push_str(&format!("predictions: {}\n", where_(&layout::predictions_csv(&m.run, m.round))));
     out.push_str(&format!("metrics:     {}\n", where_(&layout::round_metrics(&m.run, m.round))));
+    out.push_str(&format!("report:      {}\n", where_(&layout::run_report(&m.run))));
     if s.plan.imported.is_none() {
         // Imported bags have no slide geometry to draw attention on.
         let heat = layout::round_dir(&m.run, m.round);

@@ -1,6 +1,8 @@
 //! The whole pipeline in embedded mode on real tissue: a small semi-synthetic cohort built from the
 //! CMU slide and the tumour image, plus one corrupt slide that must fail alone; then resume.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use wsimil_common::features::FeatureBag;
@@ -9,7 +11,7 @@ use wsimil_common::ids::SlideId;
 use wsimil_common::job::JobKind;
 use wsimil_common::layout;
 use wsimil_common::models::zoo::Architecture;
-use wsimil_common::plan::{EmbedderSpec, IcmilConfig, IcmilMethod, TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, IcmilConfig, IcmilMethod, RunPlan, TilingSpec, TrainConfig};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_coordinator::dispatch::LocalDispatcher;
 use wsimil_coordinator::planner::FoldSettings;
@@ -74,6 +76,79 @@ async fn run_once(store: &Store, settings: &RunSettings) -> RunSummary {
     run::run(store, &d, &plan, JobKind::Predict, false).await.unwrap()
 }
 
+/// `runs/<run>/report.html` in headless Chromium: it loads with nothing on the console, its
+/// script runs to the end, and it shows the run: both folds' and the pooled ROC curves, the six
+/// predicted slides ranked with their heatmaps (files beside the page), the corrupt slide's failure.
+fn report_renders_in_chromium(store_dir: &Path, plan: &RunPlan) {
+    let page = store_dir.join(format!("runs/{}/report.html", plan.run));
+    let dom = support::render_in_chromium(&page);
+    assert_eq!(dom.matches("class=\"hm\"").count(), 6, "a heatmap for each predicted slide");
+    assert!(dom.contains("<span id=\"shown\">6</span>"), "the slide filter counts the six slides");
+    assert_eq!(dom.matches("<tr data-slide=").count(), 6);
+    for curve in ["data-name=\"fold 0", "data-name=\"fold 1", "data-name=\"pooled"] {
+        assert!(dom.contains(curve), "no {curve} curve");
+    }
+    assert!(dom.contains("Confusion matrix") && dom.contains("Calibration"));
+    assert!(
+        dom.contains("<h2 id=\"failures\">Failures (1)</h2>") && dom.contains("corrupt.svs"),
+        "the failure and its reason"
+    );
+}
+
+/// `wsimil export-features --run RUN`: one h5 file per slide with features (the corrupt slide left
+/// out), read by h5py as CLAM and TRIDENT read them, with the store's values and TRIDENT's
+/// attributes; then imported back with `import-clam`'s reader, unchanged.
+async fn export_features_reads_back_in_h5py(store: &Store, store_dir: &Path, plan: &RunPlan, dir: &Path) {
+    use clap::Parser;
+    use wsimil_coordinator::cli::{Cli, Command};
+    let to = dir.join("exported");
+    let args = ["wsimil", "export-features", "--store", store_dir.to_str().unwrap(), "--run", plan.run.as_str()];
+    let cli = Cli::try_parse_from(args.iter().copied().chain(["--to", to.to_str().unwrap()])).unwrap();
+    let Command::ExportFeatures(args) = cli.command else { panic!("not export-features") };
+    wsimil_coordinator::cli::export_features(args).await.unwrap();
+    let csv = std::fs::read_to_string(to.join("dataset.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7, "six slides with features, the corrupt one left out:\n{csv}");
+    assert!(!csv.contains("corrupt") && csv.contains("demo-000,demo-000,"), "{csv}");
+
+    let id = SlideId::new("demo-000").unwrap();
+    let key = layout::features(&plan.embedder.id(), &plan.tiling.id(), &id);
+    let bag = FeatureBag::from_parquet("demo-000", store.get(&key).await.unwrap()).unwrap();
+    let file = to.join("h5_files/demo-000.h5");
+    let python = std::env::var_os("WSIMIL_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| wsimil_common::data_dir().parent().expect("cache dir").join("tools"))
+        .join("venv/bin/python");
+    assert!(python.is_file(), "{} missing: run scripts/fetch-tools.sh (its venv has h5py)", python.display());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev/read_h5_features.py");
+    let out = std::process::Command::new(python).arg(script).arg(&file).output().unwrap();
+    assert!(out.status.success(), "h5py cannot read {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (f, c) = (&seen["features"], &seen["coords"]);
+    use serde_json::json;
+    assert_eq!(f["shape"], json!([bag.len(), bag.dim]));
+    assert_eq!((f["dtype"].as_str(), c["dtype"].as_str()), (Some("float32"), Some("int64")));
+    let sum: f64 = bag.features.iter().map(|&v| v as f64).sum();
+    assert!((f["sum"].as_f64().unwrap() - sum).abs() <= 1e-9 * sum.abs().max(1.0), "{} vs {sum}", f["sum"]);
+    let first: Vec<f32> = serde_json::from_value(f["first_row"].clone()).unwrap();
+    assert_eq!(first, bag.features[..bag.dim]);
+    let rows: Vec<[i64; 2]> = serde_json::from_value(c["rows"].clone()).unwrap();
+    assert_eq!(rows, bag.xs.iter().zip(&bag.ys).map(|(x, y)| [*x, *y]).collect::<Vec<_>>());
+    let t = bag.provenance.tiling.as_ref().unwrap();
+    let attrs = &c["attrs"];
+    assert_eq!(attrs["patch_size"], 256);
+    assert_eq!(attrs["patch_size_level0"], t.patch_level0);
+    assert_eq!(attrs["overlap"], 0, "step 1.0: no overlap");
+    assert_eq!((&attrs["level0_width"], &attrs["level0_height"]), (&json!(t.level0_width), &json!(t.level0_height)));
+    assert_eq!(attrs["name"], "demo-000");
+    assert_eq!(f["attrs"]["encoder"], "efficientnet-lite0");
+    let provenance: wsimil_common::features::EmbeddingProvenance =
+        serde_json::from_str(f["attrs"]["wsimil_provenance"].as_str().unwrap()).unwrap();
+    assert_eq!(provenance, bag.provenance);
+
+    let back = wsimil_coordinator::import::read_clam_h5(&file).unwrap();
+    assert_eq!((back.dim, back.features), (bag.dim, bag.features));
+}
+
 fn stage(s: &RunSummary, kind: JobKind) -> &run::StageReport {
     s.stages.iter().find(|st| st.kind == kind).unwrap()
 }
@@ -121,6 +196,12 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
     assert!(store.exists(&layout::failure(run, &failure.job)).await.unwrap());
     let report = run::render_summary(&s, &store);
     assert!(report.contains("AUC") && report.contains("corrupt") && report.contains("predictions.csv"), "{report}");
+
+    // The page a person reads, in a real browser.
+    report_renders_in_chromium(&store_dir, &s.plan);
+
+    // The run's features out as CLAM/TRIDENT h5 files, through the command line, read back by h5py.
+    export_features_reads_back_in_h5py(&store, &store_dir, &s.plan, dir.path()).await;
 
     // Resume: nothing is computed again (the corrupt slide is retried and fails again).
     let s2 = run_once(&store, &settings).await;

@@ -100,6 +100,13 @@ fn a_model_trained_on_one_cohort_predicts_another_with_confidence_intervals() {
     for i in 0..4 {
         assert!(store.join(format!("applied/ext-b/heatmaps/ext-demo-{i:03}.png")).is_file());
     }
+    // The application's page, in a browser: its metrics with their intervals, the four slides
+    // ranked with their heatmaps.
+    let dom = render_in_chromium(&store.join("applied/ext-b/report.html"));
+    assert!(dom.contains("<table id=\"metrics\">") && dom.contains("over 4 labelled slides"), "metrics table");
+    assert_eq!(dom.matches("<tr data-slide=").count(), 4);
+    assert_eq!(dom.matches("class=\"hm\"").count(), 4);
+    assert!(dom.contains("data-name=\"pooled"), "the pooled ROC curve");
     // The new slides were tiled and embedded with the model's tiling and embedder: again, nothing
     // is recomputed.
     let again = ok(&predict("train-a", &external, &store, "ext-b"));

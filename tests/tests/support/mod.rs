@@ -463,3 +463,27 @@ impl Drop for Proxy {
         stop_proxy(&self.down, &self.open);
     }
 }
+
+/// Render `page` in headless Chromium (Debian's package, which scripts/test.sh installs;
+/// `WSIMIL_CHROMIUM` names another binary) and return the DOM after its scripts ran. Fails if a
+/// file the page links is not beside it, if the page writes anything to the console (an uncaught
+/// error included), or if its script did not run to its end (`data-ready` on the body).
+pub fn render_in_chromium(page: &Path) -> String {
+    assert!(page.is_file(), "{} not written", page.display());
+    let html = std::fs::read_to_string(page).unwrap();
+    for src in html.split("src=\"").skip(1).map(|s| &s[..s.find('"').unwrap()]) {
+        assert!(page.parent().unwrap().join(src).is_file(), "{} links {src}, which is not beside it", page.display());
+    }
+    let chromium = std::env::var_os("WSIMIL_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "chromium".into());
+    let out = Command::new(&chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0", "--dump-dom"])
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test.sh installs Debian's chromium)", chromium.display()));
+    let (dom, log) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "chromium failed: {log}");
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "{} wrote to the console: {console:#?}", page.display());
+    assert!(dom.contains("data-ready=\"1\""), "{}: its script did not run to its end", page.display());
+    dom
+}
