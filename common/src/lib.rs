@@ -30,6 +30,7 @@ pub mod records;
 pub mod rng;
 pub mod store;
 pub mod table;
+pub mod telemetry;
 pub mod truth;
 
 /// The folder `scripts/fetch-data.sh` fills with the real data (slides, weights, benchmarks):

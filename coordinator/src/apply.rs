@@ -377,6 +377,7 @@ pub async fn apply(
             eprintln!("  {:<8} nothing to do", kind.as_str());
             StageOutcome::default()
         } else {
+            wsimil_common::telemetry::telemetry().planned(kind.as_str(), planned);
             let o = d.run_stage(kind, jobs.clone()).await?;
             crate::run::record_failures(store, &layout::applied_failures_prefix(&plan.name), &jobs, &o).await?;
             o

@@ -252,6 +252,30 @@ pub struct WorkerArgs {
     pub compute: ComputeArgs,
     #[command(flatten)]
     pub slides: SlideArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// This process's live counts for Prometheus (`wsimil_common::telemetry`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct TelemetryArgs {
+    /// Serve jobs started, done and failed, patches and seconds per stage on
+    /// http://HOST:PORT/metrics in Prometheus' text format (off unless given).
+    #[arg(long, env = "WSIMIL_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+}
+
+impl TelemetryArgs {
+    /// Start the endpoint if asked; an address that cannot be bound is an error before any work.
+    pub async fn start(&self) -> anyhow::Result<()> {
+        if let Some(addr) = &self.metrics_addr {
+            let bound = wsimil_common::telemetry::serve(addr)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}: cannot listen there"))?;
+            eprintln!("metrics: http://{bound}/metrics");
+        }
+        Ok(())
+    }
 }
 
 /// Where this process's networks run (a worker's, or the embedded run's).
@@ -420,6 +444,8 @@ impl EmbedderArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// Where the embedded run computes (ignored with --nats: the workers choose).
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -702,6 +728,8 @@ pub struct ImportClamArgs {
 pub struct PredictArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// Where the embedded run computes (ignored with --nats: the workers choose).
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -746,6 +774,7 @@ impl PredictArgs {
 /// `wsimil predict`.
 pub async fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
+    args.telemetry.start().await?;
     let store = args.store.open()?;
     let started = std::time::Instant::now();
     let card = crate::apply::resolve(&store, &args.model, args.round).await?;
@@ -1073,6 +1102,7 @@ pub struct DemoCohortArgs {
 /// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
+    args.telemetry.start().await?;
     wsimil_worker::slide::ReaderChoice::from_env()?;
     let store = args.store.open()?;
     let started = std::time::Instant::now();
@@ -1137,6 +1167,7 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     wsimil_worker::slide::ReaderChoice::from_env()?;
     let name = args.name.clone().unwrap_or_else(wsimil_worker::service::default_name);
+    args.telemetry.start().await?;
     let store = args.store.open()?;
     let (_client, queue) = args.nats.open(&format!("wsimil-worker-{name}")).await?;
     let ctx = WorkerContext::new(store, args.compute.open()?, name)

@@ -292,6 +292,7 @@ async fn run_stage(
     jobs: Vec<Job>,
 ) -> anyhow::Result<StageReport> {
     let planned = jobs.len();
+    wsimil_common::telemetry::telemetry().planned(kind.as_str(), planned);
     d.progress(RunProgress::new(&plan.run, round, plan.icmil_rounds(), &label)).await;
     if planned == 0 {
         eprintln!("  {label:<8} nothing to do");

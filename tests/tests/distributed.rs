@@ -62,8 +62,15 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
     let nats = Nats::start();
     let s3 = s3();
     let store_flags = s3.flags("two-workers");
-    let mut w1 = spawn("w1", d, &worker_flags(&nats, &store_flags, "w1"));
-    let mut w2 = spawn("w2", d, &worker_flags(&nats, &store_flags, "w2"));
+    // Both workers serve their counts for Prometheus.
+    let ports = [free_port(), free_port()];
+    let with_metrics = |name: &str, port: u16| {
+        let mut f = worker_flags(&nats, &store_flags, name);
+        f.extend(["--metrics-addr".to_string(), format!("127.0.0.1:{port}")]);
+        f
+    };
+    let mut w1 = spawn("w1", d, &with_metrics("w1", ports[0]));
+    let mut w2 = spawn("w2", d, &with_metrics("w2", ports[1]));
     let mut args = run_flags(&manifest, &icmil);
     args.extend(nats_flags(&nats));
     args.extend(store_flags.clone());
@@ -121,6 +128,23 @@ async fn two_workers_match_the_embedded_run_isolate_a_corrupt_slide_and_drain_on
         s.iter().any(|j| j.job.as_str().ends_with(".corrupt") && j.generation == 1 && j.state == JobState::Failed)
     })
     .await;
+
+    // What the workers' endpoints say adds up to what the run did: 4 slides tiled (the corrupt one
+    // failed twice: once, and once more after retry-failed), 4 fine-tuning shards, and the patches
+    // of every feature file embedded (round 0's and both folds' ICMIL embedders').
+    let scraped: Vec<String> = ports.iter().map(|&p| scrape(p)).collect();
+    let total = |series: &str| -> f64 { scraped.iter().map(|t| sample(t, series)).sum() };
+    assert_eq!(total("wsimil_jobs_total{stage=\"tile\",outcome=\"computed\"}"), 4.0, "{scraped:#?}");
+    assert_eq!(total("wsimil_jobs_total{stage=\"tile\",outcome=\"failed\"}"), 2.0, "{scraped:#?}");
+    assert_eq!(total("wsimil_jobs_total{stage=\"finetune\",outcome=\"computed\"}"), 4.0, "{scraped:#?}");
+    let mut embedded_patches = 0;
+    for path in walk(&local).into_iter().filter(|p| p.starts_with(local.join("features"))) {
+        let bag =
+            wsimil_common::features::FeatureBag::from_parquet("bag", std::fs::read(&path).unwrap().into()).unwrap();
+        embedded_patches += bag.len();
+    }
+    assert_eq!(total("wsimil_patches_total{stage=\"embed\"}"), embedded_patches as f64, "{scraped:#?}");
+    assert_eq!(total("wsimil_jobs_running{stage=\"embed\"}"), 0.0);
 
     // SIGTERM: the workers drain and exit cleanly.
     for w in [&mut w1, &mut w2] {

@@ -192,8 +192,23 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + S
     tokio::task::spawn_blocking(f).await.map_err(|e| JobError::Panicked(e.to_string()))?
 }
 
-/// Execute one job.
+/// Execute one job, counted in this process's [`telemetry`](wsimil_common::telemetry).
 pub async fn execute(ctx: &WorkerContext, job: &Job) -> Result<Done, JobError> {
+    use wsimil_common::telemetry::{telemetry, Outcome};
+    let stage = job.kind().as_str();
+    telemetry().started(stage);
+    let started = Instant::now();
+    let result = execute_uncounted(ctx, job).await;
+    let outcome = match &result {
+        Ok(Done::Computed) => Outcome::Computed,
+        Ok(Done::AlreadyDone) => Outcome::AlreadyDone,
+        Err(_) => Outcome::Failed,
+    };
+    telemetry().finished(stage, outcome, started.elapsed().as_secs_f64());
+    result
+}
+
+async fn execute_uncounted(ctx: &WorkerContext, job: &Job) -> Result<Done, JobError> {
     match job {
         Job::Tile(j) => tile(ctx, j).await,
         Job::Embed(j) => embed(ctx, j).await,
@@ -242,6 +257,7 @@ async fn tile(ctx: &WorkerContext, job: &TileJob) -> Result<Done, JobError> {
     }
     // The grid is written last: its presence means the whole tile job is done.
     ctx.store.put(&grid_key, tiled.grid.to_parquet()?).await?;
+    wsimil_common::telemetry::telemetry().patches("tile", tiled.grid.patches.len());
     info!(slide = %job.slide, patches = tiled.grid.patches.len(), secs = started.elapsed().as_secs_f32(), "tiled");
     Ok(Done::Computed)
 }
@@ -293,6 +309,7 @@ async fn embed(ctx: &WorkerContext, job: &EmbedJob) -> Result<Done, JobError> {
         },
     };
     ctx.store.put(&out_key, bag.to_parquet()?).await?;
+    wsimil_common::telemetry::telemetry().patches("embed", bag.len());
     let secs = started.elapsed().as_secs_f32();
     if fetched > 0 {
         // A slide in a bucket: what its ranged reads cost.

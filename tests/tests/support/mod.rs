@@ -487,3 +487,25 @@ pub fn render_in_chromium(page: &Path) -> String {
     assert!(dom.contains("data-ready=\"1\""), "{}: its script did not run to its end", page.display());
     dom
 }
+
+/// `GET /metrics` of a process started with `--metrics-addr 127.0.0.1:PORT`: the body.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c =
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("metrics port {port}: {e}"));
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of one sample (`name{labels}`) in Prometheus' text format; 0 where absent (a stage
+/// the process never ran).
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
