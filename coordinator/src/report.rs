@@ -327,15 +327,18 @@ pub fn render(r: &RunReport) -> String {
     };
     let _ = write!(
         h,
-        "<p><b>{}</b> slides ({}), {} fold{}, bag model <b>{}</b>, {}; {} ICMIL round{} after round 0.</p>",
+        "<p><b>{}</b> slides ({}), {} fold{}, bag model <b>{}</b>, {}; {}.</p>",
         plan.slides.len(),
         counts.join(", "),
         plan.folds.len(),
         if plan.folds.len() == 1 { "" } else { "s" },
         esc(&format!("{:?}", plan.train.model).to_lowercase()),
         features,
-        plan.icmil_rounds(),
-        if plan.icmil_rounds() == 1 { "" } else { "s" }
+        match plan.icmil_rounds() {
+            0 => "no ICMIL rounds".to_string(),
+            1 => "1 ICMIL round after round 0".to_string(),
+            n => format!("{n} ICMIL rounds after round 0"),
+        }
     );
     if r.rounds.is_empty() {
         h.push_str("<p class=\"muted\">No round has been predicted yet.</p>");
@@ -399,7 +402,7 @@ fn round_section(h: &mut String, plan: &RunPlan, round: &RoundReport, several: b
         h.push_str(&line_chart(
             "Validation loss per epoch",
             ("epoch", "loss"),
-            (0.0, epochs as f64),
+            (0.0, (epochs.div_ceil(5) * 5) as f64),
             (0.0, top.max(1e-6)),
             None,
             &series,
