@@ -174,7 +174,7 @@ fn every_preset_expects_exactly_its_publishers_full_size_tensors() {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("full_size.json")).unwrap()).unwrap();
     let mut names: Vec<String> = VitPreset::ALL.iter().map(|p| p.name().to_string()).collect();
-    names.push("vit:vit_small_patch14_reg4_dinov2".into());
+    names.push("vit:vit_small_patch14_reg4_dinov2@imagenet".into());
     for name in &names {
         let entry = record.get(name.as_str()).unwrap_or_else(|| panic!("{name}: not in full_size.json"));
         let shipped: std::collections::BTreeMap<String, Vec<usize>> =

@@ -70,9 +70,10 @@ def timm_presets(full):
         "gigapath-tile": (make("vit_giant_patch14_dinov2", img_size=224, in_chans=3, patch_size=16,
                                embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334,
                                num_classes=0), IMAGENET, "class", 224),
-        # A generic timm name: DINOv2 with registers stored at a 7×7 grid (98 px) and fed 224 px, so
-        # the position embedding is resampled as timm does at run time.
-        "vit:vit_small_patch14_reg4_dinov2": (make("vit_small_patch14_reg4_dinov2", img_size=98, num_classes=0,
+        # A generic timm architecture with weights from elsewhere (hence its normalisation named):
+        # DINOv2 with registers stored at a 7×7 grid (98 px) and fed 224 px, so the position
+        # embedding is resampled as timm does at run time.
+        "vit:vit_small_patch14_reg4_dinov2@imagenet": (make("vit_small_patch14_reg4_dinov2", img_size=98, num_classes=0,
                                                    dynamic_img_size=True), IMAGENET, "class", 224),
     }
 
@@ -98,7 +99,7 @@ def timm_features(model, x, output):
 
 
 def save(out, name, weights_file, features, sizes):
-    stem = name.replace(":", "-")
+    stem = name.split("@")[0].replace(":", "-")
     save_file({"features": features.contiguous()}, os.path.join(out, f"{stem}.features.safetensors"))
     meta = {"preset": name, "weights": os.path.basename(weights_file), "sizes": sizes,
             "features": list(features.shape)}
@@ -125,7 +126,7 @@ def make_timm(out, name, build, mean_std, output, u8):
                 p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
             elif n.endswith(("norm1.bias", "norm2.bias", "norm.bias")):
                 p.copy_(torch.randn_like(p) * 0.1)
-    stem = name.replace(":", "-")
+    stem = name.split("@")[0].replace(":", "-")
     weights = os.path.join(out, f"{stem}.pytorch_model.bin")
     torch.save(model.state_dict(), weights)
     x = normalise(u8, mean_std)

@@ -503,14 +503,20 @@ async fn a_vision_transformer_embeds_the_cohort_and_its_features_say_so() {
     let s = run_once(&store, &st).await;
     assert_eq!(stage(&s, JobKind::Embed).outcome.computed, 4);
     let emb = s.plan.embedder.id();
-    assert_eq!(emb.as_str(), "vit-vit_tiny_patch16_224-random-7");
+    // A bare timm name is timm's default tag, which the id, the card and the features name.
+    assert_eq!(emb.as_str(), "vit-vit_tiny_patch16_224.augreg_in21k_ft_in1k-random-7");
     let f = store.get(&layout::features(&emb, &s.plan.tiling.id(), &SlideId::new("demo-000").unwrap())).await.unwrap();
     let bag = FeatureBag::from_parquet("f", f).unwrap();
     assert_eq!(bag.dim, 192);
     let p = &bag.provenance;
-    assert_eq!((p.architecture.as_str(), p.output.as_deref()), ("vit:vit_tiny_patch16_224", Some("class token")));
+    assert_eq!(
+        (p.architecture.as_str(), p.output.as_deref()),
+        ("vit:vit_tiny_patch16_224.augreg_in21k_ft_in1k", Some("class token"))
+    );
     assert_eq!((p.weights_sha256.as_deref(), p.weights_seed), (None, Some(7)), "random weights have no SHA-256");
-    assert_eq!(p.preprocessing.as_ref().unwrap().input_px, 224);
+    // timm's eval transform for that tag: resize to 248 (224 / 0.9), crop 224, mean = std = 0.5.
+    let pre = p.preprocessing.as_ref().unwrap();
+    assert_eq!((pre.input_px, pre.resize_px, pre.mean, pre.std), (224, Some(248), [0.5; 3], [0.5; 3]));
     assert!(bag.features.iter().all(|v| v.is_finite()) && bag.features.iter().any(|v| *v != 0.0));
     assert_eq!(s.metrics().unwrap().predicted, 4);
 
@@ -529,7 +535,7 @@ async fn a_vision_transformer_embeds_the_cohort_and_its_features_say_so() {
     let card: serde_json::Value =
         serde_json::from_slice(&store.get(&layout::embedder_card(&emb)).await.unwrap()).unwrap();
     assert_eq!(card["weights_sha256"], sha, "{card}");
-    assert_eq!(card["architecture"], "vit:vit_tiny_patch16_224", "{card}");
+    assert_eq!(card["architecture"], "vit:vit_tiny_patch16_224.augreg_in21k_ft_in1k", "{card}");
     assert_eq!(card["output"], "class token", "{card}");
     assert_eq!(card["feature_dim"], 192, "{card}");
     assert!(card["source"].as_str().unwrap().ends_with("pytorch_model.safetensors"), "{card}");

@@ -185,7 +185,7 @@ pub fn check_device(compute: &Compute) -> Result<Report> {
     let mut nets = vec![
         (Architecture::ResNet50Trunc, None),
         (Architecture::Timm("vit_small_patch16_224".into()), None),
-        (Architecture::Timm("vit_small_patch14_reg4_dinov2".into()), None),
+        (Architecture::Timm("vit_small_patch14_reg4_dinov2@imagenet".into()), None),
     ];
     let lite0 = wsimil_common::data_dir().join("efficientnet-lite0.safetensors");
     match std::fs::read(&lite0) {

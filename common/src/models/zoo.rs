@@ -8,6 +8,14 @@
 //! wsimil reads as published). `vit:<timm-name>` builds any timm ViT by its timm name
 //! ([`timm_config`]); the optional parts (LayerScale, registers, SwiGLU, the position grid) are
 //! read off the weights file.
+//!
+//! A timm name's patches are prepared as timm prepares them for that name's pretrained weights
+//! ([`timm_preprocessing`]): `vit:<name>.<tag>`, or `vit:<name>` for timm's default tag, takes the
+//! input side, mean and std and crop of timm's pretrained config, from `timm_pretrained.json`
+//! (generated from timm by `scripts/dev/timm_pretrained.py` and committed). Weights trained
+//! elsewhere on a timm architecture say their normalisation: `vit:<name>@imagenet`, `@uniform`
+//! (mean = std = 0.5), `@openai-clip` or `@R,G,B/R,G,B`, fed at the name's own size. A name timm
+//! has no pretrained config for, without `@`, is refused: never a silent ImageNet.
 
 use super::embedder::{Embedder, Tune};
 use super::vit::{MlpKind, Naming, Output, PoolerConfig, PosResample, Vit, VitConfig};
@@ -208,6 +216,173 @@ impl VitPreset {
     }
 }
 
+/// How patches are normalised for weights trained outside timm on a timm architecture.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Normalisation {
+    /// ImageNet's mean and std (torchvision's, DINOv2's).
+    Imagenet,
+    /// Mean = std = 0.5 (timm's `augreg` weights, Kaiko, Midnight).
+    Uniform,
+    /// OpenAI CLIP's (CONCH's).
+    OpenaiClip,
+    /// Given as `R,G,B/R,G,B` (mean/std on [0, 1] RGB).
+    Custom([f32; 3], [f32; 3]),
+}
+
+impl Normalisation {
+    pub fn mean_std(self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            Normalisation::Imagenet => IMAGENET,
+            Normalisation::Uniform => ([0.5; 3], [0.5; 3]),
+            Normalisation::OpenaiClip => OPENAI_CLIP,
+            Normalisation::Custom(m, s) => (m, s),
+        }
+    }
+
+    /// The token an embedder id holds for it (a custom one by a short hash of its text).
+    fn id_token(text: &str) -> String {
+        match text {
+            "imagenet" | "uniform" | "openai-clip" => text.to_string(),
+            _ => format!("norm{}", &crate::ids::content_hash([text.as_bytes()])[..8]),
+        }
+    }
+}
+
+impl fmt::Display for Normalisation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Normalisation::Imagenet => f.write_str("imagenet"),
+            Normalisation::Uniform => f.write_str("uniform"),
+            Normalisation::OpenaiClip => f.write_str("openai-clip"),
+            Normalisation::Custom(m, s) => write!(f, "{},{},{}/{},{},{}", m[0], m[1], m[2], s[0], s[1], s[2]),
+        }
+    }
+}
+
+impl FromStr for Normalisation {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad =
+            || format!("normalisation {s:?}: imagenet, uniform, openai-clip or R,G,B/R,G,B (mean/std of [0, 1] RGB)");
+        match s {
+            "imagenet" => Ok(Normalisation::Imagenet),
+            "uniform" => Ok(Normalisation::Uniform),
+            "openai-clip" => Ok(Normalisation::OpenaiClip),
+            _ => {
+                let (m, sd) = s.split_once('/').ok_or_else(bad)?;
+                let three = |t: &str| -> Option<[f32; 3]> {
+                    let v: Vec<f32> = t.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+                    <[f32; 3]>::try_from(v).ok()
+                };
+                let (m, sd) = (three(m).ok_or_else(bad)?, three(sd).ok_or_else(bad)?);
+                if sd.iter().any(|v| *v <= 0.0 || !v.is_finite()) || m.iter().any(|v| !v.is_finite()) {
+                    return Err(bad());
+                }
+                Ok(Normalisation::Custom(m, sd))
+            }
+        }
+    }
+}
+
+/// One pretrained tag's eval preprocessing in timm (`timm_pretrained.json`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct TimmPretrained {
+    pub input_px: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// timm's eval transform resizes the shorter side to floor(input / crop_pct), then crops the
+    /// centre (`center`; `squash` resizes both sides, the same on square patches).
+    pub crop_pct: f64,
+    pub crop_mode: String,
+    pub interpolation: String,
+}
+
+/// The committed table: every timm `vit_*` pretrained tag's eval preprocessing, and each name's
+/// default tag.
+#[derive(Debug, serde::Deserialize)]
+pub struct TimmTable {
+    pub timm: String,
+    pub default_tag: BTreeMap<String, String>,
+    pub pretrained: BTreeMap<String, TimmPretrained>,
+}
+
+pub fn timm_table() -> &'static TimmTable {
+    static T: std::sync::OnceLock<TimmTable> = std::sync::OnceLock::new();
+    T.get_or_init(|| serde_json::from_str(include_str!("timm_pretrained.json")).expect("timm_pretrained.json parses"))
+}
+
+/// `<name>[.<tag>]` or `<name>@<normalisation>` in its canonical form (a bare name gets timm's
+/// default tag), or why it is not one.
+pub fn canonical_timm(spec: &str) -> std::result::Result<String, String> {
+    let (left, norm) = match spec.split_once('@') {
+        Some((l, n)) => (l, Some(n)),
+        None => (spec, None),
+    };
+    let (name, tag) = match left.split_once('.') {
+        Some((n, t)) => (n, Some(t)),
+        None => (left, None),
+    };
+    timm_config(name)?;
+    let table = timm_table();
+    match (tag, norm) {
+        (Some(_), Some(_)) => Err(format!(
+            "vit:{spec}: a tag names timm's weights and their preprocessing; weights from elsewhere take @<normalisation> without one (vit:{name}@...)"
+        )),
+        (None, Some(n)) => Ok(format!("{name}@{}", n.parse::<Normalisation>().map_err(|e| format!("vit:{spec}: {e}"))?)),
+        (Some(t), None) => {
+            if table.pretrained.contains_key(left) {
+                Ok(left.to_string())
+            } else {
+                let known: Vec<&str> = table
+                    .pretrained
+                    .keys()
+                    .filter_map(|k| k.strip_prefix(name).and_then(|r| r.strip_prefix('.')))
+                    .collect();
+                Err(format!(
+                    "vit:{spec}: timm {} has no pretrained tag {t:?} for {name} ({}); for weights trained elsewhere say how their patches are normalised: vit:{name}@imagenet|uniform|openai-clip|R,G,B/R,G,B",
+                    table.timm,
+                    if known.is_empty() { "it has none".to_string() } else { format!("its tags: {}", known.join(", ")) }
+                ))
+            }
+        }
+        (None, None) => match table.default_tag.get(name) {
+            Some(t) => Ok(format!("{name}.{t}")),
+            None => Err(format!(
+                "vit:{spec}: timm {} has no pretrained weights for {name}, so nothing says how its patches are normalised: name it, vit:{name}@imagenet|uniform|openai-clip|R,G,B/R,G,B",
+                table.timm
+            )),
+        },
+    }
+}
+
+/// How a timm spec's patches are prepared: its pretrained tag's eval transform, or its explicit
+/// normalisation at the name's own input size.
+pub fn timm_preprocessing(spec: &str) -> std::result::Result<Preprocessing, String> {
+    let canonical = canonical_timm(spec)?;
+    let resize = "area-average then bilinear".to_string();
+    match canonical.split_once('@') {
+        Some((name, norm)) => {
+            let (mean, std) = norm.parse::<Normalisation>()?.mean_std();
+            Ok(Preprocessing { input_px: timm_config(name)?.input_px as u32, resize, mean, std, resize_px: None })
+        }
+        None => {
+            let p = &timm_table().pretrained[&canonical];
+            // timm's `transforms_imagenet_eval`: scale_size = floor(input / crop_pct).
+            let resize_px = (p.crop_pct < 1.0).then(|| (p.input_px as f64 / p.crop_pct).floor() as u32);
+            Ok(Preprocessing { input_px: p.input_px, resize, mean: p.mean, std: p.std, resize_px })
+        }
+    }
+}
+
+/// A timm spec's architecture, at the input side its preprocessing feeds it.
+pub fn timm_vit_config(spec: &str) -> std::result::Result<VitConfig, String> {
+    let name = spec.split(['.', '@']).next().unwrap_or(spec);
+    let mut cfg = timm_config(name)?;
+    cfg.input_px = timm_preprocessing(spec)?.input_px as usize;
+    Ok(cfg)
+}
+
 /// A timm ViT's architecture from its timm name (`vit_base_patch16_224`, `vit_large_patch14_dinov2`,
 /// `vit_small_patch14_reg4_dinov2`, ...), as timm's model registry defines it. The input is the
 /// name's size (224 when the name has none, as pathology users feed DINOv2 models); what a
@@ -293,7 +468,9 @@ pub enum Architecture {
     ResNet50Trunc,
     /// A pathology foundation model (a Vision Transformer), by preset.
     Vit(VitPreset),
-    /// Any timm Vision Transformer, by its timm name (`vit:vit_base_patch16_224`).
+    /// Any timm Vision Transformer, by its timm name and how its patches are normalised: a
+    /// pretrained tag (`vit:vit_base_patch16_224.augreg2_in21k_ft_in1k`; parsing a bare name adds
+    /// timm's default tag) or an explicit normalisation (`vit:vit_large_patch14_dinov2@imagenet`).
     Timm(String),
     /// Features imported from elsewhere (`wsimil import-bags`, `import-clam`): nothing to build.
     Imported,
@@ -304,7 +481,7 @@ impl Architecture {
     pub fn names() -> Vec<String> {
         let mut names: Vec<String> = ["efficientnet-lite0", "resnet50-trunc"].into_iter().map(String::from).collect();
         names.extend(VitPreset::ALL.iter().map(|p| p.name().to_string()));
-        names.push("vit:<timm-name>".into());
+        names.push("vit:<timm-name>[.<tag>|@<normalisation>]".into());
         names
     }
 
@@ -320,7 +497,13 @@ impl Architecture {
 
     /// The name as it may start an id or a key (`vit:NAME` as `vit-NAME`).
     pub fn id_stem(&self) -> String {
-        self.name().replace(':', "-")
+        match self {
+            Architecture::Timm(n) => match n.split_once('@') {
+                Some((name, norm)) => format!("vit-{name}-{}", Normalisation::id_token(norm)),
+                None => format!("vit-{n}"),
+            },
+            _ => self.name().replace(':', "-"),
+        }
     }
 
     /// How the network wants its patches.
@@ -329,13 +512,7 @@ impl Architecture {
             Architecture::EfficientNetLite0 => Some(super::efficientnet::preprocessing()),
             Architecture::ResNet50Trunc => Some(super::resnet::preprocessing()),
             Architecture::Vit(p) => Some(p.preprocessing()),
-            Architecture::Timm(n) => timm_config(n).ok().map(|c| Preprocessing {
-                input_px: c.input_px as u32,
-                resize: "area-average then bilinear".into(),
-                mean: IMAGENET.0,
-                std: IMAGENET.1,
-                resize_px: None,
-            }),
+            Architecture::Timm(n) => timm_preprocessing(n).ok(),
             Architecture::Imported => None,
         }
     }
@@ -345,7 +522,7 @@ impl Architecture {
     pub fn vit_config(&self) -> Option<VitConfig> {
         match self {
             Architecture::Vit(p) => Some(p.spec().config),
-            Architecture::Timm(n) => timm_config(n).ok(),
+            Architecture::Timm(n) => timm_vit_config(n).ok(),
             _ => None,
         }
     }
@@ -389,7 +566,7 @@ impl Architecture {
                 }
                 Some(cfg)
             }
-            Architecture::Timm(n) => timm_config(n).ok().map(|c| fit_to_tensors(c, shape_of)),
+            Architecture::Timm(n) => timm_vit_config(n).ok().map(|c| fit_to_tensors(c, shape_of)),
             _ => None,
         }
     }
@@ -439,7 +616,7 @@ impl Architecture {
 
     fn unknown_timm(&self) -> String {
         match self {
-            Architecture::Timm(n) => timm_config(n).err().unwrap_or_default(),
+            Architecture::Timm(n) => timm_vit_config(n).err().unwrap_or_default(),
             other => format!("{other}: not a Vision Transformer"),
         }
     }
@@ -472,8 +649,10 @@ impl FromStr for Architecture {
                     return Ok(Architecture::Vit(p));
                 }
                 match s.strip_prefix("vit:") {
-                    Some(n) if timm_config(n).is_ok() => Ok(Architecture::Timm(n.to_string())),
-                    Some(n) => Err(UnknownArchitecture { name: s.to_string(), why: timm_config(n).err() }),
+                    Some(n) => match canonical_timm(n) {
+                        Ok(c) => Ok(Architecture::Timm(c)),
+                        Err(why) => Err(UnknownArchitecture { name: s.to_string(), why: Some(why) }),
+                    },
                     None => Err(UnknownArchitecture { name: s.to_string(), why: None }),
                 }
             }
@@ -500,6 +679,92 @@ mod tests {
     use crate::models::params::Params;
     use candle_core::{DType, Device, Tensor, Var};
     use std::collections::BTreeMap;
+
+    /// Every pretrained tag of the committed table (timm's own eval config, generated from timm)
+    /// resolves to exactly its input side, mean, std and crop, and a bare name to its default tag:
+    /// a change of the table or of the rule fails here.
+    #[test]
+    fn every_timm_tag_prepares_patches_as_timms_table_says() {
+        let table = timm_table();
+        let mut checked = 0;
+        for (full, want) in &table.pretrained {
+            let (name, _) = full.split_once('.').unwrap();
+            if timm_config(name).is_err() {
+                continue; // an architecture wsimil's generic path does not build (refused by name)
+            }
+            let arch: Architecture = format!("vit:{full}").parse().unwrap_or_else(|e| panic!("{full}: {e}"));
+            let got = arch.preprocessing().unwrap();
+            assert_eq!((got.input_px, got.mean, got.std), (want.input_px, want.mean, want.std), "{full}");
+            let crop = (want.crop_pct < 1.0).then(|| (want.input_px as f64 / want.crop_pct).floor() as u32);
+            assert_eq!(got.resize_px, crop, "{full}: crop_pct {}", want.crop_pct);
+            assert!(["center", "squash"].contains(&want.crop_mode.as_str()), "{full}: {}", want.crop_mode);
+            assert_eq!(arch.vit_config().unwrap().input_px, want.input_px as usize, "{full}: the network's input");
+            checked += 1;
+        }
+        assert!(checked > 150, "{checked} tags checked");
+        for (name, tag) in &table.default_tag {
+            if timm_config(name).is_ok() {
+                assert_eq!(format!("vit:{name}").parse::<Architecture>().unwrap().name(), format!("vit:{name}.{tag}"));
+            }
+        }
+    }
+
+    /// The case the table was made for: timm's `vit_base_patch16_224` (default tag augreg2) is
+    /// trained with mean = std = 0.5 and a 0.9 crop, not ImageNet's statistics; DINOv2's default tag
+    /// takes 518 px.
+    #[test]
+    fn a_timm_name_is_prepared_as_timm_prepares_its_weights() {
+        let p = "vit:vit_base_patch16_224".parse::<Architecture>().unwrap();
+        assert_eq!(p.name(), "vit:vit_base_patch16_224.augreg2_in21k_ft_in1k");
+        let pre = p.preprocessing().unwrap();
+        assert_eq!((pre.mean, pre.std, pre.input_px, pre.resize_px), ([0.5; 3], [0.5; 3], 224, Some(248)));
+        let d = "vit:vit_small_patch14_reg4_dinov2".parse::<Architecture>().unwrap().preprocessing().unwrap();
+        assert_eq!((d.input_px, d.mean, d.resize_px), (518, IMAGENET.0, None));
+        let clip = "vit:vit_base_patch16_clip_224.openai".parse::<Architecture>().unwrap().preprocessing().unwrap();
+        assert_eq!(clip.mean, OPENAI_CLIP.0);
+    }
+
+    #[test]
+    fn weights_from_elsewhere_name_their_normalisation_and_get_their_own_id() {
+        let a: Architecture = "vit:vit_large_patch14_dinov2@imagenet".parse().unwrap();
+        let pre = a.preprocessing().unwrap();
+        assert_eq!((pre.input_px, pre.mean, pre.std, pre.resize_px), (224, IMAGENET.0, IMAGENET.1, None));
+        assert_eq!(a.id_stem(), "vit-vit_large_patch14_dinov2-imagenet");
+        let u: Architecture = "vit:vit_large_patch14_dinov2@uniform".parse().unwrap();
+        assert_eq!(u.preprocessing().unwrap().mean, [0.5; 3]);
+        let c: Architecture = "vit:vit_large_patch14_dinov2@0.7,0.6,0.7/0.2,0.2,0.2".parse().unwrap();
+        let pre = c.preprocessing().unwrap();
+        assert_eq!((pre.mean, pre.std), ([0.7, 0.6, 0.7], [0.2; 3]));
+        let ids = [
+            a.id_stem(),
+            u.id_stem(),
+            c.id_stem(),
+            "vit:vit_large_patch14_dinov2".parse::<Architecture>().unwrap().id_stem(),
+        ];
+        for (i, x) in ids.iter().enumerate() {
+            crate::ids::EmbedderId::new(format!("{x}-random-1")).unwrap_or_else(|e| panic!("{x}: {e}"));
+            assert!(ids[i + 1..].iter().all(|y| y != x), "features prepared differently share an id: {ids:?}");
+        }
+        // Round trips through a plan's JSON.
+        for arch in [&a, &u, &c] {
+            let back: Architecture = serde_json::from_str(&serde_json::to_string(arch).unwrap()).unwrap();
+            assert_eq!(&back, arch);
+        }
+    }
+
+    #[test]
+    fn a_timm_name_without_a_known_preprocessing_is_refused_saying_what_to_do() {
+        let err = "vit:vit_base_patch16_224.lunit_dino".parse::<Architecture>().unwrap_err().to_string();
+        assert!(err.contains("no pretrained tag \"lunit_dino\"") && err.contains("augreg2_in21k_ft_in1k"), "{err}");
+        assert!(err.contains("vit:vit_base_patch16_224@imagenet|uniform"), "{err}");
+        let err =
+            "vit:vit_base_patch16_224.augreg2_in21k_ft_in1k@imagenet".parse::<Architecture>().unwrap_err().to_string();
+        assert!(err.contains("without one"), "{err}");
+        let err = "vit:vit_base_patch16_224@imagenet2".parse::<Architecture>().unwrap_err().to_string();
+        assert!(err.contains("imagenet, uniform, openai-clip or R,G,B/R,G,B"), "{err}");
+        let err = "vit:vit_base_patch16_224@0.5,0.5/0.5,0.5,0.5".parse::<Architecture>().unwrap_err().to_string();
+        assert!(err.contains("R,G,B/R,G,B"), "{err}");
+    }
 
     #[test]
     fn names_round_trip_and_unknown_ones_list_the_known() {
