@@ -383,7 +383,10 @@ impl TilingArgs {
 pub struct EmbedderArgs {
     /// Patch embedder: efficientnet-lite0 (the CPU default), resnet50-trunc, a pathology foundation
     /// model (uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, gigapath-tile, phikon-v2,
-    /// conch-vision), or vit:<timm-name> (docs/encoders.md).
+    /// conch-vision; or by TRIDENT's names uni_v1, uni_v2, hoptimus0, hoptimus1, gigapath,
+    /// phikon_v2, conch_v1), or vit:<timm-name>[.<tag>] (prepared as timm prepares that tag) or
+    /// vit:<timm-name>@imagenet|uniform|openai-clip|R,G,B/R,G,B for weights from elsewhere
+    /// (docs/encoders.md).
     #[arg(long, default_value = "efficientnet-lite0")]
     pub embedder: Architecture,
     /// Embedder weights as the publisher ships them: safetensors, or PyTorch's zip `.bin`/`.pth`

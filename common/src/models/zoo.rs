@@ -82,6 +82,21 @@ impl VitPreset {
         self.spec().name
     }
 
+    /// TRIDENT's name for the same encoder (`trident.patch_encoder_models`), which `--embedder`
+    /// takes too: the same network, weights file, transform and output as TRIDENT's.
+    pub fn trident_name(self) -> &'static str {
+        match self {
+            VitPreset::Uni => "uni_v1",
+            VitPreset::Uni2H => "uni_v2",
+            VitPreset::Virchow2 => "virchow2",
+            VitPreset::HOptimus0 => "hoptimus0",
+            VitPreset::HOptimus1 => "hoptimus1",
+            VitPreset::GigapathTile => "gigapath",
+            VitPreset::PhikonV2 => "phikon_v2",
+            VitPreset::ConchVision => "conch_v1",
+        }
+    }
+
     /// The preset's row. Sources: each publisher's model card and loading code, timm's
     /// `vision_transformer.py`, TRIDENT's encoder registry (docs/encoders.md lists them).
     pub fn spec(self) -> PresetSpec {
@@ -630,7 +645,7 @@ impl fmt::Display for Architecture {
 
 /// Why a name is not an embedder.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown embedder {name:?}{} (known: {})", why.as_ref().map(|w| format!(": {w}")).unwrap_or_default(), Architecture::names().join(", "))]
+#[error("unknown embedder {name:?}{} (known: {}; TRIDENT's names {} too)", why.as_ref().map(|w| format!(": {w}")).unwrap_or_default(), Architecture::names().join(", "), VitPreset::ALL.map(|p| p.trident_name()).join(", "))]
 pub struct UnknownArchitecture {
     pub name: String,
     pub why: Option<String>,
@@ -645,7 +660,7 @@ impl FromStr for Architecture {
             "resnet50-trunc" => Ok(Architecture::ResNet50Trunc),
             "imported" => Ok(Architecture::Imported),
             _ => {
-                if let Some(p) = VitPreset::ALL.into_iter().find(|p| p.name() == s) {
+                if let Some(p) = VitPreset::ALL.into_iter().find(|p| p.name() == s || p.trident_name() == s) {
                     return Ok(Architecture::Vit(p));
                 }
                 match s.strip_prefix("vit:") {
@@ -750,6 +765,17 @@ mod tests {
             let back: Architecture = serde_json::from_str(&serde_json::to_string(arch).unwrap()).unwrap();
             assert_eq!(&back, arch);
         }
+    }
+
+    #[test]
+    fn tridents_names_are_the_presets() {
+        for p in VitPreset::ALL {
+            let a: Architecture = p.trident_name().parse().unwrap();
+            assert_eq!(a, Architecture::Vit(p), "{}", p.trident_name());
+            assert_eq!(a.name(), p.name(), "recorded under wsimil's name: one id for one encoder");
+        }
+        let err = "uni_v3".parse::<Architecture>().unwrap_err().to_string();
+        assert!(err.contains("uni_v1, uni_v2") && err.contains("conch_v1"), "{err}");
     }
 
     #[test]
