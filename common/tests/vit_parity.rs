@@ -14,9 +14,9 @@
 use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
 use wsimil_common::models::embedder::{Embedder, Tune};
-use wsimil_common::models::vit::{self, PoolerConfig, PosResample, Vit, VitConfig};
+use wsimil_common::models::vit::{self, PosResample, Vit};
 use wsimil_common::models::weights::{self, WeightsFile};
-use wsimil_common::models::zoo::{fit_to_tensors, Architecture, VitPreset};
+use wsimil_common::models::zoo::{Architecture, FixtureSizes, VitPreset};
 
 fn fixtures() -> PathBuf {
     std::env::var_os("WSIMIL_VIT_FIXTURES")
@@ -40,31 +40,6 @@ fn inputs(mean: [f32; 3], std: [f32; 3], side: usize) -> Tensor {
     let x = x.broadcast_sub(&m).unwrap().broadcast_div(&s).unwrap().contiguous().unwrap();
     assert_eq!(x.dim(0).unwrap(), n);
     x
-}
-
-/// The preset's configuration at the fixture's sizes (structure untouched).
-fn at_sizes(arch: &Architecture, sizes: &serde_json::Value, file: &WeightsFile) -> VitConfig {
-    let get = |k: &str| sizes.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-    let base = arch.vit_config().unwrap();
-    let mut cfg = VitConfig {
-        dim: get("dim").unwrap(),
-        depth: get("depth").unwrap(),
-        heads: get("heads").unwrap(),
-        hidden: get("hidden").unwrap(),
-        pos_grid: get("pos_grid").unwrap(),
-        input_px: get("input_px").unwrap_or(base.input_px),
-        pooler: base.pooler.map(|_| PoolerConfig {
-            dim: get("pooler_dim").unwrap(),
-            heads: get("pooler_heads").unwrap(),
-            queries: get("pooler_queries").unwrap(),
-        }),
-        ..base
-    };
-    if matches!(arch, Architecture::Timm(_)) {
-        // A timm name's optional parts come from the file, as for users.
-        cfg = fit_to_tensors(cfg, &|n| file.shape(n));
-    }
-    cfg
 }
 
 fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
@@ -97,7 +72,8 @@ fn every_vit_preset_gives_its_publishers_features() {
             serde_json::from_slice(&std::fs::read(fixtures().join(format!("{stem}.json"))).unwrap()).unwrap();
         let arch: Architecture = meta["preset"].as_str().unwrap().parse().unwrap();
         let file = WeightsFile::open(&fixtures().join(meta["weights"].as_str().unwrap())).unwrap();
-        let cfg = at_sizes(&arch, &meta["sizes"], &file);
+        let sizes: FixtureSizes = serde_json::from_value(meta["sizes"].clone()).unwrap();
+        let cfg = arch.fixture_config(&sizes, &|n| file.shape(n)).unwrap();
         let needed = vit::tensor_specs(&cfg);
         weights::check(&file, stem, &needed, &|n| vit::ignorable(cfg.naming, n)).unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<String> = needed.into_iter().map(|s| s.name).collect();

@@ -11,11 +11,18 @@ beside the inputs. common/tests/vit_parity.rs loads those files through wsimil's
     scripts/dev/vit_fixtures.py --out common/tests/fixtures/vit [--conch CONCH_CHECKOUT]
     scripts/dev/vit_fixtures.py --full uni --out DIR      # one preset at full size (not committed)
     scripts/dev/vit_fixtures.py --shapes common/tests/fixtures/vit/full_size.json --conch CONCH_CHECKOUT
+    scripts/dev/vit_fixtures.py --pixels common/tests/fixtures/vit
 
 `--shapes` builds every preset at full size on PyTorch's meta device (no memory, no numbers) and
 records, as small JSON, every tensor of the state dict its publisher ships (name and shape), the
 width of the features its own code returns (a forward pass on meta tensors) and the preprocessing
 its model card gives: what vit_parity.rs holds each of wsimil's presets to, without gigabytes.
+
+`--pixels` checks what happens before the network: from uint8 RGB patches (real H&E, at the
+network's input size and at the 256 px the presets tile at) through each publisher's own eval
+transform as TRIDENT builds it (torchvision's Resize/CenterCrop/ToTensor/Normalize on PIL images),
+or timm's `create_transform` for a timm tag, into the small models whose weights are committed
+above; worker/tests/pixels.rs runs the same bytes through wsimil's patch preparation and network.
 
 Needs PyPI's torch, timm and transformers (scripts/dev/pypi-torch-env.sh) and, for conch-vision,
 a checkout of https://github.com/mahmoodlab/CONCH (its code is imported from there, never copied).
@@ -264,6 +271,65 @@ def shapes(path, conch):
           f"transformers {__import__('transformers').__version__}) in {path}", file=sys.stderr)
 
 
+def pixel_cases():
+    """Each case: (name, wsimil's --embedder, the publisher's eval transform at 224 px input)."""
+    from torchvision import transforms as T
+    I = T.InterpolationMode
+
+    def tv(resize, crop, mean_std, interp=I.BILINEAR):
+        steps = [T.Resize(resize, interpolation=interp)] + ([T.CenterCrop(crop)] if crop else [])
+        return T.Compose(steps + [T.ToTensor(), T.Normalize(*mean_std)])
+
+    # TRIDENT's trident/patch_encoder_models/load.py, encoder by encoder.
+    return {
+        "uni": ("uni", tv(224, 224, IMAGENET)),  # uni_v1: Resize(224), CenterCrop(224)
+        "virchow2": ("virchow2", tv(224, None, IMAGENET, I.BICUBIC)),  # Resize(224, bicubic)
+        "h-optimus-0": ("h-optimus-0", tv(224, None, HOPTIMUS)),  # hoptimus0: Resize(224)
+        "gigapath-tile": ("gigapath-tile", tv(256, 224, IMAGENET, I.BICUBIC)),  # Resize(256, bicubic), CenterCrop(224)
+    }
+
+
+def pixels(out, data):
+    """Features of uint8 patches through each publisher's transform (see the module's doc)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+    img = np.asarray(Image.open(os.path.join(data, "target_image.png")).convert("RGB"))
+    sides = {224: np.stack([img[0:224, 0:224], img[400:624, 300:524]]),
+             256: np.stack([img[0:256, 0:256], img[400:656, 300:556]])}
+    assert np.array_equal(sides[224], patches(data)), "the 224 px patches are patches.safetensors's"
+    tensors = {"patches_256": torch.from_numpy(np.ascontiguousarray(sides[256]))}
+    record = {}
+    presets = timm_presets(False)
+
+    def run(name, embedder, model, transform, output):
+        for side, u8 in sides.items():
+            x = torch.stack([transform(Image.fromarray(p)) for p in u8])
+            tensors[f"{name}_{side}"] = timm_features(model, x, output).contiguous()
+        record[name] = {"embedder": embedder, "sides": sorted(sides)}
+
+    for name, (embedder, transform) in pixel_cases().items():
+        build, _, output, _ = presets[name]
+        model = build().eval()
+        model.load_state_dict(torch.load(os.path.join(out, f"{name}.pytorch_model.bin")))
+        run(name, embedder, model, transform, output)
+    # A timm name with timm's own weights: timm's eval transform for the tag (resize to 248, crop 224,
+    # mean = std = 0.5), on a small model of that architecture saved here.
+    tag = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    torch.manual_seed(5)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **SMALL).eval()
+    weights = os.path.join(out, "pixels-vit_tiny.pytorch_model.bin")
+    torch.save(model.state_dict(), weights)
+    transform = create_transform(**resolve_data_config(pretrained_cfg=get_pretrained_cfg(tag).to_dict()))
+    run("timm-tag", f"vit:{tag}", model, transform, "class")
+    record["timm-tag"].update(weights=os.path.basename(weights), sizes=timm_sizes(model), transform=str(transform))
+    save_file(tensors, os.path.join(out, "pixels.safetensors"))
+    with open(os.path.join(out, "pixels.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"pixel fixtures for {', '.join(record)} (timm {timm.__version__}, torch {torch.__version__})",
+          file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -271,7 +337,11 @@ def main():
     ap.add_argument("--data", default=os.environ.get("WSIMIL_DATA", os.path.expanduser("~/.cache/wsimil/data")))
     ap.add_argument("--conch", help="a checkout of mahmoodlab/CONCH (for conch-vision)")
     ap.add_argument("--full", help="build this one preset at full size instead")
+    ap.add_argument("--pixels", help="write the pixel-to-feature fixtures into this fixtures folder")
     a = ap.parse_args()
+    if a.pixels:
+        pixels(a.pixels, a.data)
+        return
     if a.shapes:
         shapes(a.shapes, a.conch)
         return

@@ -231,6 +231,24 @@ impl VitPreset {
     }
 }
 
+/// A ViT fixture's reduced sizes, as `scripts/dev/vit_fixtures.py` records them.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FixtureSizes {
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub hidden: usize,
+    pub pos_grid: usize,
+    #[serde(default)]
+    pub input_px: Option<usize>,
+    #[serde(default)]
+    pub pooler_dim: Option<usize>,
+    #[serde(default)]
+    pub pooler_heads: Option<usize>,
+    #[serde(default)]
+    pub pooler_queries: Option<usize>,
+}
+
 /// How patches are normalised for weights trained outside timm on a timm architecture.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Normalisation {
@@ -540,6 +558,29 @@ impl Architecture {
             Architecture::Timm(n) => timm_vit_config(n).ok(),
             _ => None,
         }
+    }
+
+    /// The Vision Transformer at a fixture's reduced sizes (`scripts/dev/vit_fixtures.py`): the
+    /// structure (LayerScale, registers, MLP, position embedding, naming, output) stays this
+    /// architecture's, only the widths and the depth are the fixture's; a timm name's optional
+    /// parts come from the file (`shape_of`), as for users.
+    pub fn fixture_config(&self, s: &FixtureSizes, shape_of: &dyn Fn(&str) -> Option<Vec<usize>>) -> Option<VitConfig> {
+        let base = self.vit_config()?;
+        let pooler = match base.pooler {
+            Some(_) => Some(PoolerConfig { dim: s.pooler_dim?, heads: s.pooler_heads?, queries: s.pooler_queries? }),
+            None => None,
+        };
+        let cfg = VitConfig {
+            dim: s.dim,
+            depth: s.depth,
+            heads: s.heads,
+            hidden: s.hidden,
+            pos_grid: s.pos_grid,
+            input_px: s.input_px.unwrap_or(base.input_px),
+            pooler,
+            ..base
+        };
+        Some(if matches!(self, Architecture::Timm(_)) { fit_to_tensors(cfg, shape_of) } else { cfg })
     }
 
     /// The width of the features (known without building the network).
