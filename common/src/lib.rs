@@ -29,6 +29,7 @@ pub mod plan;
 pub mod records;
 pub mod rng;
 pub mod store;
+pub mod survival;
 pub mod table;
 pub mod telemetry;
 pub mod truth;
