@@ -139,9 +139,11 @@ pub fn line_chart(
     let sx = |v: f64| l + (v - x.0) / (x.1 - x.0).max(1e-12) * (w - l - r);
     let sy = |v: f64| h - b - (v - y.0) / (y.1 - y.0).max(1e-12) * (h - t - b);
     let mut s = format!(
-        r#"<svg class="chart" role="img" aria-label="{title}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg"><title>{title}</title><text x="{cx}" y="16" text-anchor="middle" class="ct">{title}</text>"#,
+        r#"<svg class="chart" role="img" aria-label="{title}" viewBox="0 0 {w} {full}" width="{w}" height="{full}" xmlns="http://www.w3.org/2000/svg"><title>{title}</title><text x="{cx}" y="16" text-anchor="middle" class="ct">{title}</text>"#,
         title = esc(title),
-        cx = w / 2.0
+        cx = w / 2.0,
+        // The legend goes under the plot, two entries a row, where it hides no curve.
+        full = h + 14.0 * series.len().div_ceil(2) as f64 + 4.0,
     );
     for i in 0..=5 {
         let (vx, vy) = (x.0 + (x.1 - x.0) * i as f64 / 5.0, y.0 + (y.1 - y.0) * i as f64 / 5.0);
@@ -189,15 +191,15 @@ pub fn line_chart(
                 let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#, sx(a), sy(b));
             }
         }
-        let ly = t + 14.0 + 14.0 * i as f64;
+        let (lx, ly) = (l + (i % 2) as f64 * (w - l - r) / 2.0, h + 12.0 + 14.0 * (i / 2) as f64);
         let _ = write!(
             s,
             r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}" class="legend">{}</text>"#,
-            w - r - 118.0,
+            lx,
             ly - 4.0,
-            w - r - 104.0,
+            lx + 14.0,
             ly - 4.0,
-            w - r - 100.0,
+            lx + 18.0,
             ly,
             esc(&se.name)
         );
