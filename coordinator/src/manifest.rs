@@ -35,6 +35,9 @@ pub struct Row {
     pub mpp: Option<f64>,
     /// The slide's lesion truth (mask or GeoJSON), resolved like `path`; checked up front when local.
     pub truth: Option<PathBuf>,
+    /// The patient the slide is from (`patient` column, or CLAM's `case_id`): a patient's slides
+    /// always go to the same fold, so no patient is both trained and tested on.
+    pub patient: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +229,10 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
     let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
     // Truth feeds a run's instance-level figures; an application of a model reads no such column.
     let truth_c = if purpose == Purpose::Training { col("truth") } else { None };
+    let patient_c = col("patient").or_else(|| col("case_id"));
+    // Each patient's first slide: (line, id, label, fold, split).
+    type First = (usize, String, Option<String>, Option<u32>, Option<Split>);
+    let mut patients: HashMap<String, First> = HashMap::new();
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
     let mut rows = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -362,8 +369,35 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
                 Some(full)
             }
         };
+        let patient = field(patient_c).map(str::to_string);
+        if let (Some(p), Some(label)) = (&patient, &label) {
+            match patients.get(p) {
+                None => {
+                    patients.insert(p.clone(), (line, raw_id.to_string(), label.clone(), fold, split));
+                }
+                Some((first_line, first_id, first_label, first_fold, first_split)) => {
+                    fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+                        v.as_ref().map_or("none".into(), |v| format!("{v:?}").to_lowercase())
+                    }
+                    let differs = |what: &str, a: String, b: String| {
+                        format!(
+                            "patient {p:?}: {raw_id} has {what} {a}, its slide {first_id} (line {first_line}) {b}: a patient's slides share their {what}"
+                        )
+                    };
+                    if labels_required && label != first_label {
+                        at(Some(line), differs("label", show(label), show(first_label)));
+                    }
+                    if fold != *first_fold {
+                        at(Some(line), differs("fold", show(&fold), show(first_fold)));
+                    }
+                    if split != *first_split {
+                        at(Some(line), differs("split", show(&split), show(first_split)));
+                    }
+                }
+            }
+        }
         if let (Some(slide), Some(path), Some(label)) = (slide, path, label) {
-            rows.push(Row { slide, path, label, fold, split, mpp, truth });
+            rows.push(Row { slide, path, label, fold, split, mpp, truth, patient });
         }
     }
     let row_problems = problems.len();
@@ -449,6 +483,21 @@ mod tests {
         assert!(has("line 7: e: unknown label \"cancer\""), "{text:#?}");
         assert!(has("line 8: f: ") && has("sub is a directory, not a slide file"), "{text:#?}");
         assert_eq!(problems.len(), 8, "{text:#?}");
+    }
+
+    #[test]
+    fn a_patients_slides_must_agree_on_label_and_fold() {
+        let d = dir_with(&["a.svs", "b.svs", "c.svs"]);
+        let ok = "slide_id,path,label,case_id\na,a.svs,tumor,P1\nb,b.svs,tumor,P1\nc,c.svs,normal,P2\n";
+        let (rows, _) = parse(ok, d.path(), None).unwrap();
+        assert_eq!(rows.iter().map(|r| r.patient.as_deref()).collect::<Vec<_>>(), [Some("P1"), Some("P1"), Some("P2")]);
+        let bad = "slide_id,path,label,fold,patient\na,a.svs,tumor,0,P1\nb,b.svs,normal,1,P1\nc,c.svs,normal,1,P2\n";
+        let problems = parse(bad, d.path(), None).unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(has("line 3: patient \"P1\": b has label \"normal\", its slide a (line 2) \"tumor\""), "{text:#?}");
+        assert!(has("line 3: patient \"P1\": b has fold 1, its slide a (line 2) 0"), "{text:#?}");
+        assert_eq!(problems.len(), 2, "{text:#?}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn assign_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<Fold> {
         distinct.dedup();
         manifest.rows.iter().map(|r| distinct.binary_search(&r.fold.unwrap()).unwrap()).collect()
     } else {
-        stratified_folds(&manifest.rows.iter().map(|r| manifest.label_index(r)).collect::<Vec<_>>(), settings)
+        patient_folds(manifest, settings)
     };
     let k = fold_of.iter().copied().max().map_or(0, |m| m + 1);
     (0..k)
@@ -93,6 +93,31 @@ pub fn load_clam_splits(dir: &Path, manifest: &Manifest) -> anyhow::Result<Vec<F
         folds.push(fold);
     }
     Ok(folds)
+}
+
+/// The stratified k-fold of the manifest's patients: a patient's slides (the `patient` column; a
+/// slide without one is its own patient) are dealt as one, by their shared label, so no patient is
+/// in two folds. Without a `patient` column this is [`stratified_folds`] of the slides, unchanged.
+pub fn patient_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<usize> {
+    let mut group_of = Vec::with_capacity(manifest.rows.len());
+    let mut first: Vec<usize> = Vec::new(); // each group's first row, in order of appearance
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, r) in manifest.rows.iter().enumerate() {
+        let g = match r.patient.as_deref() {
+            Some(p) => *index.entry(p).or_insert_with(|| {
+                first.push(i);
+                first.len() - 1
+            }),
+            None => {
+                first.push(i);
+                first.len() - 1
+            }
+        };
+        group_of.push(g);
+    }
+    let labels: Vec<usize> = first.iter().map(|&i| manifest.label_index(&manifest.rows[i])).collect();
+    let fold_of_group = stratified_folds(&labels, settings);
+    group_of.iter().map(|&g| fold_of_group[g]).collect()
 }
 
 /// Deal each class's shuffled slides round-robin over k folds (k capped by the smallest class).
@@ -392,6 +417,7 @@ mod tests {
                 split: None,
                 mpp: None,
                 truth: None,
+                patient: None,
             })
             .collect();
         Manifest { source: PathBuf::from("m.csv"), rows, classes: vec!["a".into(), "b".into()] }
@@ -419,6 +445,33 @@ mod tests {
         assert!(e.contains("splits_2.csv:2") && e.contains("\"s9\" is not in the manifest"), "{e}");
         let empty = tempfile::tempdir().unwrap();
         assert!(load_clam_splits(empty.path(), &m).unwrap_err().to_string().contains("no splits_<k>.csv"));
+    }
+
+    #[test]
+    fn a_patients_slides_share_a_fold_and_without_patients_the_folds_are_unchanged() {
+        let labels = ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b", "a", "b"];
+        let plain = manifest(&labels, None);
+        let settings = FoldSettings { k: 3, seed: 4 };
+        let before = stratified_folds(&plain.rows.iter().map(|r| plain.label_index(r)).collect::<Vec<_>>(), settings);
+        assert_eq!(patient_folds(&plain, settings), before, "no patient column: the same folds as ever");
+        let mut m = plain.clone();
+        // Slides 0, 4 and 6 are one patient's; 2 and 3 another's; the rest their own.
+        for (i, p) in [(0, "P1"), (4, "P1"), (6, "P1"), (2, "P2"), (3, "P2")] {
+            m.rows[i].patient = Some(p.into());
+        }
+        m.rows[3].label = Some("b".into());
+        for seed in 0..20 {
+            let f = patient_folds(&m, FoldSettings { k: 3, seed });
+            assert!(f[0] == f[4] && f[4] == f[6] && f[2] == f[3], "seed {seed}: {f:?}");
+            let folds = assign_folds(&m, FoldSettings { k: 3, seed });
+            for fold in &folds {
+                let test: Vec<&str> = fold.test.iter().map(|s| s.as_str()).collect();
+                let train: Vec<&str> = fold.train.iter().map(|s| s.as_str()).collect();
+                for (a, b) in [("s0", "s4"), ("s4", "s6"), ("s2", "s3")] {
+                    assert!(!(test.contains(&a) && train.contains(&b)), "a patient in train and test: {fold:?}");
+                }
+            }
+        }
     }
 
     #[test]
