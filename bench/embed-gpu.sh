@@ -95,7 +95,7 @@ else
   echo "embed-gpu: PyTorch not found: peer skipped" >&2
 fi
 # ViT-L/16 (UNI's architecture, random weights), bf16.
-VIT=vit:vit_large_patch16_224
+VIT=vit:vit_large_patch16_224@imagenet
 read -r vw vbatch < <("$WSIMIL" bench-embed --embedder $VIT --device cuda --embed-batch auto --iters 5 | awk '{print $3, $5}')
 read -r vn ve2e < <("$WSIMIL" bench-embed --embedder $VIT --device cuda --embed-batch "$vbatch" --slide "$SLIDE" | awk '{print $3, $4}')
 echo "embed-gpu: $gpu; ViT-L/16 wsimil model alone $vw img/s (batch $vbatch), end to end $ve2e patches/s ($vn patches)" >&2

@@ -33,7 +33,9 @@ mib() { echo $(( $(cat "$work/rss") / 1024 )); }
 "$WSIMIL_DEV" make-slide --out "$work/slide.svs" --width 4096 --height 4096 --mpp 0.5
 rows=()
 for name in vit_base_patch16_224 vit_large_patch16_224; do
-  arch=vit:$name
+  # Weights from elsewhere on timm's architecture, fed 224 px with ImageNet's statistics, as the peer
+  # (TRIDENT-style) prepares them: the same work on both sides.
+  arch=vit:$name@imagenet
   w1=$(rss $ONE_CORE "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --iters "$ITERS" 2>/dev/null | awk '{print $3}'); w1m=$(mib)
   wa=$(rss "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --iters "$ITERS" 2>/dev/null | awk '{print $3}'); wam=$(mib)
   read -r n e2e < <(rss "$WSIMIL_DEV" bench-embed --embedder "$arch" --batch "$BATCH" --slide "$work/slide.svs" \
