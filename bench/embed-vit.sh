@@ -60,7 +60,7 @@ if [[ -n $PY ]]; then
   "$WSIMIL_DEV" features --embedder uni --weights "$work/pytorch_model.bin" --input "$work/x.f32" --out "$work/got.f32" >/dev/null 2>&1
   parity=$(python3 - "$work/got.f32" "$work/want.f32" "$PARITY_BOUND" <<'PY'
 import struct, sys
-a, b = (struct.unpack(f"<{len(d)//4}f", d) for d in (open(p, "rb").read() for p in sys.argv[1:]))
+a, b = (struct.unpack(f"<{len(d)//4}f", d) for d in (open(p, "rb").read() for p in sys.argv[1:3]))
 err = max(abs(x - y) for x, y in zip(a, b)) / max(abs(y) for y in b)
 ok = len(a) == len(b) and err <= float(sys.argv[3])
 print(f"UNI at full size (timm state dict, --embedder uni): max relative feature difference {err:.1e} "
