@@ -269,6 +269,24 @@ mod tests {
         );
     }
 
+    /// A download cut short: refused when the file is opened (before any slide is read), naming it.
+    #[test]
+    fn a_truncated_weights_file_is_refused_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = std::fs::read(write_safetensors(dir.path(), &[("a", &[64, 64]), ("b", &[16])])).unwrap();
+        let torch = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit/pixels-vit_tiny.pytorch_model.bin"),
+        )
+        .unwrap();
+        for (name, bytes) in [("cut.safetensors", &whole), ("cut.bin", &torch)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, &bytes[..bytes.len() * 2 / 3]).unwrap();
+            let err =
+                WeightsFile::open(&p).err().unwrap_or_else(|| panic!("{name}: a truncated file opened")).to_string();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
     #[test]
     fn data_parallel_prefixes_are_dropped_and_tensors_read_by_their_plain_names() {
         let dir = tempfile::tempdir().unwrap();
