@@ -67,7 +67,12 @@ pub fn embedder_weights(embedder: &EmbedderId) -> Path {
 }
 
 pub fn features(embedder: &EmbedderId, tiling: &TilingId, slide: &SlideId) -> Path {
-    key(format!("features/{embedder}/{tiling}/{slide}.parquet"))
+    key(format!("{}/{slide}.parquet", features_prefix(embedder, tiling)))
+}
+
+/// Where every slide's features of one embedder and tiling are (a listing finds them all).
+pub fn features_prefix(embedder: &EmbedderId, tiling: &TilingId) -> Path {
+    key(format!("features/{embedder}/{tiling}"))
 }
 
 pub fn run_plan(run: &RunId) -> Path {

@@ -934,9 +934,8 @@ pub async fn export_features(args: ExportFeaturesArgs) -> anyhow::Result<()> {
         (None, Some(name)) => {
             let name = EmbedderId::new(name.as_str()).map_err(|e| anyhow::anyhow!("--features {name:?}: {e}"))?;
             let tiling = TilingId::new(wsimil_common::plan::IMPORTED_TILING).expect("safe");
-            let prefix = object_store::path::Path::from(format!("features/{name}/{tiling}"));
             let mut slides = Vec::new();
-            for key in store.list(&prefix).await? {
+            for key in store.list(&wsimil_common::layout::features_prefix(&name, &tiling)).await? {
                 if let Some(stem) = key.filename().and_then(|f| f.strip_suffix(".parquet")) {
                     slides.push(ExportSlide { id: SlideId::new(stem)?, label: None });
                 }

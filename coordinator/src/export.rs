@@ -76,14 +76,16 @@ pub async fn export_h5(
     to: &Path,
     h5_layout: H5Layout,
 ) -> anyhow::Result<Exported> {
-    let mut present = Vec::new();
-    let mut missing = Vec::new();
-    for s in slides {
-        match store.exists(&layout::features(embedder, tiling, &s.id)).await? {
-            true => present.push(s),
-            false => missing.push(s.id.clone()),
-        }
-    }
+    // One listing says which slides have features (not a request per slide).
+    let stored: std::collections::HashSet<String> = store
+        .list(&layout::features_prefix(embedder, tiling))
+        .await?
+        .iter()
+        .filter_map(|k| k.filename().map(String::from))
+        .collect();
+    let (present, missing): (Vec<&ExportSlide>, Vec<&ExportSlide>) =
+        slides.iter().partition(|s| stored.contains(&format!("{}.parquet", s.id)));
+    let missing: Vec<SlideId> = missing.into_iter().map(|s| s.id.clone()).collect();
     if present.is_empty() {
         anyhow::bail!(
             "{}: no features under features/{embedder}/{tiling}/ for any of the {} slides; embed them first",
