@@ -28,6 +28,11 @@ pub struct Prediction {
 }
 
 impl Prediction {
+    /// A slide's prediction by the model of the fold it was tested in (a fold report's row).
+    pub fn out_of_fold(p: &wsimil_common::records::SlidePrediction, fold: u32) -> Self {
+        Prediction { slide: p.slide.clone(), label: Some(p.label), fold: Some(fold), probs: p.probs.clone() }
+    }
+
     /// The class of highest probability (the last of ties, as `wsimil_common::metrics` counts it).
     pub fn predicted(&self) -> usize {
         self.probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)

@@ -258,12 +258,7 @@ pub async fn gather(store: &Store, run: &RunId) -> anyhow::Result<RunReport> {
             let key = layout::fold_metrics(run, round, k);
             if store.exists(&key).await? {
                 let f: FoldReport = store.get_json(&key).await?;
-                rows.extend(f.predictions.iter().map(|p| Prediction {
-                    slide: p.slide.clone(),
-                    label: Some(p.label),
-                    fold: Some(k),
-                    probs: p.probs.clone(),
-                }));
+                rows.extend(f.predictions.iter().map(|p| Prediction::out_of_fold(p, k)));
                 folds.push(f);
             }
         }
@@ -334,7 +329,7 @@ pub fn render(r: &RunReport) -> String {
         counts.join(", "),
         plan.folds.len(),
         if plan.folds.len() == 1 { "" } else { "s" },
-        esc(&format!("{:?}", plan.train.model).to_lowercase()),
+        plan.train.model.as_str(),
         features,
         match plan.icmil_rounds() {
             0 => "no ICMIL rounds".to_string(),

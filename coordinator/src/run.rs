@@ -402,12 +402,7 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
         }
         let report: FoldReport = store.get_json(&key).await?;
         per_fold.push(report.test);
-        rows.extend(report.predictions.into_iter().map(|p| Prediction {
-            slide: p.slide,
-            label: Some(p.label),
-            fold: Some(k),
-            probs: p.probs,
-        }));
+        rows.extend(report.predictions.iter().map(|p| Prediction::out_of_fold(p, k)));
     }
     rows.sort_by(|a, b| a.slide.cmp(&b.slide));
     let probs: Vec<Vec<f64>> = rows.iter().map(|r| r.probs.clone()).collect();
