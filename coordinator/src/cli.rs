@@ -1279,7 +1279,11 @@ mod tests {
     }
 
     fn import_args(extra: &[&str]) -> ImportModelArgs {
-        let mut argv = vec!["wsimil", "import-model", "--transmil", "m.pth", "--classes", "a,b", "--out", "o"];
+        import_args_with_classes("a,b", extra)
+    }
+
+    fn import_args_with_classes(classes: &str, extra: &[&str]) -> ImportModelArgs {
+        let mut argv = vec!["wsimil", "import-model", "--transmil", "m.pth", "--classes", classes, "--out", "o"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::ImportModel(a) => *a,
@@ -1311,15 +1315,8 @@ mod tests {
         assert!(err.contains("needs --weights FILE"), "{err}");
         let err = import_args(&["--embedder", "uni", "--random-weights", "1", "--target-mpp", "0"]).settings();
         assert!(err.err().unwrap().to_string().contains("must be positive"));
-        let one_class = ["wsimil", "import-model", "--transmil", "m.pth", "--classes", "a", "--out", "o"];
-        let Command::ImportModel(a) =
-            Cli::try_parse_from(one_class.iter().chain(&["--embedder", "uni", "--random-weights", "1"]))
-                .unwrap()
-                .command
-        else {
-            unreachable!()
-        };
-        let err = a.settings().err().expect("one class is refused").to_string();
+        let one_class = import_args_with_classes("a", &["--embedder", "uni", "--random-weights", "1"]);
+        let err = one_class.settings().err().expect("one class is refused").to_string();
         assert!(err.contains("two classes at least"), "{err}");
     }
 

@@ -114,10 +114,7 @@ async fn export_features_reads_back_in_h5py(store: &Store, store_dir: &Path, pla
     let key = layout::features(&plan.embedder.id(), &plan.tiling.id(), &id);
     let bag = FeatureBag::from_parquet("demo-000", store.get(&key).await.unwrap()).unwrap();
     let file = to.join("h5_files/demo-000.h5");
-    let python = std::env::var_os("WSIMIL_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| wsimil_common::data_dir().parent().expect("cache dir").join("tools"))
-        .join("venv/bin/python");
+    let python = support::tools_dir().join("venv/bin/python");
     assert!(python.is_file(), "{} missing: run scripts/fetch-tools.sh (its venv has h5py)", python.display());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev/read_h5_features.py");
     let out = std::process::Command::new(python).arg(script).arg(&file).output().unwrap();

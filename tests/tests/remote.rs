@@ -260,15 +260,25 @@ async fn a_slide_in_a_bucket_is_read_by_ranges_not_downloaded() {
     .unwrap();
 }
 
+/// A tile job for `path` on a coarse grid (2 µm/px: a few patches, quick).
+fn coarse_tile_job(slide: &str, path: String) -> wsimil_common::job::Job {
+    use wsimil_common::grid::{TissueParams, TissuePreset};
+    use wsimil_common::job::{Job, TileJob};
+    let tiling = wsimil_common::plan::TilingSpec {
+        patch_px: 256,
+        target_mpp: 2.0,
+        step_fraction: 1.0,
+        min_tissue_fraction: 0.5,
+        tissue: TissueParams::preset(TissuePreset::Biopsy),
+    };
+    Job::Tile(TileJob { slide: wsimil_common::ids::SlideId::new(slide).unwrap(), path, mpp: None, tiling })
+}
+
 /// An object that goes after the manifest was checked (deleted while the cohort runs) fails its own
 /// job with the object's URL, and as a permanent failure: it is not retried as if the server had
 /// had a hiccup, and a good slide's job beside it succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_gone_after_the_check_fails_its_own_job_for_good() {
-    use wsimil_common::grid::{TissueParams, TissuePreset};
-    use wsimil_common::ids::SlideId;
-    use wsimil_common::job::{Job, TileJob};
-    use wsimil_common::plan::TilingSpec;
     use wsimil_worker::jobs::{execute, WorkerContext};
     use wsimil_worker::slide::remote::{Scratch, SlideSources};
     let dir = tempfile::tempdir().unwrap();
@@ -286,16 +296,7 @@ async fn an_object_gone_after_the_check_fails_its_own_job_for_good() {
     assert!(!bucket.exists(&Key::from("gone.svs")).await.unwrap());
     let ctx =
         WorkerContext::new(s3.store("gone-run"), wsimil_worker::device::Compute::cpu(), "t").with_sources(sources);
-    let tiling = TilingSpec {
-        patch_px: 256,
-        target_mpp: 2.0,
-        step_fraction: 1.0,
-        min_tissue_fraction: 0.5,
-        tissue: TissueParams::preset(TissuePreset::Biopsy),
-    };
-    let tile = |slide: &str, key: &str| {
-        Job::Tile(TileJob { slide: SlideId::new(slide).unwrap(), path: url(key), mpp: None, tiling: tiling.clone() })
-    };
+    let tile = |slide: &str, key: &str| coarse_tile_job(slide, url(key));
     let err = execute(&ctx, &tile("gone", "gone.svs")).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&url("gone.svs")) && msg.contains("not found"), "{msg}");
@@ -348,10 +349,6 @@ async fn truth_files_in_a_bucket_are_checked_before_any_work() {
 /// is back the same job tiles the slide as a run that never saw the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_stopped_mid_read_fails_the_job_for_a_retry_that_then_succeeds() {
-    use wsimil_common::grid::{TissueParams, TissuePreset};
-    use wsimil_common::ids::SlideId;
-    use wsimil_common::job::{Job, TileJob};
-    use wsimil_common::plan::TilingSpec;
     use wsimil_worker::error::{Decision, RetryPolicy};
     use wsimil_worker::jobs::{execute, WorkerContext};
     use wsimil_worker::slide::remote::{Scratch, SlideSources};
@@ -361,14 +358,7 @@ async fn a_server_stopped_mid_read_fails_the_job_for_a_retry_that_then_succeeds(
     let svs = std::fs::read(data("cmu_small_region.svs")).unwrap();
     bucket.put(&Key::from("a.svs"), svs.clone()).await.unwrap();
     let url = format!("{}/a.svs", s3.location("cut-objects"));
-    let tiling = TilingSpec {
-        patch_px: 256,
-        target_mpp: 2.0,
-        step_fraction: 1.0,
-        min_tissue_fraction: 0.5,
-        tissue: TissueParams::preset(TissuePreset::Biopsy),
-    };
-    let job = Job::Tile(TileJob { slide: SlideId::new("a").unwrap(), path: url.clone(), mpp: None, tiling });
+    let job = coarse_tile_job("a", url.clone());
     // Slides read through `endpoint`, no retries inside the S3 client (the job's policy decides);
     // features written straight to the server under `run`.
     let ctx = |endpoint: String, run: &str| {

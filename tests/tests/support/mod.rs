@@ -31,11 +31,16 @@ fn s3_identities() -> String {
     .to_string()
 }
 
+/// scripts/fetch-tools.sh's folder (`WSIMIL_TOOLS`, or `tools` beside the data cache).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("WSIMIL_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| wsimil_common::data_dir().parent().expect("cache dir").join("tools"))
+}
+
+/// A server binary of the tools folder.
 pub fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("WSIMIL_TOOLS")
-        .map(|d| PathBuf::from(d).join("bin"))
-        .unwrap_or_else(|| wsimil_common::data_dir().parent().expect("cache dir").join("tools/bin"));
-    let p = dir.join(name);
+    let p = tools_dir().join("bin").join(name);
     assert!(p.is_file(), "{} missing: run scripts/fetch-tools.sh", p.display());
     p
 }

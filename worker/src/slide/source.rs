@@ -263,12 +263,18 @@ mod tests {
         assert!(coalesce(vec![(5, 0)], 20, 1000).is_empty());
     }
 
+    /// A megabyte object at `key` in memory, byte i being i mod `modulus`.
+    async fn stored(key: &str, modulus: u32) -> (object_store::memory::InMemory, Key, Vec<u8>) {
+        let store = object_store::memory::InMemory::new();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % modulus) as u8).collect();
+        let key = Key::from(key);
+        store.put(&key, data.clone().into()).await.unwrap();
+        (store, key, data)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn remote_reads_are_ranged_cached_and_coalesced() {
-        let store = object_store::memory::InMemory::new();
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let key = Key::from("slides/a.svs");
-        store.put(&key, data.clone().into()).await.unwrap();
+        let (store, key, data) = stored("slides/a.svs", 251).await;
         let rt = tokio::runtime::Handle::current();
         let src = tokio::task::spawn_blocking(move || {
             let src = RemoteSource::open(Arc::new(store), key, "s3://b/slides/a.svs".into(), rt).unwrap();
@@ -294,10 +300,7 @@ mod tests {
     /// newer ones are still served from memory, and what is held never passes the bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_cache_evicts_its_oldest_extents_past_its_bound() {
-        let store = object_store::memory::InMemory::new();
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
-        let key = Key::from("a.svs");
-        store.put(&key, data.clone().into()).await.unwrap();
+        let (store, key, data) = stored("a.svs", 253).await;
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let ra = READ_AHEAD as usize;
