@@ -10,7 +10,7 @@
 pub use crate::ids::ModelId;
 use crate::ids::{content_hash, EmbedderId, RunId, SlideId, TilingId};
 use crate::models::BagModelConfig;
-use crate::plan::{EmbedderSpec, TilingSpec, IMPORTED_TILING};
+use crate::plan::{EmbedderSpec, Head, TilingSpec, IMPORTED_TILING};
 use crate::records::WSIMIL_VERSION;
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,10 @@ pub struct ModelCard {
     pub source: ModelSource,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingSummary>,
+    /// How the members' logits are read: class probabilities (absent), or a survival model's
+    /// curve over time bins or risk; members' outputs are averaged either way.
+    #[serde(default, skip_serializing_if = "Head::is_classes")]
+    pub head: Head,
 }
 
 impl ModelCard {
@@ -108,7 +112,14 @@ impl ModelCard {
             tiling,
             source,
             training,
+            head: Head::Classes,
         }
+    }
+
+    /// The card of a survival model (`head` other than classes).
+    pub fn with_head(mut self, head: Head) -> Self {
+        self.head = head;
+        self
     }
 
     /// Read a card, refusing one this wsimil cannot read by what differs: its format and version
@@ -169,6 +180,9 @@ pub struct AppliedSlide {
     /// Index into the model's classes, when the manifest gives one.
     pub label: Option<usize>,
     pub mpp: Option<f64>,
+    /// Its follow-up, when the manifest gives one (a survival model is then judged by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survival: Option<crate::plan::SurvivalTarget>,
 }
 
 /// `applied/<name>/plan.json`: a model applied to a cohort.
@@ -183,6 +197,9 @@ pub struct ApplyPlan {
     /// Features imported under this name are scored (no tile or embed stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported: Option<EmbedderId>,
+    /// How the model's logits are read (the card's).
+    #[serde(default, skip_serializing_if = "Head::is_classes")]
+    pub head: Head,
 }
 
 impl ApplyPlan {

@@ -175,6 +175,171 @@ impl Default for TrainConfig {
     }
 }
 
+/// What a run learns from its slides' features.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Task {
+    /// The manifest's labels (`label` column): class probabilities, AUC.
+    #[default]
+    Classification,
+    /// Time to an event from right-censored `time`/`event` columns: a risk per slide, C-index.
+    Survival(SurvivalConfig),
+}
+
+impl Task {
+    pub fn is_classification(&self) -> bool {
+        matches!(self, Task::Classification)
+    }
+
+    pub fn survival(&self) -> Option<&SurvivalConfig> {
+        match self {
+            Task::Survival(c) => Some(c),
+            Task::Classification => None,
+        }
+    }
+
+    /// The bag model's outputs: a logit per class, a hazard logit per time bin, or one risk.
+    pub fn outputs(&self, n_classes: usize) -> usize {
+        match self {
+            Task::Classification => n_classes,
+            Task::Survival(c) => match c.loss {
+                SurvivalLoss::Nll => c.bins,
+                SurvivalLoss::Cox => 1,
+            },
+        }
+    }
+
+    /// How the model's logits are read.
+    pub fn head(&self) -> Head {
+        match self {
+            Task::Classification => Head::Classes,
+            Task::Survival(c) => match c.loss {
+                SurvivalLoss::Nll => Head::Hazards,
+                SurvivalLoss::Cox => Head::Risk,
+            },
+        }
+    }
+}
+
+/// How a survival model is trained (`docs/survival.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SurvivalConfig {
+    pub loss: SurvivalLoss,
+    /// Time bins of the discrete-time model: quantiles of the training slides' event times.
+    pub bins: usize,
+    /// The discrete-time NLL's extra weight on uncensored slides (MCAT's `alpha_surv`).
+    pub alpha: f64,
+    /// Bags per step of the Cox loss (its risk sets are taken within a batch).
+    pub batch: usize,
+}
+
+impl Default for SurvivalConfig {
+    /// MCAT's and PORPOISE's defaults: the discrete-time NLL on 4 bins, α = 0.
+    fn default() -> Self {
+        SurvivalConfig { loss: SurvivalLoss::Nll, bins: 4, alpha: 0.0, batch: 32 }
+    }
+}
+
+/// The survival loss (`--survival-loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SurvivalLoss {
+    /// The discrete-time negative log-likelihood (Zadeh & Schmid 2020, as MCAT and PORPOISE
+    /// train): one hazard per time bin, one bag a step.
+    Nll,
+    /// The Cox partial likelihood over a batch of bags (risk sets within the batch).
+    Cox,
+}
+
+/// How a bag model's logits are read: class probabilities, a survival curve over time bins (from
+/// per-bin hazards), or a risk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Head {
+    /// Softmax over classes.
+    #[default]
+    Classes,
+    /// Per-bin hazards `sigmoid(logit)`; the outputs are the survival curve `S_k = Π_{j≤k}(1 − h_j)`
+    /// and the risk is `−Σ S_k` (MCAT's).
+    Hazards,
+    /// One logit, the log relative hazard (Cox): the risk itself.
+    Risk,
+}
+
+impl Head {
+    pub fn is_classes(&self) -> bool {
+        *self == Head::Classes
+    }
+
+    /// The outputs of `logits` [1, K]: class probabilities, the survival curve, or `[risk]`.
+    pub fn outputs(self, logits: &[f64]) -> Vec<f64> {
+        match self {
+            Head::Classes => {
+                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = logits.iter().map(|z| (z - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.iter().map(|v| v / s).collect()
+            }
+            Head::Hazards => {
+                let mut s = 1.0;
+                logits
+                    .iter()
+                    .map(|z| {
+                        s *= 1.0 - 1.0 / (1.0 + (-z).exp());
+                        s
+                    })
+                    .collect()
+            }
+            Head::Risk => logits.to_vec(),
+        }
+    }
+
+    /// The risk (higher: an earlier event) that `outputs` say; none for classes.
+    pub fn risk(self, outputs: &[f64]) -> Option<f64> {
+        match self {
+            Head::Classes => None,
+            Head::Hazards => Some(-outputs.iter().sum::<f64>()),
+            Head::Risk => outputs.first().copied(),
+        }
+    }
+}
+
+/// A slide's (its patient's) follow-up: the time to the event or to the last follow-up, and
+/// whether the event was observed (false: censored then).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SurvivalTarget {
+    pub time: f64,
+    pub event: bool,
+}
+
+/// The discrete-time model's time bins, as MCAT and PORPOISE cut them: the `bins`-quantiles of the
+/// event times (censored slides left out), linearly interpolated as pandas' `qcut`; the inner cut
+/// points are returned (`bins − 1` of them, fewer where quantiles coincide).
+pub fn time_bins(targets: &[SurvivalTarget], bins: usize) -> Vec<f64> {
+    let mut t: Vec<f64> = targets.iter().filter(|s| s.event).map(|s| s.time).collect();
+    t.sort_by(f64::total_cmp);
+    if t.is_empty() || bins < 2 {
+        return Vec::new();
+    }
+    let q = |p: f64| {
+        let x = p * (t.len() - 1) as f64;
+        let (lo, frac) = (x.floor() as usize, x - x.floor());
+        if lo + 1 < t.len() {
+            t[lo] + frac * (t[lo + 1] - t[lo])
+        } else {
+            t[lo]
+        }
+    };
+    let mut edges: Vec<f64> = (1..bins).map(|k| q(k as f64 / bins as f64)).collect();
+    edges.dedup();
+    edges
+}
+
+/// The bin of `time` among `edges` (left-closed bins, as pandas' `cut(right=False)`).
+pub fn time_bin(edges: &[f64], time: f64) -> usize {
+    edges.iter().filter(|e| **e <= time).count()
+}
+
 /// A slide of the cohort as the run sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedSlide {
@@ -188,6 +353,9 @@ pub struct PlannedSlide {
     /// instance-level figures of its predictions. Absent from plans without it (same run ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth: Option<String>,
+    /// Its follow-up, in a survival run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survival: Option<SurvivalTarget>,
 }
 
 /// One cross-validation fold: which slides train, validate (early stopping) and test.
@@ -214,6 +382,9 @@ pub struct RunPlan {
     /// ICMIL rounds after round 0 (none: the run ends after round 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmil: Option<IcmilConfig>,
+    /// Classification (absent from its plans, which keep their ids) or survival.
+    #[serde(default, skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
 }
 
 /// ICMIL fine-tuning rounds (Wang et al., MICCAI 2023): after round r's bag classifier is trained,
@@ -339,6 +510,16 @@ impl RunPlan {
         store.get_json(&layout::fold_embedder(&self.run, round, fold)).await
     }
 
+    /// The bag model's outputs (see [`Task::outputs`]).
+    pub fn outputs(&self) -> usize {
+        self.task.outputs(self.classes.len())
+    }
+
+    /// The follow-up of each slide, by id (empty outside survival runs).
+    pub fn survival_targets(&self) -> std::collections::HashMap<String, SurvivalTarget> {
+        self.slides.iter().filter_map(|s| Some((s.id.to_string(), s.survival?))).collect()
+    }
+
     /// ICMIL rounds after round 0.
     pub fn icmil_rounds(&self) -> u32 {
         self.icmil.as_ref().map_or(0, |c| c.rounds)
@@ -360,6 +541,47 @@ impl RunPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bins as pandas' `qcut` of the event times cuts them (numpy's linear quantiles), censored
+    /// slides left out; times on an edge go to the upper bin (`cut(right=False)`).
+    #[test]
+    fn time_bins_are_the_quantiles_of_the_event_times() {
+        let t = |time: f64, event: bool| SurvivalTarget { time, event };
+        // pandas.qcut([1, 2, ..., 8], 4, retbins=True)[1][1:-1] == [2.75, 4.5, 6.25]
+        let mut cohort: Vec<SurvivalTarget> = (1..=8).map(|v| t(v as f64, true)).collect();
+        cohort.push(t(0.5, false));
+        cohort.push(t(100.0, false));
+        let edges = time_bins(&cohort, 4);
+        assert_eq!(edges, vec![2.75, 4.5, 6.25]);
+        let bins: Vec<usize> = [0.5, 2.75, 3.0, 4.5, 6.24, 6.25, 100.0].iter().map(|&x| time_bin(&edges, x)).collect();
+        assert_eq!(bins, vec![0, 1, 1, 2, 2, 3, 3]);
+        assert!(time_bins(&[t(3.0, false)], 4).is_empty(), "no events, no edges");
+    }
+
+    #[test]
+    fn heads_read_logits_as_probabilities_a_survival_curve_or_a_risk() {
+        let p = Head::Classes.outputs(&[0.0, (3f64).ln()]);
+        assert!((p[0] - 0.25).abs() < 1e-12 && (p[1] - 0.75).abs() < 1e-12, "{p:?}");
+        assert_eq!(Head::Classes.risk(&p), None);
+        // Hazards 1/2 and 1/4: survival 1/2, then 3/8; the risk is minus their sum.
+        let s = Head::Hazards.outputs(&[0.0, -(3f64).ln()]);
+        assert!((s[0] - 0.5).abs() < 1e-12 && (s[1] - 0.375).abs() < 1e-12, "{s:?}");
+        assert!((Head::Hazards.risk(&s).unwrap() + 0.875).abs() < 1e-12);
+        assert_eq!(Head::Risk.risk(&Head::Risk.outputs(&[1.5])), Some(1.5));
+    }
+
+    #[test]
+    fn a_task_says_its_outputs_and_head_and_reads_back() {
+        assert_eq!(Task::Classification.outputs(3), 3);
+        let nll = Task::Survival(SurvivalConfig::default());
+        assert_eq!((nll.outputs(2), nll.head()), (4, Head::Hazards));
+        let cox = Task::Survival(SurvivalConfig { loss: SurvivalLoss::Cox, ..SurvivalConfig::default() });
+        assert_eq!((cox.outputs(2), cox.head()), (1, Head::Risk));
+        let json = serde_json::to_value(cox).unwrap();
+        assert_eq!(json["kind"], "survival");
+        assert_eq!(json["loss"], "cox");
+        assert_eq!(serde_json::from_value::<Task>(json).unwrap(), cox);
+    }
 
     /// Each kind of weights is written as the one string plans have always held (so embedder ids
     /// and stored plans are unchanged) and reads back as the same kind.

@@ -22,13 +22,29 @@ pub struct EpochRecord {
     pub seconds: f64,
 }
 
-/// A slide's class probabilities from the model of its test fold.
+/// A slide's prediction by the model of its test fold: class probabilities, or in a survival
+/// run the model's outputs ([`crate::plan::Head::outputs`]) and the risk they give.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlidePrediction {
     pub slide: String,
-    /// Index into the plan's classes.
+    /// Index into the plan's classes (survival: whether the event was observed).
     pub label: usize,
     pub probs: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<f64>,
+}
+
+/// A survival fold's figures (`FoldReport::survival`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SurvivalFold {
+    /// Harrell's C-index of the test slides' risks (none without a comparable pair).
+    pub c_index: Option<f64>,
+    /// Test slides whose event was observed.
+    pub events: usize,
+    /// The discrete-time model's inner bin edges, from the training slides' event times.
+    pub bin_edges: Vec<f64>,
+    /// The median risk of the fold's training slides: its test slides above it are its high-risk group.
+    pub train_median_risk: f64,
 }
 
 /// Everything a fold's training leaves behind besides the weights (`runs/<run>/round-<r>/fold-<k>/
@@ -50,6 +66,9 @@ pub struct FoldReport {
     /// How its bags were read within the worker's memory budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bags: Option<BagReads>,
+    /// A survival run's figures (`test` is none there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survival: Option<SurvivalFold>,
 }
 
 /// How a job's feature bags were read (`--bag-cache-gb`): how many came from the store and how

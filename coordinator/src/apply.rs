@@ -15,7 +15,7 @@
 use crate::dispatch::{Dispatcher, StageOutcome};
 use crate::manifest::{self, Purpose};
 use crate::planner::{self, SlideRef};
-use crate::predictions::{Prediction, Table};
+use crate::predictions::{Prediction, SurvivalRow, SurvivalTable, Table};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -145,7 +145,8 @@ pub async fn from_run(store: &Store, plan: &RunPlan, round: u32, which: Members)
     };
     let source = ModelSource::Run { run: plan.run.clone(), round, members: what.clone() };
     let hint = format!("{}-r{round}-{what}", plan.run);
-    let card = ModelCard::new(&hint, plan.classes.clone(), members, plan.tiling.clone(), source, Some(training));
+    let card = ModelCard::new(&hint, plan.classes.clone(), members, plan.tiling.clone(), source, Some(training))
+        .with_head(plan.task.head());
     register(store, &card, weights).await?;
     Ok(card)
 }
@@ -255,31 +256,40 @@ pub struct ApplySettings {
     pub s3: S3Options,
 }
 
+/// The name features were imported under, for an embedder that stands for imported features.
+fn imported_name(e: &wsimil_common::plan::EmbedderSpec) -> Option<&str> {
+    match (&e.architecture, &e.weights) {
+        (Architecture::Imported, wsimil_common::plan::WeightsRef::Imported(name)) => Some(name),
+        _ => None,
+    }
+}
+
 /// Check the cohort against the model and write (or check) the application's plan. Refused, each
 /// naming what differs: labels the model does not know (every one at once, with its line),
 /// imported features that are not the ones the model was trained on.
 pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) -> anyhow::Result<ApplyPlan> {
     let buckets = Buckets::new(settings.s3.clone());
-    let m = manifest::load_for(&settings.manifest, Some(&card.classes), Purpose::Prediction, &buckets).await?;
+    // A survival model has no classes for labels to name: its cohort's follow-up is what judges it.
+    let classes = card.head.is_classes().then_some(card.classes.as_slice());
+    let m = manifest::load_for(&settings.manifest, classes, Purpose::Prediction, &buckets).await?;
     let embedders = card.embedders();
     match &settings.features {
         Some(name) => {
-            let theirs = embedders.iter().find(|e| e.architecture == Architecture::Imported && &e.id() == name);
+            // A model trained on imported features names them by the name they were imported under.
+            let theirs = embedders.iter().find(|e| imported_name(e) == Some(name.as_str()));
             if theirs.is_none() || embedders.len() != 1 {
                 bail!(
                     "--features {name}: model {} was trained on features from {}, not on {name}; its features must come from the embedder and tiling it was trained with",
                     card.id,
-                    embedders.iter().map(|e| e.id().to_string()).collect::<Vec<_>>().join(", ")
+                    embedders.iter().map(|e| imported_name(e).map_or(e.id().to_string(), String::from)).collect::<Vec<_>>().join(", ")
                 );
             }
         }
         None => {
-            if let Some(e) = embedders.iter().find(|e| e.architecture == Architecture::Imported) {
+            if let Some(name) = embedders.iter().find_map(|e| imported_name(e)) {
                 bail!(
-                    "model {} was trained on features imported as {} (no embedder to embed slides with): score features imported the same way with --features {}",
+                    "model {} was trained on features imported as {name} (no embedder to embed slides with): score features imported the same way with --features {name}",
                     card.id,
-                    e.id(),
-                    e.id()
                 );
             }
             for e in &embedders {
@@ -295,8 +305,9 @@ pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) 
         .map(|r| AppliedSlide {
             id: r.slide.clone(),
             path: r.path.display().to_string(),
-            label: r.label.as_deref().map(|l| m.class_index(l)),
+            label: if card.head.is_classes() { r.label.as_deref().map(|l| m.class_index(l)) } else { None },
             mpp: r.mpp,
+            survival: r.survival,
         })
         .collect();
     if settings.features.is_none() {
@@ -318,6 +329,7 @@ pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) 
         tiling: card.tiling.clone(),
         embedders,
         imported: settings.features.clone(),
+        head: card.head,
     };
     let key = layout::applied_plan(&name);
     if store.exists(&key).await? {
@@ -346,6 +358,14 @@ pub struct ApplyMetrics {
     /// Over the labelled slides, with bootstrap 95% CIs (1,000 resamples).
     pub metrics: Option<MetricsCi>,
     pub failures: Vec<FailureRecord>,
+    /// A survival model on slides with follow-up: Harrell's C-index with its 95% bootstrap interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c_index: Option<wsimil_common::metrics::Estimate>,
+    /// Slides with follow-up, and of them with the event.
+    #[serde(default)]
+    pub followed: usize,
+    #[serde(default)]
+    pub events: usize,
 }
 
 pub struct ApplySummary {
@@ -410,6 +430,9 @@ async fn score_jobs(store: &Store, plan: &ApplyPlan) -> anyhow::Result<Vec<Job>>
 /// Gather the scored slides into predictions (Parquet and CSV) and, over the labelled ones, metrics
 /// with bootstrap 95% confidence intervals.
 pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyMetrics> {
+    if !plan.head.is_classes() {
+        return summarise_survival(store, plan).await;
+    }
     let mut rows: Vec<Prediction> = Vec::new();
     for s in &plan.slides {
         let key = layout::applied_attention(&plan.name, &s.id);
@@ -425,10 +448,7 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
         let labels: Vec<usize> = labelled.iter().map(|r| r.label.expect("labelled")).collect();
         evaluate_ci(&probs, &labels, plan.classes.len(), 1000, 0)
     });
-    let mut failures = Vec::new();
-    for key in store.list(&layout::applied_failures_prefix(&plan.name)).await? {
-        failures.push(store.get_json::<FailureRecord>(&key).await?);
-    }
+    let failures = crate::run::read_failures(store, &layout::applied_failures_prefix(&plan.name)).await?;
     let m = ApplyMetrics {
         name: plan.name.clone(),
         model: plan.model.clone(),
@@ -438,6 +458,9 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
         labelled: labelled.len(),
         metrics,
         failures,
+        c_index: None,
+        followed: 0,
+        events: 0,
     };
     let table = Table {
         csv: layout::applied_predictions_csv(&plan.name),
@@ -445,6 +468,45 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
         classes: &plan.classes,
         folds: false,
         provenance: serde_json::json!({"application": plan.name, "model": plan.model, "kind": "predictions of a trained model"}),
+    };
+    table.write(store, &rows).await?;
+    store.put_json(&layout::applied_metrics(&plan.name), &m).await?;
+    Ok(m)
+}
+
+/// A survival model's application: each slide's risk (the members' outputs averaged, then read),
+/// and the C-index over the slides whose follow-up the manifest gives.
+async fn summarise_survival(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyMetrics> {
+    let mut rows: Vec<SurvivalRow> = Vec::new();
+    for s in &plan.slides {
+        let key = layout::applied_attention(&plan.name, &s.id);
+        if !store.exists(&key).await? {
+            continue;
+        }
+        let map = AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?;
+        let risk = plan.head.risk(&map.provenance.probs).unwrap_or(f64::NAN);
+        rows.push(SurvivalRow { slide: s.id.to_string(), fold: None, follow_up: s.survival, risk, high_risk: None });
+    }
+    let (risk, time, event) = SurvivalRow::columns(&rows);
+    let failures = crate::run::read_failures(store, &layout::applied_failures_prefix(&plan.name)).await?;
+    let m = ApplyMetrics {
+        name: plan.name.clone(),
+        model: plan.model.clone(),
+        classes: plan.classes.clone(),
+        slides: plan.slides.len(),
+        predicted: rows.len(),
+        labelled: 0,
+        metrics: None,
+        failures,
+        c_index: wsimil_common::survival::concordance_ci(&risk, &time, &event, 1000, 0),
+        followed: time.len(),
+        events: event.iter().filter(|e| **e).count(),
+    };
+    let table = SurvivalTable {
+        csv: layout::applied_predictions_csv(&plan.name),
+        parquet: layout::applied_predictions_parquet(&plan.name),
+        folds: false,
+        provenance: serde_json::json!({"application": plan.name, "model": plan.model, "kind": "survival risks of a trained model"}),
     };
     table.write(store, &rows).await?;
     store.put_json(&layout::applied_metrics(&plan.name), &m).await?;
@@ -476,6 +538,15 @@ pub fn render(s: &ApplySummary, store: &Store) -> String {
     }
     let m = &s.metrics;
     match &m.metrics {
+        None if !card.head.is_classes() => match &m.c_index {
+            Some(c) => out.push_str(&format!(
+                "survival ({} slides with follow-up, {} events): C-index {:.3} (95% CI {:.3}–{:.3})\n",
+                m.followed, m.events, c.value, c.ci95.0, c.ci95.1
+            )),
+            None => {
+                out.push_str(&format!("{} slides given a risk (no follow-up with an event: no C-index)\n", m.predicted))
+            }
+        },
         Some(c) => {
             let auc = c.auc.map(|a| a.to_string()).unwrap_or_else(|| "n/a (one class)".into());
             out.push_str(&format!(

@@ -16,7 +16,9 @@ use wsimil_common::models::optim::OptimizerKind;
 use wsimil_common::models::zoo::Architecture;
 use wsimil_common::models::BagModelKind;
 use wsimil_common::nats::{NatsOptions, Queue, QueueSettings};
-use wsimil_common::plan::{CorruptTiles, IcmilConfig, IcmilMethod, TilingSpec, TrainConfig};
+use wsimil_common::plan::{
+    CorruptTiles, IcmilConfig, IcmilMethod, SurvivalConfig, SurvivalLoss, Task, TilingSpec, TrainConfig,
+};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::bags::{BagBudget, BagPrecision};
 use wsimil_worker::device::{BatchChoice, Compute, DeviceChoice, Precision};
@@ -555,6 +557,31 @@ pub struct RunArgs {
     /// ICMIL: fine-tune only the embedder's last N blocks (0 = the whole network, as the paper).
     #[arg(long, default_value_t = 0)]
     pub icmil_trainable_blocks: usize,
+
+    /// What to learn: the manifest's classes, or survival from its follow-up columns (time,event;
+    /// or TCGA's vital_status,days_to_death,days_to_last_follow_up; docs/survival.md).
+    #[arg(long, value_enum, default_value_t = TaskKind::Classification)]
+    pub task: TaskKind,
+    /// Survival: the discrete-time NLL over time bins (MCAT, PORPOISE; one bag a step) or the Cox
+    /// partial likelihood over batches of bags.
+    #[arg(long, value_enum, default_value_t = SurvivalLoss::Nll)]
+    pub survival_loss: SurvivalLoss,
+    /// Survival, nll: time bins (quantiles of the training slides' event times).
+    #[arg(long, default_value_t = 4)]
+    pub survival_bins: usize,
+    /// Survival, nll: extra weight on the uncensored slides' term (MCAT's alpha_surv).
+    #[arg(long, default_value_t = 0.0)]
+    pub survival_alpha: f64,
+    /// Survival, cox: bags per step (the partial likelihood's risk sets are taken within it).
+    #[arg(long, default_value_t = 32)]
+    pub cox_batch: usize,
+}
+
+/// `--task`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskKind {
+    Classification,
+    Survival,
 }
 
 /// `--until`: the stages of round 0.
@@ -628,7 +655,35 @@ impl RunArgs {
             imported: self.features.as_deref().map(EmbedderId::new).transpose().context("--features")?,
             clam_splits: self.clam_splits.clone(),
             icmil: self.icmil()?,
+            task: self.task()?,
         })
+    }
+
+    fn task(&self) -> anyhow::Result<Task> {
+        if self.task == TaskKind::Classification {
+            return Ok(Task::Classification);
+        }
+        if self.survival_loss == SurvivalLoss::Nll && self.survival_bins < 2 {
+            bail!("--survival-bins must be at least 2");
+        }
+        if !(0.0..=1.0).contains(&self.survival_alpha) {
+            bail!("--survival-alpha must lie in [0, 1]");
+        }
+        if self.survival_loss == SurvivalLoss::Cox && self.cox_batch < 2 {
+            bail!("--cox-batch must be at least 2 (a risk set of one bag compares nothing)");
+        }
+        if self.classes.is_some() {
+            bail!("--classes names classes; a survival run has none (its slides' follow-up is what it learns)");
+        }
+        if self.icmil_rounds > 0 {
+            bail!("ICMIL rounds distil a classifier's patch pseudo-labels; a survival model has no classes to teach");
+        }
+        Ok(Task::Survival(SurvivalConfig {
+            loss: self.survival_loss,
+            bins: self.survival_bins,
+            alpha: self.survival_alpha,
+            batch: self.cox_batch,
+        }))
     }
 
     fn icmil(&self) -> anyhow::Result<Option<IcmilConfig>> {

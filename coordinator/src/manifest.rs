@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use wsimil_common::ids::SlideId;
+use wsimil_common::plan::SurvivalTarget;
 use wsimil_common::store::StoreError;
 use wsimil_worker::slide::remote::{is_remote, join_url, Buckets};
 
@@ -38,6 +39,82 @@ pub struct Row {
     /// The patient the slide is from (`patient` column, or CLAM's `case_id`): a patient's slides
     /// always go to the same fold, so no patient is both trained and tested on.
     pub patient: Option<String>,
+    /// Its follow-up (survival manifests: [`SurvivalColumns`]).
+    pub survival: Option<SurvivalTarget>,
+}
+
+/// Where a manifest gives each slide's follow-up, in the order looked for: `time` and `event`
+/// (1: the event was observed, 0: censored at `time`); TCGA's clinical columns `vital_status`
+/// (`Dead`/`Alive`), `days_to_death` and `days_to_last_follow_up` (GDC's `'--` for none); or
+/// MCAT's `survival_months` and `censorship` (1: censored).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SurvivalColumns {
+    TimeEvent { time: usize, event: usize },
+    Tcga { vital: usize, death: usize, follow_up: usize },
+    Mcat { months: usize, censorship: usize },
+}
+
+impl SurvivalColumns {
+    fn find(col: &dyn Fn(&str) -> Option<usize>) -> Option<SurvivalColumns> {
+        if let (Some(time), Some(event)) = (col("time"), col("event")) {
+            return Some(SurvivalColumns::TimeEvent { time, event });
+        }
+        if let (Some(vital), Some(death), Some(follow_up)) =
+            (col("vital_status"), col("days_to_death"), col("days_to_last_follow_up"))
+        {
+            return Some(SurvivalColumns::Tcga { vital, death, follow_up });
+        }
+        if let (Some(months), Some(censorship)) = (col("survival_months"), col("censorship")) {
+            return Some(SurvivalColumns::Mcat { months, censorship });
+        }
+        None
+    }
+
+    /// A row's follow-up: `Ok(None)` when its cells are all empty, else the target or what is
+    /// wrong with it.
+    fn read(&self, field: &dyn Fn(usize) -> Option<String>) -> Result<Option<SurvivalTarget>, String> {
+        // GDC's clinical tables write a missing value as `'--`.
+        let get = |c: usize| field(c).filter(|v| !matches!(v.as_str(), "'--" | "--" | "NA" | "NaN" | "nan"));
+        let time = |name: &str, c: usize| -> Result<f64, String> {
+            let v = get(c).ok_or_else(|| format!("no {name}"))?;
+            match v.parse::<f64>() {
+                Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+                _ => Err(format!("{name} {v:?} is not a non-negative number")),
+            }
+        };
+        let flag = |name: &str, c: usize| -> Result<bool, String> {
+            let v = get(c).ok_or_else(|| format!("no {name}"))?;
+            match v.as_str() {
+                "1" | "1.0" => Ok(true),
+                "0" | "0.0" => Ok(false),
+                _ => Err(format!("{name} {v:?} is not 0 or 1")),
+            }
+        };
+        let cells: Vec<usize> = match *self {
+            SurvivalColumns::TimeEvent { time, event } => vec![time, event],
+            SurvivalColumns::Tcga { vital, death, follow_up } => vec![vital, death, follow_up],
+            SurvivalColumns::Mcat { months, censorship } => vec![months, censorship],
+        };
+        if cells.iter().all(|&c| get(c).is_none()) {
+            return Ok(None);
+        }
+        Ok(Some(match *self {
+            SurvivalColumns::TimeEvent { time: t, event } => {
+                SurvivalTarget { time: time("time", t)?, event: flag("event", event)? }
+            }
+            SurvivalColumns::Mcat { months, censorship } => {
+                SurvivalTarget { time: time("survival_months", months)?, event: !flag("censorship", censorship)? }
+            }
+            SurvivalColumns::Tcga { vital, death, follow_up } => {
+                let v = get(vital).ok_or("no vital_status")?;
+                match v.to_ascii_lowercase().as_str() {
+                    "dead" => SurvivalTarget { time: time("days_to_death", death)?, event: true },
+                    "alive" => SurvivalTarget { time: time("days_to_last_follow_up", follow_up)?, event: false },
+                    _ => return Err(format!("vital_status {v:?} is not Dead or Alive")),
+                }
+            }
+        }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -93,8 +170,13 @@ impl fmt::Display for Problem {
 pub enum Purpose {
     /// Training: every slide has a label, and there are two classes at least.
     Training,
-    /// A trained model applied to it: labels optional (when given, they must be the model's classes).
+    /// A trained model applied to it: labels optional (when given, they must be the model's classes),
+    /// follow-up too (when given, checked as a survival manifest's).
     Prediction,
+    /// Training a survival model: every slide has its follow-up ([`SurvivalColumns`]) and the cohort
+    /// has events; labels are not read (a slide's class is whether its event was observed, which
+    /// the folds are stratified by).
+    Survival,
 }
 
 /// Read and validate a training manifest. `classes`, when given, fixes the class order and makes any
@@ -201,6 +283,7 @@ async fn check_truth(remote: &[(usize, String, String)], buckets: &Buckets) -> V
 
 fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpose) -> Parsed {
     let labels_required = purpose == Purpose::Training;
+    let survival_required = purpose == Purpose::Survival;
     let mut problems: Vec<Problem> = Vec::new();
     let mut remote = Vec::new();
     let mut remote_truth = Vec::new();
@@ -215,6 +298,17 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
     };
     let col = |name: &str| headers.iter().position(|h| h == name);
     let (id_c, path_c, label_c) = (col("slide_id"), col("path"), col("label"));
+    let survival_c = SurvivalColumns::find(&col);
+    if survival_required && survival_c.is_none() {
+        at(
+            Some(1),
+            "no follow-up columns: a survival manifest gives time,event (1: event, 0: censored), or TCGA's \
+             vital_status,days_to_death,days_to_last_follow_up, or MCAT's survival_months,censorship"
+                .into(),
+        );
+    }
+    // A survival manifest's classes are whether the event was observed: its labels are not read.
+    let label_c = if survival_required { None } else { label_c };
     for (name, c) in [("slide_id", id_c), ("path", path_c), ("label", label_c)] {
         if c.is_none() && (name != "label" || labels_required) {
             at(Some(1), format!("missing required column {name:?} (columns: slide_id,path,label[,fold|split][,mpp])"));
@@ -228,10 +322,10 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
     }
     let (fold_c, split_c, mpp_c) = (col("fold"), col("split"), col("mpp"));
     // Truth feeds a run's instance-level figures; an application of a model reads no such column.
-    let truth_c = if purpose == Purpose::Training { col("truth") } else { None };
+    let truth_c = if purpose != Purpose::Prediction { col("truth") } else { None };
     let patient_c = col("patient").or_else(|| col("case_id"));
-    // Each patient's first slide: (line, id, label, fold, split).
-    type First = (usize, String, Option<String>, Option<u32>, Option<Split>);
+    // Each patient's first slide: (line, id, label, fold, split, follow-up).
+    type First = (usize, String, Option<String>, Option<u32>, Option<Split>, Option<SurvivalTarget>);
     let mut patients: HashMap<String, First> = HashMap::new();
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
     let mut rows = Vec::new();
@@ -369,13 +463,32 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
                 Some(full)
             }
         };
+        let survival = match survival_c.map(|c| c.read(&|k| field(Some(k)).map(str::to_string))) {
+            None => None,
+            Some(Ok(Some(t))) => Some(t),
+            Some(Ok(None)) => {
+                if survival_required {
+                    at(Some(line), format!("{raw_id}: no follow-up (time and event are empty)"));
+                }
+                None
+            }
+            Some(Err(e)) => {
+                at(Some(line), format!("{raw_id}: {e}"));
+                None
+            }
+        };
+        let label = match (survival_required, survival) {
+            (true, Some(t)) => Some(Some(if t.event { "event" } else { "censored" }.to_string())),
+            (true, None) => None,
+            (false, _) => label,
+        };
         let patient = field(patient_c).map(str::to_string);
         if let (Some(p), Some(label)) = (&patient, &label) {
             match patients.get(p) {
                 None => {
-                    patients.insert(p.clone(), (line, raw_id.to_string(), label.clone(), fold, split));
+                    patients.insert(p.clone(), (line, raw_id.to_string(), label.clone(), fold, split, survival));
                 }
-                Some((first_line, first_id, first_label, first_fold, first_split)) => {
+                Some((first_line, first_id, first_label, first_fold, first_split, first_survival)) => {
                     fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
                         v.as_ref().map_or("none".into(), |v| format!("{v:?}").to_lowercase())
                     }
@@ -387,6 +500,12 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
                     if labels_required && label != first_label {
                         at(Some(line), differs("label", show(label), show(first_label)));
                     }
+                    if survival != *first_survival {
+                        let f = |s: &Option<SurvivalTarget>| {
+                            s.map_or("none".into(), |s| format!("time {} event {}", s.time, s.event as u8))
+                        };
+                        at(Some(line), differs("follow-up", f(&survival), f(first_survival)));
+                    }
                     if fold != *first_fold {
                         at(Some(line), differs("fold", show(&fold), show(first_fold)));
                     }
@@ -397,7 +516,7 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
             }
         }
         if let (Some(slide), Some(path), Some(label)) = (slide, path, label) {
-            rows.push(Row { slide, path, label, fold, split, mpp, truth, patient });
+            rows.push(Row { slide, path, label, fold, split, mpp, truth, patient, survival });
         }
     }
     let row_problems = problems.len();
@@ -411,9 +530,19 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
         }
     }
     let classes: Vec<String> = match classes {
+        _ if survival_required => vec!["censored".into(), "event".into()],
         Some(c) => c.to_vec(),
         None => rows.iter().filter_map(|r| r.label.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
     };
+    if survival_required
+        && row_problems == 0
+        && !rows.is_empty()
+        && rows.iter().all(|r| r.survival.is_some_and(|s| !s.event))
+    {
+        let message =
+            format!("no events in the cohort: all {} slides are censored, so no risk can be learned", rows.len());
+        problems.push(Problem { line: None, message });
+    }
     if labels_required && !rows.is_empty() && classes.len() < 2 {
         problems.push(Problem {
             line: None,
@@ -562,6 +691,68 @@ mod tests {
         assert!(p[0].message.contains("only one class"), "{p:?}");
         let p = parse("slide_id,path,label,fold\na,a.svs,x,0\nb,b.svs,y,\n", d.path(), None).unwrap_err();
         assert!(p[0].message.contains("fold is given for 1 of 2"), "{p:?}");
+    }
+
+    #[test]
+    fn follow_up_is_read_from_time_event_tcga_or_mcat_columns() {
+        let d = dir_with(&["a.svs", "b.svs"]);
+        let read = |text: &str| {
+            let p = parse_for(text, d.path(), None, Purpose::Survival);
+            assert!(p.problems.is_empty(), "{:?}", p.problems);
+            (p.rows.iter().map(|r| r.survival.unwrap()).collect::<Vec<_>>(), p.classes)
+        };
+        let want = vec![SurvivalTarget { time: 410.0, event: true }, SurvivalTarget { time: 1210.5, event: false }];
+        let (got, classes) = read("slide_id,path,time,event\na,a.svs,410,1\nb,b.svs,1210.5,0\n");
+        assert_eq!((got, classes), (want.clone(), vec!["censored".to_string(), "event".to_string()]));
+        let tcga = "slide_id,path,vital_status,days_to_death,days_to_last_follow_up\n\
+                    a,a.svs,Dead,410,'--\nb,b.svs,Alive,'--,1210.5\n";
+        assert_eq!(read(tcga).0, want);
+        let mcat = "slide_id,path,survival_months,censorship\na,a.svs,410,0\nb,b.svs,1210.5,1\n";
+        assert_eq!(read(mcat).0, want);
+        // A label column is not what a survival run learns: its class is whether the event was seen.
+        let p = parse_for(
+            "slide_id,path,label,time,event\na,a.svs,LUAD,410,1\nb,b.svs,LUSC,9,0\n",
+            d.path(),
+            None,
+            Purpose::Survival,
+        );
+        let labels: Vec<_> = p.rows.iter().map(|r| r.label.clone().unwrap()).collect();
+        assert_eq!(labels, ["event", "censored"]);
+    }
+
+    #[test]
+    fn bad_follow_up_is_refused_before_any_work_naming_every_row() {
+        let d = dir_with(&["a.svs"]);
+        let text = "slide_id,path,time,event,patient\n\
+                    a,a.svs,-3,1,\n\
+                    b,a.svs,12,2,\n\
+                    c,a.svs,,,\n\
+                    d,a.svs,ten,0,\n\
+                    e,a.svs,5,1,P\n\
+                    f,a.svs,7,1,P\n";
+        let problems = parse_for(text, d.path(), None, Purpose::Survival).problems;
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(has("line 2: a: time \"-3\" is not a non-negative number"), "{text:#?}");
+        assert!(has("line 3: b: event \"2\" is not 0 or 1"), "{text:#?}");
+        assert!(has("line 4: c: no follow-up"), "{text:#?}");
+        assert!(has("line 5: d: time \"ten\""), "{text:#?}");
+        assert!(
+            has("line 7: patient \"P\": f has follow-up time 7 event 1, its slide e (line 6) time 5 event 1"),
+            "{text:#?}"
+        );
+        assert_eq!(problems.len(), 5, "{text:#?}");
+        let tcga =
+            "slide_id,path,vital_status,days_to_death,days_to_last_follow_up\na,a.svs,Dead,'--,300\nb,a.svs,Lost,1,2\n";
+        let text: Vec<String> =
+            parse_for(tcga, d.path(), None, Purpose::Survival).problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text, ["line 2: a: no days_to_death", "line 3: b: vital_status \"Lost\" is not Dead or Alive"]);
+        let p = parse_for("slide_id,path,label\na,a.svs,x\n", d.path(), None, Purpose::Survival).problems;
+        assert!(p[0].message.starts_with("no follow-up columns"), "{p:?}");
+        let p = parse_for("slide_id,path,time,event\na,a.svs,3,0\nb,a.svs,4,0\n", d.path(), None, Purpose::Survival)
+            .problems;
+        assert_eq!(p.len(), 1);
+        assert!(p[0].message.starts_with("no events in the cohort: all 2 slides are censored"), "{p:?}");
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use wsimil_common::ids::{content_hash, EmbedderId, RunId, SlideId};
 use wsimil_common::job::{EmbedJob, FinetuneJob, Job, PredictJob, TileJob, TrainJob};
 use wsimil_common::layout;
-use wsimil_common::plan::{EmbedderSpec, Fold, IcmilConfig, PlannedSlide, RunPlan, TilingSpec, TrainConfig};
+use wsimil_common::plan::{EmbedderSpec, Fold, IcmilConfig, PlannedSlide, RunPlan, Task, TilingSpec, TrainConfig};
 use wsimil_common::rng::Rng;
 use wsimil_common::store::{Store, StoreError};
 
@@ -140,6 +140,41 @@ pub fn stratified_folds(labels: &[usize], settings: FoldSettings) -> Vec<usize> 
     out
 }
 
+/// A survival run's folds, checked before any work: each fold must have an event among the slides
+/// it trains on (else no risk is learned) and among those it tests on (else its C-index is not
+/// defined). The error names the fold and its slides with their manifest lines.
+pub fn check_survival_folds(manifest: &Manifest, folds: &[Fold]) -> anyhow::Result<()> {
+    let event =
+        |id: &SlideId| manifest.rows.iter().find(|r| &r.slide == id).and_then(|r| r.survival).is_some_and(|s| s.event);
+    let mut problems = Vec::new();
+    for (k, f) in folds.iter().enumerate() {
+        for (what, set) in [("trains on", &f.train), ("tests on", &f.test)] {
+            if !set.is_empty() && !set.iter().any(&event) {
+                let lines: Vec<String> = set
+                    .iter()
+                    .map(|id| {
+                        let line = manifest.rows.iter().position(|r| &r.slide == id).map_or(0, |i| i + 2);
+                        format!("{id} (line {line})")
+                    })
+                    .take(20)
+                    .collect();
+                let more = if set.len() > 20 { format!(" and {} more", set.len() - 20) } else { String::new() };
+                problems.push(format!(
+                    "fold {k}: none of the {} slides it {what} had the event ({}{more}): \
+                     use fewer folds, or give folds that spread the events",
+                    set.len(),
+                    lines.join(", ")
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}: {}", manifest.source.display(), problems.join("\n"))
+    }
+}
+
 /// What a run does besides its cohort: everything [`make_plan`] hashes into the run id.
 pub struct PlanParts {
     pub tiling: TilingSpec,
@@ -148,12 +183,13 @@ pub struct PlanParts {
     pub folds: Vec<Fold>,
     pub imported: Option<EmbedderId>,
     pub icmil: Option<IcmilConfig>,
+    pub task: Task,
 }
 
 /// The run's plan. Its id, unless given, is a hash of everything that determines its results, so
 /// re-running the same command resumes the same run and changing anything starts a new one.
 pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> RunPlan {
-    let PlanParts { tiling, embedder, train, folds, imported, icmil } = parts;
+    let PlanParts { tiling, embedder, train, folds, imported, icmil, task } = parts;
     let slides: Vec<PlannedSlide> = manifest
         .rows
         .iter()
@@ -163,6 +199,7 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
             label: manifest.label_index(r),
             mpp: r.mpp,
             truth: r.truth.as_ref().map(|t| t.display().to_string()),
+            survival: r.survival,
         })
         .collect();
     let mut plan = RunPlan {
@@ -175,6 +212,7 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
         train,
         imported,
         icmil,
+        task,
     };
     if run.is_none() {
         plan.run = derived_run_id(&plan);
@@ -186,11 +224,13 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
 /// command again finds the same run. The plan's JSON names and layout are part of it: changing how a
 /// setting is written changes the ids of existing runs (a test holds an old plan to this).
 pub fn derived_run_id(plan: &RunPlan) -> RunId {
-    let RunPlan { classes, slides, folds, tiling, embedder, train, imported, icmil, .. } = plan;
+    let RunPlan { classes, slides, folds, tiling, embedder, train, imported, icmil, task, .. } = plan;
     let key = serde_json::to_vec(&(classes, slides, folds, tiling, embedder, train, imported)).expect("json");
-    // ICMIL settings join the hash only when given, so runs without them keep their ids.
+    // ICMIL settings and a survival task join the hash only when given, so runs without them keep
+    // their ids.
     let extra = icmil.as_ref().map(|c| serde_json::to_vec(c).expect("json"));
-    let parts = std::iter::once(key.as_slice()).chain(extra.as_deref());
+    let survival = task.survival().map(|c| serde_json::to_vec(c).expect("json"));
+    let parts = std::iter::once(key.as_slice()).chain(extra.as_deref()).chain(survival.as_deref());
     RunId::new(format!("run-{}", content_hash(parts))).expect("safe")
 }
 
@@ -418,6 +458,7 @@ mod tests {
                 mpp: None,
                 truth: None,
                 patient: None,
+                survival: None,
             })
             .collect();
         Manifest { source: PathBuf::from("m.csv"), rows, classes: vec!["a".into(), "b".into()] }
@@ -472,6 +513,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Survival folds are stratified by event, and a fold with no event to train or test on is
+    /// refused with its slides and their lines.
+    #[test]
+    fn a_survival_fold_without_events_is_refused_naming_its_slides() {
+        use wsimil_common::plan::SurvivalTarget;
+        let labels = ["event", "censored", "censored", "event", "censored", "censored"];
+        let mut m = manifest(&labels, None);
+        m.classes = vec!["censored".into(), "event".into()];
+        for (r, l) in m.rows.iter_mut().zip(labels) {
+            r.survival = Some(SurvivalTarget { time: 10.0, event: l == "event" });
+        }
+        let folds = assign_folds(&m, FoldSettings { k: 2, seed: 0 });
+        check_survival_folds(&m, &folds).unwrap();
+        // Given folds that put both events in fold 0: fold 1 tests on none and fold 0 trains on none.
+        for (r, f) in m.rows.iter_mut().zip([0, 1, 1, 0, 1, 1]) {
+            r.fold = Some(f);
+        }
+        let folds = assign_folds(&m, FoldSettings { k: 2, seed: 0 });
+        let err = check_survival_folds(&m, &folds).unwrap_err().to_string();
+        assert!(
+            err.contains("fold 0: none of the 4 slides it trains on had the event (s1 (line 3), s2 (line 4)"),
+            "{err}"
+        );
+        assert!(err.contains("fold 1: none of the 4 slides it tests on had the event"), "{err}");
     }
 
     #[test]
@@ -541,7 +608,15 @@ mod tests {
             make_plan(
                 &m,
                 None,
-                PlanParts { tiling: t.clone(), embedder: e.clone(), train, folds, imported: None, icmil },
+                PlanParts {
+                    tiling: t.clone(),
+                    embedder: e.clone(),
+                    train,
+                    folds,
+                    imported: None,
+                    icmil,
+                    task: Task::Classification,
+                },
             )
         };
         let a = plan(TrainConfig::default(), None);

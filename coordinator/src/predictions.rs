@@ -99,6 +99,123 @@ impl Table<'_> {
     }
 }
 
+/// One slide's survival prediction: its risk (higher: an earlier event), its follow-up where known,
+/// and in a run's table its fold and risk group (above its fold's training median: high).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SurvivalRow {
+    pub slide: String,
+    pub fold: Option<u32>,
+    pub follow_up: Option<wsimil_common::plan::SurvivalTarget>,
+    pub risk: f64,
+    pub high_risk: Option<bool>,
+}
+
+impl SurvivalRow {
+    /// The risks, times and events of the rows with follow-up (what the C-index is computed on).
+    pub fn columns(rows: &[SurvivalRow]) -> (Vec<f64>, Vec<f64>, Vec<bool>) {
+        let known = rows.iter().filter_map(|r| Some((r.risk, r.follow_up?)));
+        let (risk, t): (Vec<f64>, Vec<_>) = known.unzip();
+        (risk, t.iter().map(|t| t.time).collect(), t.iter().map(|t| t.event).collect())
+    }
+}
+
+/// A survival model's predictions table: `slide_id`, `fold` (run tables), `time`, `event` (empty
+/// where unknown), `risk`, `risk_group` (`high`/`low`, run tables).
+pub struct SurvivalTable {
+    pub csv: Key,
+    pub parquet: Key,
+    /// A run's out-of-fold table (with `fold` and `risk_group`).
+    pub folds: bool,
+    pub provenance: serde_json::Value,
+}
+
+impl SurvivalTable {
+    pub fn csv(&self, rows: &[SurvivalRow]) -> String {
+        let mut csv = format!(
+            "slide_id,{}time,event,risk{}\n",
+            if self.folds { "fold," } else { "" },
+            if self.folds { ",risk_group" } else { "" }
+        );
+        for r in rows {
+            let fold = if self.folds {
+                format!("{},", r.fold.map(|k| k.to_string()).unwrap_or_default())
+            } else {
+                String::new()
+            };
+            let (time, event) = r
+                .follow_up
+                .map_or((String::new(), String::new()), |t| (t.time.to_string(), (t.event as u8).to_string()));
+            let group = match (self.folds, r.high_risk) {
+                (true, Some(h)) => format!(",{}", if h { "high" } else { "low" }),
+                (true, None) => ",".into(),
+                (false, _) => String::new(),
+            };
+            csv.push_str(&format!("{},{fold}{time},{event},{:.6}{group}\n", r.slide, r.risk));
+        }
+        csv
+    }
+
+    pub fn batch(&self, rows: &[SurvivalRow]) -> Result<RecordBatch> {
+        let mut fields = vec![Field::new("slide_id", DataType::Utf8, false)];
+        let mut cols: Vec<Arc<dyn arrow_array::Array>> =
+            vec![Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.slide.as_str())))];
+        if self.folds {
+            fields.push(Field::new("fold", DataType::Int32, true));
+            cols.push(Arc::new(Int32Array::from(rows.iter().map(|r| r.fold.map(|k| k as i32)).collect::<Vec<_>>())));
+        }
+        fields.push(Field::new("time", DataType::Float64, true));
+        cols.push(Arc::new(Float64Array::from(rows.iter().map(|r| r.follow_up.map(|t| t.time)).collect::<Vec<_>>())));
+        fields.push(Field::new("event", DataType::Int32, true));
+        cols.push(Arc::new(Int32Array::from(
+            rows.iter().map(|r| r.follow_up.map(|t| t.event as i32)).collect::<Vec<_>>(),
+        )));
+        fields.push(Field::new("risk", DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.risk))));
+        if self.folds {
+            fields.push(Field::new("risk_group", DataType::Utf8, true));
+            let g: Vec<Option<&str>> =
+                rows.iter().map(|r| r.high_risk.map(|h| if h { "high" } else { "low" })).collect();
+            cols.push(Arc::new(StringArray::from(g)));
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    }
+
+    pub async fn write(&self, store: &Store, rows: &[SurvivalRow]) -> Result<()> {
+        let parquet = write_parquet("predictions", &self.batch(rows)?, &self.provenance)?;
+        store.put(&self.parquet, parquet).await?;
+        store.put(&self.csv, self.csv(rows).into_bytes()).await?;
+        Ok(())
+    }
+}
+
+/// A survival predictions CSV ([`SurvivalTable`]) back as rows.
+pub fn read_survival_csv(bytes: &[u8]) -> Result<Vec<SurvivalRow>> {
+    let mut rd = csv::Reader::from_reader(bytes);
+    let header = rd.headers()?.clone();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (Some(slide_c), Some(risk_c)) = (col("slide_id"), col("risk")) else {
+        anyhow::bail!("survival predictions: no slide_id or risk column");
+    };
+    let (fold_c, time_c, event_c, group_c) = (col("fold"), col("time"), col("event"), col("risk_group"));
+    let mut rows = Vec::new();
+    for rec in rd.records() {
+        let rec = rec?;
+        let get = |c: Option<usize>| c.and_then(|c| rec.get(c)).filter(|v| !v.is_empty());
+        let follow_up = match (get(time_c), get(event_c)) {
+            (Some(t), Some(e)) => Some(wsimil_common::plan::SurvivalTarget { time: t.parse()?, event: e == "1" }),
+            _ => None,
+        };
+        rows.push(SurvivalRow {
+            slide: rec.get(slide_c).unwrap_or("").to_string(),
+            fold: get(fold_c).and_then(|f| f.parse().ok()),
+            follow_up,
+            risk: rec.get(risk_c).unwrap_or("").parse()?,
+            high_risk: get(group_c).map(|g| g == "high"),
+        });
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +262,37 @@ mod tests {
             let tumour: &Float64Array = wsimil_common::table::column("p", &batch, "prob_tumor").unwrap();
             assert_eq!(tumour.values().to_vec(), vec![0.75, 0.5]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_survival_table_writes_its_columns_and_reads_back() {
+        use wsimil_common::plan::SurvivalTarget;
+        let rows = vec![
+            SurvivalRow {
+                slide: "a".into(),
+                fold: Some(1),
+                follow_up: Some(SurvivalTarget { time: 410.0, event: true }),
+                risk: 0.5,
+                high_risk: Some(true),
+            },
+            SurvivalRow { slide: "b".into(), fold: Some(0), follow_up: None, risk: -1.25, high_risk: Some(false) },
+        ];
+        let store = Store::memory();
+        let table = SurvivalTable {
+            csv: Key::from("s.csv"),
+            parquet: Key::from("s.parquet"),
+            folds: true,
+            provenance: serde_json::json!({"kind": "test"}),
+        };
+        table.write(&store, &rows).await.unwrap();
+        let csv = store.get(&table.csv).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&csv).unwrap(),
+            "slide_id,fold,time,event,risk,risk_group\na,1,410,1,0.500000,high\nb,0,,,-1.250000,low\n"
+        );
+        assert_eq!(read_survival_csv(&csv).unwrap(), rows);
+        let (batch, _) = wsimil_common::table::read_parquet("s", store.get(&table.parquet).await.unwrap()).unwrap();
+        let risk: &Float64Array = wsimil_common::table::column("s", &batch, "risk").unwrap();
+        assert_eq!(risk.values().to_vec(), vec![0.5, -1.25]);
     }
 }

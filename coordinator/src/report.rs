@@ -235,6 +235,8 @@ pub struct RoundReport {
     pub metrics: RoundMetrics,
     pub folds: Vec<FoldReport>,
     pub rows: Vec<Prediction>,
+    /// A survival round's out-of-fold risks (its predictions table).
+    pub survival_rows: Vec<crate::predictions::SurvivalRow>,
     pub heatmaps: BTreeSet<String>,
 }
 
@@ -263,7 +265,13 @@ pub async fn gather(store: &Store, run: &RunId) -> anyhow::Result<RunReport> {
             }
         }
         let heatmaps = heatmaps_under(store, format!("{}/heatmaps", layout::round_dir(run, round))).await?;
-        rounds.push(RoundReport { metrics, folds, rows, heatmaps });
+        let survival_rows = if plan.task.survival().is_some() {
+            rows.clear();
+            crate::predictions::read_survival_csv(&store.get(&layout::predictions_csv(run, round)).await?)?
+        } else {
+            Vec::new()
+        };
+        rounds.push(RoundReport { metrics, folds, rows, survival_rows, heatmaps });
     }
     let mut failures = Vec::new();
     for key in store.list(&layout::failures_prefix(run)).await? {
@@ -282,6 +290,18 @@ async fn heatmaps_under(store: &Store, prefix: String) -> anyhow::Result<BTreeSe
 /// Gather and write `runs/<run>/report.html`; returns its key.
 pub async fn write_run_report(store: &Store, run: &RunId) -> anyhow::Result<object_store::path::Path> {
     let report = gather(store, run).await?;
+    // A survival round's Kaplan-Meier chart beside the page too, to put in a paper.
+    for round in &report.rounds {
+        if let Some(sv) = &round.metrics.survival {
+            let end = round.survival_rows.iter().filter_map(|r| r.follow_up.map(|t| t.time)).fold(0.0, f64::max);
+            let svg = km_chart(sv, end).replacen("<svg ", "<svg style=\"font:14px system-ui,sans-serif\" ", 1);
+            let key = object_store::path::Path::from(format!(
+                "{}/kaplan-meier.svg",
+                layout::round_dir(run, round.metrics.round)
+            ));
+            store.put(&key, svg.into_bytes()).await?;
+        }
+    }
     let key = layout::run_report(run);
     store.put(&key, render(&report).into_bytes()).await?;
     Ok(key)
@@ -339,7 +359,7 @@ pub fn render(r: &RunReport) -> String {
     );
     if r.rounds.is_empty() {
         h.push_str("<p class=\"muted\">No round has been predicted yet.</p>");
-    } else {
+    } else if plan.task.is_classification() {
         rounds_table(&mut h, r);
     }
     for round in &r.rounds {
@@ -376,6 +396,10 @@ fn rounds_table(h: &mut String, r: &RunReport) {
 
 fn round_section(h: &mut String, plan: &RunPlan, round: &RoundReport, several: bool) {
     let m = &round.metrics;
+    if let Some(sv) = &m.survival {
+        survival_section(h, round, sv);
+        return;
+    }
     let classes = &plan.classes;
     let _ = write!(
         h,
@@ -407,23 +431,9 @@ fn round_section(h: &mut String, plan: &RunPlan, round: &RoundReport, several: b
     }
     h.push_str("</div>");
     confusion_table(h, classes, &round.rows);
-    h.push_str("<h3>Folds</h3><table><tr><th>fold</th><th>train / val / test slides</th><th>epochs (best)</th><th>test AUC</th><th>accuracy</th><th>seconds</th></tr>");
-    for f in &round.folds {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{} / {} / {}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
-            f.fold,
-            f.n_train,
-            f.n_val,
-            f.n_test,
-            f.epochs_run,
-            f.best_epoch,
-            fmt(f.test.as_ref().and_then(|t| t.auc)),
-            fmt(f.test.as_ref().map(|t| t.accuracy)),
-            f.seconds
-        );
-    }
-    h.push_str("</table>");
+    folds_table(h, &round.folds, ("test AUC", "accuracy"), &|f| {
+        (fmt(f.test.as_ref().and_then(|t| t.auc)), fmt(f.test.as_ref().map(|t| t.accuracy)))
+    });
     if let Some(i) = &m.instance {
         let _ = write!(
             h,
@@ -438,6 +448,136 @@ fn round_section(h: &mut String, plan: &RunPlan, round: &RoundReport, several: b
     let id = if m.round == 0 { "slides".to_string() } else { format!("slides-{}", m.round) };
     let heat_dir = format!("round-{}/heatmaps", m.round);
     slides_table(h, classes, &round.rows, &heat_dir, &round.heatmaps, &id, m.round == 0);
+}
+
+/// A Kaplan-Meier curve as the points of its steps, from (0, 1) to `end`.
+pub fn km_steps(curve: &[(f64, f64)], end: f64) -> Vec<(f64, f64)> {
+    let mut pts = vec![(0.0, 1.0)];
+    let mut last = 1.0;
+    for &(t, s) in curve {
+        pts.push((t, last));
+        pts.push((t, s));
+        last = s;
+    }
+    pts.push((end.max(pts.last().map_or(0.0, |p| p.0)), last));
+    pts
+}
+
+/// The Kaplan-Meier chart of a survival round's two risk groups.
+pub fn km_chart(sv: &crate::run::SurvivalMetrics, end: f64) -> String {
+    let series = [("high risk", &sv.high), ("low risk", &sv.low)]
+        .iter()
+        .map(|(name, g)| Series {
+            name: format!("{name} ({} slides, {} events)", g.slides, g.events),
+            points: km_steps(&g.kaplan_meier, end),
+            bold: false,
+            dots: false,
+        })
+        .collect::<Vec<_>>();
+    line_chart(
+        &format!("Kaplan-Meier by risk group (log-rank p = {:.2e})", sv.log_rank_p),
+        ("time", "survival"),
+        (0.0, end.max(1e-9)),
+        (0.0, 1.0),
+        None,
+        &series,
+    )
+}
+
+/// A survival round: C-index, the risk groups' Kaplan-Meier curves, the folds, the slides ranked
+/// by risk.
+fn survival_section(h: &mut String, round: &RoundReport, sv: &crate::run::SurvivalMetrics) {
+    let m = &round.metrics;
+    let _ = write!(h, "<h2 id=\"round-{r}\">Round {r}: survival</h2>", r = m.round);
+    let ci = sv
+        .c_index
+        .as_ref()
+        .map(|e| format!("{:.3} ({:.3}–{:.3})", e.value, e.ci95.0, e.ci95.1))
+        .unwrap_or_else(|| "–".into());
+    let _ = write!(
+        h,
+        "<table id=\"survival\"><tr><th class=\"l\">{} slides, {} events</th><th>C-index, pooled (95% CI)</th><th>C-index, mean ± sd over folds</th><th>log-rank χ²</th><th>p</th></tr><tr><td class=\"l\">out of fold</td><td>{ci}</td><td>{}</td><td>{:.2}</td><td>{:.2e}</td></tr></table>",
+        sv.slides,
+        sv.events,
+        sv.c_index_folds.map(|v| v.to_string()).unwrap_or_else(|| "–".into()),
+        sv.log_rank_chi2,
+        sv.log_rank_p
+    );
+    let end = round.survival_rows.iter().filter_map(|r| r.follow_up.map(|t| t.time)).fold(0.0, f64::max);
+    h.push_str("<div class=\"charts\">");
+    h.push_str(&km_chart(sv, end));
+    h.push_str("</div>");
+    let med = |g: &crate::run::RiskGroup| g.median_survival.map_or("not reached".into(), |t| format!("{t}"));
+    let _ = write!(
+        h,
+        "<p>Test slides above their fold's training median risk are the high-risk group: median survival {} (high) against {} (low).</p>",
+        med(&sv.high),
+        med(&sv.low)
+    );
+    folds_table(h, &round.folds, ("test events", "C-index"), &|f| {
+        let s = f.survival.as_ref();
+        (s.map_or(0, |s| s.events).to_string(), fmt(s.and_then(|s| s.c_index)))
+    });
+    let heat_dir = format!("round-{}/heatmaps", m.round);
+    survival_slides(h, &round.survival_rows, &heat_dir, &round.heatmaps);
+}
+
+/// The folds' sizes, epochs and seconds, with two figures of each.
+fn folds_table(
+    h: &mut String,
+    folds: &[FoldReport],
+    names: (&str, &str),
+    figures: &dyn Fn(&FoldReport) -> (String, String),
+) {
+    let _ = write!(h, "<h3>Folds</h3><table><tr><th>fold</th><th>train / val / test slides</th><th>epochs (best)</th><th>{}</th><th>{}</th><th>seconds</th></tr>", names.0, names.1);
+    for f in folds {
+        let (a, b) = figures(f);
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{} / {} / {}</td><td>{} ({})</td><td>{a}</td><td>{b}</td><td>{:.1}</td></tr>",
+            f.fold, f.n_train, f.n_val, f.n_test, f.epochs_run, f.best_epoch, f.seconds
+        );
+    }
+    h.push_str("</table>");
+}
+
+/// A slide's heatmap image (`<heat_dir>/<slide>.png`), where it has one.
+fn heatmap_cell(heatmaps: &BTreeSet<String>, heat_dir: &str, slide: &str) -> String {
+    if heatmaps.contains(slide) {
+        format!(
+            "<img class=\"hm\" loading=\"lazy\" alt=\"attention heatmap of {s}\" src=\"{heat_dir}/{s}.png\">",
+            s = esc(slide)
+        )
+    } else {
+        "<span class=\"muted\">no heatmap</span>".into()
+    }
+}
+
+/// The slides ranked by risk, highest first, with their follow-up and heatmap.
+fn survival_slides(
+    h: &mut String,
+    rows: &[crate::predictions::SurvivalRow],
+    heat_dir: &str,
+    heatmaps: &BTreeSet<String>,
+) {
+    let mut rows: Vec<&crate::predictions::SurvivalRow> = rows.iter().collect();
+    rows.sort_by(|a, b| b.risk.total_cmp(&a.risk).then(a.slide.cmp(&b.slide)));
+    h.push_str("<h3>Slides, highest risk first</h3><input id=\"filter\" type=\"search\" placeholder=\"filter slides by name\"> <span class=\"muted\"><span id=\"shown\"></span> shown</span><table id=\"slides\"><thead><tr><th>rank</th><th class=\"l\">slide</th><th>risk</th><th class=\"l\">group</th><th>time</th><th class=\"l\">event</th><th>fold</th><th class=\"l\">attention over the thumbnail</th></tr></thead><tbody>");
+    for (i, r) in rows.iter().enumerate() {
+        let img = heatmap_cell(heatmaps, heat_dir, &r.slide);
+        let _ = write!(
+            h,
+            "<tr data-slide=\"{s}\"><td>{}</td><td class=\"l\">{s}</td><td>{:.3}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{img}</td></tr>",
+            i + 1,
+            r.risk,
+            r.high_risk.map_or("", |g| if g { "high" } else { "low" }),
+            r.follow_up.map(|t| t.time.to_string()).unwrap_or_default(),
+            r.follow_up.map_or("", |t| if t.event { "event" } else { "censored" }),
+            r.fold.map(|f| f.to_string()).unwrap_or_default(),
+            s = esc(&r.slide),
+        );
+    }
+    h.push_str("</tbody></table>");
 }
 
 /// ROC and precision-recall curves (binary: of the positive class, per fold when `folds` are
@@ -564,14 +704,7 @@ fn slides_table(
     );
     for (i, r) in rows.iter().enumerate() {
         let wrong = r.label.is_some_and(|l| l != r.predicted());
-        let img = if heatmaps.contains(&r.slide) {
-            format!(
-                "<img class=\"hm\" loading=\"lazy\" alt=\"attention heatmap of {s}\" src=\"{heat_dir}/{s}.png\">",
-                s = esc(&r.slide)
-            )
-        } else {
-            "<span class=\"muted\">no heatmap</span>".into()
-        };
+        let img = heatmap_cell(heatmaps, heat_dir, &r.slide);
         let _ = write!(
             h,
             "<tr data-slide=\"{s}\"{cls}><td>{}</td><td class=\"l\">{s}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{img}</td></tr>",
@@ -624,9 +757,29 @@ pub async fn write_applied_report(store: &Store, name: &RunId) -> anyhow::Result
         .with_context(|| format!("application {name}: no plan in {}", store.location()))?;
     let metrics: crate::apply::ApplyMetrics = store.get_json(&layout::applied_metrics(name)).await?;
     let csv = store.get(&layout::applied_predictions_csv(name)).await?;
-    let rows = read_predictions_csv(&csv, &plan.classes)?;
     let heatmaps = heatmaps_under(store, format!("applied/{name}/heatmaps")).await?;
     let key = layout::applied_report(name);
+    if !plan.head.is_classes() {
+        let rows = crate::predictions::read_survival_csv(&csv)?;
+        let mut h = String::new();
+        head(&mut h, &format!("Application {}", plan.name));
+        let _ = write!(
+            h,
+            "<p>Survival model <b>{}</b> on <b>{}</b> slides: {} given a risk, {} with follow-up ({} events): C-index {}.</p>",
+            esc(plan.model.as_str()),
+            metrics.slides,
+            metrics.predicted,
+            metrics.followed,
+            metrics.events,
+            metrics.c_index.as_ref().map_or("–".into(), |e| format!("{:.3} (95% CI {:.3}–{:.3})", e.value, e.ci95.0, e.ci95.1))
+        );
+        survival_slides(&mut h, &rows, "heatmaps", &heatmaps);
+        failures_section(&mut h, &metrics.failures);
+        let _ = write!(h, "<script>{SCRIPT}</script></body></html>");
+        store.put(&key, h.into_bytes()).await?;
+        return Ok(key);
+    }
+    let rows = read_predictions_csv(&csv, &plan.classes)?;
     store.put(&key, render_applied(&plan, &metrics, &rows, &heatmaps).into_bytes()).await?;
     Ok(key)
 }

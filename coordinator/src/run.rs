@@ -6,9 +6,9 @@
 //! from the store, so running the same command again resumes where the last one stopped.
 
 use crate::dispatch::{Dispatcher, StageOutcome};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, Manifest, Purpose};
 use crate::planner::{self, FoldSettings};
-use crate::predictions::{Prediction, Table};
+use crate::predictions::{Prediction, SurvivalRow, SurvivalTable, Table};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -16,10 +16,10 @@ use wsimil_common::attention::AttentionMap;
 use wsimil_common::ids::{EmbedderId, RunId};
 use wsimil_common::job::{FailureRecord, Job, JobKind, RunProgress};
 use wsimil_common::layout;
-use wsimil_common::metrics::{evaluate, mean_sd, MeanSd, Metrics};
+use wsimil_common::metrics::{evaluate, mean_sd, Estimate, MeanSd, Metrics};
 use wsimil_common::models::weights::WeightsFile;
 use wsimil_common::models::zoo::Architecture;
-use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, TilingSpec, TrainConfig, WeightsRef};
+use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, Task, TilingSpec, TrainConfig, WeightsRef};
 use wsimil_common::records::{EmbedderCard, FoldReport, WSIMIL_VERSION};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::slide::remote::Buckets;
@@ -59,6 +59,8 @@ pub struct RunSettings {
     pub icmil: Option<IcmilConfig>,
     /// How `s3://` slides and manifests are reached (the store's S3 settings).
     pub s3: S3Options,
+    /// Classification, or survival from the manifest's follow-up.
+    pub task: Task,
 }
 
 /// Put the embedder's weights into the store under their content address and return its spec.
@@ -156,7 +158,8 @@ async fn check_imported(store: &Store, name: &EmbedderId, manifest: &Manifest) -
 /// Validate the manifest, register the embedder and write (or check) the run's plan.
 pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(Manifest, RunPlan)> {
     let buckets = Buckets::new(settings.s3.clone());
-    let manifest = manifest::load(&settings.manifest, settings.classes.as_deref(), &buckets).await?;
+    let purpose = if settings.task.is_classification() { Purpose::Training } else { Purpose::Survival };
+    let manifest = manifest::load_for(&settings.manifest, settings.classes.as_deref(), purpose, &buckets).await?;
     if settings.icmil.is_some() && settings.imported.is_some() {
         bail!("ICMIL rounds fine-tune the patch embedder on slide pixels; imported features (--features) have none");
     }
@@ -176,6 +179,9 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
         Some(dir) => planner::load_clam_splits(dir, &manifest)?,
         None => planner::assign_folds(&manifest, settings.folds),
     };
+    if !settings.task.is_classification() {
+        planner::check_survival_folds(&manifest, &folds)?;
+    }
     let parts = planner::PlanParts {
         tiling: settings.tiling.clone(),
         embedder,
@@ -183,6 +189,7 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
         folds,
         imported: settings.imported.clone(),
         icmil: settings.icmil.clone(),
+        task: settings.task,
     };
     let plan = planner::make_plan(&manifest, settings.run.clone(), parts);
     if plan.imported.is_none() {
@@ -223,6 +230,132 @@ pub struct RoundMetrics {
     /// (`wsimil_common::truth::InstanceFigures` over the out-of-fold attention maps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<wsimil_common::truth::InstanceMetrics>,
+    /// A survival run's figures (the class figures above are empty there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survival: Option<SurvivalMetrics>,
+}
+
+/// A survival round's figures over its out-of-fold risks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SurvivalMetrics {
+    /// Slides with an out-of-fold risk, and of them those whose event was observed.
+    pub slides: usize,
+    pub events: usize,
+    /// Harrell's C-index of the out-of-fold risks pooled, with its 95% bootstrap interval (1,000
+    /// resamples). Each fold's model has its own risk scale: the per-fold figures are the primary
+    /// ones, as for AUC.
+    pub c_index: Option<Estimate>,
+    pub per_fold: Vec<Option<f64>>,
+    pub c_index_folds: Option<MeanSd>,
+    /// The test slides above their fold's training median risk (high) against the rest (low).
+    pub high: RiskGroup,
+    pub low: RiskGroup,
+    /// The log-rank test of the two groups.
+    pub log_rank_chi2: f64,
+    pub log_rank_p: f64,
+}
+
+/// One risk group: its size, events and Kaplan-Meier curve (time, survival just after it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RiskGroup {
+    pub slides: usize,
+    pub events: usize,
+    pub kaplan_meier: Vec<(f64, f64)>,
+    /// The first time its survival is at or below one half (none while it stays above).
+    pub median_survival: Option<f64>,
+}
+
+impl RiskGroup {
+    fn of(time: &[f64], event: &[bool]) -> Self {
+        let kaplan_meier = wsimil_common::survival::kaplan_meier(time, event);
+        let median_survival = kaplan_meier.iter().find(|(_, s)| *s <= 0.5).map(|p| p.0);
+        RiskGroup { slides: time.len(), events: event.iter().filter(|e| **e).count(), kaplan_meier, median_survival }
+    }
+}
+
+/// Each fold's report of `round`, none for a fold not trained.
+async fn fold_reports(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Result<Vec<Option<FoldReport>>> {
+    let mut out = Vec::new();
+    for k in 0..plan.folds.len() as u32 {
+        let key = layout::fold_metrics(&plan.run, round, k);
+        out.push(if store.exists(&key).await? { Some(store.get_json(&key).await?) } else { None });
+    }
+    Ok(out)
+}
+
+/// A survival round's out-of-fold table and figures.
+async fn summarise_survival(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Result<RoundMetrics> {
+    let targets = plan.survival_targets();
+    let mut rows: Vec<SurvivalRow> = Vec::new();
+    let mut per_fold = Vec::new();
+    for (k, report) in fold_reports(store, plan, round).await?.into_iter().enumerate() {
+        let k = k as u32;
+        let Some(report) = report else {
+            per_fold.push(None);
+            continue;
+        };
+        let median = report.survival.as_ref().map(|s| s.train_median_risk);
+        per_fold.push(report.survival.as_ref().and_then(|s| s.c_index));
+        rows.extend(report.predictions.iter().filter_map(|p| {
+            let risk = p.risk?;
+            Some(SurvivalRow {
+                slide: p.slide.clone(),
+                fold: Some(k),
+                follow_up: targets.get(&p.slide).copied(),
+                risk,
+                high_risk: median.filter(|m| m.is_finite()).map(|m| risk > m),
+            })
+        }));
+    }
+    rows.sort_by(|a, b| a.slide.cmp(&b.slide));
+    let known: Vec<&SurvivalRow> = rows.iter().filter(|r| r.follow_up.is_some()).collect();
+    let (risk, time, event) = SurvivalRow::columns(&rows);
+    let high: Vec<bool> = known.iter().map(|r| r.high_risk.unwrap_or(false)).collect();
+    let group = |want: bool| {
+        let idx: Vec<usize> = (0..known.len()).filter(|&i| high[i] == want).collect();
+        RiskGroup::of(
+            &idx.iter().map(|&i| time[i]).collect::<Vec<_>>(),
+            &idx.iter().map(|&i| event[i]).collect::<Vec<_>>(),
+        )
+    };
+    let (log_rank_chi2, log_rank_p) = wsimil_common::survival::log_rank(&time, &event, &high);
+    let survival = SurvivalMetrics {
+        slides: known.len(),
+        events: event.iter().filter(|e| **e).count(),
+        c_index: wsimil_common::survival::concordance_ci(&risk, &time, &event, 1000, 0),
+        c_index_folds: mean_sd(&per_fold.iter().flatten().copied().collect::<Vec<_>>()),
+        per_fold,
+        high: group(true),
+        low: group(false),
+        log_rank_chi2,
+        log_rank_p,
+    };
+    let failures = read_failures(store, &layout::failures_prefix(&plan.run)).await?;
+    let metrics = RoundMetrics {
+        run: plan.run.clone(),
+        round,
+        classes: Vec::new(),
+        slides: plan.slides.len(),
+        predicted: rows.len(),
+        pooled: None,
+        per_fold: vec![None; plan.folds.len()],
+        auc: None,
+        accuracy: None,
+        balanced_accuracy: None,
+        f1: None,
+        failures,
+        instance: None,
+        survival: Some(survival),
+    };
+    let table = SurvivalTable {
+        csv: layout::predictions_csv(&plan.run, round),
+        parquet: layout::predictions_parquet(&plan.run, round),
+        folds: true,
+        provenance: serde_json::json!({"run": plan.run, "round": round, "kind": "out-of-fold survival risks"}),
+    };
+    table.write(store, &rows).await?;
+    store.put_json(&layout::round_metrics(&plan.run, round), &metrics).await?;
+    Ok(metrics)
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +381,18 @@ impl RunSummary {
     pub fn metrics(&self) -> Option<&RoundMetrics> {
         self.rounds.last()
     }
+}
+
+/// The failed jobs' records under `prefix` (`runs/<run>/failures`, `applied/<name>/failures`).
+pub(crate) async fn read_failures(
+    store: &Store,
+    prefix: &object_store::path::Path,
+) -> anyhow::Result<Vec<FailureRecord>> {
+    let mut failures = Vec::new();
+    for key in store.list(prefix).await? {
+        failures.push(store.get_json::<FailureRecord>(&key).await?);
+    }
+    Ok(failures)
 }
 
 /// Each failed job's record under `prefix` (`runs/<run>/failures`, `applied/<name>/failures`); a
@@ -391,16 +536,18 @@ pub async fn run(
 
 /// Gather fold reports into out-of-fold predictions (Parquet and CSV) and the round's metrics.
 pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Result<RoundMetrics> {
+    if plan.task.survival().is_some() {
+        return summarise_survival(store, plan, round).await;
+    }
     let n_classes = plan.classes.len();
     let mut rows: Vec<Prediction> = Vec::new();
     let mut per_fold = Vec::new();
-    for k in 0..plan.folds.len() as u32 {
-        let key = layout::fold_metrics(&plan.run, round, k);
-        if !store.exists(&key).await? {
+    for (k, report) in fold_reports(store, plan, round).await?.into_iter().enumerate() {
+        let k = k as u32;
+        let Some(report) = report else {
             per_fold.push(None);
             continue;
-        }
-        let report: FoldReport = store.get_json(&key).await?;
+        };
         per_fold.push(report.test);
         rows.extend(report.predictions.iter().map(|p| Prediction::out_of_fold(p, k)));
     }
@@ -410,10 +557,7 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
     let pooled = (!rows.is_empty()).then(|| evaluate(&probs, &labels, n_classes));
     let folds: Vec<&Metrics> = per_fold.iter().flatten().collect();
     let collect = |f: &dyn Fn(&Metrics) -> Option<f64>| mean_sd(&folds.iter().filter_map(|m| f(m)).collect::<Vec<_>>());
-    let mut failures = Vec::new();
-    for key in store.list(&layout::failures_prefix(&plan.run)).await? {
-        failures.push(store.get_json::<FailureRecord>(&key).await?);
-    }
+    let failures = read_failures(store, &layout::failures_prefix(&plan.run)).await?;
     // The instance-level figures from the attention maps of the slides with truth, one at a time.
     let mut instance = wsimil_common::truth::InstanceFigures::default();
     for s in plan.slides.iter().filter(|s| s.truth.is_some()) {
@@ -436,6 +580,7 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
         f1: collect(&|m| Some(m.f1)),
         per_fold,
         failures,
+        survival: None,
     };
     let table = Table {
         csv: layout::predictions_csv(&plan.run, round),
@@ -457,10 +602,16 @@ fn fmt_opt(m: Option<f64>) -> String {
 pub fn render_summary(s: &RunSummary, store: &Store) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "\nrun {}: {} slides, classes {}, {} fold{}\n",
+        "\nrun {}: {} slides, {}, {} fold{}\n",
         s.plan.run,
         s.plan.slides.len(),
-        s.plan.classes.join("/"),
+        match s.plan.task.survival() {
+            Some(c) => format!(
+                "survival ({} loss)",
+                if c.loss == wsimil_common::plan::SurvivalLoss::Cox { "Cox" } else { "discrete-time NLL" }
+            ),
+            None => format!("classes {}", s.plan.classes.join("/")),
+        },
         s.plan.folds.len(),
         if s.plan.folds.len() == 1 { "" } else { "s" }
     ));
@@ -492,6 +643,30 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
         }
         return out;
     };
+    if let Some(sv) = &m.survival {
+        let e = |e: &Estimate| format!("{:.3} (95% CI {:.3}–{:.3})", e.value, e.ci95.0, e.ci95.1);
+        out.push_str(&format!(
+            "survival, out-of-fold ({} slides, {} events): C-index {}\n",
+            sv.slides,
+            sv.events,
+            sv.c_index.as_ref().map(e).unwrap_or_else(|| "n/a".into())
+        ));
+        out.push_str(&format!(
+            "per fold (mean ± sd): C-index {}\n",
+            sv.c_index_folds.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into())
+        ));
+        let med = |g: &RiskGroup| g.median_survival.map_or("not reached".into(), |t| format!("{t}"));
+        out.push_str(&format!(
+            "risk groups (split at each fold's training median): high {} slides, {} events, median survival {}; low {} slides, {} events, median survival {}; log-rank p = {:.3e}\n",
+            sv.high.slides,
+            sv.high.events,
+            med(&sv.high),
+            sv.low.slides,
+            sv.low.events,
+            med(&sv.low),
+            sv.log_rank_p
+        ));
+    }
     if let Some(p) = &m.pooled {
         out.push_str(&format!(
             "cohort, out-of-fold ({} slides): AUC {}  accuracy {:.3}  balanced accuracy {:.3}  F1 {:.3}\n",
@@ -503,12 +678,14 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
         ));
     }
     let ms = |x: &Option<MeanSd>| x.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
-    out.push_str(&format!(
-        "per fold (mean ± sd): AUC {}  accuracy {}  balanced accuracy {}\n",
-        ms(&m.auc),
-        ms(&m.accuracy),
-        ms(&m.balanced_accuracy)
-    ));
+    if m.survival.is_none() {
+        out.push_str(&format!(
+            "per fold (mean ± sd): AUC {}  accuracy {}  balanced accuracy {}\n",
+            ms(&m.auc),
+            ms(&m.accuracy),
+            ms(&m.balanced_accuracy)
+        ));
+    }
     if let Some(i) = &m.instance {
         out.push_str(&format!(
             "instance level ({} slides with truth, {} patches, {} lesion): instance-path AUC {}  attention AUC {}\n",

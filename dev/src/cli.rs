@@ -127,6 +127,9 @@ pub struct MakeCohortArgs {
     /// Where the manifest goes.
     #[arg(long)]
     pub manifest_out: PathBuf,
+    /// Give each slide a follow-up (time,event columns) whose hazard rises with its lesions.
+    #[arg(long)]
+    pub survival: bool,
 }
 
 #[derive(Debug, Args)]
@@ -170,7 +173,13 @@ pub fn bench_decode(args: BenchDecodeArgs) -> anyhow::Result<()> {
 /// `wsimil-dev make-cohort`: prints `cohort SLIDES PATCHES BYTES`.
 pub async fn make_cohort(args: MakeCohortArgs) -> anyhow::Result<()> {
     let store = args.store.open()?;
-    let spec = crate::cohort::CohortSpec { slides: args.slides, patches: args.patches, dim: args.dim, seed: args.seed };
+    let spec = crate::cohort::CohortSpec {
+        slides: args.slides,
+        patches: args.patches,
+        dim: args.dim,
+        seed: args.seed,
+        survival: args.survival,
+    };
     let name = wsimil_common::ids::EmbedderId::new(&args.name)?;
     let (manifest, bytes) = crate::cohort::write_cohort(&store, &name, &spec, args.h5_dir.as_deref()).await?;
     std::fs::write(&args.manifest_out, manifest).with_context(|| format!("{}", args.manifest_out.display()))?;

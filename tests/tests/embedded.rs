@@ -66,6 +66,7 @@ fn settings(manifest: PathBuf) -> RunSettings {
         clam_splits: None,
         icmil: None,
         s3: Default::default(),
+        task: Default::default(),
     }
 }
 

@@ -29,8 +29,8 @@ use wsimil_common::layout;
 use wsimil_common::models::embedder::Embedder;
 use wsimil_common::models::params::{load_safetensors, Params};
 use wsimil_common::models::{BagModel, BagModelConfig};
-use wsimil_common::plan::{EmbedderSpec, RunPlan};
-use wsimil_common::records::{EpochRecord, FinalReport, FoldReport, ShardReport};
+use wsimil_common::plan::{EmbedderSpec, RunPlan, SurvivalTarget};
+use wsimil_common::records::{EpochRecord, FinalReport, FoldReport, ShardReport, SlidePrediction, SurvivalFold};
 use wsimil_common::store::Store;
 
 impl From<EmbedError> for JobError {
@@ -347,6 +347,44 @@ async fn load_bag(
     Ok(Some((bag, held)))
 }
 
+/// What a run's models are trained for; a survival run's time bins come from `train_slides`.
+fn objective_of<'a>(plan: &RunPlan, train_slides: impl Iterator<Item = &'a str>) -> train::Objective {
+    match plan.task.survival() {
+        None => train::Objective::Classify,
+        Some(cfg) => {
+            let slides: Vec<&str> = train_slides.collect();
+            train::Objective::survival(*cfg, plan.survival_targets(), &slides)
+        }
+    }
+}
+
+/// A survival fold's figures from its test predictions and its training slides' risks.
+fn survival_fold(
+    test: &[SlidePrediction],
+    on_train: &[SlidePrediction],
+    targets: &std::collections::HashMap<String, SurvivalTarget>,
+    edges: &[f64],
+) -> SurvivalFold {
+    let target = |p: &SlidePrediction| targets.get(&p.slide).copied();
+    let known: Vec<(f64, SurvivalTarget)> = test.iter().filter_map(|p| Some((p.risk?, target(p)?))).collect();
+    let risk: Vec<f64> = known.iter().map(|k| k.0).collect();
+    let time: Vec<f64> = known.iter().map(|k| k.1.time).collect();
+    let event: Vec<bool> = known.iter().map(|k| k.1.event).collect();
+    let mut train_risks: Vec<f64> = on_train.iter().filter_map(|p| p.risk).collect();
+    train_risks.sort_by(f64::total_cmp);
+    let train_median_risk = match train_risks.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => train_risks[n / 2],
+        n => 0.5 * (train_risks[n / 2 - 1] + train_risks[n / 2]),
+    };
+    SurvivalFold {
+        c_index: wsimil_common::survival::concordance(&risk, &time, &event),
+        events: event.iter().filter(|e| **e).count(),
+        bin_edges: edges.to_vec(),
+        train_median_risk,
+    }
+}
+
 fn label_of(plan: &RunPlan, slide: &str) -> usize {
     plan.slides.iter().find(|s| s.id.as_str() == slide).map(|s| s.label).unwrap_or(0)
 }
@@ -382,9 +420,10 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
     }
     let in_dim = entries[tr[0]].shape.dim;
     let n_classes = plan.classes.len();
-    let model_cfg = BagModelConfig::new(plan.train.model, in_dim, n_classes)
+    let model_cfg = BagModelConfig::new(plan.train.model, in_dim, plan.outputs())
         .with_dropout(plan.train.dropout)
         .with_landmarks(plan.train.landmarks);
+    let objective = objective_of(&plan, tr.iter().map(|&i| entries[i].slide.as_str()));
     let loader = ctx.bag_loader(entries)?;
     let device = ctx.device().clone();
     let (fold_no, round, cfg) = (job.fold, job.round, plan.train.clone());
@@ -401,9 +440,18 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
             tracing::debug!(fold = fold_no, epoch = e.epoch, train_loss = e.train_loss, val_loss = e.val_loss)
         };
         let (tr, va, te) = (Streamed::new(&loader, tr), Streamed::new(&loader, va), Streamed::new(&loader, te));
-        let trained =
-            train::train(&model_cfg, &cfg, &tr, &va, train::Stop::Early, seed, &device, &mut log).map_err(fail)?;
-        let (predictions, test_metrics) = train::test(&trained.model, &te, n_classes, &device).map_err(fail)?;
+        let trained = train::train(&model_cfg, &cfg, &tr, &va, &objective, train::Stop::Early, seed, &device, &mut log)
+            .map_err(fail)?;
+        let head = objective.head();
+        let (predictions, test_metrics) = train::test(&trained.model, &te, n_classes, head, &device).map_err(fail)?;
+        let survival = match &objective {
+            train::Objective::Classify => None,
+            train::Objective::Survival { targets, edges, .. } => {
+                // The training slides' risks: their median splits the test slides into risk groups.
+                let (on_train, _) = train::test(&trained.model, &tr, n_classes, head, &device).map_err(fail)?;
+                Some(survival_fold(&predictions, &on_train, targets, edges))
+            }
+        };
         let stats = loader.stats();
         info!(
             fold = fold_no,
@@ -427,6 +475,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
             predictions,
             seconds: started.elapsed().as_secs_f64(),
             bags: Some(stats),
+            survival,
         };
         Ok((report, trained.params.to_safetensors().map_err(&err)?))
     })
@@ -438,6 +487,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
         epochs = report.epochs_run,
         best_epoch = report.best_epoch,
         test_auc = ?report.test.and_then(|m| m.auc),
+        c_index = ?report.survival.as_ref().and_then(|s| s.c_index),
         secs = report.seconds,
         "trained"
     );
@@ -462,14 +512,16 @@ async fn predict(ctx: &WorkerContext, job: &PredictJob) -> Result<Done, JobError
     let device = ctx.device().clone();
     let model_cfg = report.model.clone();
     let label = label_of(&plan, job.slide.as_str());
+    let head = plan.task.head();
     let (probs, attention, instance, bag) = blocking(move || {
         let err = candle_err("prediction");
         let params = Params::new(0);
         params.preload(load_safetensors(&weights, &device).map_err(&err)?)?;
         let model = BagModel::new(&model_cfg, params.var_builder(&device)).map_err(&err)?;
         let b = Bag::from_features(&mut bag, label, &device).map_err(&err)?;
-        let (probs, att) = train::predict(&model, &b.features, true).map_err(&err)?;
-        let instance = train::instance_positive(&model, &b.features).map_err(&err)?;
+        let (probs, att) = train::predict(&model, &b.features, true, head).map_err(&err)?;
+        let instance =
+            if head.is_classes() { train::instance_positive(&model, &b.features).map_err(&err)? } else { None };
         Ok((probs, att.unwrap_or_default(), instance, bag))
     })
     .await?;
@@ -591,9 +643,10 @@ async fn train_final(ctx: &WorkerContext, job: &FinalJob) -> Result<Done, JobErr
     if entries.is_empty() {
         return Err(JobError::Input(format!("run {}: no slide has features", job.run)));
     }
-    let model_cfg = BagModelConfig::new(plan.train.model, entries[0].shape.dim, plan.classes.len())
+    let model_cfg = BagModelConfig::new(plan.train.model, entries[0].shape.dim, plan.outputs())
         .with_dropout(plan.train.dropout)
         .with_landmarks(plan.train.landmarks);
+    let objective = objective_of(&plan, entries.iter().map(|e| e.slide.as_str()));
     let all: Vec<usize> = (0..entries.len()).collect();
     let loader = ctx.bag_loader(entries)?;
     let (device, cfg) = (ctx.device().clone(), plan.train.clone());
@@ -603,9 +656,18 @@ async fn train_final(ctx: &WorkerContext, job: &FinalJob) -> Result<Done, JobErr
         let bags = Streamed::new(&loader, all);
         let seed = cfg.seed ^ 0xf1a1;
         let none: Vec<&Bag> = Vec::new();
-        let trained =
-            train::train(&model_cfg, &cfg, &bags, &none, train::Stop::After(epochs), seed, &device, &mut |_| {})
-                .map_err(fail)?;
+        let trained = train::train(
+            &model_cfg,
+            &cfg,
+            &bags,
+            &none,
+            &objective,
+            train::Stop::After(epochs),
+            seed,
+            &device,
+            &mut |_| {},
+        )
+        .map_err(fail)?;
         let report = FinalReport {
             model: model_cfg,
             train: cfg,
@@ -668,6 +730,7 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
     }
     let device = ctx.device().clone();
     let model2 = model.clone();
+    let head = app.head;
     let (probs, attention, instance, bags) = blocking(move || {
         let err = candle_err("scoring");
         let mut bags2 = bags;
@@ -677,13 +740,13 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         for ((_, m), bag) in model2.iter().zip(&mut bags2) {
             let x =
                 Tensor::from_vec(std::mem::take(&mut bag.features), (1, bag.len(), bag.dim), &device).map_err(&err)?;
-            let (p, a) = train::predict(m, &x, true).map_err(&err)?;
+            let (p, a) = train::predict(m, &x, true, head).map_err(&err)?;
             if probs.is_empty() {
                 probs = vec![0.0; p.len()];
             }
             probs.iter_mut().zip(&p).for_each(|(s, v)| *s += v / model2.len() as f64);
             attention.push(a.unwrap_or_default());
-            instance.push(train::instance_positive(m, &x).map_err(&err)?);
+            instance.push(if head.is_classes() { train::instance_positive(m, &x).map_err(&err)? } else { None });
         }
         // Members on the same patches: their per-patch figures averaged; else the first member's.
         let same = bags2.iter().all(|b| b.xs == bags2[0].xs && b.ys == bags2[0].ys);

@@ -7,7 +7,7 @@ use wsimil_common::features::FeatureBag;
 use wsimil_common::metrics::{evaluate, Metrics};
 use wsimil_common::models::params::Params;
 use wsimil_common::models::{optim, BagModel, BagModelConfig, Mode};
-use wsimil_common::plan::TrainConfig;
+use wsimil_common::plan::{time_bin, time_bins, Head, SurvivalConfig, SurvivalLoss, SurvivalTarget, TrainConfig};
 use wsimil_common::records::{EpochRecord, SlidePrediction};
 use wsimil_common::rng::Rng;
 
@@ -83,6 +83,87 @@ impl BagSet for Vec<&Bag> {
     }
 }
 
+/// What a bag model is trained for: the bags' classes (cross-entropy), or their slides' follow-up
+/// (a survival loss, `wsimil_common::models::survival`).
+pub enum Objective {
+    Classify,
+    Survival {
+        cfg: SurvivalConfig,
+        /// Every slide's follow-up, by slide id.
+        targets: std::collections::HashMap<String, SurvivalTarget>,
+        /// The discrete-time model's inner bin edges (from the training slides' event times).
+        edges: Vec<f64>,
+    },
+}
+
+impl Objective {
+    /// A survival objective whose time bins are cut from the event times of `train_slides`.
+    pub fn survival(
+        cfg: SurvivalConfig,
+        targets: std::collections::HashMap<String, SurvivalTarget>,
+        train_slides: &[&str],
+    ) -> Self {
+        let train: Vec<SurvivalTarget> = train_slides.iter().filter_map(|s| targets.get(*s).copied()).collect();
+        let edges = time_bins(&train, cfg.bins);
+        Objective::Survival { cfg, targets, edges }
+    }
+
+    /// How the model's logits are read.
+    pub fn head(&self) -> Head {
+        match self {
+            Objective::Classify => Head::Classes,
+            Objective::Survival { cfg, .. } => match cfg.loss {
+                SurvivalLoss::Nll => Head::Hazards,
+                SurvivalLoss::Cox => Head::Risk,
+            },
+        }
+    }
+
+    fn target(&self, slide: &str) -> candle_core::Result<SurvivalTarget> {
+        match self {
+            Objective::Survival { targets, .. } => targets
+                .get(slide)
+                .copied()
+                .ok_or_else(|| candle_core::Error::Msg(format!("{slide}: no follow-up in the plan"))),
+            Objective::Classify => candle_core::bail!("a classification has no follow-up"),
+        }
+    }
+
+    /// Bags per step of a loss over a batch (Cox), none for a loss per bag.
+    fn cox_batch(&self) -> Option<usize> {
+        match self {
+            Objective::Survival { cfg, .. } if cfg.loss == SurvivalLoss::Cox => Some(cfg.batch.max(2)),
+            _ => None,
+        }
+    }
+
+    /// The loss of one bag (cross-entropy, or the discrete-time NLL).
+    fn bag_loss(&self, logits: &Tensor, slide: &str, label: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Objective::Classify => {
+                let target = Tensor::new(&[label as u32], logits.device())?;
+                candle_nn::loss::cross_entropy(logits, &target)
+            }
+            Objective::Survival { cfg, edges, .. } => {
+                let t = self.target(slide)?;
+                let bin = time_bin(edges, t.time).min(cfg.bins.saturating_sub(1));
+                wsimil_common::models::survival::discrete_nll(&logits.to_dtype(DType::F32)?, bin, t.event, cfg.alpha)
+            }
+        }
+    }
+
+    /// The Cox loss of a batch of (risk [1, 1], slide) pairs.
+    fn batch_loss(&self, batch: &[(Tensor, String)]) -> candle_core::Result<Tensor> {
+        let risks: Vec<Tensor> =
+            batch.iter().map(|(r, _)| r.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<_>>()?;
+        let targets: Vec<SurvivalTarget> =
+            batch.iter().map(|(_, s)| self.target(s)).collect::<candle_core::Result<_>>()?;
+        let time: Vec<f64> = targets.iter().map(|t| t.time).collect();
+        let event: Vec<bool> = targets.iter().map(|t| t.event).collect();
+        wsimil_common::models::survival::cox_nll(&Tensor::cat(&risks, 0)?, &time, &event)
+    }
+}
+
 pub struct Trained {
     pub params: Params,
     pub model: BagModel,
@@ -108,29 +189,48 @@ fn add_grads(acc: &mut Option<GradStore>, new: GradStore, vars: &[Var]) -> candl
     Ok(())
 }
 
-/// Mean cross-entropy of `model` over `bags` (evaluation mode).
-pub fn mean_loss(model: &BagModel, bags: &dyn BagSet, device: &Device) -> candle_core::Result<f64> {
+/// Mean loss of `model` over `bags` (evaluation mode): the bags' mean cross-entropy or NLL, or the
+/// Cox loss of the whole set as one batch.
+pub fn mean_loss(
+    model: &BagModel,
+    bags: &dyn BagSet,
+    objective: &Objective,
+    device: &Device,
+) -> candle_core::Result<f64> {
     if bags.is_empty() {
         return Ok(f64::NAN);
     }
     let mut total = 0.0;
+    let mut risks = Vec::new();
     bags.visit_all(device, &mut |i, x| {
         let out = model.forward(x, &mut Mode::Eval, false)?;
-        let target = Tensor::new(&[bags.label(i) as u32], device)?;
-        total += candle_nn::loss::cross_entropy(&out.logits, &target)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if objective.cox_batch().is_some() {
+            risks.push((out.logits, bags.slide(i).to_string()));
+        } else {
+            total += objective
+                .bag_loss(&out.logits, bags.slide(i), bags.label(i))?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
         Ok(())
     })?;
+    if objective.cox_batch().is_some() {
+        return objective.batch_loss(&risks)?.to_dtype(DType::F64)?.to_scalar::<f64>();
+    }
     Ok(total / bags.len() as f64)
 }
 
-/// Class probabilities of one bag, and optionally its attention over instances.
+/// The outputs of one bag as `head` reads them (class probabilities, a survival curve, a risk),
+/// and optionally its attention over instances.
 pub fn predict(
     model: &BagModel,
     bag: &Tensor,
     want_attention: bool,
+    head: Head,
 ) -> candle_core::Result<(Vec<f64>, Option<Vec<f32>>)> {
     let out = model.forward(bag, &mut Mode::Eval, want_attention)?;
-    let probs = candle_nn::ops::softmax_last_dim(&out.logits)?.squeeze(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let logits = out.logits.squeeze(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let probs = head.outputs(&logits);
     let att = match out.attention {
         Some(a) => Some(a.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
@@ -181,6 +281,7 @@ pub fn train(
     cfg: &TrainConfig,
     train: &dyn BagSet,
     val: &dyn BagSet,
+    objective: &Objective,
     stop: Stop,
     seed: u64,
     device: &Device,
@@ -208,11 +309,28 @@ pub fn train(
         let mut grads = None;
         let mut pending = 0;
         let mut train_loss = 0.0;
+        // The Cox loss's batch: each bag's risk with its graph, until the batch is full.
+        let mut batch: Vec<(Tensor, String)> = Vec::new();
+        let mut batches = 0usize;
+        let cox_step =
+            |batch: &mut Vec<(Tensor, String)>, opt: &mut Box<dyn optim::Optimizer>| -> candle_core::Result<f64> {
+                let loss = objective.batch_loss(batch)?;
+                batch.clear();
+                opt.step(&loss.backward()?)?;
+                loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+            };
         train.visit(&order, device, &mut |i, features| {
             let x = subsample(features, cfg.max_train_instances, &mut rng)?;
             let out = model.forward(&x, &mut Mode::Train(&mut rng), false)?;
-            let target = Tensor::new(&[train.label(i) as u32], device)?;
-            let loss = candle_nn::loss::cross_entropy(&out.logits, &target)?;
+            if let Some(size) = objective.cox_batch() {
+                batch.push((out.logits, train.slide(i).to_string()));
+                if batch.len() == size {
+                    train_loss += cox_step(&mut batch, &mut opt)?;
+                    batches += 1;
+                }
+                return Ok(());
+            }
+            let loss = objective.bag_loss(&out.logits, train.slide(i), train.label(i))?;
             train_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             add_grads(&mut grads, (loss / accumulate as f64)?.backward()?, &vars)?;
             pending += 1;
@@ -225,8 +343,16 @@ pub fn train(
         if let Some(g) = grads.take() {
             opt.step(&g)?;
         }
-        let train_loss = train_loss / train.len().max(1) as f64;
-        let val_loss = if val.is_empty() { train_loss } else { mean_loss(&model, val, device)? };
+        // The epoch's last, short Cox batch steps too when it compares anything.
+        if batch.len() >= 2 {
+            train_loss += cox_step(&mut batch, &mut opt)?;
+            batches += 1;
+        }
+        let train_loss = match objective.cox_batch() {
+            Some(_) => train_loss / batches.max(1) as f64,
+            None => train_loss / train.len().max(1) as f64,
+        };
+        let val_loss = if val.is_empty() { train_loss } else { mean_loss(&model, val, objective, device)? };
         let rec = EpochRecord { epoch, train_loss, val_loss, seconds: epoch_started.elapsed().as_secs_f64() };
         log(&rec);
         curve.push(rec);
@@ -256,19 +382,25 @@ pub fn train(
     Ok(Trained { params, model, best_epoch, curve })
 }
 
-/// Predictions and metrics of a trained model on `bags`.
+/// Predictions and metrics of a trained model on `bags` (metrics of classes only: a survival
+/// model's risks are judged against the follow-up by the caller).
 pub fn test(
     model: &BagModel,
     bags: &dyn BagSet,
     n_classes: usize,
+    head: Head,
     device: &Device,
 ) -> candle_core::Result<(Vec<SlidePrediction>, Option<Metrics>)> {
     let mut preds = Vec::new();
     bags.visit_all(device, &mut |i, x| {
-        let (probs, _) = predict(model, x, false)?;
-        preds.push(SlidePrediction { slide: bags.slide(i).to_string(), label: bags.label(i), probs });
+        let (probs, _) = predict(model, x, false, head)?;
+        let risk = head.risk(&probs);
+        preds.push(SlidePrediction { slide: bags.slide(i).to_string(), label: bags.label(i), probs, risk });
         Ok(())
     })?;
+    if !head.is_classes() {
+        return Ok((preds, None));
+    }
     let metrics = (!preds.is_empty()).then(|| {
         let probs: Vec<Vec<f64>> = preds.iter().map(|p| p.probs.clone()).collect();
         let labels: Vec<usize> = preds.iter().map(|p| p.label).collect();
@@ -280,6 +412,7 @@ pub fn test(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wsimil_common::plan::{SurvivalConfig, SurvivalLoss, SurvivalTarget};
 
     /// Bags of 2-d instances; positives hold a few instances from a shifted cluster.
     fn toy_bags(n_bags: usize, seed: u64) -> Vec<Bag> {
@@ -312,15 +445,73 @@ mod tests {
         let cfg = TrainConfig { max_epochs: 30, patience: 30, lr: 5e-3, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
         let none: Vec<&Bag> = Vec::new();
-        let run = |seed| train(&mcfg, &cfg, &tr, &none, Stop::Early, seed, &Device::Cpu, &mut |_| {}).unwrap();
+        let run = |seed| {
+            train(&mcfg, &cfg, &tr, &none, &Objective::Classify, Stop::Early, seed, &Device::Cpu, &mut |_| {}).unwrap()
+        };
         let a = run(7);
-        let (_, m) = test(&a.model, &te, 2, &Device::Cpu).unwrap();
+        let (_, m) = test(&a.model, &te, 2, Head::Classes, &Device::Cpu).unwrap();
         let auc = m.unwrap().auc.unwrap();
         assert!(auc > 0.9, "toy AUC {auc}");
         let b = run(7);
         let la: Vec<f64> = a.curve.iter().map(|e| e.train_loss).collect();
         let lb: Vec<f64> = b.curve.iter().map(|e| e.train_loss).collect();
         assert_eq!(la, lb, "same seed, same curve");
+    }
+
+    /// Bags whose follow-up shortens with the number of shifted instances they hold.
+    fn toy_survival(n_bags: usize, seed: u64) -> (Vec<Bag>, std::collections::HashMap<String, SurvivalTarget>) {
+        let mut r = Rng::new(seed);
+        let mut targets = std::collections::HashMap::new();
+        let bags = (0..n_bags)
+            .map(|i| {
+                let k = i % 4;
+                let n = 10;
+                let mut f = Vec::new();
+                for j in 0..n {
+                    f.push((r.normal() + if j < 2 * k { 3.0 } else { 0.0 }) as f32);
+                    f.push(r.normal() as f32);
+                }
+                let time = 100.0 * (-(k as f64) + 0.3 * r.normal()).exp();
+                targets.insert(format!("s{i}"), SurvivalTarget { time, event: r.uniform() < 0.8 });
+                Bag {
+                    slide: format!("s{i}"),
+                    label: 0,
+                    features: Tensor::from_vec(f, (1, n, 2), &Device::Cpu).unwrap(),
+                    n,
+                }
+            })
+            .collect();
+        (bags, targets)
+    }
+
+    /// Both survival losses learn to rank held-out bags by their follow-up, reproducibly.
+    #[test]
+    fn survival_losses_learn_to_rank_a_toy_cohort() {
+        let (bags, targets) = toy_survival(80, 5);
+        let (tr, te): (Vec<&Bag>, Vec<&Bag>) =
+            bags.iter().partition(|b| b.slide.trim_start_matches('s').parse::<usize>().unwrap() < 60);
+        let cfg = TrainConfig { max_epochs: 25, patience: 25, lr: 5e-3, ..TrainConfig::default() };
+        let mcfg = |outputs| BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, outputs);
+        let none: Vec<&Bag> = Vec::new();
+        let train_ids: Vec<&str> = tr.iter().map(|b| b.slide.as_str()).collect();
+        for loss in [SurvivalLoss::Nll, SurvivalLoss::Cox] {
+            let sc = SurvivalConfig { loss, batch: 16, ..SurvivalConfig::default() };
+            let objective = Objective::survival(sc, targets.clone(), &train_ids);
+            let outputs = if loss == SurvivalLoss::Cox { 1 } else { sc.bins };
+            let run = || {
+                train(&mcfg(outputs), &cfg, &tr, &none, &objective, Stop::Early, 3, &Device::Cpu, &mut |_| {}).unwrap()
+            };
+            let a = run();
+            let (preds, metrics) = test(&a.model, &te, outputs, objective.head(), &Device::Cpu).unwrap();
+            assert!(metrics.is_none(), "no class metrics for a survival model");
+            let risk: Vec<f64> = preds.iter().map(|p| p.risk.unwrap()).collect();
+            let time: Vec<f64> = preds.iter().map(|p| targets[&p.slide].time).collect();
+            let event: Vec<bool> = preds.iter().map(|p| targets[&p.slide].event).collect();
+            let c = wsimil_common::survival::concordance(&risk, &time, &event).unwrap();
+            assert!(c > 0.8, "{loss:?}: held-out C-index {c}");
+            let curve = |t: &Trained| t.curve.iter().map(|e| e.train_loss).collect::<Vec<_>>();
+            assert_eq!(curve(&a), curve(&run()), "{loss:?}: same seed, same curve");
+        }
     }
 
     #[test]
@@ -335,11 +526,12 @@ mod tests {
         let val: Vec<&Bag> = flipped.iter().collect();
         let cfg = TrainConfig { max_epochs: 40, patience: 3, lr: 1e-2, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
-        let t = train(&mcfg, &cfg, &refs, &val, Stop::Early, 0, &Device::Cpu, &mut |_| {}).unwrap();
+        let t =
+            train(&mcfg, &cfg, &refs, &val, &Objective::Classify, Stop::Early, 0, &Device::Cpu, &mut |_| {}).unwrap();
         assert!(t.curve.len() < 40, "stopped early after {} epochs", t.curve.len());
         let best = t.curve.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)).unwrap();
         assert_eq!(t.best_epoch, best.epoch);
-        let now = mean_loss(&t.model, &val, &Device::Cpu).unwrap();
+        let now = mean_loss(&t.model, &val, &Objective::Classify, &Device::Cpu).unwrap();
         assert!((now - best.val_loss).abs() < 1e-6, "restored weights give the best val loss");
     }
 
@@ -351,7 +543,8 @@ mod tests {
         let cfg = TrainConfig { max_epochs: 50, patience: 1, lr: 1e-2, ..TrainConfig::default() };
         let mcfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Abmil, 2, 2);
         let none: Vec<&Bag> = Vec::new();
-        let t = train(&mcfg, &cfg, &refs, &none, Stop::After(7), 0, &Device::Cpu, &mut |_| {}).unwrap();
+        let t = train(&mcfg, &cfg, &refs, &none, &Objective::Classify, Stop::After(7), 0, &Device::Cpu, &mut |_| {})
+            .unwrap();
         assert_eq!((t.curve.len(), t.best_epoch), (7, 6));
     }
 }

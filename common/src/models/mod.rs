@@ -13,6 +13,7 @@
 //! - [`params`]: seeded parameter creation and safetensors IO.
 //! - [`optim`]: RAdam, Lookahead and AdamW.
 //! - [`icmil`]: ICMIL's pseudo-label weighting, distillation loss and shard averaging.
+//! - [`survival`]: the survival losses (discrete-time NLL, Cox partial likelihood).
 
 pub mod abmil;
 pub mod blas;
@@ -27,6 +28,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod resnet;
+pub mod survival;
 pub mod transmil;
 pub mod vit;
 pub mod vit_cpu;
