@@ -2,7 +2,7 @@
 `Generic_MIL_Dataset` with `use_h5`): one bag per step, read from its slide's h5 file through a
 DataLoader with worker processes, the same gated-attention MIL model as wsimil's ABMIL (fc
 1024->512 + ReLU + dropout 0.25, attention 512->128 tanh * sigmoid -> 1, classifier 512->2),
-cross-entropy, RAdam (lr 2e-4, weight decay 1e-5) under Lookahead (k 5, alpha 0.5) as wsimil
+cross-entropy, RAdam (lr 2e-4, weight decay 1e-5) under Lookahead (k 6, alpha 0.5) as wsimil
 trains it. Each epoch: a training pass over the training bags (shuffled) and an evaluation pass
 over the validation bags, as wsimil's fold 0 of the same run (its plan.json gives the split).
 
@@ -12,11 +12,15 @@ Prints one line per epoch: `epoch E SECONDS TRAIN_LOSS VAL_LOSS`.
 import argparse
 import json
 import os
+import sys
 import time
 
 import h5py
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_mil import GatedAttention, Lookahead  # noqa: E402
 
 
 class Bags(torch.utils.data.Dataset):
@@ -39,40 +43,6 @@ def collate(batch):
     return features, torch.tensor([label])
 
 
-class GatedAttention(nn.Module):
-    def __init__(self, in_dim, classes=2, hidden=512, attention=128, dropout=0.25):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.attention_V = nn.Sequential(nn.Linear(hidden, attention), nn.Tanh())
-        self.attention_U = nn.Sequential(nn.Linear(hidden, attention), nn.Sigmoid())
-        self.attention_weights = nn.Linear(attention, 1)
-        self.classifier = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        h = self.fc(x)
-        a = self.attention_weights(self.attention_V(h) * self.attention_U(h)).T
-        a = torch.softmax(a, dim=1)
-        return self.classifier(a @ h)
-
-
-class Lookahead:
-    def __init__(self, inner, k=5, alpha=0.5):
-        self.inner, self.k, self.alpha, self.steps = inner, k, alpha, 0
-        self.slow = [[p.detach().clone() for p in g["params"]] for g in inner.param_groups]
-
-    def zero_grad(self):
-        self.inner.zero_grad()
-
-    def step(self):
-        self.inner.step()
-        self.steps += 1
-        if self.steps % self.k == 0:
-            for group, slow in zip(self.inner.param_groups, self.slow):
-                for p, s in zip(group["params"], slow):
-                    s.add_(p.detach() - s, alpha=self.alpha)
-                    p.data.copy_(s)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--h5-dir", required=True)
@@ -92,7 +62,7 @@ def main():
     )
     with h5py.File(train.paths[0], "r") as f:
         dim = f["features"].shape[1]
-    model = GatedAttention(dim)
+    model = GatedAttention(dim, 2)
     opt = Lookahead(torch.optim.RAdam(model.parameters(), lr=2e-4, weight_decay=1e-5))
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(a.epochs):

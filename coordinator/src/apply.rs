@@ -586,16 +586,16 @@ pub enum Checkpoint {
     /// wsimil's TransMIL has its parameter names; nystrom-attention 0.0.9's row order, as its
     /// requirements pin.
     OfficialTransmil,
-    /// CLAM's single-branch attention MIL (github.com/mahmoodlab/CLAM, `CLAM_SB`): gated attention
-    /// over `attention_net`, one `classifiers` layer; wsimil's ABMIL with CLAM's widths.
-    ClamSb,
+    /// CLAM's `CLAM_SB` or `CLAM_MB` (github.com/mahmoodlab/CLAM, `models/model_clam.py`), as its
+    /// training saves them: wsimil's CLAM has their parameter names (instance classifiers included).
+    Clam,
 }
 
 impl Checkpoint {
     pub fn describe(self) -> &'static str {
         match self {
             Checkpoint::OfficialTransmil => "TransMIL checkpoint (the official code's)",
-            Checkpoint::ClamSb => "CLAM_SB checkpoint (CLAM's)",
+            Checkpoint::Clam => "CLAM checkpoint (CLAM_SB or CLAM_MB, CLAM's)",
         }
     }
 }
@@ -605,7 +605,7 @@ fn map_checkpoint(
     format: Checkpoint,
     tensors: std::collections::BTreeMap<String, candle_core::Tensor>,
 ) -> anyhow::Result<(wsimil_common::models::BagModelConfig, std::collections::BTreeMap<String, candle_core::Tensor>)> {
-    use wsimil_common::models::{abmil::AbmilConfig, transmil::TransMilConfig, BagModelConfig};
+    use wsimil_common::models::{clam::ClamConfig, transmil::TransMilConfig, BagModelConfig};
     // A Lightning module keeps the network as `self.model`.
     let strip = |t: std::collections::BTreeMap<String, candle_core::Tensor>, prefix: &str| {
         if !t.is_empty() && t.keys().all(|k| k.starts_with(prefix)) {
@@ -628,39 +628,30 @@ fn map_checkpoint(
             let cfg = BagModelConfig::Transmil(TransMilConfig { dim: fc1[0], ..TransMilConfig::paper(fc1[1], fc2[0]) });
             Ok((cfg, tensors))
         }
-        Checkpoint::ClamSb => {
-            // attention_net = [Linear, ReLU, (Dropout,) Attn_Net_Gated]: the gate at 2 or 3.
+        Checkpoint::Clam => {
+            // attention_net = [Linear, ReLU, (Dropout,) Attn_Net_Gated]: the gate at 2 or 3; wsimil's
+            // CLAM names it as the authors' default (with dropout) does, at 3.
             let gate = if tensors.contains_key("attention_net.3.attention_a.0.weight") { 3 } else { 2 };
-            let rename = |from: &str| -> String {
-                let g = format!("attention_net.{gate}.");
-                if let Some(r) = from.strip_prefix("attention_net.0.") {
-                    format!("fc.0.{r}")
-                } else if let Some(r) = from.strip_prefix(&format!("{g}attention_a.0.")) {
-                    format!("attention_V.0.{r}")
-                } else if let Some(r) = from.strip_prefix(&format!("{g}attention_b.0.")) {
-                    format!("attention_U.0.{r}")
-                } else if let Some(r) = from.strip_prefix(&format!("{g}attention_c.")) {
-                    format!("attention_weights.{r}")
-                } else if let Some(r) = from.strip_prefix("classifiers.") {
-                    format!("classifier.{r}")
-                } else {
-                    from.to_string()
-                }
-            };
+            if tensors.keys().any(|k| k.starts_with("attention_net.") && k.contains(".module.")) {
+                bail!("a CLAM checkpoint without gated attention (gate=False): only CLAM's default, gated attention, is read");
+            }
             let fc = dims("attention_net.0.weight")?;
             let att = dims(&format!("attention_net.{gate}.attention_a.0.weight"))?;
-            let cls = dims("classifiers.weight")?;
-            let cfg = BagModelConfig::Abmil(AbmilConfig {
-                in_dim: fc[1],
+            let branches = dims(&format!("attention_net.{gate}.attention_c.weight"))?[0];
+            let multi_branch = tensors.contains_key("classifiers.0.weight");
+            let n_classes = if multi_branch { branches } else { dims("classifiers.weight")?[0] };
+            let cfg = BagModelConfig::Clam(ClamConfig {
                 hidden: fc[0],
                 attention: att[0],
-                ..AbmilConfig::new(fc[1], cls[0])
+                ..ClamConfig::new(fc[1], n_classes, multi_branch)
             });
-            // CLAM's instance classifiers (its clustering loss) are not part of the bag prediction.
+            let from = format!("attention_net.{gate}.");
             let mapped = tensors
                 .into_iter()
-                .filter(|(k, _)| !k.starts_with("instance_classifiers."))
-                .map(|(k, v)| (rename(&k), v))
+                .map(|(k, v)| match k.strip_prefix(&from) {
+                    Some(r) => (format!("attention_net.3.{r}"), v),
+                    None => (k, v),
+                })
                 .collect();
             Ok((cfg, mapped))
         }
@@ -730,4 +721,48 @@ pub async fn import_checkpoint(
     register(&scratch, &card, vec![bytes.into()]).await?;
     export(&scratch, &card, out).await?;
     Ok(card)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use std::collections::BTreeMap;
+    use wsimil_common::models::{BagModel, BagModelConfig, Mode};
+
+    /// CLAM's state dicts as its training saves them (the parity fixture made with the authors'
+    /// code): CLAM_MB is told from CLAM_SB by its per-class classifiers, the widths and classes come
+    /// from the shapes, and a model built without dropout (its gate at `attention_net.2`) maps too.
+    #[test]
+    fn clam_checkpoints_map_onto_wsimils_clam_single_and_multi_branch() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../common/tests/fixtures/clam_parity.safetensors");
+        let f = wsimil_common::models::params::load_safetensors(&std::fs::read(path).unwrap(), &Device::Cpu).unwrap();
+        let state = |name: &str, gate: &str| -> BTreeMap<String, Tensor> {
+            let prefix = format!("{name}.param.");
+            f.iter()
+                .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|n| (n.replace("attention_net.3.", gate), v.clone())))
+                .collect()
+        };
+        for (name, classes, multi) in [("sb", 2, false), ("mb", 3, true)] {
+            for gate in ["attention_net.3.", "attention_net.2."] {
+                let (cfg, mapped) = map_checkpoint(Checkpoint::Clam, state(name, gate)).unwrap();
+                let BagModelConfig::Clam(c) = &cfg else { panic!("{cfg:?}") };
+                assert_eq!((c.n_classes, c.multi_branch, c.in_dim, c.hidden, c.attention), (classes, multi, 24, 16, 8));
+                let p = wsimil_common::models::params::Params::new(0);
+                p.preload(mapped).unwrap();
+                let m = BagModel::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+                let got = m.forward(&f["bag"], &mut Mode::Eval, false).unwrap().logits;
+                let d = (got - &f[&format!("{name}.logits")]).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{name} {gate}");
+            }
+        }
+        let mut gateless = state("sb", "attention_net.3.");
+        gateless.retain(|k, _| !k.contains("attention_b"));
+        let renamed: BTreeMap<String, Tensor> = gateless
+            .into_iter()
+            .map(|(k, v)| (k.replace("attention_a.0.", "module.0.").replace("attention_c.", "module.2."), v))
+            .collect();
+        let err = map_checkpoint(Checkpoint::Clam, renamed).unwrap_err().to_string();
+        assert!(err.contains("without gated attention (gate=False)"), "{err}");
+    }
 }

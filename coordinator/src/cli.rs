@@ -1022,8 +1022,8 @@ pub struct ImportModelArgs {
     /// `.pth`, or a PyTorch Lightning `.ckpt` of its ModelInterface.
     #[arg(long, conflicts_with = "clam", required_unless_present = "clam")]
     pub transmil: Option<PathBuf>,
-    /// A CLAM_SB checkpoint (github.com/mahmoodlab/CLAM, `s_<fold>_checkpoint.pt`): its attention
-    /// MIL maps onto wsimil's ABMIL.
+    /// A CLAM_SB or CLAM_MB checkpoint (github.com/mahmoodlab/CLAM, `s_<fold>_checkpoint.pt`):
+    /// wsimil's CLAM reads it as it is.
     #[arg(long)]
     pub clam: Option<PathBuf>,
     /// The classes the checkpoint predicts, in its output order.
@@ -1058,7 +1058,7 @@ impl ImportModelArgs {
     pub fn settings(&self) -> anyhow::Result<ImportModelSettings> {
         let (format, file) = match (&self.transmil, &self.clam) {
             (Some(f), _) => (crate::apply::Checkpoint::OfficialTransmil, f.clone()),
-            (None, Some(f)) => (crate::apply::Checkpoint::ClamSb, f.clone()),
+            (None, Some(f)) => (crate::apply::Checkpoint::Clam, f.clone()),
             (None, None) => unreachable!("clap requires one"),
         };
         if self.classes.len() < 2 {

@@ -69,7 +69,7 @@ fn an_official_transmil_checkpoint_imports_and_scores_with_the_official_logits()
 }
 
 #[test]
-fn a_clam_sb_checkpoint_imports_as_abmil_and_scores_with_clams_logits() {
+fn a_clam_sb_checkpoint_imports_as_clam_and_scores_with_clams_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("clam");
     let res = import(
@@ -79,6 +79,12 @@ fn a_clam_sb_checkpoint_imports_as_abmil_and_scores_with_clams_logits() {
         &out,
     );
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let card: ModelCard = serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    assert!(
+        matches!(&card.members[0].config, wsimil_common::models::BagModelConfig::Clam(c) if !c.multi_branch),
+        "{:?}",
+        card.members[0].config
+    );
     let (got, want) = (logits(&out), want("clam_logits"));
     let e = close(&got, &want);
     assert!(e < 1e-5, "{got:?} vs {want:?}: {e:.2e}");

@@ -330,7 +330,11 @@ pub fn train(
                 }
                 return Ok(());
             }
-            let loss = objective.bag_loss(&out.logits, train.slide(i), train.label(i))?;
+            let mut loss = objective.bag_loss(&out.logits, train.slide(i), train.label(i))?;
+            if let Objective::Classify = objective {
+                // CLAM adds its instance clustering loss (the others: the bag's loss alone).
+                loss = model.classification_loss(&out, loss, train.label(i))?;
+            }
             train_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             add_grads(&mut grads, (loss / accumulate as f64)?.backward()?, &vars)?;
             pending += 1;

@@ -3,6 +3,7 @@
 //!
 //! - [`transmil`]: TransMIL bag classifier (Shao et al. 2021).
 //! - [`abmil`]: gated attention MIL (Ilse et al. 2018), the baseline.
+//! - [`clam`]: CLAM-SB and CLAM-MB (Lu et al. 2021) with their instance clustering loss.
 //! - [`embedder`]: what a patch embedder is (the trait, which layers train); [`zoo`] names them:
 //!   [`efficientnet`], [`resnet`], with [`convbn`] (convolution + BatchNorm, folded or trainable) and
 //!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]); the Vision Transformers of the
@@ -17,6 +18,7 @@
 
 pub mod abmil;
 pub mod blas;
+pub mod clam;
 pub mod conv;
 pub mod convbn;
 pub mod cpu;
@@ -72,6 +74,8 @@ pub fn softmax(x: &Tensor, train: bool) -> Result<Tensor> {
 pub struct BagOutput {
     pub logits: Tensor,
     pub attention: Option<Tensor>,
+    /// CLAM's reduced instances and raw attention, for its clustering loss.
+    pub clam: Option<clam::ClamState>,
 }
 
 /// The bag classifiers (`--model`; the names plans hold).
@@ -82,6 +86,12 @@ pub enum BagModelKind {
     Transmil,
     /// Gated attention MIL (Ilse et al., ICML 2018).
     Abmil,
+    /// CLAM, single attention branch, with its instance clustering loss (Lu et al. 2021).
+    #[serde(rename = "clam-sb")]
+    ClamSb,
+    /// CLAM, one attention branch and bag classifier per class.
+    #[serde(rename = "clam-mb")]
+    ClamMb,
 }
 
 impl BagModelKind {
@@ -89,6 +99,8 @@ impl BagModelKind {
         match self {
             BagModelKind::Transmil => "transmil",
             BagModelKind::Abmil => "abmil",
+            BagModelKind::ClamSb => "clam-sb",
+            BagModelKind::ClamMb => "clam-mb",
         }
     }
 }
@@ -105,6 +117,7 @@ impl std::fmt::Display for BagModelKind {
 pub enum BagModelConfig {
     Transmil(transmil::TransMilConfig),
     Abmil(abmil::AbmilConfig),
+    Clam(clam::ClamConfig),
 }
 
 impl BagModelConfig {
@@ -113,6 +126,8 @@ impl BagModelConfig {
         match kind {
             BagModelKind::Transmil => BagModelConfig::Transmil(transmil::TransMilConfig::paper(in_dim, n_classes)),
             BagModelKind::Abmil => BagModelConfig::Abmil(abmil::AbmilConfig::new(in_dim, n_classes)),
+            BagModelKind::ClamSb => BagModelConfig::Clam(clam::ClamConfig::new(in_dim, n_classes, false)),
+            BagModelKind::ClamMb => BagModelConfig::Clam(clam::ClamConfig::new(in_dim, n_classes, true)),
         }
     }
 
@@ -121,6 +136,7 @@ impl BagModelConfig {
         match self {
             BagModelConfig::Transmil(c) => c.in_dim,
             BagModelConfig::Abmil(c) => c.in_dim,
+            BagModelConfig::Clam(c) => c.in_dim,
         }
     }
 
@@ -128,6 +144,7 @@ impl BagModelConfig {
         match self {
             BagModelConfig::Transmil(c) => c.n_classes,
             BagModelConfig::Abmil(c) => c.n_classes,
+            BagModelConfig::Clam(c) => c.n_classes,
         }
     }
 
@@ -143,6 +160,7 @@ impl BagModelConfig {
         match &mut self {
             BagModelConfig::Transmil(c) => c.dropout = p,
             BagModelConfig::Abmil(c) => c.dropout = p,
+            BagModelConfig::Clam(c) => c.dropout = p,
         }
         self
     }
@@ -151,6 +169,7 @@ impl BagModelConfig {
 pub enum BagModel {
     Transmil(Box<transmil::TransMil>),
     Abmil(abmil::Abmil),
+    Clam(clam::Clam),
 }
 
 impl BagModel {
@@ -158,6 +177,7 @@ impl BagModel {
         Ok(match cfg {
             BagModelConfig::Transmil(c) => BagModel::Transmil(Box::new(transmil::TransMil::new(c, vb)?)),
             BagModelConfig::Abmil(c) => BagModel::Abmil(abmil::Abmil::new(c, vb)?),
+            BagModelConfig::Clam(c) => BagModel::Clam(clam::Clam::new(c, vb)?),
         })
     }
 
@@ -165,6 +185,20 @@ impl BagModel {
         match self {
             BagModel::Transmil(m) => m.forward(bag, mode, want_attention),
             BagModel::Abmil(m) => m.forward(bag, mode, want_attention),
+            BagModel::Clam(m) => m.forward(bag, mode, want_attention),
+        }
+    }
+
+    /// The training loss of a bag of class `label` from its logits' cross-entropy `bag_loss`:
+    /// itself, or for CLAM `bag_weight · bag_loss + (1 − bag_weight) · clustering loss`.
+    pub fn classification_loss(&self, out: &BagOutput, bag_loss: Tensor, label: usize) -> Result<Tensor> {
+        match (self, &out.clam) {
+            (BagModel::Clam(m), Some(state)) => {
+                let w = m.config().bag_weight;
+                let inst = m.instance_loss(state, label)?.to_dtype(bag_loss.dtype())?;
+                (bag_loss * w)? + (inst * (1.0 - w))?
+            }
+            _ => Ok(bag_loss),
         }
     }
 
@@ -175,6 +209,7 @@ impl BagModel {
         match self {
             BagModel::Transmil(m) => m.instance_path(feats, true),
             BagModel::Abmil(m) => m.instance_path(feats),
+            BagModel::Clam(m) => m.instance_path(feats),
         }
     }
 
@@ -187,6 +222,7 @@ impl BagModel {
     pub fn attention_scores(&self, feats: &Tensor) -> Result<Tensor> {
         match self {
             BagModel::Abmil(m) => m.attention_logits(feats),
+            BagModel::Clam(m) => m.attention_logits(feats),
             BagModel::Transmil(m) => {
                 let n = feats.dim(0)?;
                 let a = m.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?.attention.expect("asked for attention");
