@@ -98,6 +98,72 @@ pub fn survival_at(curve: &[(f64, f64)], t: f64) -> f64 {
     curve.iter().take_while(|(u, _)| *u <= t).last().map_or(1.0, |p| p.1)
 }
 
+/// The censoring's survival function G (the Kaplan-Meier estimate with censoring as the event;
+/// at a time shared with events, the events leave first, as scikit-survival's reverse estimate):
+/// at each distinct time, G just after it.
+pub fn censoring_survival(time: &[f64], event: &[bool]) -> Vec<(f64, f64)> {
+    let mut order: Vec<usize> = (0..time.len()).collect();
+    order.sort_by(|&a, &b| time[a].total_cmp(&time[b]));
+    let (mut at_risk, mut g, mut k) = (time.len(), 1.0, 0);
+    let mut curve = Vec::new();
+    while k < order.len() {
+        let t = time[order[k]];
+        let (mut deaths, mut censored) = (0, 0);
+        while k < order.len() && time[order[k]] == t {
+            if event[order[k]] {
+                deaths += 1;
+            } else {
+                censored += 1;
+            }
+            k += 1;
+        }
+        if censored > 0 {
+            g *= 1.0 - censored as f64 / (at_risk - deaths) as f64;
+        }
+        curve.push((t, g));
+        at_risk -= deaths + censored;
+    }
+    curve
+}
+
+/// The cumulative/dynamic AUC at time `t` (Uno et al. 2007, as scikit-survival's
+/// `cumulative_dynamic_auc`): how well `risk` ranks the cases whose event came by `t` above those
+/// still event-free after `t`, each case weighted by 1/G(its time) (inverse probability of
+/// censoring, `censoring` from [`censoring_survival`]); equal risks count a half. `None` where there
+/// is no case or no control, or G has reached 0 at a case.
+pub fn cumulative_dynamic_auc(
+    risk: &[f64],
+    time: &[f64],
+    event: &[bool],
+    t: f64,
+    censoring: &[(f64, f64)],
+) -> Option<f64> {
+    let controls: Vec<f64> = (0..time.len()).filter(|&j| time[j] > t).map(|j| risk[j]).collect();
+    let (mut num, mut den) = (0.0, 0.0);
+    for i in (0..time.len()).filter(|&i| event[i] && time[i] <= t) {
+        let g = survival_at(censoring, time[i]);
+        if g <= 0.0 {
+            return None;
+        }
+        let w = 1.0 / g;
+        let score: f64 = controls
+            .iter()
+            .map(|&r| {
+                if risk[i] > r {
+                    1.0
+                } else if risk[i] == r {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        num += w * score;
+        den += w * controls.len() as f64;
+    }
+    (den > 0.0).then(|| num / den)
+}
+
 /// The log-rank test of two groups (`group[i]` true: the first): the chi-squared statistic with
 /// one degree of freedom and its p-value.
 pub fn log_rank(time: &[f64], event: &[bool], group: &[bool]) -> (f64, f64) {

@@ -4,7 +4,9 @@
 //! numbers are lifelines 0.30.3's (`scripts/dev/survival_fixture.py`): a Cox fit of a linear model
 //! on seven covariates (Efron's ties), Harrell's C-index, Kaplan-Meier and the log-rank test.
 
-use wsimil_common::survival::{concordance, cox_fit, kaplan_meier, log_rank, survival_at};
+use wsimil_common::survival::{
+    censoring_survival, concordance, cox_fit, cumulative_dynamic_auc, kaplan_meier, log_rank, survival_at,
+};
 
 struct Rossi {
     time: Vec<f64>,
@@ -68,6 +70,18 @@ fn cox_fit_c_index_kaplan_meier_and_log_rank_match_lifelines_on_rossi() {
     let km = kaplan_meier(&d.time, &d.event);
     for (w, s) in floats("km_weeks").iter().zip(floats("km_survival")) {
         assert!((survival_at(&km, *w) - s).abs() < 1e-12, "week {w}: {} vs {s}", survival_at(&km, *w));
+    }
+    // The cumulative/dynamic AUC (scikit-survival's, IPCW from the data itself), follow-up cut
+    // where the fixture cut it (everyone left at week 52 is censored there: G(52) = 0).
+    let cut = want["td_auc_cut"].as_f64().unwrap();
+    let time: Vec<f64> = d.time.iter().map(|t| t.min(cut)).collect();
+    let event: Vec<bool> = d.event.iter().zip(&d.time).map(|(e, t)| *e && *t <= cut).collect();
+    let g = censoring_survival(&time, &event);
+    for (score, key) in [(&risk, "td_auc_model"), (&d.age, "td_auc_age")] {
+        for (w, a) in floats("td_auc_weeks").iter().zip(floats(key)) {
+            let got = cumulative_dynamic_auc(score, &time, &event, *w, &g).unwrap();
+            assert!((got - a).abs() < 1e-12, "{key} at week {w}: {got} vs {a}");
+        }
     }
     let (stat, p) = log_rank(&d.time, &d.event, &d.fin);
     let lr = &want["logrank_fin"];

@@ -503,6 +503,17 @@ fn survival_section(h: &mut String, round: &RoundReport, sv: &crate::run::Surviv
         sv.log_rank_chi2,
         sv.log_rank_p
     );
+    if !sv.td_auc.is_empty() {
+        h.push_str("<table id=\"td-auc\"><tr><th class=\"l\">time-dependent AUC (cumulative/dynamic, IPCW), at the event times' quartiles</th>");
+        for (t, _) in &sv.td_auc {
+            let _ = write!(h, "<th>t = {t}</th>");
+        }
+        h.push_str("</tr><tr><td class=\"l\">out of fold, pooled</td>");
+        for (_, a) in &sv.td_auc {
+            let _ = write!(h, "<td>{}</td>", fmt(*a));
+        }
+        h.push_str("</tr></table>");
+    }
     let end = round.survival_rows.iter().filter_map(|r| r.follow_up.map(|t| t.time)).fold(0.0, f64::max);
     h.push_str("<div class=\"charts\">");
     h.push_str(&km_chart(sv, end));

@@ -253,6 +253,11 @@ pub struct SurvivalMetrics {
     /// The log-rank test of the two groups.
     pub log_rank_chi2: f64,
     pub log_rank_p: f64,
+    /// The cumulative/dynamic AUC of the out-of-fold risks pooled (cases: the event by t;
+    /// controls: event-free after t; inverse probability of censoring weights from the cohort) at
+    /// the quartiles of the event times; none where undefined.
+    #[serde(default)]
+    pub td_auc: Vec<(f64, Option<f64>)>,
 }
 
 /// One risk group: its size, events and Kaplan-Meier curve (time, survival just after it).
@@ -319,6 +324,17 @@ async fn summarise_survival(store: &Store, plan: &RunPlan, round: u32) -> anyhow
         )
     };
     let (log_rank_chi2, log_rank_p) = wsimil_common::survival::log_rank(&time, &event, &high);
+    let censoring = wsimil_common::survival::censoring_survival(&time, &event);
+    let mut event_times: Vec<f64> = (0..time.len()).filter(|&i| event[i]).map(|i| time[i]).collect();
+    event_times.sort_by(f64::total_cmp);
+    let td_auc = [0.25, 0.5, 0.75]
+        .iter()
+        .filter(|_| !event_times.is_empty())
+        .map(|q| {
+            let t = event_times[((event_times.len() - 1) as f64 * q).round() as usize];
+            (t, wsimil_common::survival::cumulative_dynamic_auc(&risk, &time, &event, t, &censoring))
+        })
+        .collect();
     let survival = SurvivalMetrics {
         slides: known.len(),
         events: event.iter().filter(|e| **e).count(),
@@ -329,6 +345,7 @@ async fn summarise_survival(store: &Store, plan: &RunPlan, round: u32) -> anyhow
         low: group(false),
         log_rank_chi2,
         log_rank_p,
+        td_auc,
     };
     let failures = read_failures(store, &layout::failures_prefix(&plan.run)).await?;
     let metrics = RoundMetrics {
@@ -655,6 +672,10 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
             "per fold (mean ± sd): C-index {}\n",
             sv.c_index_folds.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into())
         ));
+        if !sv.td_auc.is_empty() {
+            let at: Vec<String> = sv.td_auc.iter().map(|(t, a)| format!("{} at t = {t}", fmt_opt(*a))).collect();
+            out.push_str(&format!("time-dependent AUC (cumulative/dynamic, IPCW): {}\n", at.join(", ")));
+        }
         let med = |g: &RiskGroup| g.median_survival.map_or("not reached".into(), |t| format!("{t}"));
         out.push_str(&format!(
             "risk groups (split at each fold's training median): high {} slides, {} events, median survival {}; low {} slides, {} events, median survival {}; log-rank p = {:.3e}\n",

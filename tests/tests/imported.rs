@@ -211,6 +211,7 @@ async fn a_survival_run_ranks_slides_by_their_lesions_and_its_model_predicts_ris
     let (c, lo, hi) = c_index(&text);
     assert!(lo > 0.5 && lo <= c && c <= hi, "C-index {c} ({lo}–{hi}):\n{text}");
     assert!(text.contains("risk groups (split at each fold's training median): high"), "{text}");
+    assert!(text.contains("time-dependent AUC (cumulative/dynamic, IPCW): "), "{text}");
 
     // What the run leaves: the risks per slide with their group, the figures, the page and its chart.
     let run_dir = Path::new(&store).join("runs/nll");
@@ -226,6 +227,10 @@ async fn a_survival_run_ranks_slides_by_their_lesions_and_its_model_predicts_ris
     let (high, low) = (sv["high"]["slides"].as_u64().unwrap(), sv["low"]["slides"].as_u64().unwrap());
     assert_eq!(high + low, 240);
     assert!(sv["log_rank_p"].as_f64().unwrap() < 0.05, "the groups' curves differ: {sv}");
+    // The time-dependent AUC at the event times' three quartiles, each above chance as the C-index is.
+    let td = sv["td_auc"].as_array().unwrap();
+    assert_eq!(td.len(), 3, "{sv}");
+    assert!(td.iter().all(|p| p[1].as_f64().unwrap() > 0.5), "{sv}");
     let fold: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("round-0/fold-0/metrics.json")).unwrap()).unwrap();
     assert_eq!(fold["survival"]["bin_edges"].as_array().unwrap().len(), 3, "4 bins: {fold}");
