@@ -234,8 +234,14 @@ async fn a_survival_run_ranks_slides_by_their_lesions_and_its_model_predicts_ris
     let fold: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("round-0/fold-0/metrics.json")).unwrap()).unwrap();
     assert_eq!(fold["survival"]["bin_edges"].as_array().unwrap().len(), 3, "4 bins: {fold}");
-    let page = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
-    assert!(page.contains("Kaplan-Meier by risk group") && page.contains("Slides, highest risk first"));
+    // The page in a browser: no console message, its script to the end, every slide ranked, both
+    // groups' curves and the time-dependent AUC.
+    let dom = support::render_in_chromium(&run_dir.join("report.html"));
+    assert!(dom.contains("Kaplan-Meier by risk group") && dom.contains("Slides, highest risk first"));
+    assert!(dom.contains("<span id=\"shown\">240</span>"), "the slide filter counts the 240 slides");
+    assert_eq!(dom.matches("<tr data-slide=").count(), 240);
+    assert!(dom.contains("data-name=\"high risk (") && dom.contains("data-name=\"low risk ("));
+    assert!(dom.contains("id=\"td-auc\""));
     let svg = std::fs::read_to_string(run_dir.join("round-0/kaplan-meier.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("high risk (") && svg.contains("low risk ("), "{svg}");
 
