@@ -427,21 +427,33 @@ async fn score_jobs(store: &Store, plan: &ApplyPlan) -> anyhow::Result<Vec<Job>>
     Ok(jobs)
 }
 
+/// The application's scored slides with the model's outputs for each (from its attention map's
+/// provenance), in the plan's order.
+async fn scored<'a>(
+    store: &Store,
+    plan: &'a ApplyPlan,
+) -> anyhow::Result<Vec<(&'a wsimil_common::classifier::AppliedSlide, Vec<f64>)>> {
+    let mut out = Vec::new();
+    for s in &plan.slides {
+        let key = layout::applied_attention(&plan.name, &s.id);
+        if store.exists(&key).await? {
+            out.push((s, AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?.provenance.probs));
+        }
+    }
+    Ok(out)
+}
+
 /// Gather the scored slides into predictions (Parquet and CSV) and, over the labelled ones, metrics
 /// with bootstrap 95% confidence intervals.
 pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyMetrics> {
     if !plan.head.is_classes() {
         return summarise_survival(store, plan).await;
     }
-    let mut rows: Vec<Prediction> = Vec::new();
-    for s in &plan.slides {
-        let key = layout::applied_attention(&plan.name, &s.id);
-        if !store.exists(&key).await? {
-            continue;
-        }
-        let map = AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?;
-        rows.push(Prediction { slide: s.id.to_string(), label: s.label, fold: None, probs: map.provenance.probs });
-    }
+    let rows: Vec<Prediction> = scored(store, plan)
+        .await?
+        .into_iter()
+        .map(|(s, probs)| Prediction { slide: s.id.to_string(), label: s.label, fold: None, probs })
+        .collect();
     let labelled: Vec<&Prediction> = rows.iter().filter(|r| r.label.is_some()).collect();
     let metrics = (!labelled.is_empty()).then(|| {
         let probs: Vec<Vec<f64>> = labelled.iter().map(|r| r.probs.clone()).collect();
@@ -477,16 +489,17 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
 /// A survival model's application: each slide's risk (the members' outputs averaged, then read),
 /// and the C-index over the slides whose follow-up the manifest gives.
 async fn summarise_survival(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyMetrics> {
-    let mut rows: Vec<SurvivalRow> = Vec::new();
-    for s in &plan.slides {
-        let key = layout::applied_attention(&plan.name, &s.id);
-        if !store.exists(&key).await? {
-            continue;
-        }
-        let map = AttentionMap::from_parquet(key.as_ref(), store.get(&key).await?)?;
-        let risk = plan.head.risk(&map.provenance.probs).unwrap_or(f64::NAN);
-        rows.push(SurvivalRow { slide: s.id.to_string(), fold: None, follow_up: s.survival, risk, high_risk: None });
-    }
+    let rows: Vec<SurvivalRow> = scored(store, plan)
+        .await?
+        .into_iter()
+        .map(|(s, outputs)| SurvivalRow {
+            slide: s.id.to_string(),
+            fold: None,
+            follow_up: s.survival,
+            risk: plan.head.risk(&outputs).unwrap_or(f64::NAN),
+            high_risk: None,
+        })
+        .collect();
     let (risk, time, event) = SurvivalRow::columns(&rows);
     let failures = crate::run::read_failures(store, &layout::applied_failures_prefix(&plan.name)).await?;
     let m = ApplyMetrics {
