@@ -7,33 +7,20 @@
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use wsimil_common::models::clam::ClamConfig;
-use wsimil_common::models::params::{load_safetensors, Params};
+use wsimil_common::models::params::Params;
 use wsimil_common::models::{BagModel, BagModelConfig, Mode};
 
+mod parity;
+
+use parity::{close, flat};
+
 fn fixture() -> BTreeMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clam_parity.safetensors");
-    load_safetensors(&std::fs::read(path).unwrap(), &Device::Cpu).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-    let e = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
-    assert!(e < 1e-5, "{what}: {got:?} vs {want:?} ({e:.2e})");
+    parity::fixture("clam_parity.safetensors")
 }
 
 /// Model `name` of the fixture, its parameters under the authors' names.
 fn model(f: &BTreeMap<String, Tensor>, name: &str, n_classes: usize, multi_branch: bool) -> (Params, BagModel) {
-    let params = Params::new(0);
-    let prefix = format!("{name}.param.");
-    let values: Vec<(String, Tensor)> =
-        f.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|n| (n.to_string(), v.clone()))).collect();
-    let n = values.len();
-    params.preload(values).unwrap();
+    let (params, n) = parity::params(f, name);
     let cfg = ClamConfig {
         hidden: 16,
         attention: 8,
@@ -54,7 +41,7 @@ fn check(name: &str, n_classes: usize, multi_branch: bool, label: usize) {
     let (params, m) = model(&f, name, n_classes, multi_branch);
     let out = m.forward(&f["bag"], &mut Mode::Eval, true).unwrap();
     close(&flat(&out.logits), &flat(&f[&format!("{name}.logits")]), &format!("{name} logits"));
-    let state = out.clam.as_ref().unwrap();
+    let Some(wsimil_common::models::Aux::Clam(state)) = out.aux.as_ref() else { panic!("{name}: no CLAM state") };
     close(&flat(&state.raw_attention), &flat(&f[&format!("{name}.raw_attention")]), &format!("{name} raw attention"));
     let BagModel::Clam(clam) = &m else { unreachable!() };
     let inst = clam.instance_loss(state, label).unwrap();

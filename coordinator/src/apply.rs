@@ -602,6 +602,10 @@ pub enum Checkpoint {
     /// CLAM's `CLAM_SB` or `CLAM_MB` (github.com/mahmoodlab/CLAM, `models/model_clam.py`), as its
     /// training saves them: wsimil's CLAM has their parameter names (instance classifiers included).
     Clam,
+    /// DSMIL's `MILNet` on features (github.com/binli123/dsmil-wsi, `dsmil.py`: `FCLayer` and
+    /// `BClassifier`), as its training saves it: wsimil's DSMIL has its parameter names. One score
+    /// stream is a two-class model (class 1's), several are one per class.
+    Dsmil,
 }
 
 impl Checkpoint {
@@ -609,6 +613,7 @@ impl Checkpoint {
         match self {
             Checkpoint::OfficialTransmil => "TransMIL checkpoint (the official code's)",
             Checkpoint::Clam => "CLAM checkpoint (CLAM_SB or CLAM_MB, CLAM's)",
+            Checkpoint::Dsmil => "DSMIL checkpoint (MILNet on features, DSMIL's)",
         }
     }
 }
@@ -618,7 +623,7 @@ fn map_checkpoint(
     format: Checkpoint,
     tensors: std::collections::BTreeMap<String, candle_core::Tensor>,
 ) -> anyhow::Result<(wsimil_common::models::BagModelConfig, std::collections::BTreeMap<String, candle_core::Tensor>)> {
-    use wsimil_common::models::{clam::ClamConfig, transmil::TransMilConfig, BagModelConfig};
+    use wsimil_common::models::{clam::ClamConfig, dsmil::DsmilConfig, transmil::TransMilConfig, BagModelConfig};
     // A Lightning module keeps the network as `self.model`.
     let strip = |t: std::collections::BTreeMap<String, candle_core::Tensor>, prefix: &str| {
         if !t.is_empty() && t.keys().all(|k| k.starts_with(prefix)) {
@@ -667,6 +672,19 @@ fn map_checkpoint(
                 })
                 .collect();
             Ok((cfg, mapped))
+        }
+        Checkpoint::Dsmil => {
+            let fcc = dims("b_classifier.fcc.weight")?;
+            let q = dims("b_classifier.q.0.weight").or_else(|_| dims("b_classifier.q.weight"))?;
+            let streams = fcc[0];
+            let cfg = BagModelConfig::Dsmil(DsmilConfig {
+                streams,
+                query: q[0],
+                nonlinear: tensors.contains_key("b_classifier.q.2.weight"),
+                passing_v: tensors.contains_key("b_classifier.v.1.weight"),
+                ..DsmilConfig::new(fcc[2], if streams == 1 { 2 } else { streams })
+            });
+            Ok((cfg, tensors))
         }
     }
 }
@@ -777,5 +795,41 @@ mod tests {
             .collect();
         let err = map_checkpoint(Checkpoint::Clam, renamed).unwrap_err().to_string();
         assert!(err.contains("without gated attention (gate=False)"), "{err}");
+    }
+
+    /// DSMIL's state dicts as its training saves them (the parity fixture made with the authors'
+    /// code): one score stream is a two-class model, three streams three classes, the value network
+    /// and the query width come from the tensors; a CLAM file is not taken for one.
+    #[test]
+    fn dsmil_checkpoints_map_onto_wsimils_dsmil() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../common/tests/fixtures/dsmil_parity.safetensors");
+        let f = wsimil_common::models::params::load_safetensors(&std::fs::read(path).unwrap(), &Device::Cpu).unwrap();
+        let bag = f["bag"].unsqueeze(0).unwrap();
+        for (name, classes, streams, passing_v) in [("bin", 2, 1, false), ("multi", 3, 3, false), ("passv", 2, 1, true)]
+        {
+            let prefix = format!("{name}.param.");
+            let state: BTreeMap<String, Tensor> =
+                f.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|n| (n.to_string(), v.clone()))).collect();
+            let (cfg, mapped) = map_checkpoint(Checkpoint::Dsmil, state).unwrap();
+            let BagModelConfig::Dsmil(c) = &cfg else { panic!("{cfg:?}") };
+            assert_eq!(
+                (c.n_classes, c.streams, c.in_dim, c.query, c.nonlinear, c.passing_v),
+                (classes, streams, 24, 16, true, passing_v)
+            );
+            let p = wsimil_common::models::params::Params::new(0);
+            p.preload(mapped).unwrap();
+            let m = BagModel::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+            let out = m.forward(&bag, &mut Mode::Eval, false).unwrap();
+            let Some(wsimil_common::models::Aux::Dsmil(state)) = &out.aux else { panic!("{name}") };
+            let d = (&state.bag - &f[&format!("{name}.bag")]).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{name}");
+        }
+        let clam: BTreeMap<String, Tensor> = f
+            .keys()
+            .filter(|k| k.starts_with("bin.param."))
+            .map(|k| (k.replace("bin.param.b_classifier", "clam"), f[k].clone()))
+            .collect();
+        let err = map_checkpoint(Checkpoint::Dsmil, clam).unwrap_err().to_string();
+        assert!(err.contains("no tensor b_classifier.fcc.weight: not the state dict of a DSMIL checkpoint"), "{err}");
     }
 }

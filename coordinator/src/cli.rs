@@ -77,7 +77,7 @@ pub enum Command {
     /// slides ranked worst error first with their heatmaps, and failures.
     Report(ReportArgs),
     /// Make a model folder from a checkpoint trained elsewhere: the official TransMIL code's
-    /// (`.pth`/`.ckpt`) or CLAM's attention MIL (CLAM_SB), with the classes and the embedder its
+    /// (`.pth`/`.ckpt`), CLAM's (CLAM_SB, CLAM_MB) or DSMIL's, with the classes and the embedder its
     /// features came from.
     ImportModel(Box<ImportModelArgs>),
 }
@@ -678,6 +678,12 @@ impl RunArgs {
         if self.icmil_rounds > 0 {
             bail!("ICMIL rounds distil a classifier's patch pseudo-labels; a survival model has no classes to teach");
         }
+        if self.model == BagModelKind::Dsmil {
+            bail!(
+                "--model dsmil scores classes (its max-pooling stream looks for a positive instance); \
+                 a survival run takes transmil, abmil, clam-sb or clam-mb"
+            );
+        }
         Ok(Task::Survival(SurvivalConfig {
             loss: self.survival_loss,
             bins: self.survival_bins,
@@ -1017,15 +1023,20 @@ pub async fn export_features(args: ExportFeaturesArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("checkpoint").required(true).multiple(false)))]
 pub struct ImportModelArgs {
     /// A state dict saved by the official TransMIL code (github.com/szc19990412/TransMIL): its
     /// `.pth`, or a PyTorch Lightning `.ckpt` of its ModelInterface.
-    #[arg(long, conflicts_with = "clam", required_unless_present = "clam")]
+    #[arg(long, group = "checkpoint")]
     pub transmil: Option<PathBuf>,
     /// A CLAM_SB or CLAM_MB checkpoint (github.com/mahmoodlab/CLAM, `s_<fold>_checkpoint.pt`):
     /// wsimil's CLAM reads it as it is.
-    #[arg(long)]
+    #[arg(long, group = "checkpoint")]
     pub clam: Option<PathBuf>,
+    /// A DSMIL checkpoint (github.com/binli123/dsmil-wsi: MILNet's state dict on features, one
+    /// score stream for two classes or one per class): wsimil's DSMIL reads it as it is.
+    #[arg(long, group = "checkpoint")]
+    pub dsmil: Option<PathBuf>,
     /// The classes the checkpoint predicts, in its output order.
     #[arg(long, value_delimiter = ',', required = true)]
     pub classes: Vec<String>,
@@ -1056,10 +1067,12 @@ pub struct ImportModelSettings {
 impl ImportModelArgs {
     /// Check the flags and turn them into settings, before any file is read.
     pub fn settings(&self) -> anyhow::Result<ImportModelSettings> {
-        let (format, file) = match (&self.transmil, &self.clam) {
-            (Some(f), _) => (crate::apply::Checkpoint::OfficialTransmil, f.clone()),
-            (None, Some(f)) => (crate::apply::Checkpoint::Clam, f.clone()),
-            (None, None) => unreachable!("clap requires one"),
+        use crate::apply::Checkpoint;
+        let (format, file) = match (&self.transmil, &self.clam, &self.dsmil) {
+            (Some(f), _, _) => (Checkpoint::OfficialTransmil, f.clone()),
+            (None, Some(f), _) => (Checkpoint::Clam, f.clone()),
+            (None, None, Some(f)) => (Checkpoint::Dsmil, f.clone()),
+            (None, None, None) => unreachable!("clap requires one"),
         };
         if self.classes.len() < 2 {
             bail!("--classes: a classifier needs two classes at least, not {:?}", self.classes);
@@ -1331,6 +1344,17 @@ mod tests {
             let err = run_args(bad).settings().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_survival_run_refuses_a_model_that_only_scores_classes() {
+        let survival = |model: &str| run_args(&["--task", "survival", "--model", model]).settings();
+        for model in ["transmil", "abmil", "clam-sb", "clam-mb"] {
+            assert!(matches!(survival(model).unwrap().task, Task::Survival(_)), "{model}");
+        }
+        let err = survival("dsmil").expect_err("dsmil has no risk head").to_string();
+        assert!(err.contains("--model dsmil scores classes") && err.contains("transmil, abmil"), "{err}");
+        assert_eq!(run_args(&["--model", "dsmil"]).settings().unwrap().task, Task::Classification);
     }
 
     fn import_args(extra: &[&str]) -> ImportModelArgs {

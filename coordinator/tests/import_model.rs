@@ -1,5 +1,5 @@
 //! Models trained elsewhere, imported as users have them: the official TransMIL code's Lightning
-//! checkpoint at full width and CLAM's CLAM_SB checkpoint, made by `scripts/dev/import_fixtures.py`
+//! checkpoint at full width, CLAM's CLAM_SB checkpoint and DSMIL's MILNet, made by `scripts/dev/import_fixtures.py`
 //! with the authors' own code (`coordinator/tests/fixtures/import/`). `wsimil import-model` turns
 //! each into a model folder; its classifier scores the fixture's bag with the authors' logits.
 
@@ -22,8 +22,8 @@ fn import(flag: &str, file: &str, extra: &[&str], out: &Path) -> std::process::O
         .unwrap()
 }
 
-/// The folder's one classifier on the fixture's bag: its logits.
-fn logits(dir: &Path) -> Vec<f32> {
+/// The folder's one classifier on the fixture's bag.
+fn scored(dir: &Path) -> wsimil_common::models::BagOutput {
     let card: ModelCard = serde_json::from_slice(&std::fs::read(dir.join("model.json")).unwrap()).unwrap();
     assert_eq!(card.members.len(), 1);
     let m = &card.members[0];
@@ -35,7 +35,12 @@ fn logits(dir: &Path) -> Vec<f32> {
     let model = BagModel::new(&m.config, p.var_builder(&Device::Cpu)).unwrap();
     let bag =
         candle_core::safetensors::load(fixture("import.safetensors"), &Device::Cpu).unwrap().remove("bag").unwrap();
-    model.forward(&bag, &mut Mode::Eval, false).unwrap().logits.flatten_all().unwrap().to_vec1().unwrap()
+    model.forward(&bag, &mut Mode::Eval, false).unwrap()
+}
+
+/// Its logits.
+fn logits(dir: &Path) -> Vec<f32> {
+    scored(dir).logits.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn want(name: &str) -> Vec<f32> {
@@ -88,6 +93,32 @@ fn a_clam_sb_checkpoint_imports_as_clam_and_scores_with_clams_logits() {
     let (got, want) = (logits(&out), want("clam_logits"));
     let e = close(&got, &want);
     assert!(e < 1e-5, "{got:?} vs {want:?}: {e:.2e}");
+}
+
+#[test]
+fn a_dsmil_checkpoint_imports_as_dsmil_and_scores_with_its_two_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dsmil");
+    let res = import(
+        "--dsmil",
+        "dsmil.pth",
+        &["--classes", "normal,tumor", "--embedder", "resnet50-trunc", "--random-weights", "1"],
+        &out,
+    );
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let card: ModelCard = serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let config = &card.members[0].config;
+    assert!(
+        matches!(config, wsimil_common::models::BagModelConfig::Dsmil(c) if c.streams == 1 && c.query == 128),
+        "{config:?}"
+    );
+    let got = scored(&out);
+    let Some(wsimil_common::models::Aux::Dsmil(state)) = &got.aux else { panic!("not DSMIL") };
+    for (t, name) in [(&state.bag, "dsmil_bag"), (&state.max_instance, "dsmil_max")] {
+        let (got, want) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want(name));
+        let e = close(&got, &want);
+        assert!(e < 1e-5, "{name}: {got:?} vs {want:?}: {e:.2e}");
+    }
 }
 
 #[test]

@@ -2,7 +2,8 @@
 """Fixtures for `wsimil import-model`, made with the authors' own code (not run in CI):
 
     scripts/dev/import_fixtures.py --transmil TRANSMIL_CHECKOUT --clam CLAM_CHECKOUT \
-        [--out coordinator/tests/fixtures/import]
+        [--dsmil DSMIL_CHECKOUT] [--out coordinator/tests/fixtures/import]
+    scripts/dev/import_fixtures.py --dsmil DSMIL_CHECKOUT    (adds dsmil.pth to the fixtures there)
 
 - transmil.ckpt: the official TransMIL (github.com/szc19990412/TransMIL, models/TransMIL.py, at its
   full width: 1024-d features, 512 wide, n_classes 2) with random weights, saved as its PyTorch
@@ -10,7 +11,12 @@
 - clam_sb.pt: CLAM's CLAM_SB (github.com/mahmoodlab/CLAM, models/model_clam.py, size "small":
   1024 -> 512, gated attention 256, n_classes 2) as its training saves it (torch.save of the
   state_dict: s_<fold>_checkpoint.pt).
-- import.safetensors: a bag of 300 instances of 1024-d features and each model's eval-mode logits.
+- dsmil.pth: DSMIL's MILNet (github.com/binli123/dsmil-wsi, dsmil.py, at commit 80465ed: FCLayer
+  and BClassifier on 1024-d features, one score stream as for Camelyon16, nonlinear 128-wide
+  queries) as its training saves it (torch.save of the state_dict, zip format); its bag stream's
+  logits and max instance score on the bag are dsmil_bag and dsmil_max.
+- import.safetensors: a bag of 300 instances of 1024-d features and each model's eval-mode logits
+  (with --dsmil alone, the existing file's bag is used and the DSMIL entries are added to it).
 
 Weights and features are multiples of 1/256 (so the fixture compresses in git); the models run as
 given. Needs PyTorch and nystrom-attention==0.0.9 (scripts/dev/pypi-torch-env.sh).
@@ -33,14 +39,38 @@ def quantise(model):
             p.copy_(torch.round(p * 256) / 256)
 
 
+def dsmil(checkout, bag, out_dir, out):
+    sys.path.insert(0, checkout)
+    import dsmil as authors
+
+    torch.manual_seed(80465)
+    m = authors.MILNet(authors.FCLayer(1024, 1), authors.BClassifier(1024, 1, dropout_v=0.0, nonlinear=True)).eval()
+    quantise(m)
+    with torch.no_grad():
+        classes, bag_logits, _, _ = m(bag[0])
+        out["dsmil_bag"] = bag_logits
+        out["dsmil_max"] = classes.max(0)[0].reshape(1, -1)
+    torch.save(m.state_dict(), os.path.join(out_dir, "dsmil.pth"))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--transmil", required=True)
-    ap.add_argument("--clam", required=True)
+    ap.add_argument("--transmil")
+    ap.add_argument("--clam")
+    ap.add_argument("--dsmil")
     ap.add_argument("--out", default="coordinator/tests/fixtures/import")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
+
+    if a.dsmil and not (a.transmil or a.clam):
+        path = os.path.join(a.out, "import.safetensors")
+        out = load_file(path)
+        dsmil(a.dsmil, out["bag"], a.out, out)
+        save_file({k: v.contiguous() for k, v in out.items()}, path)
+        return
+    if not (a.transmil and a.clam):
+        ap.error("--transmil and --clam (or --dsmil alone)")
 
     torch.manual_seed(14)
     bag = torch.round(torch.randn(1, 300, 1024) * 256) / 256
@@ -62,6 +92,8 @@ def main():
         logits, _, _, _, _ = clam(bag[0])
         out["clam_logits"] = logits
     torch.save(clam.state_dict(), os.path.join(a.out, "clam_sb.pt"))
+    if a.dsmil:
+        dsmil(a.dsmil, bag, a.out, out)
 
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "import.safetensors"))
     for f in sorted(os.listdir(a.out)):

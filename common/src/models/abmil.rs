@@ -78,7 +78,7 @@ impl Abmil {
         let z = super::ops::matmul(&a, &h)?; // [1, L]
         let logits = self.classifier.forward(&z)?;
         let attention = if want_attention { Some(a.squeeze(0)?) } else { None };
-        Ok(BagOutput { logits, attention, clam: None })
+        Ok(BagOutput { logits, attention, aux: None })
     }
 
     /// The attention logits of instances `feats` [N, in_dim] (no dropout, no softmax), [N]: each

@@ -152,7 +152,7 @@ impl Clam {
         } else {
             None
         };
-        Ok(BagOutput { logits, attention, clam: Some(ClamState { h, raw_attention: raw }) })
+        Ok(BagOutput { logits, attention, aux: Some(super::Aux::Clam(ClamState { h, raw_attention: raw })) })
     }
 
     /// The clustering loss of a bag of class `label` from its forward pass's state.

@@ -4,6 +4,7 @@
 //! - [`transmil`]: TransMIL bag classifier (Shao et al. 2021).
 //! - [`abmil`]: gated attention MIL (Ilse et al. 2018), the baseline.
 //! - [`clam`]: CLAM-SB and CLAM-MB (Lu et al. 2021) with their instance clustering loss.
+//! - [`dsmil`]: DSMIL (Li et al. 2021), its max-pooling and critical-instance attention streams.
 //! - [`embedder`]: what a patch embedder is (the trait, which layers train); [`zoo`] names them:
 //!   [`efficientnet`], [`resnet`], with [`convbn`] (convolution + BatchNorm, folded or trainable) and
 //!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]); the Vision Transformers of the
@@ -22,6 +23,7 @@ pub mod clam;
 pub mod conv;
 pub mod convbn;
 pub mod cpu;
+pub mod dsmil;
 pub mod efficientnet;
 pub mod embedder;
 pub mod icmil;
@@ -74,8 +76,16 @@ pub fn softmax(x: &Tensor, train: bool) -> Result<Tensor> {
 pub struct BagOutput {
     pub logits: Tensor,
     pub attention: Option<Tensor>,
+    /// What a model's own training loss needs beyond the logits (CLAM, DSMIL).
+    pub aux: Option<Aux>,
+}
+
+/// A forward pass's state for a model's own training loss.
+pub enum Aux {
     /// CLAM's reduced instances and raw attention, for its clustering loss.
-    pub clam: Option<clam::ClamState>,
+    Clam(clam::ClamState),
+    /// DSMIL's two streams' raw logits.
+    Dsmil(dsmil::DsmilState),
 }
 
 /// The bag classifiers (`--model`; the names plans hold).
@@ -92,6 +102,9 @@ pub enum BagModelKind {
     /// CLAM, one attention branch and bag classifier per class.
     #[serde(rename = "clam-mb")]
     ClamMb,
+    /// DSMIL, a max-pooling stream and an attention stream around each class's critical instance
+    /// (Li et al., CVPR 2021).
+    Dsmil,
 }
 
 impl BagModelKind {
@@ -101,6 +114,7 @@ impl BagModelKind {
             BagModelKind::Abmil => "abmil",
             BagModelKind::ClamSb => "clam-sb",
             BagModelKind::ClamMb => "clam-mb",
+            BagModelKind::Dsmil => "dsmil",
         }
     }
 }
@@ -118,6 +132,7 @@ pub enum BagModelConfig {
     Transmil(transmil::TransMilConfig),
     Abmil(abmil::AbmilConfig),
     Clam(clam::ClamConfig),
+    Dsmil(dsmil::DsmilConfig),
 }
 
 impl BagModelConfig {
@@ -128,6 +143,7 @@ impl BagModelConfig {
             BagModelKind::Abmil => BagModelConfig::Abmil(abmil::AbmilConfig::new(in_dim, n_classes)),
             BagModelKind::ClamSb => BagModelConfig::Clam(clam::ClamConfig::new(in_dim, n_classes, false)),
             BagModelKind::ClamMb => BagModelConfig::Clam(clam::ClamConfig::new(in_dim, n_classes, true)),
+            BagModelKind::Dsmil => BagModelConfig::Dsmil(dsmil::DsmilConfig::new(in_dim, n_classes)),
         }
     }
 
@@ -137,6 +153,7 @@ impl BagModelConfig {
             BagModelConfig::Transmil(c) => c.in_dim,
             BagModelConfig::Abmil(c) => c.in_dim,
             BagModelConfig::Clam(c) => c.in_dim,
+            BagModelConfig::Dsmil(c) => c.in_dim,
         }
     }
 
@@ -145,6 +162,7 @@ impl BagModelConfig {
             BagModelConfig::Transmil(c) => c.n_classes,
             BagModelConfig::Abmil(c) => c.n_classes,
             BagModelConfig::Clam(c) => c.n_classes,
+            BagModelConfig::Dsmil(c) => c.n_classes,
         }
     }
 
@@ -161,6 +179,8 @@ impl BagModelConfig {
             BagModelConfig::Transmil(c) => c.dropout = p,
             BagModelConfig::Abmil(c) => c.dropout = p,
             BagModelConfig::Clam(c) => c.dropout = p,
+            // DSMIL's only dropout is before its optional value network, 0 as the authors'.
+            BagModelConfig::Dsmil(_) => {}
         }
         self
     }
@@ -170,6 +190,7 @@ pub enum BagModel {
     Transmil(Box<transmil::TransMil>),
     Abmil(abmil::Abmil),
     Clam(clam::Clam),
+    Dsmil(dsmil::Dsmil),
 }
 
 impl BagModel {
@@ -178,6 +199,7 @@ impl BagModel {
             BagModelConfig::Transmil(c) => BagModel::Transmil(Box::new(transmil::TransMil::new(c, vb)?)),
             BagModelConfig::Abmil(c) => BagModel::Abmil(abmil::Abmil::new(c, vb)?),
             BagModelConfig::Clam(c) => BagModel::Clam(clam::Clam::new(c, vb)?),
+            BagModelConfig::Dsmil(c) => BagModel::Dsmil(dsmil::Dsmil::new(c, vb)?),
         })
     }
 
@@ -186,18 +208,21 @@ impl BagModel {
             BagModel::Transmil(m) => m.forward(bag, mode, want_attention),
             BagModel::Abmil(m) => m.forward(bag, mode, want_attention),
             BagModel::Clam(m) => m.forward(bag, mode, want_attention),
+            BagModel::Dsmil(m) => m.forward(bag, mode, want_attention),
         }
     }
 
     /// The training loss of a bag of class `label` from its logits' cross-entropy `bag_loss`:
-    /// itself, or for CLAM `bag_weight · bag_loss + (1 − bag_weight) · clustering loss`.
+    /// itself, or for CLAM `bag_weight · bag_loss + (1 − bag_weight) · clustering loss`, or for
+    /// DSMIL its own two streams' binary cross-entropy (in place of `bag_loss`).
     pub fn classification_loss(&self, out: &BagOutput, bag_loss: Tensor, label: usize) -> Result<Tensor> {
-        match (self, &out.clam) {
-            (BagModel::Clam(m), Some(state)) => {
+        match (self, &out.aux) {
+            (BagModel::Clam(m), Some(Aux::Clam(state))) => {
                 let w = m.config().bag_weight;
                 let inst = m.instance_loss(state, label)?.to_dtype(bag_loss.dtype())?;
                 (bag_loss * w)? + (inst * (1.0 - w))?
             }
+            (BagModel::Dsmil(m), Some(Aux::Dsmil(state))) => m.loss(state, label)?.to_dtype(bag_loss.dtype()),
             _ => Ok(bag_loss),
         }
     }
@@ -210,6 +235,7 @@ impl BagModel {
             BagModel::Transmil(m) => m.instance_path(feats, true),
             BagModel::Abmil(m) => m.instance_path(feats),
             BagModel::Clam(m) => m.instance_path(feats),
+            BagModel::Dsmil(m) => m.instance_path(feats),
         }
     }
 
@@ -223,6 +249,9 @@ impl BagModel {
         match self {
             BagModel::Abmil(m) => m.attention_logits(feats),
             BagModel::Clam(m) => m.attention_logits(feats),
+            // DSMIL's attention is to a bag's critical instance; its max-pooling stream's instance
+            // score is each instance's own.
+            BagModel::Dsmil(m) => m.instance_logits(feats),
             BagModel::Transmil(m) => {
                 let n = feats.dim(0)?;
                 let a = m.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?.attention.expect("asked for attention");

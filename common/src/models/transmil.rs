@@ -300,7 +300,7 @@ impl TransMil {
             Some(r) => Some(r.narrow(1, 1, n)?.squeeze(0)?),
             None => None,
         };
-        Ok(BagOutput { logits, attention, clam: None })
+        Ok(BagOutput { logits, attention, aux: None })
     }
 
     /// Instance-level path (ICMIL's teacher): `_fc1`, the final LayerNorm and `_fc2` applied to each

@@ -1,0 +1,36 @@
+//! What the bag models' parity tests share: their fixtures (made with the authors' own code by
+//! `scripts/dev/<model>_parity.py`) and the comparison, relative to the reference's largest value.
+
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use wsimil_common::models::params::{load_safetensors, Params};
+
+/// `tests/fixtures/<name>`, every tensor by name.
+pub fn fixture(name: &str) -> BTreeMap<String, Tensor> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    load_safetensors(&std::fs::read(&path).unwrap(), &Device::Cpu).unwrap()
+}
+
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// `got` is `want` to 1e-5 of the reference's largest value (at least 1e-3).
+pub fn close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    let e = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+    assert!(e < 1e-5, "{what}: {got:?} vs {want:?} ({e:.2e})");
+}
+
+/// Parameters preloaded with case `name`'s state dict (`<name>.param.<authors' name>`), and how
+/// many tensors it holds.
+pub fn params(f: &BTreeMap<String, Tensor>, name: &str) -> (Params, usize) {
+    let params = Params::new(0);
+    let prefix = format!("{name}.param.");
+    let values: Vec<(String, Tensor)> =
+        f.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|n| (n.to_string(), v.clone()))).collect();
+    let n = values.len();
+    params.preload(values).unwrap();
+    (params, n)
+}
