@@ -13,16 +13,9 @@ wsimil_bins() {
 
 # The peers at their best: Debian 12's OpenBLAS (0.3.21; PyTorch's matmuls go through it) does not
 # recognise recent Xeons and falls back to SSE3 "Prescott" kernels, 5-7x slower. wsimil picks the
-# kernels from the CPU's features itself (common::models::blas::prepare_env: the same rule as here);
-# give the peers the same.
-cpu_has() { for f in "$@"; do grep -qw "$f" /proc/cpuinfo 2>/dev/null || return 1; done; }
-if [[ -z ${OPENBLAS_CORETYPE:-} ]]; then
-  if cpu_has avx512f avx512bw avx512dq avx512vl; then
-    export OPENBLAS_CORETYPE=SkylakeX
-  elif cpu_has avx2 fma; then
-    export OPENBLAS_CORETYPE=Haswell
-  fi
-fi
+# kernels from the CPU's features itself (common::models::blas::prepare_env); give the peers the
+# same, by the same rule (scripts/blas-env.sh, checked against the loader's by a test).
+source scripts/blas-env.sh
 
 # Prefix that pins a command to one core (empty where taskset is missing).
 ONE_CORE=""

@@ -18,11 +18,20 @@ if ! command -v chromium >/dev/null; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
   }
 fi
+# Each stage says what it cost (CI's log shows where its time goes).
+took() { echo "test: $1 took $((SECONDS - t0)) s" >&2; t0=$SECONDS; }
+t0=$SECONDS
 cargo fmt --all -- --check
-# Lints of every crate and target, as a warning-free build requires (a check build: ~4 min on CI's
-# 2 cores the first time, seconds after).
+# Lints of every crate and target, as a warning-free build requires (a check build: ~5 min on 2
+# cores the first time, seconds after).
 cargo clippy --workspace --all-targets -- -D warnings
+took clippy
 # The cuda feature must keep compiling: type-checked with CUDA 13 from PyPI (no GPU needed).
 # WSIMIL_SKIP_CUDA_CHECK=1 skips it (local iterations).
 [[ -n ${WSIMIL_SKIP_CUDA_CHECK:-} ]] || ./scripts/build-cuda.sh --check
+took "the cuda type-check"
+# OpenBLAS's kernels and the thread pools set as wsimil's loader would, before the test binaries
+# start: no test thread then writes the environment.
+BLAS_ENV_THREADS=1 source scripts/blas-env.sh
 cargo test --workspace --no-fail-fast "$@"
+took "building and running the tests"

@@ -357,6 +357,7 @@ pub fn render(r: &RunReport) -> String {
             n => format!("{n} ICMIL rounds after round 0"),
         }
     );
+    training_settings(&mut h, plan);
     if r.rounds.is_empty() {
         h.push_str("<p class=\"muted\">No round has been predicted yet.</p>");
     } else if plan.task.is_classification() {
@@ -368,6 +369,29 @@ pub fn render(r: &RunReport) -> String {
     failures_section(&mut h, &r.failures);
     let _ = write!(h, "<script>{SCRIPT}</script></body></html>");
     h
+}
+
+/// How the bag model was trained, as the plan says.
+fn training_settings(h: &mut String, plan: &RunPlan) {
+    use clap::ValueEnum;
+    let t = &plan.train;
+    let optimizer = t.optimizer.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+    let mut parts = vec![
+        format!("optimizer {optimizer}, learning rate {}, weight decay {}", t.lr, t.weight_decay),
+        format!("at most {} epochs, stopping after {} without a better validation loss", t.max_epochs, t.patience),
+        format!("dropout {}", t.dropout),
+    ];
+    if t.model == wsimil_common::models::BagModelKind::Transmil {
+        parts.push(format!("{} Nyström landmarks", t.landmarks));
+    }
+    if t.grad_accumulation > 1 {
+        parts.push(format!("gradients of {} bags per step", t.grad_accumulation));
+    }
+    if t.max_train_instances > 0 {
+        parts.push(format!("training bags subsampled to {} patches", t.max_train_instances));
+    }
+    parts.push(format!("seed {}", t.seed));
+    let _ = write!(h, "<p id=\"settings\">Training: {}.</p>", esc(&parts.join(", ")));
 }
 
 /// Every round's figures side by side.

@@ -78,8 +78,10 @@ async fn run_once(store: &Store, settings: &RunSettings) -> RunSummary {
 }
 
 /// `runs/<run>/report.html` in headless Chromium: it loads with nothing on the console, its
-/// script runs to the end, and it shows the run: both folds' and the pooled ROC curves, the six
-/// predicted slides ranked with their heatmaps (files beside the page), the corrupt slide's failure.
+/// script runs to the end, and it shows the run: its training settings, both folds' and the pooled
+/// ROC curves and the precision-recall chart, the patch-level figures against the truth masks, the
+/// six predicted slides ranked worst error first with their heatmaps (files beside the page), the
+/// corrupt slide's failure.
 fn report_renders_in_chromium(store_dir: &Path, plan: &RunPlan) {
     let page = store_dir.join(format!("runs/{}/report.html", plan.run));
     let dom = support::render_in_chromium(&page);
@@ -89,11 +91,47 @@ fn report_renders_in_chromium(store_dir: &Path, plan: &RunPlan) {
     for curve in ["data-name=\"fold 0", "data-name=\"fold 1", "data-name=\"pooled"] {
         assert!(dom.contains(curve), "no {curve} curve");
     }
+    assert_eq!(dom.matches("data-name=\"pooled").count(), 2, "the pooled ROC and precision-recall curves");
+    assert!(dom.contains("Precision-recall (tumor positive)"), "no precision-recall chart");
     assert!(dom.contains("Confusion matrix") && dom.contains("Calibration"));
+    let lesions = dom.split("<h3>Where the lesions are</h3><p>").nth(1).expect("no patch-level figures");
+    assert!(lesions.starts_with("6 slides with truth") && lesions.contains("instance AUC"), "{}", &lesions[..120]);
+    let settings = dom.split("<p id=\"settings\">").nth(1).expect("the training settings").split("</p>").next();
+    let settings = settings.unwrap();
+    for want in
+        ["optimizer lookahead-radam", "learning rate 0.0002", "at most 3 epochs", "16 Nyström landmarks", "seed 0"]
+    {
+        assert!(settings.contains(want), "{want:?} not in {settings:?}");
+    }
+    // Worst error first: the probability given to each slide's true class, lowest first.
+    let p_truth: Vec<f64> = dom
+        .split("<tr data-slide=")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<&str> = row.split("<td").skip(1).collect();
+            let cell = cells[4].split('>').nth(1).unwrap().split('<').next().unwrap();
+            cell.parse().unwrap_or_else(|_| panic!("p(truth) {cell:?}"))
+        })
+        .collect();
+    assert_eq!(p_truth.len(), 6);
+    assert!(p_truth.windows(2).all(|w| w[0] <= w[1]), "not worst error first: {p_truth:?}");
     assert!(
         dom.contains("<h2 id=\"failures\">Failures (1)</h2>") && dom.contains("corrupt.svs"),
         "the failure and its reason"
     );
+}
+
+/// `wsimil report RUN` makes the page again from what the store holds: the same page.
+async fn report_command_remakes_the_page(store_dir: &Path, plan: &RunPlan) {
+    use clap::Parser;
+    use wsimil_coordinator::cli::{Cli, Command};
+    let page = store_dir.join(format!("runs/{}/report.html", plan.run));
+    let before = std::fs::read(&page).unwrap();
+    std::fs::remove_file(&page).unwrap();
+    let args = ["wsimil", "report", plan.run.as_str(), "--store", store_dir.to_str().unwrap()];
+    let Command::Report(args) = Cli::try_parse_from(args).unwrap().command else { panic!("not report") };
+    wsimil_coordinator::cli::report(args).await.unwrap();
+    assert!(std::fs::read(&page).unwrap() == before, "wsimil report wrote another page");
 }
 
 /// `wsimil export-features --run RUN`: one h5 file per slide with features (the corrupt slide left
@@ -197,6 +235,7 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
 
     // The page a person reads, in a real browser.
     report_renders_in_chromium(&store_dir, &s.plan);
+    report_command_remakes_the_page(&store_dir, &s.plan).await;
 
     // The run's features out as CLAM/TRIDENT h5 files, through the command line, read back by h5py.
     export_features_reads_back_in_h5py(&store, &store_dir, &s.plan, dir.path()).await;
@@ -459,6 +498,18 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         assert!((i.attention_auc.unwrap() - want_a).abs() < 1e-9, "round {}: {i:?} vs {want_a}", r.round);
     }
     assert!(report.contains("instance AUC"), "{report}");
+    // The run's page sets the rounds side by side, each with its own section, in a real browser.
+    let dom = support::render_in_chromium(&dir.path().join(format!("store/runs/{run}/report.html")));
+    let rounds = dom.split("<table id=\"rounds\">").nth(1).expect("the rounds table").split("</table>").next();
+    let rounds = rounds.unwrap();
+    assert_eq!(rounds.matches("<tr>").count(), 3, "a header and the two rounds: {rounds}");
+    for r in &s.rounds {
+        let i = r.instance.unwrap();
+        assert!(rounds.contains(&format!("{:.3}", i.instance_auc.unwrap())), "round {}: {rounds}", r.round);
+    }
+    assert!(dom.contains("<h2 id=\"round-0\">") && dom.contains("<h2 id=\"round-1\">"), "a section per round");
+    assert_eq!(dom.matches("<h3>Where the lesions are</h3>").count(), 2);
+    assert!(dom.contains("1 ICMIL round after round 0"));
     let map = store.get(&layout::attention(&run, 1, &SlideId::new("demo-000").unwrap())).await.unwrap();
     let map = wsimil_common::attention::AttentionMap::from_parquet("a", map).unwrap();
     assert_eq!(map.truth.as_ref().map(Vec::len), Some(map.xs.len()));

@@ -78,10 +78,12 @@ fn musk1_imports_and_trains_with_the_run_command() {
 }
 
 /// Import Musk1 into a new store under `dir`; returns the store and the manifest.
+/// Musk1 imported standardised (its raw features are integers, which f16 holds exactly).
 fn musk1_store(dir: &std::path::Path) -> (String, String) {
     let (store, manifest) = (dir.join("store").display().to_string(), dir.join("m.csv").display().to_string());
     let table = data("musk1.csv").display().to_string();
-    run_ok(&["import-bags", "--table", &table, "--name", "musk1", "--store", &store, "--manifest-out", &manifest]);
+    let name = ["--name", "musk1", "--standardise"];
+    run_ok(&[&["import-bags", "--table", &table, "--store", &store, "--manifest-out", &manifest][..], &name].concat());
     (store, manifest)
 }
 
@@ -92,10 +94,10 @@ fn fold_report(run_dir: &std::path::Path, k: usize) -> serde_json::Value {
 
 #[test]
 fn a_bag_budget_far_below_the_cohort_trains_the_same_models_and_predictions_as_one_that_holds_it() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let runs: Vec<(String, std::path::PathBuf)> = [(&a, "1"), (&b, "0.0001")]
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let runs: Vec<(String, std::path::PathBuf)> = [(&a, "1", "f32"), (&b, "0.0001", "f32"), (&c, "0.0001", "f16")]
         .into_iter()
-        .map(|(dir, gb)| {
+        .map(|(dir, gb, precision)| {
             let (store, manifest) = musk1_store(dir.path());
             run_ok(&[
                 "run",
@@ -116,12 +118,14 @@ fn a_bag_budget_far_below_the_cohort_trains_the_same_models_and_predictions_as_o
                 "--final-model",
                 "--bag-cache-gb",
                 gb,
+                "--bag-precision",
+                precision,
             ]);
             let run_dir = std::fs::read_dir(dir.path().join("store/runs")).unwrap().next().unwrap().unwrap().path();
             (gb.to_string(), run_dir)
         })
         .collect();
-    let ((_, big), (_, small)) = (&runs[0], &runs[1]);
+    let ((_, big), (_, small), (_, half)) = (&runs[0], &runs[1], &runs[2]);
     // 100 kB: far below Musk1's 92 bags (about 0.3 MB of features, as much again in files): most
     // bags are read again at every pass.
     let bytes = |p: std::path::PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -144,6 +148,37 @@ fn a_bag_budget_far_below_the_cohort_trains_the_same_models_and_predictions_as_o
     for f in ["round-0/predictions.csv", "round-0/final/model.safetensors"] {
         assert!(bytes(big.join(f)) == bytes(small.join(f)), "{f}: the same whatever the budget");
     }
+    // Half precision: twice the bags in the same budget, and a model that reads features rounded
+    // to f16 (relative error 2^-11) predicts as the f32 one does, to within a few hundredths.
+    for k in 0..3 {
+        let (rs, rh) = (fold_report(small, k), fold_report(half, k));
+        let hits = |r: &serde_json::Value| r["bags"]["hits"].as_u64().unwrap();
+        assert!(hits(&rh) > hits(&rs), "fold {k}: f16 {} vs f32 {}", rh["bags"], rs["bags"]);
+        let probs = |r: &serde_json::Value| -> Vec<f64> {
+            let rows = r["predictions"].as_array().unwrap();
+            rows.iter().flat_map(|p| p["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect()
+        };
+        let (pf, ph) = (probs(&rs), probs(&rh));
+        assert_eq!(pf.len(), ph.len());
+        let d = pf.iter().zip(&ph).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(d < 0.05, "fold {k}: f16 moves a probability by {d}");
+        assert!(d > 0.0, "fold {k}: the features rounded to f16 changed nothing: not read in half precision?");
+        assert!(
+            bytes(small.join(format!("round-0/fold-{k}/model.safetensors")))
+                != bytes(half.join(format!("round-0/fold-{k}/model.safetensors")))
+        );
+    }
+    // Scoring holds its bag within the budget too: one that cannot hold a bag says which and why.
+    let store = a.path().join("store").display().to_string();
+    let manifest = a.path().join("m.csv").display().to_string();
+    let model = big.file_name().unwrap().to_str().unwrap().to_string();
+    let out = wsimil()
+        .args(["predict", "--model", &model, "--features", "musk1", "--manifest", &manifest, "--store", &store])
+        .args(["--bag-cache-gb", "0.00001"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("'s bag (") && text.contains("more than the whole bag budget of"), "{text}");
 }
 
 #[test]

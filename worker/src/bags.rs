@@ -682,6 +682,37 @@ mod tests {
         .unwrap()
     }
 
+    /// While a step works on one bag the next ones are read: with room for them, a pass has read
+    /// `READ_AHEAD` bags and more beyond the one in use before it is asked for the second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pass_reads_ahead_while_the_step_holds_its_bag() {
+        let store = Store::memory();
+        let slides = cohort(&store, 12).await;
+        let (entries, _) = index(&store, &ids(), &slides).await.unwrap();
+        let cohort_bytes: u64 = entries.iter().map(|e| e.need(BagPrecision::F32)).sum();
+        let memory = BagMemory::new(BagBudget { bytes: 4 * cohort_bytes, precision: BagPrecision::F32 });
+        let loader = Arc::new(BagLoader::new(memory, store.clone(), entries, Handle::current()).unwrap());
+        let l = loader.clone();
+        let ahead = tokio::task::spawn_blocking(move || {
+            let order: Vec<usize> = (0..12).collect();
+            let mut pass = l.pass(&order);
+            let first = pass.next_bag().unwrap();
+            // The step holds bag 0 and asks for nothing: what is read now was read ahead.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while l.stats().reads < 1 + READ_AHEAD as u64 && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let ahead = l.stats().reads - 1;
+            drop(first);
+            let rest = std::iter::from_fn(|| pass.next_bag()).count();
+            (ahead, rest)
+        })
+        .await
+        .unwrap();
+        assert!(ahead.0 >= READ_AHEAD as u64, "{} bags read ahead of the step", ahead.0);
+        assert_eq!(ahead.1, 11, "and the pass still gives every bag");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_budget_below_the_cohort_streams_every_pass_in_order_and_never_holds_more_than_it() {
         let store = Store::memory();

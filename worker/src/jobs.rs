@@ -347,6 +347,39 @@ async fn load_bag(
     Ok(Some((bag, held)))
 }
 
+/// The features of `slide` from each of `sources`, each read once, their share of the bag budget
+/// held together (so that a job never waits for room it holds itself): an error naming the slide
+/// when one has no features, or when the budget could never hold them all.
+async fn load_bags(
+    ctx: &WorkerContext,
+    sources: &[(EmbedderId, TilingId)],
+    slide: &SlideId,
+) -> Result<(Vec<FeatureBag>, OwnedSemaphorePermit), JobError> {
+    let mut shapes = Vec::new();
+    for (emb, tiling) in sources {
+        let key = layout::features(emb, tiling, slide);
+        match crate::bags::shape_of(&ctx.store, &key).await? {
+            Some(shape) if shape.patches > 0 => shapes.push((key, shape)),
+            _ => return Err(JobError::Input(format!("{slide}: no features from {emb} to score with"))),
+        }
+    }
+    // Their files and the decoded features (f32: a bag applied whole is scored as read).
+    let need = shapes.iter().map(|(_, s)| s.file_bytes + s.decoded_bytes(4)).sum();
+    let what = shapes
+        .iter()
+        .map(|(_, s)| format!("{} patches × {} features", s.patches, s.dim))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let held = ctx.bags.hold(need, &format!("slide {slide}'s bag ({what})")).await?;
+    let mut bags = Vec::new();
+    for (key, _) in shapes {
+        let bytes = ctx.store.get(&key).await?;
+        let name = key.to_string();
+        bags.push(blocking(move || Ok(FeatureBag::from_parquet(&name, bytes)?)).await?);
+    }
+    Ok((bags, held))
+}
+
 /// What a run's models are trained for; a survival run's time bins come from `train_slides`.
 fn objective_of<'a>(plan: &RunPlan, train_slides: impl Iterator<Item = &'a str>) -> train::Objective {
     match plan.task.survival() {
@@ -705,15 +738,21 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         .ok_or_else(|| JobError::Input(format!("{}: not in application {}", job.slide, job.app)))?
         .clone();
     let model = ctx.model(&app.model).await?;
-    let (mut bags, mut held) = (Vec::new(), Vec::new());
+    // Each member's features: the members of one embedder and tiling (a run's folds) share one bag.
+    let mut sources: Vec<(EmbedderId, TilingId)> = Vec::new();
+    let mut which = Vec::new();
     for (m, _) in model.iter() {
         let ids = app.features_of(&m.embedder);
-        let (bag, h) = load_bag(ctx, &ids, &job.slide)
-            .await?
-            .ok_or_else(|| JobError::Input(format!("{}: no features from {} to score with", job.slide, ids.0)))?;
-        held.push(h);
+        let i = sources.iter().position(|s| *s == ids).unwrap_or_else(|| {
+            sources.push(ids);
+            sources.len() - 1
+        });
+        which.push(i);
+    }
+    let (bags, held) = load_bags(ctx, &sources, &job.slide).await?;
+    for ((m, _), &i) in model.iter().zip(&which) {
         // Features must come from the embedder (and tiling) the member was trained on.
-        let p = &bag.provenance;
+        let (p, ids) = (&bags[i].provenance, &sources[i]);
         if p.embedder != ids.0.as_str() || p.feature_dim != m.config.in_dim() {
             return Err(JobError::Input(format!(
                 "{}: features from {} ({} wide), but {} of model {} was trained on {} ({} wide)",
@@ -726,7 +765,6 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
                 m.config.in_dim()
             )));
         }
-        bags.push(bag);
     }
     let device = ctx.device().clone();
     let model2 = model.clone();
@@ -737,16 +775,20 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         let mut probs: Vec<f64> = Vec::new();
         let mut attention: Vec<Vec<f32>> = Vec::new();
         let mut instance: Vec<Option<Vec<f32>>> = Vec::new();
-        for ((_, m), bag) in model2.iter().zip(&mut bags2) {
-            let x =
-                Tensor::from_vec(std::mem::take(&mut bag.features), (1, bag.len(), bag.dim), &device).map_err(&err)?;
-            let (p, a) = train::predict(m, &x, true, head).map_err(&err)?;
+        let inputs: Vec<Tensor> = bags2
+            .iter_mut()
+            .map(|bag| Tensor::from_vec(std::mem::take(&mut bag.features), (1, bag.len(), bag.dim), &device))
+            .collect::<candle_core::Result<_>>()
+            .map_err(&err)?;
+        for ((_, m), &i) in model2.iter().zip(&which) {
+            let x = &inputs[i];
+            let (p, a) = train::predict(m, x, true, head).map_err(&err)?;
             if probs.is_empty() {
                 probs = vec![0.0; p.len()];
             }
             probs.iter_mut().zip(&p).for_each(|(s, v)| *s += v / model2.len() as f64);
             attention.push(a.unwrap_or_default());
-            instance.push(if head.is_classes() { train::instance_positive(m, &x).map_err(&err)? } else { None });
+            instance.push(if head.is_classes() { train::instance_positive(m, x).map_err(&err)? } else { None });
         }
         // Members on the same patches: their per-patch figures averaged; else the first member's.
         let same = bags2.iter().all(|b| b.xs == bags2[0].xs && b.ys == bags2[0].ys);

@@ -13,7 +13,10 @@
 //! `OPENBLAS_CORETYPE` from the CPU's features (SkylakeX for AVX-512, Haswell for AVX2) unless the
 //! user set it, and `OPENBLAS_NUM_THREADS=1`: wsimil parallelises over the images of a batch
 //! itself. The variables are read when the library loads; `wsimil`'s `main` calls [`prepare_env`]
-//! before any thread starts, and the loader calls it again (a no-op then) for other programs.
+//! before any thread starts, and the loader calls it again (a no-op then) for other programs. The
+//! test command (`scripts/test.sh`) exports the same settings from `scripts/blas-env.sh` (the same
+//! rule, checked against this one by a test) before the test binaries start, so that no test
+//! thread writes the environment.
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
@@ -66,25 +69,38 @@ pub struct Blas {
 /// very thread it waits for (a quarter of a TransMIL step on one core). `available_parallelism`
 /// reads the affinity mask and the cgroup quota.
 pub fn prepare_env() {
-    if let Ok(n) = std::thread::available_parallelism() {
-        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
-            if std::env::var_os(var).is_none() {
-                std::env::set_var(var, n.get().to_string());
-            }
-        }
-    }
-    if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
-        if let Some(core) = core_for_this_cpu() {
-            std::env::set_var("OPENBLAS_CORETYPE", core);
-        }
-    }
-    if std::env::var_os("OPENBLAS_NUM_THREADS").is_none() {
-        std::env::set_var("OPENBLAS_NUM_THREADS", "1");
+    let cpus = std::thread::available_parallelism().ok().map(|n| n.get());
+    for (var, value) in env_to_set(|v| std::env::var_os(v).is_some(), cpus, core_for_this_cpu()) {
+        std::env::set_var(var, value);
     }
 }
 
+/// What [`prepare_env`] writes: each of its variables that `is_set` says is unset, with its value
+/// (the thread pools sized to `cpus` where known, OpenBLAS's kernels `core` where the CPU has one).
+pub fn env_to_set(
+    is_set: impl Fn(&str) -> bool,
+    cpus: Option<usize>,
+    core: Option<&'static str>,
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(n) = cpus {
+        out.extend(["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"].map(|v| (v, n.to_string())));
+    }
+    if let Some(core) = core {
+        out.push(("OPENBLAS_CORETYPE", core.to_string()));
+    }
+    out.push(("OPENBLAS_NUM_THREADS", "1".to_string()));
+    out.retain(|(v, _)| !is_set(v));
+    out
+}
+
 fn core_for_this_cpu() -> Option<&'static str> {
-    match super::cpu::Simd::of_this_cpu() {
+    core_of(super::cpu::Simd::of_this_cpu())
+}
+
+/// OpenBLAS's kernels for a level of vector instructions.
+fn core_of(simd: super::cpu::Simd) -> Option<&'static str> {
+    match simd {
         super::cpu::Simd::Avx512 => Some("SkylakeX"),
         super::cpu::Simd::Avx2 => Some("Haswell"),
         super::cpu::Simd::Baseline => None,
@@ -286,6 +302,43 @@ pub(crate) fn for_test() -> &'static Blas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_is_written_only_where_unset() {
+        let all = env_to_set(|_| false, Some(6), Some("SkylakeX"));
+        let want = [
+            ("CANDLE_NUM_THREADS", "6"),
+            ("RAYON_NUM_THREADS", "6"),
+            ("OPENBLAS_CORETYPE", "SkylakeX"),
+            ("OPENBLAS_NUM_THREADS", "1"),
+        ];
+        assert_eq!(all, want.map(|(v, x)| (v, x.to_string())));
+        assert!(env_to_set(|_| true, Some(6), Some("Haswell")).is_empty(), "a set variable is the user's");
+        let some = env_to_set(|v| v == "OPENBLAS_CORETYPE", None, Some("Haswell"));
+        assert_eq!(some, vec![("OPENBLAS_NUM_THREADS", "1".to_string())]);
+    }
+
+    /// `scripts/blas-env.sh`, which the test command sources so that the test binaries start with
+    /// these variables set, chooses OpenBLAS's kernels by the same features and names as the loader.
+    #[test]
+    fn the_test_commands_settings_follow_the_loaders_rule() {
+        let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/blas-env.sh")).unwrap();
+        let rule: Vec<&str> = script.lines().filter(|l| l.contains("_blas_cpu_has ")).collect();
+        assert_eq!(rule.len(), 2, "{rule:?}");
+        use super::super::cpu::{Simd, AVX2_FEATURES, AVX512_FEATURES};
+        assert_eq!(core_of(Simd::Baseline), None, "the script exports no core where neither rule holds");
+        for (line, features, simd) in [(rule[0], AVX512_FEATURES, Simd::Avx512), (rule[1], AVX2_FEATURES, Simd::Avx2)] {
+            let core = core_of(simd).unwrap();
+            let named: Vec<&str> =
+                line.split("_blas_cpu_has ").nth(1).unwrap().trim_end_matches("; then").split(' ').collect();
+            assert_eq!(named, features, "{line}");
+            let export = script.split(line).nth(1).unwrap().lines().nth(1).unwrap().trim();
+            assert_eq!(export, format!("export OPENBLAS_CORETYPE={core}"));
+        }
+        for (var, _) in env_to_set(|_| false, Some(1), Some("SkylakeX")) {
+            assert!(script.contains(&format!("export {var}=")), "{var} not exported");
+        }
+    }
 
     #[test]
     fn openblas_multiplies_like_the_definition() {

@@ -520,6 +520,25 @@ mod tests {
         std::fs::write(p, vec![7u8; n]).map_err(|e| SlideError::Config(e.to_string()))
     }
 
+    /// The reader `wsimil` chose at start (`WSIMIL_READER`) is the one every slide is opened with,
+    /// whatever the environment says later.
+    #[test]
+    fn a_slide_is_opened_by_the_reader_its_sources_were_given() {
+        let slide = wsimil_common::data_dir().join("cmu_small_region.svs");
+        assert!(slide.is_file(), "{} missing: run scripts/fetch-data.sh", slide.display());
+        let location = slide.to_str().unwrap();
+        for (choice, want) in [
+            (ReaderChoice::Native, "wsimil native"),
+            (ReaderChoice::OpenSlide, "openslide"),
+            (ReaderChoice::Auto, "wsimil native"),
+        ] {
+            let sources = SlideSources::local().with_reader(choice);
+            assert_eq!(sources.reader(), choice);
+            let name = sources.open(location).unwrap().reader_name();
+            assert!(name.starts_with(want), "{choice:?}: opened by {name}");
+        }
+    }
+
     #[test]
     fn urls_split_into_bucket_and_key() {
         assert_eq!(split_url("s3://b/k/x.svs"), Some(("b", "k/x.svs")));
