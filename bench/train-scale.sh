@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training at TCGA scale within a memory budget: `wsimil run --features` on synthetic cohorts of
-# 100, 400 and 1,000 slides (TCGA-like bag sizes around 5,000 patches of 1,024-d f32 features:
-# 20 GB at 1,000 slides; `wsimil-dev make-cohort`, a planted signal), ABMIL, one split (70 % train,
+# 100, 400 and 1,000 slides (TCGA-like bag sizes around 5,300 patches of 1,024-d f32 features:
+# 20.4 GB at 1,000 slides; `wsimil-dev make-cohort`, a planted signal), ABMIL, one split (70 % train,
 # 10 % validation, 20 % test), EPOCHS epochs. For each size: seconds per epoch and peak memory with
 # a bag budget below the cohort (BUDGET_GB), and with a budget that holds the cohort where this
 # machine can (the all-in-memory path). Beside it, the peer users would run: a training loop as
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 wsimil_bins
 SIZES=${SIZES:-100 400 1000}
-PATCHES=${PATCHES:-5000}
+PATCHES=${PATCHES:-5300}
 DIM=${DIM:-1024}
 EPOCHS=${EPOCHS:-3}
 BUDGET_GB=${BUDGET_GB:-1}
