@@ -155,6 +155,20 @@ pub struct TrainConfig {
     /// Bags larger than this are randomly subsampled during training (memory bound); 0 = never.
     pub max_train_instances: usize,
     pub seed: u64,
+    /// CLAM's subtyping mode: every other class's most attended patches are taught "not this
+    /// class" too (`--clam-subtyping`). Absent from plans without it (same run ids).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clam_subtyping: bool,
+}
+
+impl TrainConfig {
+    /// The bag model these settings train, on `in_dim`-wide features with `outputs` outputs.
+    pub fn bag_model(&self, in_dim: usize, outputs: usize) -> crate::models::BagModelConfig {
+        crate::models::BagModelConfig::new(self.model, in_dim, outputs)
+            .with_dropout(self.dropout)
+            .with_landmarks(self.landmarks)
+            .with_clam_subtyping(self.clam_subtyping)
+    }
 }
 
 impl Default for TrainConfig {
@@ -171,6 +185,7 @@ impl Default for TrainConfig {
             landmarks: 256,
             max_train_instances: 0,
             seed: 0,
+            clam_subtyping: false,
         }
     }
 }
@@ -356,6 +371,10 @@ pub struct PlannedSlide {
     /// Its follow-up, in a survival run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub survival: Option<SurvivalTarget>,
+    /// Its patient (the manifest's `patient` or `case_id`): a patient's slides share a fold, and
+    /// their predictions are pooled into the patient's. Absent from plans without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 /// One cross-validation fold: which slides train, validate (early stopping) and test.
@@ -511,6 +530,20 @@ impl RunPlan {
     }
 
     /// The bag model's outputs (see [`Task::outputs`]).
+    /// Whether any slide names its patient.
+    pub fn has_patients(&self) -> bool {
+        self.slides.iter().any(|s| s.patient.is_some())
+    }
+
+    /// `slides` (ids of this plan's slides) grouped by patient, in the order patients first appear:
+    /// each group's positions in `slides`. A slide without a patient, or not in the plan, is a
+    /// patient of its own.
+    pub fn patient_groups(&self, slides: &[&str]) -> Vec<Vec<usize>> {
+        let patient: std::collections::HashMap<&str, &str> =
+            self.slides.iter().filter_map(|s| Some((s.id.as_str(), s.patient.as_deref()?))).collect();
+        group_by_patient(slides, |s| patient.get(s).copied())
+    }
+
     pub fn outputs(&self) -> usize {
         self.task.outputs(self.classes.len())
     }
@@ -538,9 +571,41 @@ impl RunPlan {
     }
 }
 
+/// `slides` grouped by `patient_of` (none: a patient of its own), in the order patients first
+/// appear: each group's positions in `slides`.
+pub fn group_by_patient<'p>(slides: &[&str], patient_of: impl Fn(&str) -> Option<&'p str>) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, slide) in slides.iter().enumerate() {
+        match patient_of(slide) {
+            Some(p) => match index.get(p) {
+                Some(&g) => groups[g].push(i),
+                None => {
+                    index.insert(p, groups.len());
+                    groups.push(vec![i]);
+                }
+            },
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slides_group_by_patient_in_order_and_a_slide_without_one_stands_alone() {
+        let patient = |s: &str| match s {
+            "a1" | "a2" => Some("A"),
+            "b1" => Some("B"),
+            _ => None,
+        };
+        let groups = group_by_patient(&["a1", "x", "b1", "a2", "y"], patient);
+        assert_eq!(groups, vec![vec![0, 3], vec![1], vec![2], vec![4]]);
+        assert!(group_by_patient(&[], patient).is_empty());
+    }
 
     /// The bins as pandas' `qcut` of the event times cuts them (numpy's linear quantiles), censored
     /// slides left out; times on an edge go to the upper bin (`cut(right=False)`).

@@ -516,6 +516,10 @@ pub struct RunArgs {
     /// Training bags larger than this are randomly subsampled (0 = never).
     #[arg(long, default_value_t = 0)]
     pub max_train_instances: usize,
+    /// CLAM's subtyping mode (`--model clam-sb|clam-mb`, classes that are all tumour subtypes):
+    /// every other class's most attended patches are taught "not this class" too.
+    #[arg(long)]
+    pub clam_subtyping: bool,
     /// After the cross-validation, train one more model on every slide for the epochs the folds
     /// chose (their median best epoch): the model `wsimil predict --model RUN:final` applies.
     #[arg(long)]
@@ -649,6 +653,7 @@ impl RunArgs {
                 max_train_instances: self.max_train_instances,
                 landmarks: self.landmarks.max(1),
                 seed: self.train_seed.unwrap_or(self.seed),
+                clam_subtyping: self.clam_subtyping,
                 ..TrainConfig::default()
             },
             folds: FoldSettings { k: self.folds.max(1), seed: self.seed },
@@ -660,8 +665,14 @@ impl RunArgs {
     }
 
     fn task(&self) -> anyhow::Result<Task> {
+        if self.clam_subtyping && !matches!(self.model, BagModelKind::ClamSb | BagModelKind::ClamMb) {
+            bail!("--clam-subtyping is CLAM's (--model clam-sb or clam-mb), not {}'s", self.model);
+        }
         if self.task == TaskKind::Classification {
             return Ok(Task::Classification);
+        }
+        if self.clam_subtyping {
+            bail!("--clam-subtyping teaches patches classes; a survival run has none");
         }
         if self.survival_loss == SurvivalLoss::Nll && self.survival_bins < 2 {
             bail!("--survival-bins must be at least 2");
@@ -1344,6 +1355,23 @@ mod tests {
             let err = run_args(bad).settings().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn clam_subtyping_reaches_the_bag_model_and_only_clams() {
+        use wsimil_common::models::BagModelConfig;
+        for model in ["clam-sb", "clam-mb"] {
+            let train = run_args(&["--model", model, "--clam-subtyping"]).settings().unwrap().train;
+            let BagModelConfig::Clam(c) = train.bag_model(24, 3) else { panic!("{model}") };
+            assert!(c.subtyping, "{model}");
+            let plain = run_args(&["--model", model]).settings().unwrap().train;
+            let BagModelConfig::Clam(c) = plain.bag_model(24, 3) else { panic!("{model}") };
+            assert!(!c.subtyping, "{model}: CLAM's default");
+        }
+        let err = run_args(&["--model", "abmil", "--clam-subtyping"]).settings().expect_err("not CLAM").to_string();
+        assert!(err.contains("--clam-subtyping is CLAM's"), "{err}");
+        let survival = run_args(&["--model", "clam-sb", "--clam-subtyping", "--task", "survival"]).settings();
+        assert!(survival.expect_err("no classes").to_string().contains("a survival run has none"));
     }
 
     #[test]

@@ -200,6 +200,7 @@ pub fn make_plan(manifest: &Manifest, run: Option<RunId>, parts: PlanParts) -> R
             mpp: r.mpp,
             truth: r.truth.as_ref().map(|t| t.display().to_string()),
             survival: r.survival,
+            patient: r.patient.clone(),
         })
         .collect();
     let mut plan = RunPlan {

@@ -431,6 +431,7 @@ fn round_section(h: &mut String, plan: &RunPlan, round: &RoundReport, several: b
         if several && m.round > 0 { " (ICMIL)" } else { "" },
         r = m.round
     );
+    patients_line(h, m);
     h.push_str("<div class=\"charts\">");
     let folds: Vec<u32> = round.folds.iter().map(|f| f.fold).collect();
     curves(h, classes, &round.rows, &folds);
@@ -510,6 +511,13 @@ pub fn km_chart(sv: &crate::run::SurvivalMetrics, end: f64) -> String {
 
 /// A survival round: C-index, the risk groups' Kaplan-Meier curves, the folds, the slides ranked
 /// by risk.
+/// The round's figures per patient, where the manifest names patients.
+fn patients_line(h: &mut String, m: &RoundMetrics) {
+    if let Some(p) = &m.patients {
+        let _ = write!(h, "<p id=\"patients-{}\">{}.</p>", m.round, esc(&p.describe()));
+    }
+}
+
 fn survival_section(h: &mut String, round: &RoundReport, sv: &crate::run::SurvivalMetrics) {
     let m = &round.metrics;
     let _ = write!(h, "<h2 id=\"round-{r}\">Round {r}: survival</h2>", r = m.round);
@@ -527,6 +535,7 @@ fn survival_section(h: &mut String, round: &RoundReport, sv: &crate::run::Surviv
         sv.log_rank_chi2,
         sv.log_rank_p
     );
+    patients_line(h, m);
     if !sv.td_auc.is_empty() {
         h.push_str("<table id=\"td-auc\"><tr><th class=\"l\">time-dependent AUC (cumulative/dynamic, IPCW), at the event times' quartiles</th>");
         for (t, _) in &sv.td_auc {

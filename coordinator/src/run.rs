@@ -19,7 +19,9 @@ use wsimil_common::layout;
 use wsimil_common::metrics::{evaluate, mean_sd, Estimate, MeanSd, Metrics};
 use wsimil_common::models::weights::WeightsFile;
 use wsimil_common::models::zoo::Architecture;
-use wsimil_common::plan::{EmbedderSpec, IcmilConfig, RunPlan, Task, TilingSpec, TrainConfig, WeightsRef};
+use wsimil_common::plan::{
+    EmbedderSpec, IcmilConfig, RunPlan, SurvivalTarget, Task, TilingSpec, TrainConfig, WeightsRef,
+};
 use wsimil_common::records::{EmbedderCard, FoldReport, WSIMIL_VERSION};
 use wsimil_common::store::{S3Options, Store};
 use wsimil_worker::slide::remote::Buckets;
@@ -233,6 +235,89 @@ pub struct RoundMetrics {
     /// A survival run's figures (the class figures above are empty there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub survival: Option<SurvivalMetrics>,
+    /// The figures per patient, where the manifest names the slides' patients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients: Option<PatientMetrics>,
+}
+
+/// A round's out-of-fold figures with each patient's slides pooled: a patient's class
+/// probabilities (or risk) are the mean of its slides'. A patient's slides share a fold, so each
+/// patient is scored by one fold's model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatientMetrics {
+    /// Patients with an out-of-fold prediction, and of them those with more than one slide.
+    pub patients: usize,
+    pub with_several_slides: usize,
+    /// Over the patients' pooled class probabilities (a classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<Metrics>,
+    /// Harrell's C-index of the patients' mean risks, with its bootstrap interval (survival).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c_index: Option<Estimate>,
+}
+
+impl PatientMetrics {
+    /// The patients' mean class probabilities and their labels, from the slides' `rows`.
+    fn classes(plan: &RunPlan, rows: &[Prediction]) -> Option<Self> {
+        if !plan.has_patients() || rows.is_empty() {
+            return None;
+        }
+        let groups = plan.patient_groups(&rows.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        let mean = |g: &[usize]| -> Vec<f64> {
+            let k = rows[g[0]].probs.len();
+            (0..k).map(|c| g.iter().map(|&i| rows[i].probs[c]).sum::<f64>() / g.len() as f64).collect()
+        };
+        let probs: Vec<Vec<f64>> = groups.iter().map(|g| mean(g)).collect();
+        let labels: Vec<usize> =
+            groups.iter().map(|g| rows[g[0]].label.expect("out-of-fold rows are labelled")).collect();
+        Some(PatientMetrics {
+            patients: groups.len(),
+            with_several_slides: groups.iter().filter(|g| g.len() > 1).count(),
+            pooled: Some(evaluate(&probs, &labels, plan.classes.len())),
+            c_index: None,
+        })
+    }
+
+    /// The patients' mean risks against their follow-up, from the slides' `rows`.
+    fn survival(plan: &RunPlan, rows: &[SurvivalRow]) -> Option<Self> {
+        let known: Vec<&SurvivalRow> = rows.iter().filter(|r| r.follow_up.is_some()).collect();
+        if !plan.has_patients() || known.is_empty() {
+            return None;
+        }
+        let groups = plan.patient_groups(&known.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        let risk: Vec<f64> =
+            groups.iter().map(|g| g.iter().map(|&i| known[i].risk).sum::<f64>() / g.len() as f64).collect();
+        // A patient's slides share its follow-up (the manifest refuses them otherwise).
+        let follow_up: Vec<SurvivalTarget> = groups.iter().map(|g| known[g[0]].follow_up.expect("known")).collect();
+        let time: Vec<f64> = follow_up.iter().map(|t| t.time).collect();
+        let event: Vec<bool> = follow_up.iter().map(|t| t.event).collect();
+        Some(PatientMetrics {
+            patients: groups.len(),
+            with_several_slides: groups.iter().filter(|g| g.len() > 1).count(),
+            pooled: None,
+            c_index: wsimil_common::survival::concordance_ci(&risk, &time, &event, 1000, 0),
+        })
+    }
+
+    /// One line for the run's summary.
+    pub fn describe(&self) -> String {
+        let figures = match (&self.pooled, &self.c_index) {
+            (Some(m), _) => format!(
+                "AUC {}, accuracy {:.3}, balanced accuracy {:.3}",
+                m.auc.map(|a| format!("{a:.3}")).unwrap_or_else(|| "n/a".into()),
+                m.accuracy,
+                m.balanced_accuracy
+            ),
+            (None, Some(c)) => format!("C-index {c}"),
+            (None, None) => "no figures".into(),
+        };
+        format!(
+            "per patient ({} patients, {} with several slides, their slides' {} averaged): {figures}",
+            self.patients,
+            self.with_several_slides,
+            if self.pooled.is_some() { "probabilities" } else { "risks" }
+        )
+    }
 }
 
 /// A survival round's figures over its out-of-fold risks.
@@ -363,6 +448,7 @@ async fn summarise_survival(store: &Store, plan: &RunPlan, round: u32) -> anyhow
         failures,
         instance: None,
         survival: Some(survival),
+        patients: PatientMetrics::survival(plan, &rows),
     };
     let table = SurvivalTable {
         csv: layout::predictions_csv(&plan.run, round),
@@ -595,6 +681,7 @@ pub async fn summarise(store: &Store, plan: &RunPlan, round: u32) -> anyhow::Res
         accuracy: collect(&|m| Some(m.accuracy)),
         balanced_accuracy: collect(&|m| Some(m.balanced_accuracy)),
         f1: collect(&|m| Some(m.f1)),
+        patients: PatientMetrics::classes(plan, &rows),
         per_fold,
         failures,
         survival: None,
@@ -706,6 +793,9 @@ pub fn render_summary(s: &RunSummary, store: &Store) -> String {
             ms(&m.accuracy),
             ms(&m.balanced_accuracy)
         ));
+    }
+    if let Some(p) = &m.patients {
+        out.push_str(&format!("{}\n", p.describe()));
     }
     if let Some(i) = &m.instance {
         out.push_str(&format!(

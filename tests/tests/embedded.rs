@@ -493,7 +493,7 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
                 attention.extend(map.attention.iter().map(|a| (a - lo) / (hi - lo)).zip(lesion));
             }
         }
-        let (want_i, want_a) = (pair_auc(&instance), pair_auc(&attention));
+        let (want_i, want_a) = (support::pair_auc(&instance), support::pair_auc(&attention));
         assert!((i.instance_auc.unwrap() - want_i).abs() < 1e-9, "round {}: {i:?} vs {want_i}", r.round);
         assert!((i.attention_auc.unwrap() - want_a).abs() < 1e-9, "round {}: {i:?} vs {want_a}", r.round);
     }
@@ -591,24 +591,4 @@ async fn a_vision_transformer_embeds_the_cohort_and_its_features_say_so() {
     let f = store.get(&layout::features(&emb, &s.plan.tiling.id(), &SlideId::new("demo-000").unwrap())).await.unwrap();
     let bag = FeatureBag::from_parquet("f", f).unwrap();
     assert_eq!(bag.provenance.weights_sha256.as_deref(), Some(sha.as_str()));
-}
-
-/// The AUC of scores against flags by its definition: the share of (lesion, other) pairs the score
-/// orders right, ties counting half.
-fn pair_auc(pairs: &[(f32, bool)]) -> f64 {
-    let (mut right, mut n) = (0.0, 0.0);
-    for (p, _) in pairs.iter().filter(|x| x.1) {
-        for (q, _) in pairs.iter().filter(|x| !x.1) {
-            right += if p > q {
-                1.0
-            } else if p == q {
-                0.5
-            } else {
-                0.0
-            };
-            n += 1.0;
-        }
-    }
-    assert!(n > 0.0, "both lesion and other patches");
-    right / n
 }

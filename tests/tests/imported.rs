@@ -181,6 +181,98 @@ fn a_bag_budget_far_below_the_cohort_trains_the_same_models_and_predictions_as_o
     assert!(text.contains("'s bag (") && text.contains("more than the whole bag budget of"), "{text}");
 }
 
+/// Every bag model the literature compares against trains through `wsimil run` and scores through
+/// `wsimil predict`, as ABMIL and TransMIL do: CLAM-SB, CLAM-MB in subtyping mode and DSMIL on
+/// Musk1, each ranking the bags well out of fold, its final model scoring every bag again.
+#[test]
+fn clam_and_dsmil_train_and_predict_through_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = musk1_store(dir.path());
+    let common = ["--features", "musk1", "--manifest", &manifest, "--store", &store];
+    let train = ["--folds", "3", "--epochs", "10", "--patience", "10", "--optimizer", "adamw", "--lr", "5e-4"];
+    for (model, extra) in [("clam-sb", None), ("clam-mb", Some("--clam-subtyping")), ("dsmil", None)] {
+        let mut args = vec!["run", "--run", model, "--model", model, "--final-model"];
+        args.extend(extra);
+        let text = run_ok(&[&args[..], &common, &train].concat());
+        let run_dir = dir.path().join(format!("store/runs/{model}/round-0"));
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run_dir.join("metrics.json")).unwrap()).unwrap();
+        let auc = metrics["pooled"]["auc"].as_f64().unwrap();
+        assert!(auc > 0.75, "{model}: out-of-fold AUC {auc}\n{text}");
+        let report = fold_report(&dir.path().join(format!("store/runs/{model}")), 0);
+        assert_eq!(
+            report["model"]["model"].as_str(),
+            Some(if model == "dsmil" { "dsmil" } else { "clam" }),
+            "{report}"
+        );
+        if model.starts_with("clam") {
+            assert_eq!(report["model"]["subtyping"].as_bool(), Some(extra.is_some()), "{model}");
+        }
+        let scored =
+            run_ok(&[&["predict", "--model", &format!("{model}:final"), "--name", model][..], &common].concat());
+        let csv = std::fs::read_to_string(dir.path().join(format!("store/applied/{model}/predictions.csv"))).unwrap();
+        assert_eq!(csv.lines().count(), 93, "{model}: every bag scored\n{scored}");
+    }
+}
+
+/// A manifest naming patients (Musk1's bags paired within each class into patients, a few left
+/// single): a patient's bags are tested in one fold, and the run reports the figures per patient,
+/// each patient's out-of-fold probabilities the mean of its bags'.
+#[test]
+fn slides_of_one_patient_share_a_fold_and_are_pooled_into_the_patients_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = musk1_store(dir.path());
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let mut with_patients = String::from("slide_id,path,label,patient\n");
+    for line in text.lines().skip(1) {
+        let (slide, label) = (line.split(',').next().unwrap(), line.rsplit(',').next().unwrap());
+        let n = seen.entry(label.to_string()).or_insert(0usize);
+        // Pairs of one class, and every fifth bag a patient on its own.
+        let patient = if *n % 5 == 4 { format!("single-{slide}") } else { format!("p{label}-{}", *n / 2) };
+        *n += 1;
+        with_patients.push_str(&format!("{line},{patient}\n"));
+    }
+    let manifest = dir.path().join("patients.csv");
+    std::fs::write(&manifest, &with_patients).unwrap();
+    let args = ["--features", "musk1", "--manifest", manifest.to_str().unwrap(), "--store", &store];
+    let out =
+        run_ok(&[&["run", "--run", "pp", "--model", "abmil", "--folds", "3", "--epochs", "3"][..], &args].concat());
+    let run_dir = dir.path().join("store/runs/pp/round-0");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("metrics.json")).unwrap()).unwrap();
+    // The slides' out-of-fold rows, pooled here by patient.
+    let patient: std::collections::HashMap<String, String> = with_patients
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[3].to_string())
+        })
+        .collect();
+    let csv = std::fs::read_to_string(run_dir.join("predictions.csv")).unwrap();
+    let mut pooled: std::collections::BTreeMap<String, (Vec<f64>, bool, std::collections::BTreeSet<String>)> =
+        Default::default();
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let e = pooled.entry(patient[f[0]].clone()).or_default();
+        e.0.push(f[5].parse().unwrap());
+        e.1 = f[1] == "1";
+        e.2.insert(f[2].to_string());
+    }
+    assert!(pooled.values().all(|p| p.2.len() == 1), "a patient's slides tested in one fold");
+    let p = &metrics["patients"];
+    assert_eq!(p["patients"].as_u64(), Some(pooled.len() as u64), "{p}");
+    let several = pooled.values().filter(|v| v.0.len() > 1).count();
+    assert!(several >= 20 && several < pooled.len(), "{several} of {}", pooled.len());
+    assert_eq!(p["with_several_slides"].as_u64(), Some(several as u64));
+    let pairs: Vec<(f64, bool)> =
+        pooled.values().map(|(probs, pos, _)| (probs.iter().sum::<f64>() / probs.len() as f64, *pos)).collect();
+    let auc = p["pooled"]["auc"].as_f64().unwrap();
+    assert!((auc - support::pair_auc(&pairs)).abs() < 1e-6, "{auc} vs {}", support::pair_auc(&pairs));
+    assert!(out.contains(&format!("per patient ({} patients, {several} with several slides", pooled.len())), "{out}");
+}
+
 #[test]
 fn a_bag_budget_that_cannot_hold_one_bag_is_said_with_the_bag_and_its_bytes() {
     let dir = tempfile::tempdir().unwrap();

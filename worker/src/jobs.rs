@@ -28,7 +28,7 @@ use wsimil_common::job::{EmbedJob, FinalJob, FinetuneJob, Job, PredictJob, Score
 use wsimil_common::layout;
 use wsimil_common::models::embedder::Embedder;
 use wsimil_common::models::params::{load_safetensors, Params};
-use wsimil_common::models::{BagModel, BagModelConfig};
+use wsimil_common::models::BagModel;
 use wsimil_common::plan::{EmbedderSpec, RunPlan, SurvivalTarget};
 use wsimil_common::records::{EpochRecord, FinalReport, FoldReport, ShardReport, SlidePrediction, SurvivalFold};
 use wsimil_common::store::Store;
@@ -453,9 +453,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
     }
     let in_dim = entries[tr[0]].shape.dim;
     let n_classes = plan.classes.len();
-    let model_cfg = BagModelConfig::new(plan.train.model, in_dim, plan.outputs())
-        .with_dropout(plan.train.dropout)
-        .with_landmarks(plan.train.landmarks);
+    let model_cfg = plan.train.bag_model(in_dim, plan.outputs());
     let objective = objective_of(&plan, tr.iter().map(|&i| entries[i].slide.as_str()));
     let loader = ctx.bag_loader(entries)?;
     let device = ctx.device().clone();
@@ -676,9 +674,7 @@ async fn train_final(ctx: &WorkerContext, job: &FinalJob) -> Result<Done, JobErr
     if entries.is_empty() {
         return Err(JobError::Input(format!("run {}: no slide has features", job.run)));
     }
-    let model_cfg = BagModelConfig::new(plan.train.model, entries[0].shape.dim, plan.outputs())
-        .with_dropout(plan.train.dropout)
-        .with_landmarks(plan.train.landmarks);
+    let model_cfg = plan.train.bag_model(entries[0].shape.dim, plan.outputs());
     let objective = objective_of(&plan, entries.iter().map(|e| e.slide.as_str()));
     let all: Vec<usize> = (0..entries.len()).collect();
     let loader = ctx.bag_loader(entries)?;

@@ -174,6 +174,14 @@ impl BagModelConfig {
         self
     }
 
+    /// Set CLAM's subtyping mode (no effect on the other models).
+    pub fn with_clam_subtyping(mut self, on: bool) -> Self {
+        if let BagModelConfig::Clam(c) = &mut self {
+            c.subtyping = on;
+        }
+        self
+    }
+
     pub fn with_dropout(mut self, p: f32) -> Self {
         match &mut self {
             BagModelConfig::Transmil(c) => c.dropout = p,

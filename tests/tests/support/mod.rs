@@ -173,6 +173,32 @@ fn free_weed_port() -> u16 {
     }
 }
 
+/// The servers a test binary shares live in statics, which are never dropped: each is killed and
+/// its folder removed when the binary exits, so that no server outlives its tests.
+static AT_EXIT: std::sync::Mutex<Vec<(u32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn stop_shared_servers() {
+    if let Ok(servers) = AT_EXIT.lock() {
+        for (pid, dir) in servers.iter() {
+            // SAFETY: plain system calls on a child's pid; nothing else of the process is touched.
+            unsafe {
+                libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+                libc::waitpid(*pid as libc::pid_t, std::ptr::null_mut(), 0);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn stop_at_exit(pid: u32, dir: &Path) {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a function with no arguments that only uses what it owns.
+    REGISTERED.call_once(|| unsafe {
+        libc::atexit(stop_shared_servers);
+    });
+    AT_EXIT.lock().unwrap().push((pid, dir.to_path_buf()));
+}
+
 pub fn s3() -> &'static S3 {
     static S3_SERVER: OnceLock<S3> = OnceLock::new();
     S3_SERVER.get_or_init(|| {
@@ -218,6 +244,7 @@ pub fn s3() -> &'static S3 {
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(180) {
                 if std::net::TcpStream::connect(("127.0.0.1", ports[3])).is_ok() {
+                    stop_at_exit(proc.child.id(), dir.path());
                     return S3 { port: ports[3], _proc: proc, _dir: dir };
                 }
                 if let Ok(Some(status)) = proc.child.try_wait() {
@@ -513,4 +540,24 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
+}
+
+/// The AUC of scores against flags by its definition: the share of (flagged, other) pairs the score
+/// orders right, ties counting half.
+pub fn pair_auc<T: PartialOrd>(pairs: &[(T, bool)]) -> f64 {
+    let (mut right, mut n) = (0.0, 0.0);
+    for (p, _) in pairs.iter().filter(|x| x.1) {
+        for (q, _) in pairs.iter().filter(|x| !x.1) {
+            right += if p > q {
+                1.0
+            } else if p == q {
+                0.5
+            } else {
+                0.0
+            };
+            n += 1.0;
+        }
+    }
+    assert!(n > 0.0, "both kinds among the pairs");
+    right / n
 }
