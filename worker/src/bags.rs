@@ -693,7 +693,7 @@ mod tests {
         let memory = BagMemory::new(BagBudget { bytes: 4 * cohort_bytes, precision: BagPrecision::F32 });
         let loader = Arc::new(BagLoader::new(memory, store.clone(), entries, Handle::current()).unwrap());
         let l = loader.clone();
-        let ahead = tokio::task::spawn_blocking(move || {
+        let (ahead, rest) = tokio::task::spawn_blocking(move || {
             let order: Vec<usize> = (0..12).collect();
             let mut pass = l.pass(&order);
             let first = pass.next_bag().unwrap();
@@ -709,8 +709,8 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(ahead.0 >= READ_AHEAD as u64, "{} bags read ahead of the step", ahead.0);
-        assert_eq!(ahead.1, 11, "and the pass still gives every bag");
+        assert!(ahead >= READ_AHEAD as u64, "{ahead} bags read ahead of the step");
+        assert_eq!(rest, 11, "and the pass still gives every bag");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

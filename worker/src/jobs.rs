@@ -329,38 +329,26 @@ pub async fn load_plan(store: &Store, run: &RunId) -> Result<RunPlan, JobError> 
 /// with patches), decoded once, with its share of the worker's bag budget held until dropped.
 async fn load_bag(
     ctx: &WorkerContext,
-    (emb, tiling): &(EmbedderId, TilingId),
+    ids: &(EmbedderId, TilingId),
     slide: &SlideId,
 ) -> Result<Option<(FeatureBag, OwnedSemaphorePermit)>, JobError> {
-    let key = layout::features(emb, tiling, slide);
-    let Some(shape) = crate::bags::shape_of(&ctx.store, &key).await? else { return Ok(None) };
-    if shape.patches == 0 {
-        return Ok(None);
-    }
-    // Its file and the decoded features (f32: a bag applied whole is scored as read).
-    let need = shape.file_bytes + shape.decoded_bytes(4);
-    let what = format!("slide {slide}'s bag ({} patches × {} features)", shape.patches, shape.dim);
-    let held = ctx.bags.hold(need, &what).await?;
-    let bytes = ctx.store.get(&key).await?;
-    let name = key.to_string();
-    let bag = blocking(move || Ok(FeatureBag::from_parquet(&name, bytes)?)).await?;
-    Ok(Some((bag, held)))
+    Ok(load_bags(ctx, std::slice::from_ref(ids), slide).await?.map(|(mut bags, held)| (bags.remove(0), held)))
 }
 
 /// The features of `slide` from each of `sources`, each read once, their share of the bag budget
-/// held together (so that a job never waits for room it holds itself): an error naming the slide
-/// when one has no features, or when the budget could never hold them all.
+/// held together (so that a job never waits for room it holds itself); none when one of them has
+/// no features, an error naming the slide when the budget could never hold them all.
 async fn load_bags(
     ctx: &WorkerContext,
     sources: &[(EmbedderId, TilingId)],
     slide: &SlideId,
-) -> Result<(Vec<FeatureBag>, OwnedSemaphorePermit), JobError> {
+) -> Result<Option<(Vec<FeatureBag>, OwnedSemaphorePermit)>, JobError> {
     let mut shapes = Vec::new();
     for (emb, tiling) in sources {
         let key = layout::features(emb, tiling, slide);
         match crate::bags::shape_of(&ctx.store, &key).await? {
             Some(shape) if shape.patches > 0 => shapes.push((key, shape)),
-            _ => return Err(JobError::Input(format!("{slide}: no features from {emb} to score with"))),
+            _ => return Ok(None),
         }
     }
     // Their files and the decoded features (f32: a bag applied whole is scored as read).
@@ -377,7 +365,7 @@ async fn load_bags(
         let name = key.to_string();
         bags.push(blocking(move || Ok(FeatureBag::from_parquet(&name, bytes)?)).await?);
     }
-    Ok((bags, held))
+    Ok(Some((bags, held)))
 }
 
 /// What a run's models are trained for; a survival run's time bins come from `train_slides`.
@@ -745,7 +733,10 @@ async fn score(ctx: &WorkerContext, job: &ScoreJob) -> Result<Done, JobError> {
         });
         which.push(i);
     }
-    let (bags, held) = load_bags(ctx, &sources, &job.slide).await?;
+    let Some((bags, held)) = load_bags(ctx, &sources, &job.slide).await? else {
+        let names: Vec<&str> = sources.iter().map(|s| s.0.as_str()).collect();
+        return Err(JobError::Input(format!("{}: no features from {} to score with", job.slide, names.join(" or "))));
+    };
     for ((m, _), &i) in model.iter().zip(&which) {
         // Features must come from the embedder (and tiling) the member was trained on.
         let (p, ids) = (&bags[i].provenance, &sources[i]);
