@@ -58,16 +58,12 @@ fn every_vit_preset_gives_its_publishers_features() {
          WSIMIL_BLAS unset"
     );
     let mut checked = Vec::new();
-    for stem in [
-        "uni",
-        "uni2-h",
-        "virchow2",
-        "h-optimus-0",
-        "gigapath-tile",
-        "phikon-v2",
-        "conch-vision",
-        "vit-vit_small_patch14_reg4_dinov2",
-    ] {
+    // Every preset has its fixture (H-optimus-1 is built as H-optimus-0: one fixture for both,
+    // checked below), and one timm name with weights from elsewhere.
+    let mut stems: Vec<&str> =
+        VitPreset::ALL.iter().filter(|p| **p != VitPreset::HOptimus1).map(|p| p.name()).collect();
+    stems.push("vit-vit_small_patch14_reg4_dinov2");
+    for stem in stems.iter().copied() {
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(fixtures().join(format!("{stem}.json"))).unwrap()).unwrap();
         let arch: Architecture = meta["preset"].as_str().unwrap().parse().unwrap();
@@ -92,7 +88,7 @@ fn every_vit_preset_gives_its_publishers_features() {
         assert!(e_fast < 1e-4 && e_ref < 1e-4, "{stem}: fused CPU path {e_fast:.2e}, generic path {e_ref:.2e}");
         checked.push(stem);
     }
-    assert_eq!(checked.len(), 8);
+    assert_eq!(checked.len(), VitPreset::ALL.len());
 }
 
 #[test]
@@ -144,7 +140,8 @@ fn a_file_for_another_preset_is_refused_with_the_tensors_that_differ() {
 /// width of the features its code returns, and its model card's preprocessing. Through the path a
 /// user's weights file takes (`Architecture::fit_vit` on the file's shapes, then the tensors it
 /// expects), each preset must expect exactly those tensors (the rest of the file being what it
-/// ignores, CONCH's text tower), give features of that width, and prepare patches the same way.
+/// ignores, CONCH's text tower), give features of that width, and prepare patches the same way
+/// (mean, std, input side, and the resize and crop of the eval transform TRIDENT builds).
 #[test]
 fn every_preset_expects_exactly_its_publishers_full_size_tensors() {
     let record: serde_json::Value =
@@ -171,6 +168,16 @@ fn every_preset_expects_exactly_its_publishers_full_size_tensors() {
         let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
         assert!(close(&pre.mean, &floats("mean")) && close(&pre.std, &floats("std")), "{name}: {pre:?} vs {entry}");
         assert_eq!(Some(pre.input_px as u64), entry["input_px"].as_u64(), "{name}: input side");
+        // The publisher's eval transform (TRIDENT's): resize the patch to `resize`, then crop the
+        // centre `crop` (none: the resize gives the input).
+        if let Some(t) = entry.get("transform") {
+            let resize = t["resize"].as_u64().unwrap() as u32;
+            let input = t["crop"].as_u64().map_or(resize, |c| c as u32);
+            assert_eq!(pre.input_px, input, "{name}: {t}");
+            assert_eq!(pre.resize_px, (resize > input).then_some(resize), "{name}: {t}");
+        } else {
+            assert!(name.starts_with("vit:"), "{name}: no transform recorded");
+        }
     }
     assert_eq!(record.as_object().unwrap().len(), names.len(), "an entry for every preset, and only those");
 }

@@ -118,6 +118,19 @@ fn the_product_cli_has_no_benchmark_commands() {
     }
 }
 
+/// `run --help` names every encoder preset, by wsimil's name and TRIDENT's.
+#[test]
+fn run_help_names_every_encoder_by_both_names() {
+    let out = wsimil().args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for p in wsimil_common::models::zoo::VitPreset::ALL {
+        for name in [p.name(), p.trident_name()] {
+            let listed = text.split([' ', ',', '(', ')', ';']).any(|w| w == name);
+            assert!(listed, "{name} is not in run --help: {text}");
+        }
+    }
+}
+
 #[test]
 fn a_foundation_model_preset_says_where_its_weights_are_and_refuses_a_file_that_does_not_fit() {
     let dir = tempfile::tempdir().unwrap();

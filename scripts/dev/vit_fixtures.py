@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 OPENAI = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 HOPTIMUS = ([0.707223, 0.578729, 0.703617], [0.211883, 0.230117, 0.177517])
+UNIFORM = ([0.5] * 3, [0.5] * 3)
 
 # Reduced sizes: width 32 in 4 heads, 2 blocks. SwiGLU widths follow from the publishers' ratios
 # (int(32 · 5.33334) = 170 and int(32 · 5.3375) = 170, both even as timm's packed GLU needs).
@@ -77,6 +78,36 @@ def timm_presets(full):
         "gigapath-tile": (make("vit_giant_patch14_dinov2", img_size=224, in_chans=3, patch_size=16,
                                embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334,
                                num_classes=0), IMAGENET, "class", 224),
+        # TRIDENT's VirchowInferenceEncoder (paige-ai/Virchow's card): Virchow2 without registers.
+        "virchow": (make("vit_huge_patch14_224", img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375,
+                         global_pool="", dynamic_img_size=True, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU),
+                    IMAGENET, "class+mean", 224),
+        # TRIDENT's GPFMInferenceEncoder: timm's DINOv2 ViT-L/14 at 224 px with LayerScale.
+        "gpfm": (make("vit_large_patch14_dinov2.lvd142m", img_size=224, init_values=1e-5, dynamic_img_size=True),
+                 IMAGENET, "class", 224),
+        # TRIDENT's KaikoInferenceEncoder: timm.create_model(<name>, num_classes=0, img_size, dynamic_img_size)
+        # with the checkpoint 1aurent's hub repositories ship (ViT-L/14: DINOv2 with registers built at 518 px).
+        "kaiko-vits8": (make("vit_small_patch8_224", num_classes=0, img_size=224, dynamic_img_size=True),
+                        UNIFORM, "class", 224),
+        "kaiko-vits16": (make("vit_small_patch16_224", num_classes=0, img_size=224, dynamic_img_size=True),
+                         UNIFORM, "class", 224),
+        "kaiko-vitb8": (make("vit_base_patch8_224", num_classes=0, img_size=224, dynamic_img_size=True),
+                        UNIFORM, "class", 224),
+        "kaiko-vitb16": (make("vit_base_patch16_224", num_classes=0, img_size=224, dynamic_img_size=True),
+                         UNIFORM, "class", 224),
+        "kaiko-vitl14": (make("vit_large_patch14_reg4_dinov2", num_classes=0, img_size=518, dynamic_img_size=True),
+                         UNIFORM, "class", 224),
+        # TRIDENT's LunitS8InferenceEncoder (hub: 1aurent/vit_small_patch8_224.lunit_dino, num_classes 0;
+        # its data config is timm's `dino` tag's, ImageNet statistics).
+        "lunit-vits8": (make("vit_small_patch8_224", num_classes=0, img_size=224, dynamic_img_size=True),
+                        IMAGENET, "class", 224),
+        # TRIDENT's H0MiniInferenceEncoder: hf-hub:bioptimus/H0-mini with SwiGLUPacked and SiLU; its config
+        # (a ViT-B/14 with 4 registers, no_embed_class, LayerScale, unpooled output) as the card's forward
+        # shows it (1 + 4 + 256 tokens at 224 px); the MLP ratio is H-optimus's. The card's embedding:
+        # the class token ⊕ the mean patch token.
+        "h0-mini": (make("vit_base_patch14_reg4_dinov2", img_size=224, init_values=1e-5, num_classes=0,
+                         mlp_ratio=5.33334, global_pool="", no_embed_class=True, dynamic_img_size=True,
+                         mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU), HOPTIMUS, "class+mean", 224),
         # A generic timm architecture with weights from elsewhere (hence its normalisation named):
         # DINOv2 with registers stored at a 7×7 grid (98 px) and fed 224 px, so the position
         # embedding is resampled as timm does at run time.
@@ -99,6 +130,8 @@ def normalise(u8, mean_std):
 
 def timm_features(model, x, output):
     with torch.no_grad():
+        if output == "fn":  # a model given as the function its publisher's code calls
+            return model(x)
         out = model(x)
         if output == "class+mean":  # Virchow2's embedding: class token ⊕ mean of the patch tokens
             return torch.cat([out[:, 0], out[:, 1 + model.num_reg_tokens:].mean(1)], dim=-1)
@@ -114,6 +147,15 @@ def save(out, name, weights_file, features, sizes):
         json.dump(meta, f, indent=1)
     print(f"{name}: {os.path.getsize(weights_file)} bytes of weights, features {tuple(features.shape)}",
           file=sys.stderr)
+
+
+def torch_save(state, path):
+    """torch.save as a Hugging Face repository's file is written: to `pytorch_model.bin`, so the
+    archive's inner folder is `pytorch_model/` whatever the fixture's file is called."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, os.path.join(d, "pytorch_model.bin"))
+        os.replace(os.path.join(d, "pytorch_model.bin"), path)
 
 
 def timm_sizes(model):
@@ -135,24 +177,35 @@ def make_timm(out, name, build, mean_std, output, u8):
                 p.copy_(torch.randn_like(p) * 0.1)
     stem = name.split("@")[0].replace(":", "-")
     weights = os.path.join(out, f"{stem}.pytorch_model.bin")
-    torch.save(model.state_dict(), weights)
+    torch_save(model.state_dict(), weights)
     x = normalise(u8, mean_std)
     save(out, name, weights, timm_features(model, x, output), timm_sizes(model))
 
 
-def make_phikon(out, u8, full):
-    from transformers import Dinov2Config, Dinov2Model
+def phikon_v2_config(full):
+    from transformers import Dinov2Config
+    return Dinov2Config(hidden_size=1024 if full else 32, num_hidden_layers=24 if full else 2,
+                        num_attention_heads=16 if full else 4, mlp_ratio=4, image_size=224 if full else 112,
+                        patch_size=16, layerscale_value=1.0, use_swiglu_ffn=False)
+
+
+def phikon_v2_model(full):
+    """owkin/phikon-v2 as its users build it (seeded: the pixel fixtures rebuild the same model)."""
+    from transformers import Dinov2Model
     torch.manual_seed(7)
     # owkin/phikon-v2 is a transformers Dinov2Model (ViT-L/16); here stored at a 7×7 grid (112 px)
     # and fed 224 px, so Hugging Face's bicubic interpolation of the position embedding runs.
-    cfg = Dinov2Config(hidden_size=1024 if full else 32, num_hidden_layers=24 if full else 2,
-                       num_attention_heads=16 if full else 4, mlp_ratio=4, image_size=224 if full else 112,
-                       patch_size=16, layerscale_value=1.0, use_swiglu_ffn=False)
-    model = Dinov2Model(cfg).eval()
+    model = Dinov2Model(phikon_v2_config(full)).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lambda1") or (("norm" in n) and n.endswith("weight")):
                 p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    return model
+
+
+def make_phikon(out, u8, full):
+    model = phikon_v2_model(full)
+    cfg = model.config
     d = os.path.join(out, "phikon-v2.hf")
     model.save_pretrained(d, safe_serialization=True)
     weights = os.path.join(out, "phikon-v2.model.safetensors")
@@ -168,19 +221,8 @@ def make_phikon(out, u8, full):
 
 
 def make_conch(out, u8, conch, full):
-    sys.path.insert(0, conch)
-    from conch.open_clip_custom.coca_model import CoCa
     torch.manual_seed(11)
-    # CONCH's conch_ViT-B-16.json at reduced size: the vision tower (a timm ViT-B/16 trunk and the
-    # attentional poolers), a small text tower, no decoder (the public checkpoint has none).
-    vision = dict(layers=12 if full else 2, width=768 if full else 32, num_heads=12 if full else 4, mlp_ratio=4,
-                  patch_size=16, image_size=448 if full else 224, attentional_pool_contrast=True,
-                  attentional_pool_caption=True, attn_pooler_heads=8, n_queries_contrast=1,
-                  n_queries_caption=256 if full else 4, output_tokens=True)
-    text = dict(context_length=16, vocab_size=64, width=32, heads=4, layers=1, embed_cls=True, output_tokens=True)
-    multimodal = dict(context_length=16, vocab_size=64, width=32, heads=4, layers=0)
-    model = CoCa(embed_dim=512 if full else 16, embed_dim_caption=768 if full else 32, multimodal_cfg=multimodal,
-                 text_cfg=text, vision_cfg=vision).eval()
+    model, vision = conch_model(conch, full)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ("ln" in n or "norm" in n) and n.endswith("weight"):
@@ -198,6 +240,96 @@ def make_conch(out, u8, conch, full):
              "input_px": side, "pooler_dim": model.visual.attn_pool_contrast.query.shape[1],
              "pooler_heads": 8, "pooler_queries": 1}
     save(out, "conch-vision", weights, feats, sizes)
+
+
+def conch_model(conch, full):
+    """CONCH's CoCa at full or reduced size, and its vision config."""
+    sys.path.insert(0, conch)
+    from conch.open_clip_custom.coca_model import CoCa
+    # CONCH's conch_ViT-B-16.json at reduced size: the vision tower (a timm ViT-B/16 trunk and the
+    # attentional poolers), a small text tower, no decoder (the public checkpoint has none).
+    vision = dict(layers=12 if full else 2, width=768 if full else 32, num_heads=12 if full else 4, mlp_ratio=4,
+                  patch_size=16, image_size=448 if full else 224, attentional_pool_contrast=True,
+                  attentional_pool_caption=True, attn_pooler_heads=8, n_queries_contrast=1,
+                  n_queries_caption=256 if full else 4, output_tokens=True)
+    text = dict(context_length=16, vocab_size=64, width=32, heads=4, layers=1, embed_cls=True, output_tokens=True)
+    multimodal = dict(context_length=16, vocab_size=64, width=32, heads=4, layers=0)
+    model = CoCa(embed_dim=512 if full else 16, embed_dim_caption=768 if full else 32, multimodal_cfg=multimodal,
+                 text_cfg=text, vision_cfg=vision).eval()
+    return model, vision
+
+
+def phikon_config(full):
+    from transformers import ViTConfig
+    # owkin/phikon's config.json (a ViTModel, ViT-B/16 at 224 px, LayerNorm epsilon 1e-12).
+    return ViTConfig(hidden_size=768 if full else 32, num_hidden_layers=12 if full else 2,
+                     num_attention_heads=12 if full else 4, intermediate_size=3072 if full else 128,
+                     image_size=224, patch_size=16, layer_norm_eps=1e-12, qkv_bias=True)
+
+
+def phikon_v1_model(full):
+    """owkin/phikon as its users build it (seeded, so the pixel fixtures rebuild the same model)."""
+    from transformers import ViTModel
+    torch.manual_seed(13)
+    # owkin/phikon ships a ViTModel's pytorch_model.bin with its pooler; TRIDENT builds it without
+    # the pooler (add_pooling_layer=False; the file's pooler is left unused) and takes
+    # last_hidden_state[:, 0].
+    model = ViTModel(phikon_config(full), add_pooling_layer=True).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layernorm" in n and n.endswith("weight"):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    return model
+
+
+def make_phikon_v1(out, u8, full):
+    from transformers.core_model_loading import revert_weight_conversion
+    model = phikon_v1_model(full)
+    weights = os.path.join(out, "phikon.pytorch_model.bin")
+    # The names a ViTModel's checkpoint holds (save_pretrained's, not transformers 5's in-memory ones).
+    torch_save(revert_weight_conversion(model, model.state_dict()), weights)
+    with torch.no_grad():
+        feats = model(pixel_values=normalise(u8, IMAGENET)).last_hidden_state[:, 0]
+    c = model.config
+    sizes = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
+             "hidden": c.intermediate_size, "pos_grid": c.image_size // c.patch_size}
+    save(out, "phikon", weights, feats, sizes)
+
+
+def midnight_model(full):
+    """kaiko-ai/midnight as its users load it (AutoModel: a transformers Dinov2Model, ViT-g/14 with
+    SwiGLU), seeded so the pixel fixtures rebuild the same model."""
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(17)
+    cfg = Dinov2Config(hidden_size=1536 if full else 32, num_hidden_layers=40 if full else 2,
+                       num_attention_heads=24 if full else 4, mlp_ratio=4, image_size=224, patch_size=14,
+                       layerscale_value=1.0, use_swiglu_ffn=True)
+    model = Dinov2Model(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lambda1") or (("norm" in n) and n.endswith("weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    return model
+
+
+def midnight_features(model, x):
+    """Midnight's card: the class token ⊕ the mean of the patch tokens."""
+    with torch.no_grad():
+        out = model(pixel_values=x).last_hidden_state
+        return torch.cat([out[:, 0], out[:, 1:].mean(1)], dim=-1)
+
+
+def make_midnight(out, u8, full):
+    from transformers.core_model_loading import revert_weight_conversion
+    model = midnight_model(full)
+    weights = os.path.join(out, "midnight-12k.model.safetensors")
+    state = revert_weight_conversion(model, model.state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, weights)
+    feats = midnight_features(model, normalise(u8, UNIFORM))
+    c = model.config
+    sizes = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
+             "hidden": state["encoder.layer.0.mlp.weights_in.weight"].shape[0], "pos_grid": c.image_size // c.patch_size}
+    save(out, "midnight-12k", weights, feats, sizes)
 
 
 def resample_fixture(out):
@@ -248,6 +380,14 @@ def shapes(path, conch):
         # in-memory renames.
         from transformers.core_model_loading import revert_weight_conversion
         add("phikon-v2", model, revert_weight_conversion(model, model.state_dict()), IMAGENET, "class", 224, feats)
+        from transformers import ViTModel
+        model = ViTModel(phikon_config(True), add_pooling_layer=True).eval()
+        feats = model(pixel_values=torch.empty(1, 3, 224, 224)).last_hidden_state[:, 0]
+        add("phikon", model, revert_weight_conversion(model, model.state_dict()), IMAGENET, "class", 224, feats)
+        model = midnight_model(True)
+        feats = midnight_features(model, torch.empty(1, 3, 224, 224))
+        add("midnight-12k", model, revert_weight_conversion(model, model.state_dict()), UNIFORM, "class+mean", 224,
+            feats)
         if conch:
             sys.path.insert(0, conch)
             from conch.open_clip_custom.coca_model import CoCa
@@ -264,11 +404,34 @@ def shapes(path, conch):
             add("conch-vision", model, model.state_dict(), mean_std, "class", side, feats)
         else:
             print("conch-vision: skipped (no --conch checkout)", file=sys.stderr)
+    # Each publisher's eval transform (pixel_cases, TRIDENT's; CONCH's at its own 448 px): the side
+    # it resizes to and the side it crops, what wsimil's preparation is held to.
+    from torchvision import transforms as T
+    cases = pixel_cases()
+    cases["conch-vision"] = ("conch-vision", T.Compose([T.Resize(448, interpolation=T.InterpolationMode.BICUBIC),
+                                                        T.CenterCrop(448)]))
+    cases["h-optimus-1"] = cases["h-optimus-0"]
+    for name, (_, transform) in cases.items():
+        if name in record:
+            steps = transform.transforms
+            resize = next(t for t in steps if isinstance(t, T.Resize))
+            crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
+            side = lambda v: v if isinstance(v, int) else v[0]
+            record[name]["transform"] = {"resize": side(resize.size), "crop": side(crop.size) if crop else None,
+                                         "interpolation": resize.interpolation.value}
+    if os.path.exists(path):  # entries this run could not make (conch-vision without --conch) are kept
+        with open(path) as f:
+            record = {**json.load(f), **record}
     with open(path, "w") as f:
         json.dump(record, f, indent=0, sort_keys=True)
         f.write("\n")
     print(f"{len(record)} presets' full-size tensors (timm {__import__('timm').__version__}, "
           f"transformers {__import__('transformers').__version__}) in {path}", file=sys.stderr)
+
+
+def timm_transform(data_config):
+    from timm.data import create_transform
+    return create_transform(**data_config, is_training=False)
 
 
 def pixel_cases():
@@ -286,10 +449,29 @@ def pixel_cases():
         "virchow2": ("virchow2", tv(224, None, IMAGENET, I.BICUBIC)),  # Resize(224, bicubic)
         "h-optimus-0": ("h-optimus-0", tv(224, None, HOPTIMUS)),  # hoptimus0: Resize(224)
         "gigapath-tile": ("gigapath-tile", tv(256, 224, IMAGENET, I.BICUBIC)),  # Resize(256, bicubic), CenterCrop(224)
+        "uni2-h": ("uni2-h", tv(224, 224, IMAGENET)),  # uni_v2: Resize(224), CenterCrop(224)
+        "phikon-v2": ("phikon-v2", tv(224, 224, IMAGENET)),  # phikon_v2: Resize(224), CenterCrop(224)
+        # conch_v1: CONCH's own image_transform (Resize bicubic, CenterCrop, OpenAI's statistics), at the
+        # fixture's 224 px input (the preset's is 448).
+        "conch-vision": ("conch-vision", tv(224, 224, OPENAI, I.BICUBIC)),
+        "phikon": ("phikon", tv(224, None, IMAGENET)),  # get_eval_transforms(224, bilinear)
+        "midnight-12k": ("midnight-12k", tv(224, 224, UNIFORM)),  # Resize(224), CenterCrop(224), kaiko constants
+        "virchow": ("virchow", tv(224, None, IMAGENET, I.BICUBIC)),  # Resize(224, bicubic)
+        "gpfm": ("gpfm", tv(224, None, IMAGENET, I.BICUBIC)),  # get_eval_transforms(224, bicubic)
+        # lunit-vits8 and h0-mini: timm's create_transform of the hub file's data config.
+        "lunit-vits8": ("lunit-vits8", timm_transform(dict(input_size=(3, 224, 224), interpolation="bicubic",
+                                                           mean=IMAGENET[0], std=IMAGENET[1], crop_pct=0.9,
+                                                           crop_mode="center"))),
+        "h0-mini": ("h0-mini", timm_transform(dict(input_size=(3, 224, 224), interpolation="bicubic",
+                                                   mean=HOPTIMUS[0], std=HOPTIMUS[1], crop_pct=1.0,
+                                                   crop_mode="center"))),
+        # kaiko-*: get_eval_transforms(224, center_crop=True, bilinear) with the kaiko constants.
+        **{k: (k, tv(224, 224, UNIFORM)) for k in
+           ("kaiko-vits8", "kaiko-vits16", "kaiko-vitb8", "kaiko-vitb16", "kaiko-vitl14")},
     }
 
 
-def pixels(out, data):
+def pixels(out, data, conch):
     """Features of uint8 patches through each publisher's transform (see the module's doc)."""
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -309,10 +491,42 @@ def pixels(out, data):
         record[name] = {"embedder": embedder, "sides": sorted(sides)}
 
     for name, (embedder, transform) in pixel_cases().items():
-        build, _, output, _ = presets[name]
-        model = build().eval()
-        model.load_state_dict(torch.load(os.path.join(out, f"{name}.pytorch_model.bin")))
-        run(name, embedder, model, transform, output)
+        if name in presets:
+            build, _, output, _ = presets[name]
+            model = build().eval()
+            model.load_state_dict(torch.load(os.path.join(out, f"{name}.pytorch_model.bin")))
+            run(name, embedder, model, transform, output)
+        elif name == "phikon-v2":
+            from safetensors.torch import load_file
+            from transformers.core_model_loading import revert_weight_conversion
+            model = phikon_v2_model(False)
+            state = load_file(os.path.join(out, "phikon-v2.model.safetensors"))
+            mine = revert_weight_conversion(model, model.state_dict())
+            assert all(torch.equal(state[k], v) for k, v in mine.items()), "phikon-v2: not the committed weights"
+            run(name, embedder, lambda x: model(pixel_values=x).last_hidden_state[:, 0], transform, "fn")
+        elif name == "phikon":
+            from transformers.core_model_loading import revert_weight_conversion
+            model = phikon_v1_model(False)
+            state = torch.load(os.path.join(out, "phikon.pytorch_model.bin"))
+            mine = revert_weight_conversion(model, model.state_dict())
+            assert all(torch.equal(state[k], v) for k, v in mine.items()), "phikon: not the committed weights"
+            run(name, embedder, lambda x: model(pixel_values=x).last_hidden_state[:, 0], transform, "fn")
+        elif name == "midnight-12k":
+            from safetensors.torch import load_file
+            from transformers.core_model_loading import revert_weight_conversion
+            model = midnight_model(False)
+            state = load_file(os.path.join(out, "midnight-12k.model.safetensors"))
+            mine = revert_weight_conversion(model, model.state_dict())
+            assert all(torch.equal(state[k], v) for k, v in mine.items()), "midnight: not the committed weights"
+            run(name, embedder, lambda x: midnight_features(model, x), transform, "fn")
+        elif name == "conch-vision":
+            if not conch:
+                sys.exit("conch-vision's pixel case needs --conch CONCH_CHECKOUT")
+            model, vision = conch_model(conch, False)
+            model.load_state_dict(torch.load(os.path.join(out, "conch-vision.pytorch_model.bin")))
+            model.eval()
+            run(name, embedder, lambda x: model.encode_image(x, proj_contrast=False, normalize=False), transform,
+                "fn")
     # A timm name with timm's own weights: timm's eval transform for the tag (resize to 248, crop 224,
     # mean = std = 0.5), on a small model of that architecture saved here.
     tag = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -340,7 +554,7 @@ def main():
     ap.add_argument("--pixels", help="write the pixel-to-feature fixtures into this fixtures folder")
     a = ap.parse_args()
     if a.pixels:
-        pixels(a.pixels, a.data)
+        pixels(a.pixels, a.data, a.conch)
         return
     if a.shapes:
         shapes(a.shapes, a.conch)
@@ -356,6 +570,10 @@ def main():
             make_timm(a.out, name, build, mean_std, output, u8)
     if a.full in (None, "phikon-v2"):
         make_phikon(a.out, u8, full)
+    if a.full in (None, "phikon"):
+        make_phikon_v1(a.out, u8, full)
+    if a.full in (None, "midnight-12k"):
+        make_midnight(a.out, u8, full)
     if a.full in (None, "conch-vision"):
         if a.conch:
             make_conch(a.out, u8, a.conch, full)

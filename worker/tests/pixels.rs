@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use wsimil_common::models::embedder::{Embedder, Tune};
 use wsimil_common::models::vit::{self, Vit};
 use wsimil_common::models::weights::{self, WeightsFile};
-use wsimil_common::models::zoo::{Architecture, FixtureSizes};
+use wsimil_common::models::zoo::{Architecture, FixtureSizes, VitPreset};
 use wsimil_worker::embed::{fit, to_input};
 
 fn fixtures() -> PathBuf {
@@ -39,8 +39,10 @@ fn patches(side: usize) -> Vec<RgbImage> {
     bytes.chunks(h * w * 3).take(n).map(|b| RgbImage::from_raw(side as u32, side as u32, b.to_vec()).unwrap()).collect()
 }
 
-/// wsimil's features of `imgs` for the fixture model `name` (weights `file`, sizes `sizes`).
-fn features(arch: &Architecture, file: &WeightsFile, sizes: &FixtureSizes, imgs: Vec<RgbImage>) -> Tensor {
+/// wsimil's features of `imgs` for the fixture model `name` (weights `file`, sizes `sizes`), and
+/// whether wsimil's preparation resampled the patches (its side is not what the resize step
+/// wants). The network takes the fixture's input side (CONCH's fixture is 224 px, its preset 448).
+fn features(arch: &Architecture, file: &WeightsFile, sizes: &FixtureSizes, imgs: Vec<RgbImage>) -> (Tensor, bool) {
     let cfg = arch.fixture_config(sizes, &|n| file.shape(n)).unwrap();
     let needed = vit::tensor_specs(&cfg);
     weights::check(file, &arch.name(), &needed, &|n| vit::ignorable(cfg.naming, n)).unwrap_or_else(|e| panic!("{e}"));
@@ -50,12 +52,14 @@ fn features(arch: &Architecture, file: &WeightsFile, sizes: &FixtureSizes, imgs:
         DType::F32,
         &Device::Cpu,
     );
-    let pre = arch.preprocessing().unwrap();
+    let mut pre = arch.preprocessing().unwrap();
+    pre.input_px = cfg.input_px as u32;
+    let resampled = imgs[0].width() != pre.resize_px.unwrap_or(pre.input_px).max(pre.input_px);
     let model = Vit::new(&cfg, &arch.name(), pre.clone(), vb, Tune::Frozen).unwrap();
     let n = imgs.len();
     let pixels: Vec<u8> = imgs.into_iter().flat_map(|img| fit(img, &pre).into_raw()).collect();
     let x = to_input(pixels, n, pre.input_px as usize, &pre, &Device::Cpu, DType::F32).unwrap();
-    model.forward(&x).unwrap()
+    (model.forward(&x).unwrap(), resampled)
 }
 
 fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
@@ -68,34 +72,26 @@ fn patches_become_the_publishers_features_through_wsimils_preparation() {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("pixels.json")).unwrap()).unwrap();
     let want = load("pixels.safetensors");
-    // (case, side): the publisher's transform resamples the patch, so wsimil's resampler differs.
-    let resampled = |case: &str, side: usize| match (case, side) {
-        ("gigapath-tile", 256) => false, // Resize(256) leaves a 256 px patch alone: crop only
-        ("gigapath-tile" | "timm-tag", 224) => true, // upsampled before the crop
-        (_, 224) => false,
-        _ => true,
-    };
     let mut exact = Vec::new();
     let mut resampled_err = Vec::new();
     for (case, entry) in record.as_object().unwrap() {
         let arch: Architecture = entry["embedder"].as_str().unwrap().parse().unwrap();
-        let stem = if case == "timm-tag" { "pixels-vit_tiny".to_string() } else { case.clone() };
         let meta: serde_json::Value = match entry.get("sizes") {
             Some(_) => entry.clone(),
             None => serde_json::from_slice(&std::fs::read(fixtures().join(format!("{case}.json"))).unwrap()).unwrap(),
         };
         let sizes: FixtureSizes = serde_json::from_value(meta["sizes"].clone()).unwrap();
-        let file = WeightsFile::open(&fixtures().join(format!("{stem}.pytorch_model.bin"))).unwrap();
+        let file = WeightsFile::open(&fixtures().join(meta["weights"].as_str().unwrap())).unwrap();
         for side in [224, 256] {
-            let got = features(&arch, &file, &sizes, patches(side));
+            let (got, resampled) = features(&arch, &file, &sizes, patches(side));
             let publisher = &want[&format!("{case}_{side}")];
             assert_eq!(got.dims(), publisher.dims(), "{case} at {side} px");
             let err = max_rel(&got, publisher);
             eprintln!(
                 "{case} at {side} px: max relative feature difference {err:.1e}{}",
-                if resampled(case, side) { " (resampled)" } else { "" }
+                if resampled { " (resampled)" } else { "" }
             );
-            if resampled(case, side) {
+            if resampled {
                 resampled_err.push((case.clone(), side, err));
             } else {
                 exact.push((case.clone(), side, err));
@@ -106,14 +102,23 @@ fn patches_become_the_publishers_features_through_wsimils_preparation() {
     for (case, side, err) in &exact {
         assert!(*err < 1e-4, "{case} at {side} px: {err:.1e}");
     }
-    assert_eq!(exact.len(), 4, "{exact:?}");
     // Resampled: bounded by what was measured (docs/encoders.md states the figures and why).
     for (case, side, err) in &resampled_err {
         assert!(*err < RESAMPLED_BOUND, "{case} at {side} px: {err:.1e} (bound {RESAMPLED_BOUND:.0e})");
     }
-    assert_eq!(resampled_err.len(), 6, "{resampled_err:?}");
+    // Every preset has its case (H-optimus-1 is H-optimus-0's architecture and transform), and the
+    // timm tag's; both kinds of comparison ran.
+    for p in VitPreset::ALL.iter().filter(|p| **p != VitPreset::HOptimus1) {
+        assert!(record.get(p.name()).is_some(), "{}: no pixel case", p.name());
+    }
+    assert_eq!(exact.len() + resampled_err.len(), 2 * record.as_object().unwrap().len());
+    // Only a transform that resamples every patch (a crop fraction below one: Lunit's, the timm
+    // tag's) has no exact comparison.
+    for (case, _) in record.as_object().unwrap() {
+        let crops = ["lunit-vits8", "timm-tag"].contains(&case.as_str());
+        assert_eq!(exact.iter().any(|(c, _, _)| c == case), !crops, "{case}: {exact:?}");
+    }
 }
-
 /// Measured (timm 1.0.31, torch 2.15, PIL's filters): 4.8e-4 (UNI, bilinear 256 -> 224) to 9.7e-3
 /// (Virchow2, bicubic 256 -> 224); the bound is twice the largest.
 const RESAMPLED_BOUND: f32 = 2e-2;

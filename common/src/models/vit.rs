@@ -66,6 +66,9 @@ pub enum Naming {
     HfDinov2,
     /// CONCH's CoCa checkpoint: the timm trunk under `visual.trunk.`, the pooler under `visual.`.
     Conch,
+    /// Hugging Face transformers' `ViTModel` (`encoder.layer.N.layernorm_before.weight`,
+    /// `intermediate.dense`, ...): Phikon.
+    HfVit,
 }
 
 /// How a stored position grid is resampled to another one.
@@ -184,14 +187,14 @@ struct Names(Naming);
 impl Names {
     fn trunk(&self) -> &'static str {
         match self.0 {
-            Naming::Timm | Naming::HfDinov2 => "",
+            Naming::Timm | Naming::HfDinov2 | Naming::HfVit => "",
             Naming::Conch => "visual.trunk.",
         }
     }
 
     fn cls(&self) -> String {
         match self.0 {
-            Naming::HfDinov2 => "embeddings.cls_token".into(),
+            Naming::HfDinov2 | Naming::HfVit => "embeddings.cls_token".into(),
             _ => format!("{}cls_token", self.trunk()),
         }
     }
@@ -202,28 +205,28 @@ impl Names {
 
     fn pos(&self) -> String {
         match self.0 {
-            Naming::HfDinov2 => "embeddings.position_embeddings".into(),
+            Naming::HfDinov2 | Naming::HfVit => "embeddings.position_embeddings".into(),
             _ => format!("{}pos_embed", self.trunk()),
         }
     }
 
     fn patch(&self) -> String {
         match self.0 {
-            Naming::HfDinov2 => "embeddings.patch_embeddings.projection".into(),
+            Naming::HfDinov2 | Naming::HfVit => "embeddings.patch_embeddings.projection".into(),
             _ => format!("{}patch_embed.proj", self.trunk()),
         }
     }
 
     fn norm(&self) -> String {
         match self.0 {
-            Naming::HfDinov2 => "layernorm".into(),
+            Naming::HfDinov2 | Naming::HfVit => "layernorm".into(),
             _ => format!("{}norm", self.trunk()),
         }
     }
 
     fn block(&self, i: usize) -> String {
         match self.0 {
-            Naming::HfDinov2 => format!("encoder.layer.{i}."),
+            Naming::HfDinov2 | Naming::HfVit => format!("encoder.layer.{i}."),
             _ => format!("{}blocks.{i}.", self.trunk()),
         }
     }
@@ -240,6 +243,16 @@ impl Names {
                 "layer_scale1.lambda1",
                 "layer_scale2.lambda1",
             ],
+            // No LayerScale in a ViTModel.
+            Naming::HfVit => [
+                "layernorm_before",
+                "layernorm_after",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+                "",
+                "",
+            ],
             _ => ["norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2", "ls1.gamma", "ls2.gamma"],
         }
     }
@@ -247,7 +260,7 @@ impl Names {
     /// The attention's input projection: one fused `qkv` (timm), or `query`, `key`, `value` (HF).
     fn qkv(&self) -> Vec<&'static str> {
         match self.0 {
-            Naming::HfDinov2 => {
+            Naming::HfDinov2 | Naming::HfVit => {
                 vec!["attention.attention.query", "attention.attention.key", "attention.attention.value"]
             }
             _ => vec!["attn.qkv"],
@@ -335,6 +348,8 @@ pub fn ignorable(naming: Naming, name: &str) -> bool {
     match naming {
         Naming::Timm => false,
         Naming::HfDinov2 => name == "embeddings.mask_token",
+        // The pooler a ViTModel saves unless built without it (TRIDENT: add_pooling_layer=False).
+        Naming::HfVit => name.starts_with("pooler.dense."),
         Naming::Conch => {
             !(name.starts_with("visual.trunk.")
                 || name.starts_with("visual.attn_pool_contrast.")

@@ -34,6 +34,8 @@ pub const OPENAI_CLIP: ([f32; 3], [f32; 3]) =
 /// Bioptimus's (H-optimus-0 and -1).
 pub const H_OPTIMUS: ([f32; 3], [f32; 3]) = ([0.707_223, 0.578_729, 0.703_617], [0.211_883, 0.230_117, 0.177_517]);
 
+/// Mean = std = 0.5 (Kaiko's models and Midnight: TRIDENT's `kaiko` constants).
+pub const UNIFORM: ([f32; 3], [f32; 3]) = ([0.5; 3], [0.5; 3]);
 /// The pathology foundation models wsimil has presets for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VitPreset {
@@ -45,6 +47,17 @@ pub enum VitPreset {
     GigapathTile,
     PhikonV2,
     ConchVision,
+    Virchow,
+    H0Mini,
+    Gpfm,
+    KaikoVitS8,
+    KaikoVitS16,
+    KaikoVitB8,
+    KaikoVitB16,
+    KaikoVitL14,
+    LunitVitS8,
+    Phikon,
+    Midnight12k,
 }
 
 /// One preset's row of the table: everything wsimil needs to run the encoder as published.
@@ -67,7 +80,7 @@ pub struct PresetSpec {
 }
 
 impl VitPreset {
-    pub const ALL: [VitPreset; 8] = [
+    pub const ALL: [VitPreset; 19] = [
         VitPreset::Uni,
         VitPreset::Uni2H,
         VitPreset::Virchow2,
@@ -76,6 +89,17 @@ impl VitPreset {
         VitPreset::GigapathTile,
         VitPreset::PhikonV2,
         VitPreset::ConchVision,
+        VitPreset::Virchow,
+        VitPreset::H0Mini,
+        VitPreset::Gpfm,
+        VitPreset::KaikoVitS8,
+        VitPreset::KaikoVitS16,
+        VitPreset::KaikoVitB8,
+        VitPreset::KaikoVitB16,
+        VitPreset::KaikoVitL14,
+        VitPreset::LunitVitS8,
+        VitPreset::Phikon,
+        VitPreset::Midnight12k,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +118,17 @@ impl VitPreset {
             VitPreset::GigapathTile => "gigapath",
             VitPreset::PhikonV2 => "phikon_v2",
             VitPreset::ConchVision => "conch_v1",
+            VitPreset::Virchow => "virchow",
+            VitPreset::H0Mini => "h0-mini",
+            VitPreset::Gpfm => "gpfm",
+            VitPreset::KaikoVitS8 => "kaiko-vits8",
+            VitPreset::KaikoVitS16 => "kaiko-vits16",
+            VitPreset::KaikoVitB8 => "kaiko-vitb8",
+            VitPreset::KaikoVitB16 => "kaiko-vitb16",
+            VitPreset::KaikoVitL14 => "kaiko-vitl14",
+            VitPreset::LunitVitS8 => "lunit-vits8",
+            VitPreset::Phikon => "phikon",
+            VitPreset::Midnight12k => "midnight12k",
         }
     }
 
@@ -215,6 +250,109 @@ impl VitPreset {
                     "https://huggingface.co/MahmoodLab/CONCH (pytorch_model.bin; gated)",
                 )
             },
+            VitPreset::Virchow => row(
+                "virchow",
+                "Virchow (Paige), ViT-H/14, SwiGLU",
+                VitConfig {
+                    output: Output::ClassTokenMeanPatches,
+                    ..timm(14, 16, 1280, 32, 16, MlpKind::SwiGlu, 6832, 0, true)
+                },
+                IMAGENET,
+                224,
+                "https://huggingface.co/paige-ai/Virchow (pytorch_model.bin; gated)",
+            ),
+            VitPreset::H0Mini => row(
+                "h0-mini",
+                "H0-mini (Bioptimus), ViT-B/14 distilled from H-optimus-1, SwiGLU, 4 registers",
+                VitConfig {
+                    output: Output::ClassTokenMeanPatches,
+                    ..timm(14, 16, 768, 12, 12, MlpKind::SwiGlu, 4096, 4, false)
+                },
+                H_OPTIMUS,
+                224,
+                "https://huggingface.co/bioptimus/H0-mini (model.safetensors; gated)",
+            ),
+            VitPreset::Gpfm => row(
+                "gpfm",
+                "GPFM (majiabo), DINOv2 ViT-L/14",
+                timm(14, 16, 1024, 24, 16, MlpKind::Gelu, 4096, 0, true),
+                IMAGENET,
+                224,
+                "https://huggingface.co/majiabo/GPFM (GPFM.pth)",
+            ),
+            VitPreset::KaikoVitS8 | VitPreset::KaikoVitS16 | VitPreset::KaikoVitB8 | VitPreset::KaikoVitB16 => {
+                let (name, model, patch, dim, heads, file) = match self {
+                    VitPreset::KaikoVitS8 => ("kaiko-vits8", "Kaiko ViT-S/8", 8, 384, 6, "vit_small_patch8_224"),
+                    VitPreset::KaikoVitS16 => ("kaiko-vits16", "Kaiko ViT-S/16", 16, 384, 6, "vit_small_patch16_224"),
+                    VitPreset::KaikoVitB8 => ("kaiko-vitb8", "Kaiko ViT-B/8", 8, 768, 12, "vit_base_patch8_224"),
+                    _ => ("kaiko-vitb16", "Kaiko ViT-B/16", 16, 768, 12, "vit_base_patch16_224"),
+                };
+                let weights = match file {
+                    "vit_small_patch8_224" => "https://huggingface.co/1aurent/vit_small_patch8_224.kaiko_ai_towards_large_pathology_fms (model.safetensors)",
+                    "vit_small_patch16_224" => "https://huggingface.co/1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms (model.safetensors)",
+                    "vit_base_patch8_224" => "https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms (model.safetensors)",
+                    _ => "https://huggingface.co/1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms (model.safetensors)",
+                };
+                row(
+                    name,
+                    model,
+                    VitConfig {
+                        layer_scale: false,
+                        ..timm(patch, 224 / patch, dim, 12, heads, MlpKind::Gelu, 4 * dim, 0, true)
+                    },
+                    UNIFORM,
+                    256,
+                    weights,
+                )
+            }
+            VitPreset::KaikoVitL14 => row(
+                "kaiko-vitl14",
+                "Kaiko ViT-L/14, DINOv2 with 4 registers (built at 518 px, fed 224)",
+                timm(14, 37, 1024, 24, 16, MlpKind::Gelu, 4096, 4, false),
+                UNIFORM,
+                256,
+                "https://huggingface.co/1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms (model.safetensors)",
+            ),
+            // TRIDENT prepares it by the hub file's timm data config: timm's `dino` tag's (ImageNet
+            // statistics, bicubic resize to 248, centre crop 224), not Lunit's training statistics.
+            VitPreset::LunitVitS8 => PresetSpec {
+                resize_px: Some(248),
+                ..row(
+                    "lunit-vits8",
+                    "Lunit DINO ViT-S/8",
+                    VitConfig { layer_scale: false, ..timm(8, 28, 384, 12, 6, MlpKind::Gelu, 1536, 0, true) },
+                    IMAGENET,
+                    224,
+                    "https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino (model.safetensors)",
+                )
+            },
+            VitPreset::Phikon => row(
+                "phikon",
+                "Phikon (Owkin), iBOT ViT-B/16 (Hugging Face transformers ViTModel)",
+                VitConfig {
+                    layer_scale: false,
+                    eps: 1e-12,
+                    naming: Naming::HfVit,
+                    resample: PosResample::Bicubic,
+                    ..timm(16, 14, 768, 12, 12, MlpKind::Gelu, 3072, 0, true)
+                },
+                IMAGENET,
+                224,
+                "https://huggingface.co/owkin/phikon (pytorch_model.bin)",
+            ),
+            VitPreset::Midnight12k => row(
+                "midnight-12k",
+                "Midnight-12k (Kaiko), DINOv2 ViT-g/14, SwiGLU (Hugging Face transformers Dinov2Model)",
+                VitConfig {
+                    naming: Naming::HfDinov2,
+                    resample: PosResample::Bicubic,
+                    output: Output::ClassTokenMeanPatches,
+                    ..timm(14, 16, 1536, 40, 24, MlpKind::SwiGlu, 8192, 0, true)
+                },
+                UNIFORM,
+                224,
+                "https://huggingface.co/kaiko-ai/midnight (model.safetensors)",
+            ),
         }
     }
 
@@ -609,10 +747,20 @@ impl Architecture {
             Architecture::Vit(p) => {
                 let mut cfg = p.spec().config;
                 let pos_name = match cfg.naming {
-                    Naming::HfDinov2 => "embeddings.position_embeddings",
+                    Naming::HfDinov2 | Naming::HfVit => "embeddings.position_embeddings",
                     Naming::Conch => "visual.trunk.pos_embed",
                     Naming::Timm => "pos_embed",
                 };
+                // H0-mini's and Midnight's MLP widths are not in a configuration wsimil could
+                // read: taken from the file, as a timm name's is.
+                let fc1 = match p {
+                    VitPreset::H0Mini => Some("blocks.0.mlp.fc1.weight"),
+                    VitPreset::Midnight12k => Some("encoder.layer.0.mlp.weights_in.weight"),
+                    _ => None,
+                };
+                if let Some(f1) = fc1.and_then(|n| shape_of(n)).and_then(|s| s.first().copied()) {
+                    cfg.hidden = f1;
+                }
                 if let Some(len) = shape_of(pos_name).and_then(|s| s.get(1).copied()) {
                     let n = len.saturating_sub(if cfg.pos_prefix { cfg.prefix_tokens() } else { 0 });
                     let g = (n as f64).sqrt().round() as usize;
