@@ -43,6 +43,7 @@ IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 OPENAI = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 HOPTIMUS = ([0.707223, 0.578729, 0.703617], [0.211883, 0.230117, 0.177517])
 UNIFORM = ([0.5] * 3, [0.5] * 3)
+HIBOU = ([0.7068, 0.5755, 0.722], [0.195, 0.2316, 0.1816])
 
 # Reduced sizes: width 32 in 4 heads, 2 blocks. SwiGLU widths follow from the publishers' ratios
 # (int(32 · 5.33334) = 170 and int(32 · 5.3375) = 170, both even as timm's packed GLU needs).
@@ -332,6 +333,77 @@ def make_midnight(out, u8, full):
     save(out, "midnight-12k", weights, feats, sizes)
 
 
+def hibou_model(full):
+    """histai/hibou-L as transformers builds a DINOv2 with registers (Dinov2WithRegistersModel: the
+    names and the position handling of the customised DINOv2 its hub code adds registers to),
+    seeded. The fixture stores a 7×7 grid (98 px) and is fed 224 px, so the grid is resampled."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    torch.manual_seed(19)
+    cfg = Dinov2WithRegistersConfig(hidden_size=1024 if full else 32, num_hidden_layers=24 if full else 2,
+                                    num_attention_heads=16 if full else 4, mlp_ratio=4,
+                                    image_size=224 if full else 98, patch_size=14, num_register_tokens=4,
+                                    use_swiglu_ffn=True, layerscale_value=1.0)
+    model = Dinov2WithRegistersModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lambda1") or (("norm" in n) and n.endswith("weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+            elif n.endswith(("register_tokens", "cls_token")):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def hibou_features(model, x):
+    """TRIDENT's hibou_l: the model's pooler_output (the class token after the final LayerNorm)."""
+    with torch.no_grad():
+        return model(pixel_values=x).pooler_output
+
+
+def make_hibou(out, u8, full):
+    from transformers.core_model_loading import revert_weight_conversion
+    model = hibou_model(full)
+    weights = os.path.join(out, "hibou-l.model.safetensors")
+    state = revert_weight_conversion(model, model.state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, weights)
+    feats = hibou_features(model, normalise(u8, HIBOU))
+    c = model.config
+    sizes = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
+             "hidden": state["encoder.layer.0.mlp.weights_in.weight"].shape[0], "pos_grid": c.image_size // c.patch_size}
+    save(out, "hibou-l", weights, feats, sizes)
+
+
+def openmidnight_model(dinov2, full):
+    """SophontAI/OpenMidnight as TRIDENT builds it: facebookresearch/dinov2's dinov2_vitg14_reg
+    (DinoVisionTransformer with the hub's arguments), seeded. The fixture stores a 7×7 grid and is
+    fed 224 px, so the grid is resampled (bicubic with antialiasing, by size, as the hub sets it)."""
+    sys.path.insert(0, dinov2)
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+    torch.manual_seed(23)
+    model = DinoVisionTransformer(img_size=518 if full else 98, patch_size=14, embed_dim=1536 if full else 32,
+                                  depth=40 if full else 2, num_heads=24 if full else 4, mlp_ratio=4,
+                                  init_values=1.0, ffn_layer="swiglufused", block_chunks=0, num_register_tokens=4,
+                                  interpolate_antialias=True, interpolate_offset=0.0).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".gamma") or (("norm" in n) and n.endswith("weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+            elif n.endswith(("register_tokens", "cls_token", "pos_embed")):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def make_openmidnight(out, u8, dinov2, full):
+    model = openmidnight_model(dinov2, full)
+    weights = os.path.join(out, "openmidnight.pytorch_model.bin")
+    torch_save(model.state_dict(), weights)
+    with torch.no_grad():
+        feats = model(normalise(u8, IMAGENET))
+    blk = model.blocks[0]
+    sizes = {"dim": model.embed_dim, "depth": len(model.blocks), "heads": blk.attn.num_heads,
+             "hidden": blk.mlp.w12.out_features, "pos_grid": model.patch_embed.patches_resolution[0]}
+    save(out, "openmidnight", weights, feats, sizes)
+
+
 def resample_fixture(out):
     """Position grids resampled by timm (bicubic, antialias) and by Hugging Face (bicubic)."""
     from timm.layers import resample_abs_pos_embed
@@ -346,7 +418,7 @@ def resample_fixture(out):
     save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(out, "resample.safetensors"))
 
 
-def shapes(path, conch):
+def shapes(path, conch, dinov2):
     """Every preset at full size, on the meta device: its shipped tensors and its features' width."""
     record = {}
 
@@ -388,6 +460,15 @@ def shapes(path, conch):
         feats = midnight_features(model, torch.empty(1, 3, 224, 224))
         add("midnight-12k", model, revert_weight_conversion(model, model.state_dict()), UNIFORM, "class+mean", 224,
             feats)
+        model = hibou_model(True)
+        add("hibou-l", model, revert_weight_conversion(model, model.state_dict()), HIBOU, "class", 224,
+            hibou_features(model, torch.empty(1, 3, 224, 224)))
+        if dinov2:
+            model = openmidnight_model(dinov2, True)
+            # The checkpoint's position embedding is TRIDENT's to load as it is (its own parameter).
+            add("openmidnight", model, model.state_dict(), IMAGENET, "class", 224, model(torch.empty(1, 3, 224, 224)))
+        else:
+            print("openmidnight: skipped (no --dinov2 checkout)", file=sys.stderr)
         if conch:
             sys.path.insert(0, conch)
             from conch.open_clip_custom.coca_model import CoCa
@@ -456,6 +537,8 @@ def pixel_cases():
         "conch-vision": ("conch-vision", tv(224, 224, OPENAI, I.BICUBIC)),
         "phikon": ("phikon", tv(224, None, IMAGENET)),  # get_eval_transforms(224, bilinear)
         "midnight-12k": ("midnight-12k", tv(224, 224, UNIFORM)),  # Resize(224), CenterCrop(224), kaiko constants
+        "hibou-l": ("hibou-l", tv(224, None, HIBOU, I.BICUBIC)),  # get_eval_transforms(224, bicubic), hibou constants
+        "openmidnight": ("openmidnight", T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(*IMAGENET)])),
         "virchow": ("virchow", tv(224, None, IMAGENET, I.BICUBIC)),  # Resize(224, bicubic)
         "gpfm": ("gpfm", tv(224, None, IMAGENET, I.BICUBIC)),  # get_eval_transforms(224, bicubic)
         # lunit-vits8 and h0-mini: timm's create_transform of the hub file's data config.
@@ -471,7 +554,7 @@ def pixel_cases():
     }
 
 
-def pixels(out, data, conch):
+def pixels(out, data, conch, dinov2):
     """Features of uint8 patches through each publisher's transform (see the module's doc)."""
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -519,6 +602,20 @@ def pixels(out, data, conch):
             mine = revert_weight_conversion(model, model.state_dict())
             assert all(torch.equal(state[k], v) for k, v in mine.items()), "midnight: not the committed weights"
             run(name, embedder, lambda x: midnight_features(model, x), transform, "fn")
+        elif name == "hibou-l":
+            from safetensors.torch import load_file
+            from transformers.core_model_loading import revert_weight_conversion
+            model = hibou_model(False)
+            state = load_file(os.path.join(out, "hibou-l.model.safetensors"))
+            mine = revert_weight_conversion(model, model.state_dict())
+            assert all(torch.equal(state[k], v) for k, v in mine.items()), "hibou-l: not the committed weights"
+            run(name, embedder, lambda x: hibou_features(model, x), transform, "fn")
+        elif name == "openmidnight":
+            if not dinov2:
+                sys.exit("openmidnight's pixel case needs --dinov2 DINOV2_CHECKOUT")
+            model = openmidnight_model(dinov2, False)
+            model.load_state_dict(torch.load(os.path.join(out, "openmidnight.pytorch_model.bin")))
+            run(name, embedder, model, transform, "fn")
         elif name == "conch-vision":
             if not conch:
                 sys.exit("conch-vision's pixel case needs --conch CONCH_CHECKOUT")
@@ -550,14 +647,15 @@ def main():
     ap.add_argument("--shapes", help="write every preset's full-size tensors and features' width to this JSON")
     ap.add_argument("--data", default=os.environ.get("WSIMIL_DATA", os.path.expanduser("~/.cache/wsimil/data")))
     ap.add_argument("--conch", help="a checkout of mahmoodlab/CONCH (for conch-vision)")
+    ap.add_argument("--dinov2", help="a checkout of facebookresearch/dinov2 (for openmidnight)")
     ap.add_argument("--full", help="build this one preset at full size instead")
     ap.add_argument("--pixels", help="write the pixel-to-feature fixtures into this fixtures folder")
     a = ap.parse_args()
     if a.pixels:
-        pixels(a.pixels, a.data, a.conch)
+        pixels(a.pixels, a.data, a.conch, a.dinov2)
         return
     if a.shapes:
-        shapes(a.shapes, a.conch)
+        shapes(a.shapes, a.conch, a.dinov2)
         return
     if not a.out:
         ap.error("--out DIR (or --shapes FILE)")
@@ -574,6 +672,13 @@ def main():
         make_phikon_v1(a.out, u8, full)
     if a.full in (None, "midnight-12k"):
         make_midnight(a.out, u8, full)
+    if a.full in (None, "hibou-l"):
+        make_hibou(a.out, u8, full)
+    if a.full in (None, "openmidnight"):
+        if a.dinov2:
+            make_openmidnight(a.out, u8, a.dinov2, full)
+        else:
+            print("openmidnight: skipped (no --dinov2 checkout)", file=sys.stderr)
     if a.full in (None, "conch-vision"):
         if a.conch:
             make_conch(a.out, u8, a.conch, full)

@@ -69,6 +69,9 @@ pub enum Naming {
     /// Hugging Face transformers' `ViTModel` (`encoder.layer.N.layernorm_before.weight`,
     /// `intermediate.dense`, ...): Phikon.
     HfVit,
+    /// facebookresearch/dinov2's own `DinoVisionTransformer` (`register_tokens`, `blocks.N.mlp.w12`
+    /// and `w3` for its fused SwiGLU, `ls1.gamma`): OpenMidnight.
+    Dinov2Hub,
 }
 
 /// How a stored position grid is resampled to another one.
@@ -107,7 +110,9 @@ pub struct VitConfig {
     pub layer_scale: bool,
     pub reg_tokens: usize,
     /// The position embedding covers the class and register tokens too (timm's default), or only
-    /// the patches (`no_embed_class`: DINOv2 with registers, UNI2-h).
+    /// the patches (`no_embed_class`: timm's DINOv2 with registers, UNI2-h). DINOv2's own code and
+    /// Hugging Face's (`Dinov2Hub`, `HfDinov2`) add it to the class token and the patches, then
+    /// insert the registers: there `true` means the class token only ([`VitConfig::pos_prefix_len`]).
     pub pos_prefix: bool,
     pub qkv_bias: bool,
     /// The trunk's LayerNorm epsilon (1e-6 in timm and DINOv2).
@@ -144,6 +149,15 @@ impl VitConfig {
     /// Tokens before the patches: the class token and the registers.
     pub fn prefix_tokens(&self) -> usize {
         1 + self.reg_tokens
+    }
+
+    /// Rows of the stored position embedding before the patches' grid.
+    pub fn pos_prefix_len(&self) -> usize {
+        match (self.pos_prefix, self.naming) {
+            (false, _) => 0,
+            (true, Naming::HfDinov2 | Naming::Dinov2Hub) => 1,
+            (true, _) => self.prefix_tokens(),
+        }
     }
 
     /// The problems that make the configuration unbuildable, if any.
@@ -187,7 +201,7 @@ struct Names(Naming);
 impl Names {
     fn trunk(&self) -> &'static str {
         match self.0 {
-            Naming::Timm | Naming::HfDinov2 | Naming::HfVit => "",
+            Naming::Timm | Naming::HfDinov2 | Naming::HfVit | Naming::Dinov2Hub => "",
             Naming::Conch => "visual.trunk.",
         }
     }
@@ -200,7 +214,11 @@ impl Names {
     }
 
     fn reg(&self) -> String {
-        format!("{}reg_token", self.trunk())
+        match self.0 {
+            Naming::HfDinov2 => "embeddings.register_tokens".into(),
+            Naming::Dinov2Hub => "register_tokens".into(),
+            _ => format!("{}reg_token", self.trunk()),
+        }
     }
 
     fn pos(&self) -> String {
@@ -253,6 +271,15 @@ impl Names {
                 "",
                 "",
             ],
+            Naming::Dinov2Hub => [
+                "norm1",
+                "norm2",
+                "attn.proj",
+                if mlp == MlpKind::SwiGlu { "mlp.w12" } else { "mlp.fc1" },
+                if mlp == MlpKind::SwiGlu { "mlp.w3" } else { "mlp.fc2" },
+                "ls1.gamma",
+                "ls2.gamma",
+            ],
             _ => ["norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2", "ls1.gamma", "ls2.gamma"],
         }
     }
@@ -286,7 +313,7 @@ pub fn tensor_specs(cfg: &VitConfig) -> Vec<TensorSpec> {
     if cfg.reg_tokens > 0 {
         add(n.reg(), vec![1, cfg.reg_tokens, d]);
     }
-    let pos_len = cfg.pos_grid * cfg.pos_grid + if cfg.pos_prefix { cfg.prefix_tokens() } else { 0 };
+    let pos_len = cfg.pos_grid * cfg.pos_grid + cfg.pos_prefix_len();
     add(n.pos(), vec![1, pos_len, d]);
     add(format!("{}.weight", n.patch()), vec![d, 3, cfg.patch, cfg.patch]);
     add(format!("{}.bias", n.patch()), vec![d]);
@@ -350,6 +377,7 @@ pub fn ignorable(naming: Naming, name: &str) -> bool {
         Naming::HfDinov2 => name == "embeddings.mask_token",
         // The pooler a ViTModel saves unless built without it (TRIDENT: add_pooling_layer=False).
         Naming::HfVit => name.starts_with("pooler.dense."),
+        Naming::Dinov2Hub => name == "mask_token",
         Naming::Conch => {
             !(name.starts_with("visual.trunk.")
                 || name.starts_with("visual.attn_pool_contrast.")
@@ -718,6 +746,8 @@ pub struct Vit {
     prefix: Tensor,
     /// At the input's grid: `[1 + R + g², D]` (prefix included) or `[g², D]`.
     pos: Tensor,
+    /// `pos` covers the prefix tokens too.
+    pos_with_prefix: bool,
     blocks: Vec<Block>,
     norm: Norm,
     pooler: Option<Pooler>,
@@ -743,13 +773,21 @@ impl Vit {
         if cfg.reg_tokens > 0 {
             prefix.push(get(&vb, &n.reg(), &[1, cfg.reg_tokens, d], stem_frozen)?.reshape((cfg.reg_tokens, d))?);
         }
-        let prefix = Tensor::cat(&prefix, 0)?;
+        let mut prefix = Tensor::cat(&prefix, 0)?;
         let (g_in, g) = (cfg.pos_grid, cfg.grid());
-        let pre_len = if cfg.pos_prefix { cfg.prefix_tokens() } else { 0 };
+        let pre_len = cfg.pos_prefix_len();
         let pos =
             get(&vb, &n.pos(), &[1, pre_len + g_in * g_in, d], stem_frozen)?.reshape((pre_len + g_in * g_in, d))?;
         let grid = resample_grid(&pos.narrow(0, pre_len, g_in * g_in)?, g_in, g, cfg.resample)?;
-        let pos = if pre_len > 0 { Tensor::cat(&[&pos.narrow(0, 0, pre_len)?, &grid], 0)? } else { grid };
+        // The class token's position only (DINOv2's registers have none): folded into the class
+        // token, so the tokens take positions as when they cover the patches only.
+        let pos_with_prefix = pre_len > 0 && pre_len == cfg.prefix_tokens();
+        if pre_len > 0 && !pos_with_prefix {
+            let cls = (prefix.narrow(0, 0, 1)? + pos.narrow(0, 0, 1)?)?;
+            let rest = prefix.narrow(0, 1, cfg.reg_tokens)?;
+            prefix = Tensor::cat(&[&cls, &rest], 0)?;
+        }
+        let pos = if pos_with_prefix { Tensor::cat(&[&pos.narrow(0, 0, pre_len)?, &grid], 0)? } else { grid };
         let pos = if stem_frozen { pos.detach() } else { pos };
         let blocks =
             (0..cfg.depth).map(|i| Block::load(cfg, &vb, i, tune.trains(i, cfg.depth))).collect::<Result<Vec<_>>>()?;
@@ -764,6 +802,7 @@ impl Vit {
             patch_b,
             prefix,
             pos: pos.contiguous()?,
+            pos_with_prefix,
             blocks,
             norm,
             pooler,
@@ -785,7 +824,7 @@ impl Vit {
         let emb = linear(&patches, &self.patch_w, Some(&self.patch_b))?;
         let prefix = self.prefix.to_dtype(emb.dtype())?.unsqueeze(0)?.broadcast_as((b, self.cfg.prefix_tokens(), d))?;
         let pos = self.pos.to_dtype(emb.dtype())?.unsqueeze(0)?;
-        if self.cfg.pos_prefix {
+        if self.pos_with_prefix {
             Tensor::cat(&[&prefix, &emb], 1)?.broadcast_add(&pos)
         } else {
             Tensor::cat(&[&prefix, &emb.broadcast_add(&pos)?], 1)
@@ -849,7 +888,7 @@ impl Vit {
             for (img, out) in tokens.chunks_mut(t * d).enumerate() {
                 out[..pre * d].copy_from_slice(w[2]);
                 out[pre * d..].copy_from_slice(&emb[img * g * g * d..(img + 1) * g * g * d]);
-                let from = if self.cfg.pos_prefix { 0 } else { pre * d };
+                let from = if self.pos_with_prefix { 0 } else { pre * d };
                 out[from..].iter_mut().zip(w[3]).for_each(|(v, p)| *v += p);
             }
             tokens

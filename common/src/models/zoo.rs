@@ -33,6 +33,8 @@ pub const OPENAI_CLIP: ([f32; 3], [f32; 3]) =
     ([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_6, 0.275_777_1]);
 /// Bioptimus's (H-optimus-0 and -1).
 pub const H_OPTIMUS: ([f32; 3], [f32; 3]) = ([0.707_223, 0.578_729, 0.703_617], [0.211_883, 0.230_117, 0.177_517]);
+/// HistAI's (Hibou: TRIDENT's `hibou` constants).
+pub const HIBOU: ([f32; 3], [f32; 3]) = ([0.7068, 0.5755, 0.722], [0.195, 0.2316, 0.1816]);
 
 /// Mean = std = 0.5 (Kaiko's models and Midnight: TRIDENT's `kaiko` constants).
 pub const UNIFORM: ([f32; 3], [f32; 3]) = ([0.5; 3], [0.5; 3]);
@@ -58,6 +60,8 @@ pub enum VitPreset {
     LunitVitS8,
     Phikon,
     Midnight12k,
+    OpenMidnight,
+    HibouL,
 }
 
 /// One preset's row of the table: everything wsimil needs to run the encoder as published.
@@ -80,7 +84,7 @@ pub struct PresetSpec {
 }
 
 impl VitPreset {
-    pub const ALL: [VitPreset; 19] = [
+    pub const ALL: [VitPreset; 21] = [
         VitPreset::Uni,
         VitPreset::Uni2H,
         VitPreset::Virchow2,
@@ -100,6 +104,8 @@ impl VitPreset {
         VitPreset::LunitVitS8,
         VitPreset::Phikon,
         VitPreset::Midnight12k,
+        VitPreset::OpenMidnight,
+        VitPreset::HibouL,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +135,8 @@ impl VitPreset {
             VitPreset::LunitVitS8 => "lunit-vits8",
             VitPreset::Phikon => "phikon",
             VitPreset::Midnight12k => "midnight12k",
+            VitPreset::OpenMidnight => "openmidnight",
+            VitPreset::HibouL => "hibou_l",
         }
     }
 
@@ -352,6 +360,28 @@ impl VitPreset {
                 UNIFORM,
                 224,
                 "https://huggingface.co/kaiko-ai/midnight (model.safetensors)",
+            ),
+            VitPreset::OpenMidnight => row(
+                "openmidnight",
+                "OpenMidnight (Sophont), DINOv2 ViT-g/14 with 4 registers (facebookresearch/dinov2's code)",
+                VitConfig {
+                    naming: Naming::Dinov2Hub,
+                    ..timm(14, 16, 1536, 40, 24, MlpKind::SwiGlu, 8192, 4, true)
+                },
+                IMAGENET,
+                224,
+                "https://huggingface.co/SophontAI/OpenMidnight (teacher_checkpoint_load.pt; gated)",
+            ),
+            VitPreset::HibouL => row(
+                "hibou-l",
+                "Hibou-L (HistAI), DINOv2 ViT-L/14 with 4 registers, SwiGLU (Hugging Face names)",
+                VitConfig {
+                    naming: Naming::HfDinov2,
+                    ..timm(14, 16, 1024, 24, 16, MlpKind::SwiGlu, 5472, 4, true)
+                },
+                HIBOU,
+                224,
+                "https://huggingface.co/histai/hibou-L (model.safetensors)",
             ),
         }
     }
@@ -749,20 +779,20 @@ impl Architecture {
                 let pos_name = match cfg.naming {
                     Naming::HfDinov2 | Naming::HfVit => "embeddings.position_embeddings",
                     Naming::Conch => "visual.trunk.pos_embed",
-                    Naming::Timm => "pos_embed",
+                    Naming::Timm | Naming::Dinov2Hub => "pos_embed",
                 };
-                // H0-mini's and Midnight's MLP widths are not in a configuration wsimil could
-                // read: taken from the file, as a timm name's is.
+                // H0-mini's, Midnight's and Hibou-L's MLP widths are not in a configuration
+                // wsimil could read: taken from the file, as a timm name's is.
                 let fc1 = match p {
                     VitPreset::H0Mini => Some("blocks.0.mlp.fc1.weight"),
-                    VitPreset::Midnight12k => Some("encoder.layer.0.mlp.weights_in.weight"),
+                    VitPreset::Midnight12k | VitPreset::HibouL => Some("encoder.layer.0.mlp.weights_in.weight"),
                     _ => None,
                 };
                 if let Some(f1) = fc1.and_then(|n| shape_of(n)).and_then(|s| s.first().copied()) {
                     cfg.hidden = f1;
                 }
                 if let Some(len) = shape_of(pos_name).and_then(|s| s.get(1).copied()) {
-                    let n = len.saturating_sub(if cfg.pos_prefix { cfg.prefix_tokens() } else { 0 });
+                    let n = len.saturating_sub(cfg.pos_prefix_len());
                     let g = (n as f64).sqrt().round() as usize;
                     if g * g == n && g > 0 {
                         cfg.pos_grid = g;
