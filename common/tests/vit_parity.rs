@@ -99,7 +99,7 @@ fn h_optimus_1_is_h_optimus_0s_architecture() {
 }
 
 #[test]
-fn position_grids_resample_as_timm_and_hugging_face_do() {
+fn position_grids_resample_as_timm_hugging_face_and_conch_v15_do() {
     let t = load("resample.safetensors");
     let grid = &t["grid"];
     for g in [16usize, 5] {
@@ -116,6 +116,19 @@ fn position_grids_resample_as_timm_and_hugging_face_do() {
             let e = max_rel(&y, &t[&format!("{key}_{g}")]);
             assert!(e < 1e-5, "{key} to {g}×{g}: {e:.2e}");
         }
+    }
+    // CONCH v1.5: 7×7 to the 5×5 its trunk is built at (bilinear), then to 9×9 and back to 7×7
+    // (bicubic at the scale factor (g + 0.1)/5): the round trip is not the identity.
+    for g in [9usize, 7] {
+        let r = vit::resample_matrix(7, g, PosResample::Conch15 { build_grid: 5 });
+        let r = Tensor::from_vec(r, (g, 7), &Device::Cpu).unwrap();
+        let c = grid.dim(1).unwrap();
+        let x = grid.reshape((7, 7 * c)).unwrap();
+        let y = r.matmul(&x).unwrap().reshape((g, 7, c)).unwrap().transpose(0, 1).unwrap().reshape((7, g * c)).unwrap();
+        let y = r.matmul(&y.contiguous().unwrap()).unwrap().reshape((g, g, c)).unwrap().transpose(0, 1).unwrap();
+        let y = y.contiguous().unwrap().reshape((g * g, c)).unwrap();
+        let e = max_rel(&y, &t[&format!("conch15_{g}")]);
+        assert!(e < 1e-5, "conch15 to {g}×{g}: {e:.2e}");
     }
 }
 

@@ -386,9 +386,9 @@ pub struct EmbedderArgs {
     /// Patch embedder: efficientnet-lite0 (the CPU default), resnet50-trunc, a pathology foundation
     /// model (uni, uni2-h, virchow, virchow2, h-optimus-0, h-optimus-1, h0-mini, gigapath-tile,
     /// gpfm, phikon, phikon-v2, conch-vision, kaiko-vits8, kaiko-vits16, kaiko-vitb8,
-    /// kaiko-vitb16, kaiko-vitl14, lunit-vits8, midnight-12k, openmidnight, hibou-l; or by
-    /// TRIDENT's names uni_v1, uni_v2, hoptimus0, hoptimus1, gigapath, phikon_v2, conch_v1,
-    /// midnight12k, hibou_l), or
+    /// kaiko-vitb16, kaiko-vitl14, lunit-vits8, midnight-12k, openmidnight, hibou-l, conch-v1.5;
+    /// or by TRIDENT's names uni_v1, uni_v2, hoptimus0, hoptimus1, gigapath, phikon_v2, conch_v1,
+    /// conch_v15, midnight12k, hibou_l), or
     /// vit:<timm-name>[.<tag>] (prepared as timm prepares that tag) or
     /// vit:<timm-name>@imagenet|uniform|openai-clip|R,G,B/R,G,B for weights from elsewhere
     /// (docs/encoders.md).

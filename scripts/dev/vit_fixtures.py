@@ -8,10 +8,11 @@ as the publisher ships it (torch.save of the state dict as `pytorch_model.bin`, 
 `model.safetensors` from save_pretrained); and its features for two real H&E patches are saved
 beside the inputs. common/tests/vit_parity.rs loads those files through wsimil's own loader.
 
-    scripts/dev/vit_fixtures.py --out common/tests/fixtures/vit [--conch CONCH_CHECKOUT]
+    CHECKOUTS="--conch CONCH --dinov2 DINOV2 --trident TRIDENT"   # checkouts of the publishers' code
+    scripts/dev/vit_fixtures.py --out common/tests/fixtures/vit $CHECKOUTS
     scripts/dev/vit_fixtures.py --full uni --out DIR      # one preset at full size (not committed)
-    scripts/dev/vit_fixtures.py --shapes common/tests/fixtures/vit/full_size.json --conch CONCH_CHECKOUT
-    scripts/dev/vit_fixtures.py --pixels common/tests/fixtures/vit
+    scripts/dev/vit_fixtures.py --shapes common/tests/fixtures/vit/full_size.json $CHECKOUTS
+    scripts/dev/vit_fixtures.py --pixels common/tests/fixtures/vit $CHECKOUTS
 
 `--shapes` builds every preset at full size on PyTorch's meta device (no memory, no numbers) and
 records, as small JSON, every tensor of the state dict its publisher ships (name and shape), the
@@ -24,8 +25,10 @@ transform as TRIDENT builds it (torchvision's Resize/CenterCrop/ToTensor/Normali
 or timm's `create_transform` for a timm tag, into the small models whose weights are committed
 above; worker/tests/pixels.rs runs the same bytes through wsimil's patch preparation and network.
 
-Needs PyPI's torch, timm and transformers (scripts/dev/pypi-torch-env.sh) and, for conch-vision,
-a checkout of https://github.com/mahmoodlab/CONCH (its code is imported from there, never copied).
+Needs PyPI's torch, timm and transformers (scripts/dev/pypi-torch-env.sh) and checkouts of the
+publishers' own code for three presets (imported from there, never copied):
+https://github.com/mahmoodlab/CONCH (conch-vision), https://github.com/facebookresearch/dinov2
+(openmidnight) and https://github.com/mahmoodlab/TRIDENT (conch-v1.5, whose code ships there).
 The real tissue is tiatoolbox's target_image.png from the data folder (scripts/fetch-data.sh).
 """
 
@@ -404,8 +407,72 @@ def make_openmidnight(out, u8, dinov2, full):
     save(out, "openmidnight", weights, feats, sizes)
 
 
+def conch15_module(trident):
+    """CONCH v1.5's vision tower code as TRIDENT ships it (imported from a checkout, never copied)."""
+    import importlib.util
+    path = os.path.join(trident, "trident", "patch_encoder_models", "model_zoo", "conchv1_5", "conchv1_5.py")
+    spec = importlib.util.spec_from_file_location("conchv1_5", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def conch15_model(m, full, img_size):
+    """TRIDENT's CONCHVisionTower, its trunk built at img_size (its code builds it at 224 and resizes
+    the checkpoint's position grid to that at load): at full size as its code builds it, reduced
+    with its own classes (VisionTransformer, AttentionalPooler) otherwise."""
+    torch.manual_seed(29)
+    if full and img_size == 224:
+        tower = m.CONCHVisionTower()
+    else:
+        tower = m.CONCHVisionTower.__new__(m.CONCHVisionTower)
+        torch.nn.Module.__init__(tower)
+        if full:
+            tower.trunk = m.vit_large(init_values=1.0, img_size=img_size)
+        else:
+            tower.trunk = m.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=32, depth=2, num_heads=4,
+                                              mlp_ratio=4, qkv_bias=True, init_values=1.0)
+        d_model = 768 if full else 16
+        tower.attn_pool_contrast = m.AttentionalPooler(d_model=d_model, context_dim=tower.trunk.embed_dim,
+                                                       n_head=8 if full else 4, n_queries=1)
+        tower.ln_contrast = torch.nn.LayerNorm(d_model)
+    with torch.no_grad():
+        for n, p in tower.named_parameters():
+            if n.endswith(".gamma") or (("norm" in n or "ln_" in n) and n.endswith("weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    return tower.eval()
+
+
+def conch15_load(m, weights):
+    """What TRIDENT's create_model_from_pretrained does with the file: the trunk built at 224, the
+    checkpoint's position grid resized to it (timm's bilinear), a strict load."""
+    model = conch15_model(m, False, 224)
+    state = torch.load(weights)
+    state["trunk.pos_embed"] = m.resize_pos_embed(model.trunk, state["trunk.pos_embed"], verbose=False)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def make_conch15(out, u8, trident):
+    m = conch15_module(trident)
+    # The file as trained: the trunk at 448 px (a 28x28 position grid).
+    shipped = conch15_model(m, False, 448)
+    weights = os.path.join(out, "conch-v1.5.pytorch_model.bin")
+    torch_save(shipped.state_dict(), weights)
+    model = conch15_load(m, weights)
+    with torch.no_grad():
+        feats = model(normalise(u8, IMAGENET))
+    trunk = shipped.trunk
+    sizes = {"dim": trunk.embed_dim, "depth": len(trunk.blocks), "heads": trunk.blocks[0].attn.num_heads,
+             "hidden": trunk.blocks[0].mlp.fc1.out_features, "pos_grid": trunk.patch_embed.grid_size[0],
+             "input_px": 224, "pooler_dim": shipped.attn_pool_contrast.query.shape[1],
+             "pooler_heads": shipped.attn_pool_contrast.heads, "pooler_queries": 1}
+    save(out, "conch-v1.5", weights, feats, sizes)
+
+
 def resample_fixture(out):
-    """Position grids resampled by timm (bicubic, antialias) and by Hugging Face (bicubic)."""
+    """Position grids resampled by timm (bicubic, antialias), by Hugging Face (bicubic) and by CONCH
+    v1.5's code (bilinear at load, bicubic at a scale factor at run time)."""
     from timm.layers import resample_abs_pos_embed
     torch.manual_seed(3)
     grid = torch.randn(1, 7 * 7, 8)
@@ -415,10 +482,19 @@ def resample_fixture(out):
         x = grid.reshape(1, 7, 7, 8).permute(0, 3, 1, 2)
         y = torch.nn.functional.interpolate(x, size=(g, g), mode="bicubic", align_corners=False)
         t[f"hf_{g}"] = y.permute(0, 2, 3, 1).reshape(g * g, 8)
+    # CONCH v1.5's two steps (TRIDENT's conchv1_5.py): at load timm's bilinear without antialiasing to
+    # the grid the trunk is built at (5 here), at run time bicubic at the scale factor (g + 0.1)/5.
+    built = resample_abs_pos_embed(grid, new_size=(5, 5), old_size=(7, 7), num_prefix_tokens=0,
+                                   interpolation="bilinear", antialias=False)
+    for g in (9, 7):
+        x = built.reshape(1, 5, 5, 8).permute(0, 3, 1, 2)
+        y = torch.nn.functional.interpolate(x, scale_factor=((g + 0.1) / 5, (g + 0.1) / 5), mode="bicubic")
+        assert y.shape[-1] == g
+        t[f"conch15_{g}"] = y.permute(0, 2, 3, 1).reshape(g * g, 8)
     save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(out, "resample.safetensors"))
 
 
-def shapes(path, conch, dinov2):
+def shapes(path, conch, dinov2, trident):
     """Every preset at full size, on the meta device: its shipped tensors and its features' width."""
     record = {}
 
@@ -463,6 +539,14 @@ def shapes(path, conch, dinov2):
         model = hibou_model(True)
         add("hibou-l", model, revert_weight_conversion(model, model.state_dict()), HIBOU, "class", 224,
             hibou_features(model, torch.empty(1, 3, 224, 224)))
+        if trident:
+            m = conch15_module(trident)
+            with torch.device("cpu"), torch.no_grad():  # its constructor reads a value (.item()): not on meta
+                model = conch15_model(m, True, 224)
+                add("conch-v1.5", model, model.state_dict(), IMAGENET, "class", 448,
+                    model(torch.zeros(1, 3, 448, 448)))
+        else:
+            print("conch-v1.5: skipped (no --trident checkout)", file=sys.stderr)
         if dinov2:
             model = openmidnight_model(dinov2, True)
             # The checkpoint's position embedding is TRIDENT's to load as it is (its own parameter).
@@ -539,6 +623,9 @@ def pixel_cases():
         "midnight-12k": ("midnight-12k", tv(224, 224, UNIFORM)),  # Resize(224), CenterCrop(224), kaiko constants
         "hibou-l": ("hibou-l", tv(224, None, HIBOU, I.BICUBIC)),  # get_eval_transforms(224, bicubic), hibou constants
         "openmidnight": ("openmidnight", T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(*IMAGENET)])),
+        # conch_v15: Resize(448, bilinear), CenterCrop(448), ImageNet's statistics; the network fed 448 px,
+        # so its code resamples the position grid at run time too.
+        "conch-v1.5": ("conch-v1.5", tv(448, 448, IMAGENET)),
         "virchow": ("virchow", tv(224, None, IMAGENET, I.BICUBIC)),  # Resize(224, bicubic)
         "gpfm": ("gpfm", tv(224, None, IMAGENET, I.BICUBIC)),  # get_eval_transforms(224, bicubic)
         # lunit-vits8 and h0-mini: timm's create_transform of the hub file's data config.
@@ -554,7 +641,7 @@ def pixel_cases():
     }
 
 
-def pixels(out, data, conch, dinov2):
+def pixels(out, data, conch, dinov2, trident):
     """Features of uint8 patches through each publisher's transform (see the module's doc)."""
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -616,6 +703,12 @@ def pixels(out, data, conch, dinov2):
             model = openmidnight_model(dinov2, False)
             model.load_state_dict(torch.load(os.path.join(out, "openmidnight.pytorch_model.bin")))
             run(name, embedder, model, transform, "fn")
+        elif name == "conch-v1.5":
+            if not trident:
+                sys.exit("conch-v1.5's pixel case needs --trident TRIDENT_CHECKOUT")
+            model = conch15_load(conch15_module(trident), os.path.join(out, "conch-v1.5.pytorch_model.bin"))
+            run(name, embedder, model, transform, "fn")
+            record[name]["input_px"] = 448
         elif name == "conch-vision":
             if not conch:
                 sys.exit("conch-vision's pixel case needs --conch CONCH_CHECKOUT")
@@ -648,14 +741,15 @@ def main():
     ap.add_argument("--data", default=os.environ.get("WSIMIL_DATA", os.path.expanduser("~/.cache/wsimil/data")))
     ap.add_argument("--conch", help="a checkout of mahmoodlab/CONCH (for conch-vision)")
     ap.add_argument("--dinov2", help="a checkout of facebookresearch/dinov2 (for openmidnight)")
+    ap.add_argument("--trident", help="a checkout of mahmoodlab/TRIDENT (for conch-v1.5's code)")
     ap.add_argument("--full", help="build this one preset at full size instead")
     ap.add_argument("--pixels", help="write the pixel-to-feature fixtures into this fixtures folder")
     a = ap.parse_args()
     if a.pixels:
-        pixels(a.pixels, a.data, a.conch, a.dinov2)
+        pixels(a.pixels, a.data, a.conch, a.dinov2, a.trident)
         return
     if a.shapes:
-        shapes(a.shapes, a.conch, a.dinov2)
+        shapes(a.shapes, a.conch, a.dinov2, a.trident)
         return
     if not a.out:
         ap.error("--out DIR (or --shapes FILE)")
@@ -679,6 +773,11 @@ def main():
             make_openmidnight(a.out, u8, a.dinov2, full)
         else:
             print("openmidnight: skipped (no --dinov2 checkout)", file=sys.stderr)
+    if a.full in (None, "conch-v1.5"):
+        if a.trident:
+            make_conch15(a.out, u8, a.trident)
+        else:
+            print("conch-v1.5: skipped (no --trident checkout)", file=sys.stderr)
     if a.full in (None, "conch-vision"):
         if a.conch:
             make_conch(a.out, u8, a.conch, full)

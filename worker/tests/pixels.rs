@@ -41,9 +41,19 @@ fn patches(side: usize) -> Vec<RgbImage> {
 
 /// wsimil's features of `imgs` for the fixture model `name` (weights `file`, sizes `sizes`), and
 /// whether wsimil's preparation resampled the patches (its side is not what the resize step
-/// wants). The network takes the fixture's input side (CONCH's fixture is 224 px, its preset 448).
-fn features(arch: &Architecture, file: &WeightsFile, sizes: &FixtureSizes, imgs: Vec<RgbImage>) -> (Tensor, bool) {
-    let cfg = arch.fixture_config(sizes, &|n| file.shape(n)).unwrap();
+/// wants). The network takes the fixture's input side (CONCH's fixture is 224 px, its preset 448),
+/// or the case's (`input_px`: CONCH v1.5's case runs at its preset's 448).
+fn features(
+    arch: &Architecture,
+    file: &WeightsFile,
+    sizes: &FixtureSizes,
+    input_px: Option<usize>,
+    imgs: Vec<RgbImage>,
+) -> (Tensor, bool) {
+    let mut cfg = arch.fixture_config(sizes, &|n| file.shape(n)).unwrap();
+    if let Some(px) = input_px {
+        cfg.input_px = px;
+    }
     let needed = vit::tensor_specs(&cfg);
     weights::check(file, &arch.name(), &needed, &|n| vit::ignorable(cfg.naming, n)).unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<String> = needed.into_iter().map(|s| s.name).collect();
@@ -83,7 +93,8 @@ fn patches_become_the_publishers_features_through_wsimils_preparation() {
         let sizes: FixtureSizes = serde_json::from_value(meta["sizes"].clone()).unwrap();
         let file = WeightsFile::open(&fixtures().join(meta["weights"].as_str().unwrap())).unwrap();
         for side in [224, 256] {
-            let (got, resampled) = features(&arch, &file, &sizes, patches(side));
+            let input = entry.get("input_px").and_then(|v| v.as_u64()).map(|v| v as usize);
+            let (got, resampled) = features(&arch, &file, &sizes, input, patches(side));
             let publisher = &want[&format!("{case}_{side}")];
             assert_eq!(got.dims(), publisher.dims(), "{case} at {side} px");
             let err = max_rel(&got, publisher);
@@ -113,9 +124,9 @@ fn patches_become_the_publishers_features_through_wsimils_preparation() {
     }
     assert_eq!(exact.len() + resampled_err.len(), 2 * record.as_object().unwrap().len());
     // Only a transform that resamples every patch (a crop fraction below one: Lunit's, the timm
-    // tag's) has no exact comparison.
+    // tag's; an input larger than both patches: CONCH v1.5's 448 px) has no exact comparison.
     for (case, _) in record.as_object().unwrap() {
-        let crops = ["lunit-vits8", "timm-tag"].contains(&case.as_str());
+        let crops = ["lunit-vits8", "timm-tag", "conch-v1.5"].contains(&case.as_str());
         assert_eq!(exact.iter().any(|(c, _, _)| c == case), !crops, "{case}: {exact:?}");
     }
 }

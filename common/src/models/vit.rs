@@ -72,6 +72,10 @@ pub enum Naming {
     /// facebookresearch/dinov2's own `DinoVisionTransformer` (`register_tokens`, `blocks.N.mlp.w12`
     /// and `w3` for its fused SwiGLU, `ls1.gamma`): OpenMidnight.
     Dinov2Hub,
+    /// CONCH v1.5's vision tower as TRIDENT ships its code: the timm-style trunk under `trunk.`,
+    /// its own attentional pooler (`attn_pool_contrast.to_q`, `to_kv`, `to_out`, no biases) and
+    /// `ln_contrast`.
+    Conch15,
 }
 
 /// How a stored position grid is resampled to another one.
@@ -82,6 +86,11 @@ pub enum PosResample {
     TimmBicubicAntialias,
     /// Hugging Face's Dinov2 `interpolate_pos_encoding`: bicubic, a = −0.75, no antialiasing.
     Bicubic,
+    /// CONCH v1.5's code: the stored grid resized at load to the grid the trunk is built at
+    /// (`build_grid`, 224 px over the patch) by timm's bilinear without antialiasing, then at run
+    /// time DINO's `interpolate_pos_encoding`: bicubic (a = −0.75) at the scale factor
+    /// (g + 0.1)/`build_grid`, not at the size.
+    Conch15 { build_grid: usize },
 }
 
 /// CONCH's attentional pooler: `queries` learned queries of width `dim` attend over the trunk's
@@ -203,6 +212,7 @@ impl Names {
         match self.0 {
             Naming::Timm | Naming::HfDinov2 | Naming::HfVit | Naming::Dinov2Hub => "",
             Naming::Conch => "visual.trunk.",
+            Naming::Conch15 => "trunk.",
         }
     }
 
@@ -295,11 +305,17 @@ impl Names {
     }
 
     fn pooler(&self) -> &'static str {
-        "visual.attn_pool_contrast."
+        match self.0 {
+            Naming::Conch15 => "attn_pool_contrast.",
+            _ => "visual.attn_pool_contrast.",
+        }
     }
 
     fn pooler_norm(&self) -> &'static str {
-        "visual.ln_contrast"
+        match self.0 {
+            Naming::Conch15 => "ln_contrast",
+            _ => "visual.ln_contrast",
+        }
     }
 }
 
@@ -352,16 +368,22 @@ pub fn tensor_specs(cfg: &VitConfig) -> Vec<TensorSpec> {
         add(format!("{pre}ln_q.bias"), vec![p.dim]);
         add(format!("{pre}ln_k.weight"), vec![d]);
         add(format!("{pre}ln_k.bias"), vec![d]);
-        if p.dim == d {
+        if cfg.naming == Naming::Conch15 {
+            add(format!("{pre}to_q.weight"), vec![p.dim, p.dim]);
+            add(format!("{pre}to_kv.weight"), vec![2 * p.dim, d]);
+            add(format!("{pre}to_out.weight"), vec![p.dim, p.dim]);
+        } else if p.dim == d {
             add(format!("{pre}attn.in_proj_weight"), vec![3 * p.dim, d]);
         } else {
             add(format!("{pre}attn.q_proj_weight"), vec![p.dim, p.dim]);
             add(format!("{pre}attn.k_proj_weight"), vec![p.dim, d]);
             add(format!("{pre}attn.v_proj_weight"), vec![p.dim, d]);
         }
-        add(format!("{pre}attn.in_proj_bias"), vec![3 * p.dim]);
-        add(format!("{pre}attn.out_proj.weight"), vec![p.dim, p.dim]);
-        add(format!("{pre}attn.out_proj.bias"), vec![p.dim]);
+        if cfg.naming != Naming::Conch15 {
+            add(format!("{pre}attn.in_proj_bias"), vec![3 * p.dim]);
+            add(format!("{pre}attn.out_proj.weight"), vec![p.dim, p.dim]);
+            add(format!("{pre}attn.out_proj.bias"), vec![p.dim]);
+        }
         add(format!("{}.weight", n.pooler_norm()), vec![p.dim]);
         add(format!("{}.bias", n.pooler_norm()), vec![p.dim]);
     }
@@ -378,6 +400,7 @@ pub fn ignorable(naming: Naming, name: &str) -> bool {
         // The pooler a ViTModel saves unless built without it (TRIDENT: add_pooling_layer=False).
         Naming::HfVit => name.starts_with("pooler.dense."),
         Naming::Dinov2Hub => name == "mask_token",
+        Naming::Conch15 => false,
         Naming::Conch => {
             !(name.starts_with("visual.trunk.")
                 || name.starts_with("visual.attn_pool_contrast.")
@@ -390,52 +413,100 @@ pub fn ignorable(naming: Naming, name: &str) -> bool {
 /// exactly as PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` computes it, with or
 /// without `antialias`. The 2-D resampling of a grid is this on each axis.
 pub fn resample_matrix(n_in: usize, n_out: usize, how: PosResample) -> Vec<f32> {
+    match how {
+        PosResample::Bicubic => bicubic_matrix(n_in, n_out, n_out as f64 / n_in as f64),
+        PosResample::TimmBicubicAntialias => bicubic_aa_matrix(n_in, n_out),
+        PosResample::Conch15 { build_grid } => {
+            // Two linear maps composed: [n_out, b] · [b, n_in].
+            let load = if n_in == build_grid { identity(n_in) } else { bilinear_matrix(n_in, build_grid) };
+            let run = if n_out == build_grid {
+                identity(build_grid)
+            } else {
+                bicubic_matrix(build_grid, n_out, (n_out as f64 + 0.1) / build_grid as f64)
+            };
+            let mut m = vec![0f32; n_out * n_in];
+            for i in 0..n_out {
+                for k in 0..build_grid {
+                    let w = run[i * build_grid + k];
+                    for j in 0..n_in {
+                        m[i * n_in + j] += w * load[k * n_in + j];
+                    }
+                }
+            }
+            m
+        }
+    }
+}
+
+fn identity(n: usize) -> Vec<f32> {
+    (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect()
+}
+
+/// PyTorch's `upsample_bicubic2d` (align_corners=False) at `scale_factor` (the output side
+/// n_out; source = (i + ½)/scale_factor − ½): Keys' cubic with A = −0.75 over the four
+/// neighbours, indices clamped to the edge.
+fn bicubic_matrix(n_in: usize, n_out: usize, scale_factor: f64) -> Vec<f32> {
+    let mut m = vec![0f64; n_out * n_in];
+    let scale = 1.0 / scale_factor;
+    let a = -0.75;
+    let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+    for i in 0..n_out {
+        let src = scale * (i as f64 + 0.5) - 0.5;
+        let f = src.floor();
+        let t = src - f;
+        let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        for (k, wk) in w.iter().enumerate() {
+            let j = (f as i64 - 1 + k as i64).clamp(0, n_in as i64 - 1) as usize;
+            m[i * n_in + j] += wk;
+        }
+    }
+    m.into_iter().map(|v| v as f32).collect()
+}
+
+/// PyTorch's `upsample_bilinear2d` (align_corners=False, no antialiasing) to `n_out`: source =
+/// scale·(i + ½) − ½ clamped at 0, the two neighbours weighted linearly.
+fn bilinear_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
     let mut m = vec![0f64; n_out * n_in];
     let scale = n_in as f64 / n_out as f64;
-    match how {
-        PosResample::Bicubic => {
-            // upsample_bicubic2d: source = scale·(i + ½) − ½, Keys' cubic with A = −0.75 over the
-            // four neighbours, indices clamped to the edge.
-            let a = -0.75;
-            let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
-            let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
-            for i in 0..n_out {
-                let src = scale * (i as f64 + 0.5) - 0.5;
-                let f = src.floor();
-                let t = src - f;
-                let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
-                for (k, wk) in w.iter().enumerate() {
-                    let j = (f as i64 - 1 + k as i64).clamp(0, n_in as i64 - 1) as usize;
-                    m[i * n_in + j] += wk;
-                }
-            }
+    for i in 0..n_out {
+        let src = (scale * (i as f64 + 0.5) - 0.5).max(0.0);
+        let j0 = (src.floor() as usize).min(n_in - 1);
+        let j1 = (j0 + 1).min(n_in - 1);
+        let t = src - j0 as f64;
+        m[i * n_in + j0] += 1.0 - t;
+        m[i * n_in + j1] += t;
+    }
+    m.into_iter().map(|v| v as f32).collect()
+}
+
+/// timm's `resample_abs_pos_embed` (`_upsample_bicubic2d_aa`, PIL's resampling): the cubic with
+/// a = −0.5, widened by the scale when shrinking, over the inputs within its support, weights
+/// normalised.
+fn bicubic_aa_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+    let mut m = vec![0f64; n_out * n_in];
+    let scale = n_in as f64 / n_out as f64;
+    let a = -0.5;
+    let cubic = |x: f64| {
+        let x = x.abs();
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        } else {
+            0.0
         }
-        PosResample::TimmBicubicAntialias => {
-            // _upsample_bicubic2d_aa (PIL's resampling): the cubic with a = −0.5, widened by the
-            // scale when shrinking, over the inputs within its support, weights normalised.
-            let a = -0.5;
-            let cubic = |x: f64| {
-                let x = x.abs();
-                if x < 1.0 {
-                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
-                } else {
-                    0.0
-                }
-            };
-            let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
-            let inv = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
-            for i in 0..n_out {
-                let center = scale * (i as f64 + 0.5);
-                let lo = ((center - support + 0.5) as i64).max(0) as usize;
-                let hi = ((center + support + 0.5) as i64).min(n_in as i64) as usize;
-                let w: Vec<f64> = (lo..hi).map(|j| cubic((j as f64 - center + 0.5) * inv)).collect();
-                let total: f64 = w.iter().sum();
-                for (j, wj) in (lo..hi).zip(w) {
-                    m[i * n_in + j] = if total != 0.0 { wj / total } else { wj };
-                }
-            }
+    };
+    let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
+    let inv = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    for i in 0..n_out {
+        let center = scale * (i as f64 + 0.5);
+        let lo = ((center - support + 0.5) as i64).max(0) as usize;
+        let hi = ((center + support + 0.5) as i64).min(n_in as i64) as usize;
+        let w: Vec<f64> = (lo..hi).map(|j| cubic((j as f64 - center + 0.5) * inv)).collect();
+        let total: f64 = w.iter().sum();
+        for (j, wj) in (lo..hi).zip(w) {
+            m[i * n_in + j] = if total != 0.0 { wj / total } else { wj };
         }
     }
     m.into_iter().map(|v| v as f32).collect()
@@ -444,7 +515,9 @@ pub fn resample_matrix(n_in: usize, n_out: usize, how: PosResample) -> Vec<f32> 
 /// The position embedding's patch part `[g_in², D]` resampled to `[g_out², D]`: one matrix product
 /// with the two axes' resampling (so a fine-tuned position embedding gets its gradient through it).
 fn resample_grid(pos: &Tensor, g_in: usize, g_out: usize, how: PosResample) -> Result<Tensor> {
-    if g_in == g_out {
+    // (CONCH v1.5's code resizes a grid it was not built at even when it comes back to it.)
+    let round_trip = matches!(how, PosResample::Conch15 { build_grid } if build_grid != g_in);
+    if g_in == g_out && !round_trip {
         return Ok(pos.clone());
     }
     let r = resample_matrix(g_in, g_out, how);
@@ -681,10 +754,28 @@ struct Pooler {
 }
 
 impl Pooler {
-    fn load(cfg: PoolerConfig, d: usize, vb: &VarBuilder, frozen: bool) -> Result<Self> {
-        let n = Names(Naming::Conch);
+    fn load(cfg: PoolerConfig, naming: Naming, d: usize, vb: &VarBuilder, frozen: bool) -> Result<Self> {
+        let n = Names(naming);
         let pre = n.pooler();
         let p = cfg.dim;
+        if naming == Naming::Conch15 {
+            // CONCH v1.5's own pooler: bias-free projections, keys and values from one matrix.
+            let kv = get(vb, &format!("{pre}to_kv.weight"), &[2 * p, d], frozen)?;
+            let zeros = |n: usize| Tensor::zeros(n, kv.dtype(), kv.device());
+            return Ok(Pooler {
+                cfg,
+                query: get(vb, &format!("{pre}query"), &[cfg.queries, p], frozen)?,
+                ln_q: Norm::load(vb, &format!("{pre}ln_q"), p, 1e-5, frozen)?,
+                ln_k: Norm::load(vb, &format!("{pre}ln_k"), d, 1e-5, frozen)?,
+                wq: get(vb, &format!("{pre}to_q.weight"), &[p, p], frozen)?,
+                wk: kv.narrow(0, 0, p)?,
+                wv: kv.narrow(0, p, p)?,
+                bias: zeros(3 * p)?,
+                out_w: get(vb, &format!("{pre}to_out.weight"), &[p, p], frozen)?,
+                out_b: zeros(p)?,
+                ln_out: Norm::load(vb, n.pooler_norm(), p, 1e-5, frozen)?,
+            });
+        }
         let (wq, wk, wv) = if p == d {
             let w = get(vb, &format!("{pre}attn.in_proj_weight"), &[3 * p, d], frozen)?;
             (w.narrow(0, 0, p)?, w.narrow(0, p, p)?, w.narrow(0, 2 * p, p)?)
@@ -793,7 +884,7 @@ impl Vit {
             (0..cfg.depth).map(|i| Block::load(cfg, &vb, i, tune.trains(i, cfg.depth))).collect::<Result<Vec<_>>>()?;
         let head_frozen = !tune.any();
         let norm = Norm::load(&vb, &n.norm(), d, cfg.eps, head_frozen)?;
-        let pooler = cfg.pooler.map(|p| Pooler::load(p, d, &vb, head_frozen)).transpose()?;
+        let pooler = cfg.pooler.map(|p| Pooler::load(p, cfg.naming, d, &vb, head_frozen)).transpose()?;
         Ok(Vit {
             cfg: cfg.clone(),
             name: name.to_string(),

@@ -62,6 +62,7 @@ pub enum VitPreset {
     Midnight12k,
     OpenMidnight,
     HibouL,
+    ConchV15,
 }
 
 /// One preset's row of the table: everything wsimil needs to run the encoder as published.
@@ -84,7 +85,7 @@ pub struct PresetSpec {
 }
 
 impl VitPreset {
-    pub const ALL: [VitPreset; 21] = [
+    pub const ALL: [VitPreset; 22] = [
         VitPreset::Uni,
         VitPreset::Uni2H,
         VitPreset::Virchow2,
@@ -106,6 +107,7 @@ impl VitPreset {
         VitPreset::Midnight12k,
         VitPreset::OpenMidnight,
         VitPreset::HibouL,
+        VitPreset::ConchV15,
     ];
 
     pub fn name(self) -> &'static str {
@@ -137,6 +139,7 @@ impl VitPreset {
             VitPreset::Midnight12k => "midnight12k",
             VitPreset::OpenMidnight => "openmidnight",
             VitPreset::HibouL => "hibou_l",
+            VitPreset::ConchV15 => "conch_v15",
         }
     }
 
@@ -382,6 +385,21 @@ impl VitPreset {
                 HIBOU,
                 224,
                 "https://huggingface.co/histai/hibou-L (model.safetensors)",
+            ),
+            VitPreset::ConchV15 => row(
+                "conch-v1.5",
+                "CONCH v1.5 (MahmoodLab) vision tower: ViT-L/16 at 448 + attentional pooler (TRIDENT's code)",
+                VitConfig {
+                    input_px: 448,
+                    output: Output::AttentionPool,
+                    naming: Naming::Conch15,
+                    resample: PosResample::Conch15 { build_grid: 14 },
+                    pooler: Some(PoolerConfig { dim: 768, heads: 8, queries: 1 }),
+                    ..timm(16, 14, 1024, 24, 16, MlpKind::Gelu, 4096, 0, true)
+                },
+                IMAGENET,
+                512,
+                "https://huggingface.co/MahmoodLab/conchv1_5 (pytorch_model_vision.bin; gated)",
             ),
         }
     }
@@ -779,6 +797,7 @@ impl Architecture {
                 let pos_name = match cfg.naming {
                     Naming::HfDinov2 | Naming::HfVit => "embeddings.position_embeddings",
                     Naming::Conch => "visual.trunk.pos_embed",
+                    Naming::Conch15 => "trunk.pos_embed",
                     Naming::Timm | Naming::Dinov2Hub => "pos_embed",
                 };
                 // H0-mini's, Midnight's and Hibou-L's MLP widths are not in a configuration
