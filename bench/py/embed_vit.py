@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 try:
     import timm
@@ -140,6 +141,14 @@ def save(a):
     x = torch.from_numpy(np.fromfile(a.input, dtype=np.float32).reshape(-1, 3, 224, 224))
     with torch.inference_mode():
         model(x).float().numpy().tofile(a.features_out)
+        if a.images:
+            # From pixels: UNI's eval transform as TRIDENT builds it (uni_v1: Resize(224), CenterCrop(224),
+            # ToTensor, ImageNet's Normalize) on the PNG patches.
+            from torchvision import transforms as T
+            t = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+            x = torch.stack([t(Image.open(p).convert("RGB")) for p in a.images])
+            model(x).float().numpy().tofile(a.pixel_features_out)
 
 
 ap = argparse.ArgumentParser()
@@ -156,6 +165,8 @@ ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1)
 ap.add_argument("--save-weights")
 ap.add_argument("--input")
 ap.add_argument("--features-out")
+ap.add_argument("--images", nargs="*", help="save: RGB patches to embed through UNI's eval transform too")
+ap.add_argument("--pixel-features-out")
 a = ap.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)

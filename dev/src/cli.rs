@@ -279,8 +279,12 @@ pub struct FeaturesArgs {
     #[arg(long)]
     pub weights: PathBuf,
     /// Inputs: raw little-endian f32, [N, 3, S, S] (already normalised).
-    #[arg(long)]
-    pub input: PathBuf,
+    #[arg(long, required_unless_present = "images", conflicts_with = "images")]
+    pub input: Option<PathBuf>,
+    /// Or RGB patches (PNG, any side), prepared as `wsimil run` prepares them (the embedder's
+    /// resize, crop and normalisation).
+    #[arg(long, num_args = 1..)]
+    pub images: Vec<PathBuf>,
     /// Where the features go: raw little-endian f32, [N, F].
     #[arg(long)]
     pub out: PathBuf,
@@ -296,13 +300,28 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
     let tensors = args.embedder.read_weights(&file)?;
     let vb = candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), compute.dtype, &compute.device);
     let model = args.embedder.build(vb)?;
-    let side = model.preprocessing().input_px as usize;
-    let raw = std::fs::read(&args.input).with_context(|| format!("{}", args.input.display()))?;
-    let v: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    let n = v.len() / (3 * side * side);
-    let x = candle_core::Tensor::from_vec(v, (n, 3, side, side), &candle_core::Device::Cpu)?
-        .to_device(&compute.device)?
-        .to_dtype(compute.dtype)?;
+    let pre = model.preprocessing();
+    let side = pre.input_px as usize;
+    let (n, x) = match &args.input {
+        Some(input) => {
+            let raw = std::fs::read(input).with_context(|| format!("{}", input.display()))?;
+            let v: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let n = v.len() / (3 * side * side);
+            let x = candle_core::Tensor::from_vec(v, (n, 3, side, side), &candle_core::Device::Cpu)?
+                .to_device(&compute.device)?
+                .to_dtype(compute.dtype)?;
+            (n, x)
+        }
+        None => {
+            let mut pixels = Vec::new();
+            for path in &args.images {
+                let img = image::open(path).with_context(|| format!("{}", path.display()))?.to_rgb8();
+                pixels.extend(wsimil_worker::embed::fit(img, &pre).into_raw());
+            }
+            let n = args.images.len();
+            (n, wsimil_worker::embed::to_input(pixels, n, side, &pre, &compute.device, compute.dtype)?)
+        }
+    };
     let t = std::time::Instant::now();
     let y = model.forward(&x)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let secs = t.elapsed().as_secs_f64();

@@ -807,7 +807,7 @@ impl Architecture {
                     VitPreset::Midnight12k | VitPreset::HibouL => Some("encoder.layer.0.mlp.weights_in.weight"),
                     _ => None,
                 };
-                if let Some(f1) = fc1.and_then(|n| shape_of(n)).and_then(|s| s.first().copied()) {
+                if let Some(f1) = fc1.and_then(shape_of).and_then(|s| s.first().copied()) {
                     cfg.hidden = f1;
                 }
                 if let Some(len) = shape_of(pos_name).and_then(|s| s.get(1).copied()) {
