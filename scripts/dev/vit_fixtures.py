@@ -323,17 +323,26 @@ def midnight_features(model, x):
         return torch.cat([out[:, 0], out[:, 1:].mean(1)], dim=-1)
 
 
-def make_midnight(out, u8, full):
+def make_hf_dinov2(out, stem, model, features, mean_std, u8):
+    """A Hugging Face DINOv2's fixture: model.safetensors under the names save_pretrained writes."""
     from transformers.core_model_loading import revert_weight_conversion
-    model = midnight_model(full)
-    weights = os.path.join(out, "midnight-12k.model.safetensors")
+    weights = os.path.join(out, f"{stem}.model.safetensors")
     state = revert_weight_conversion(model, model.state_dict())
     save_file({k: v.contiguous() for k, v in state.items()}, weights)
-    feats = midnight_features(model, normalise(u8, UNIFORM))
     c = model.config
     sizes = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
              "hidden": state["encoder.layer.0.mlp.weights_in.weight"].shape[0], "pos_grid": c.image_size // c.patch_size}
-    save(out, "midnight-12k", weights, feats, sizes)
+    save(out, stem, weights, features(model, normalise(u8, mean_std)), sizes)
+
+
+def committed_hf(out, stem, model):
+    """`model` (rebuilt from its seed), checked to hold the committed fixture's weights."""
+    from safetensors.torch import load_file
+    from transformers.core_model_loading import revert_weight_conversion
+    state = load_file(os.path.join(out, f"{stem}.model.safetensors"))
+    mine = revert_weight_conversion(model, model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in mine.items()), f"{stem}: not the committed weights"
+    return model
 
 
 def hibou_model(full):
@@ -360,19 +369,6 @@ def hibou_features(model, x):
     """TRIDENT's hibou_l: the model's pooler_output (the class token after the final LayerNorm)."""
     with torch.no_grad():
         return model(pixel_values=x).pooler_output
-
-
-def make_hibou(out, u8, full):
-    from transformers.core_model_loading import revert_weight_conversion
-    model = hibou_model(full)
-    weights = os.path.join(out, "hibou-l.model.safetensors")
-    state = revert_weight_conversion(model, model.state_dict())
-    save_file({k: v.contiguous() for k, v in state.items()}, weights)
-    feats = hibou_features(model, normalise(u8, HIBOU))
-    c = model.config
-    sizes = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
-             "hidden": state["encoder.layer.0.mlp.weights_in.weight"].shape[0], "pos_grid": c.image_size // c.patch_size}
-    save(out, "hibou-l", weights, feats, sizes)
 
 
 def openmidnight_model(dinov2, full):
@@ -667,12 +663,7 @@ def pixels(out, data, conch, dinov2, trident):
             model.load_state_dict(torch.load(os.path.join(out, f"{name}.pytorch_model.bin")))
             run(name, embedder, model, transform, output)
         elif name == "phikon-v2":
-            from safetensors.torch import load_file
-            from transformers.core_model_loading import revert_weight_conversion
-            model = phikon_v2_model(False)
-            state = load_file(os.path.join(out, "phikon-v2.model.safetensors"))
-            mine = revert_weight_conversion(model, model.state_dict())
-            assert all(torch.equal(state[k], v) for k, v in mine.items()), "phikon-v2: not the committed weights"
+            model = committed_hf(out, name, phikon_v2_model(False))
             run(name, embedder, lambda x: model(pixel_values=x).last_hidden_state[:, 0], transform, "fn")
         elif name == "phikon":
             from transformers.core_model_loading import revert_weight_conversion
@@ -682,21 +673,11 @@ def pixels(out, data, conch, dinov2, trident):
             assert all(torch.equal(state[k], v) for k, v in mine.items()), "phikon: not the committed weights"
             run(name, embedder, lambda x: model(pixel_values=x).last_hidden_state[:, 0], transform, "fn")
         elif name == "midnight-12k":
-            from safetensors.torch import load_file
-            from transformers.core_model_loading import revert_weight_conversion
-            model = midnight_model(False)
-            state = load_file(os.path.join(out, "midnight-12k.model.safetensors"))
-            mine = revert_weight_conversion(model, model.state_dict())
-            assert all(torch.equal(state[k], v) for k, v in mine.items()), "midnight: not the committed weights"
-            run(name, embedder, lambda x: midnight_features(model, x), transform, "fn")
+            model = committed_hf(out, name, midnight_model(False))
+            run(name, embedder, lambda x, m=model: midnight_features(m, x), transform, "fn")
         elif name == "hibou-l":
-            from safetensors.torch import load_file
-            from transformers.core_model_loading import revert_weight_conversion
-            model = hibou_model(False)
-            state = load_file(os.path.join(out, "hibou-l.model.safetensors"))
-            mine = revert_weight_conversion(model, model.state_dict())
-            assert all(torch.equal(state[k], v) for k, v in mine.items()), "hibou-l: not the committed weights"
-            run(name, embedder, lambda x: hibou_features(model, x), transform, "fn")
+            model = committed_hf(out, name, hibou_model(False))
+            run(name, embedder, lambda x, m=model: hibou_features(m, x), transform, "fn")
         elif name == "openmidnight":
             if not dinov2:
                 sys.exit("openmidnight's pixel case needs --dinov2 DINOV2_CHECKOUT")
@@ -765,9 +746,9 @@ def main():
     if a.full in (None, "phikon"):
         make_phikon_v1(a.out, u8, full)
     if a.full in (None, "midnight-12k"):
-        make_midnight(a.out, u8, full)
+        make_hf_dinov2(a.out, "midnight-12k", midnight_model(full), midnight_features, UNIFORM, u8)
     if a.full in (None, "hibou-l"):
-        make_hibou(a.out, u8, full)
+        make_hf_dinov2(a.out, "hibou-l", hibou_model(full), hibou_features, HIBOU, u8)
     if a.full in (None, "openmidnight"):
         if a.dinov2:
             make_openmidnight(a.out, u8, a.dinov2, full)
