@@ -183,6 +183,9 @@ pub struct AppliedSlide {
     /// Its follow-up, when the manifest gives one (a survival model is then judged by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub survival: Option<crate::plan::SurvivalTarget>,
+    /// The patient it is from, when the manifest names one (its slides are then pooled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 /// `applied/<name>/plan.json`: a model applied to a cohort.
@@ -205,6 +208,24 @@ pub struct ApplyPlan {
 impl ApplyPlan {
     pub fn slide(&self, id: &SlideId) -> Option<&AppliedSlide> {
         self.slides.iter().find(|s| &s.id == id)
+    }
+
+    /// Whether the manifest named the slides' patients.
+    pub fn has_patients(&self) -> bool {
+        self.slides.iter().any(|s| s.patient.is_some())
+    }
+
+    /// `slides` (ids of this application's slides) grouped by patient, as
+    /// [`crate::plan::RunPlan::patient_groups`] groups a run's.
+    pub fn patient_groups(&self, slides: &[&str]) -> Vec<Vec<usize>> {
+        let patient: std::collections::HashMap<&str, &str> =
+            self.slides.iter().filter_map(|s| Some((s.id.as_str(), s.patient.as_deref()?))).collect();
+        crate::plan::group_by_patient(slides, |s| patient.get(s).copied())
+    }
+
+    /// The patient of a slide, by id.
+    pub fn patient_of(&self, slide: &str) -> Option<&str> {
+        self.slides.iter().find(|s| s.id.as_str() == slide).and_then(|s| s.patient.as_deref())
     }
 
     /// Where the features of an embedder of the model are: `features/<embedder>/<tiling>/`.

@@ -171,6 +171,11 @@ pub fn applied_predictions_csv(name: &RunId) -> Path {
     key(format!("applied/{name}/predictions.csv"))
 }
 
+/// An application's predictions pooled per patient (where the manifest names patients).
+pub fn applied_patients_csv(name: &RunId) -> Path {
+    key(format!("applied/{name}/patients.csv"))
+}
+
 pub fn applied_metrics(name: &RunId) -> Path {
     key(format!("applied/{name}/metrics.json"))
 }

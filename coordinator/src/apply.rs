@@ -308,6 +308,7 @@ pub async fn prepare(store: &Store, card: &ModelCard, settings: &ApplySettings) 
             label: if card.head.is_classes() { r.label.as_deref().map(|l| m.class_index(l)) } else { None },
             mpp: r.mpp,
             survival: r.survival,
+            patient: r.patient.clone(),
         })
         .collect();
     if settings.features.is_none() {
@@ -366,6 +367,10 @@ pub struct ApplyMetrics {
     pub followed: usize,
     #[serde(default)]
     pub events: usize,
+    /// Where the manifest names patients: the figures over the patients' pooled predictions
+    /// (their slides' mean probabilities or risks; `patients.csv` lists them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients: Option<crate::run::PatientMetrics>,
 }
 
 pub struct ApplySummary {
@@ -460,6 +465,29 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
         let labels: Vec<usize> = labelled.iter().map(|r| r.label.expect("labelled")).collect();
         evaluate_ci(&probs, &labels, plan.classes.len(), 1000, 0)
     });
+    let patients = (plan.has_patients() && !labelled.is_empty()).then(|| {
+        let groups = plan.patient_groups(&labelled.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        crate::run::PatientMetrics::pooled_classes(&groups, &labelled, plan.classes.len())
+    });
+    if plan.has_patients() {
+        let all: Vec<&Prediction> = rows.iter().collect();
+        let groups = plan.patient_groups(&all.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        let mut csv = format!(
+            "patient,slides,label,{}\n",
+            plan.classes.iter().map(|c| format!("prob_{c}")).collect::<Vec<_>>().join(",")
+        );
+        for g in &groups {
+            let label = all[g[0]].label.map(|l| plan.classes[l].clone()).unwrap_or_default();
+            let probs: Vec<String> = crate::run::mean_probs(g, &all).iter().map(|p| format!("{p:.6}")).collect();
+            csv.push_str(&format!(
+                "{},{},{label},{}\n",
+                patient_name(plan, &all[g[0]].slide),
+                g.len(),
+                probs.join(",")
+            ));
+        }
+        store.put(&layout::applied_patients_csv(&plan.name), csv.into_bytes()).await?;
+    }
     let failures = crate::run::read_failures(store, &layout::applied_failures_prefix(&plan.name)).await?;
     let m = ApplyMetrics {
         name: plan.name.clone(),
@@ -473,6 +501,7 @@ pub async fn summarise(store: &Store, plan: &ApplyPlan) -> anyhow::Result<ApplyM
         c_index: None,
         followed: 0,
         events: 0,
+        patients,
     };
     let table = Table {
         csv: layout::applied_predictions_csv(&plan.name),
@@ -501,6 +530,23 @@ async fn summarise_survival(store: &Store, plan: &ApplyPlan) -> anyhow::Result<A
         })
         .collect();
     let (risk, time, event) = SurvivalRow::columns(&rows);
+    let known: Vec<&SurvivalRow> = rows.iter().filter(|r| r.follow_up.is_some()).collect();
+    let patients = (plan.has_patients() && !known.is_empty()).then(|| {
+        let groups = plan.patient_groups(&known.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        crate::run::PatientMetrics::pooled_risks(&groups, &known)
+    });
+    if plan.has_patients() {
+        let groups = plan.patient_groups(&rows.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        let mut csv = String::from("patient,slides,risk,time,event\n");
+        for g in &groups {
+            let first = &rows[g[0]];
+            let risk = g.iter().map(|&i| rows[i].risk).sum::<f64>() / g.len() as f64;
+            let (time, event) =
+                first.follow_up.map(|f| (f.time.to_string(), u8::from(f.event).to_string())).unwrap_or_default();
+            csv.push_str(&format!("{},{},{risk:.6},{time},{event}\n", patient_name(plan, &first.slide), g.len()));
+        }
+        store.put(&layout::applied_patients_csv(&plan.name), csv.into_bytes()).await?;
+    }
     let failures = crate::run::read_failures(store, &layout::applied_failures_prefix(&plan.name)).await?;
     let m = ApplyMetrics {
         name: plan.name.clone(),
@@ -514,6 +560,7 @@ async fn summarise_survival(store: &Store, plan: &ApplyPlan) -> anyhow::Result<A
         c_index: wsimil_common::survival::concordance_ci(&risk, &time, &event, 1000, 0),
         followed: time.len(),
         events: event.iter().filter(|e| **e).count(),
+        patients,
     };
     let table = SurvivalTable {
         csv: layout::applied_predictions_csv(&plan.name),
@@ -524,6 +571,12 @@ async fn summarise_survival(store: &Store, plan: &ApplyPlan) -> anyhow::Result<A
     table.write(store, &rows).await?;
     store.put_json(&layout::applied_metrics(&plan.name), &m).await?;
     Ok(m)
+}
+
+/// A group's patient as `patients.csv` names it: the manifest's, or the slide's own id for a
+/// slide without one.
+fn patient_name(plan: &ApplyPlan, slide: &str) -> String {
+    plan.patient_of(slide).unwrap_or(slide).to_string()
 }
 
 /// The report a person reads.
@@ -569,6 +622,9 @@ pub fn render(s: &ApplySummary, store: &Store) -> String {
         }
         None => out.push_str(&format!("{} slides predicted (no labels: no metrics)\n", m.predicted)),
     }
+    if let Some(p) = &m.patients {
+        out.push_str(&format!("{}\n", p.describe()));
+    }
     for f in &m.failures {
         out.push_str(&format!(
             "  failed {} {}: {}\n",
@@ -581,6 +637,9 @@ pub fn render(s: &ApplySummary, store: &Store) -> String {
         store.local_path(key).map(|p| p.display().to_string()).unwrap_or_else(|| format!("{}/{key}", store.location()))
     };
     out.push_str(&format!("predictions: {}\n", at(&layout::applied_predictions_csv(&m.name))));
+    if s.plan.has_patients() {
+        out.push_str(&format!("patients:    {}\n", at(&layout::applied_patients_csv(&m.name))));
+    }
     out.push_str(&format!("metrics:     {}\n", at(&layout::applied_metrics(&m.name))));
     out.push_str(&format!("report:      {}\n", at(&layout::applied_report(&m.name))));
     if s.plan.imported.is_none() {

@@ -240,6 +240,12 @@ pub struct RoundMetrics {
     pub patients: Option<PatientMetrics>,
 }
 
+/// The mean of a group of rows' class probabilities.
+pub fn mean_probs(group: &[usize], rows: &[&Prediction]) -> Vec<f64> {
+    let k = rows[group[0]].probs.len();
+    (0..k).map(|c| group.iter().map(|&i| rows[i].probs[c]).sum::<f64>() / group.len() as f64).collect()
+}
+
 /// A round's out-of-fold figures with each patient's slides pooled: a patient's class
 /// probabilities (or risk) are the mean of its slides'. A patient's slides share a fold, so each
 /// patient is scored by one fold's model.
@@ -262,20 +268,22 @@ impl PatientMetrics {
         if !plan.has_patients() || rows.is_empty() {
             return None;
         }
+        let rows: Vec<&Prediction> = rows.iter().collect();
         let groups = plan.patient_groups(&rows.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
-        let mean = |g: &[usize]| -> Vec<f64> {
-            let k = rows[g[0]].probs.len();
-            (0..k).map(|c| g.iter().map(|&i| rows[i].probs[c]).sum::<f64>() / g.len() as f64).collect()
-        };
-        let probs: Vec<Vec<f64>> = groups.iter().map(|g| mean(g)).collect();
-        let labels: Vec<usize> =
-            groups.iter().map(|g| rows[g[0]].label.expect("out-of-fold rows are labelled")).collect();
-        Some(PatientMetrics {
+        Some(Self::pooled_classes(&groups, &rows, plan.classes.len()))
+    }
+
+    /// Labelled `rows` grouped by patient (`groups`: positions in `rows`): each patient's mean
+    /// class probabilities against its label (a patient's slides share it: the manifest says so).
+    pub fn pooled_classes(groups: &[Vec<usize>], rows: &[&Prediction], classes: usize) -> Self {
+        let probs: Vec<Vec<f64>> = groups.iter().map(|g| mean_probs(g, rows)).collect();
+        let labels: Vec<usize> = groups.iter().map(|g| rows[g[0]].label.expect("labelled rows")).collect();
+        PatientMetrics {
             patients: groups.len(),
             with_several_slides: groups.iter().filter(|g| g.len() > 1).count(),
-            pooled: Some(evaluate(&probs, &labels, plan.classes.len())),
+            pooled: Some(evaluate(&probs, &labels, classes)),
             c_index: None,
-        })
+        }
     }
 
     /// The patients' mean risks against their follow-up, from the slides' `rows`.
@@ -285,18 +293,24 @@ impl PatientMetrics {
             return None;
         }
         let groups = plan.patient_groups(&known.iter().map(|r| r.slide.as_str()).collect::<Vec<_>>());
+        Some(Self::pooled_risks(&groups, &known))
+    }
+
+    /// Rows with follow-up grouped by patient (`groups`: positions in `known`): each patient's
+    /// mean risk against its follow-up, by Harrell's C-index.
+    pub fn pooled_risks(groups: &[Vec<usize>], known: &[&SurvivalRow]) -> Self {
         let risk: Vec<f64> =
             groups.iter().map(|g| g.iter().map(|&i| known[i].risk).sum::<f64>() / g.len() as f64).collect();
         // A patient's slides share its follow-up (the manifest refuses them otherwise).
         let follow_up: Vec<SurvivalTarget> = groups.iter().map(|g| known[g[0]].follow_up.expect("known")).collect();
         let time: Vec<f64> = follow_up.iter().map(|t| t.time).collect();
         let event: Vec<bool> = follow_up.iter().map(|t| t.event).collect();
-        Some(PatientMetrics {
+        PatientMetrics {
             patients: groups.len(),
             with_several_slides: groups.iter().filter(|g| g.len() > 1).count(),
             pooled: None,
             c_index: wsimil_common::survival::concordance_ci(&risk, &time, &event, 1000, 0),
-        })
+        }
     }
 
     /// One line for the run's summary.

@@ -236,8 +236,10 @@ fn slides_of_one_patient_share_a_fold_and_are_pooled_into_the_patients_figures()
     let manifest = dir.path().join("patients.csv");
     std::fs::write(&manifest, &with_patients).unwrap();
     let args = ["--features", "musk1", "--manifest", manifest.to_str().unwrap(), "--store", &store];
-    let out =
-        run_ok(&[&["run", "--run", "pp", "--model", "abmil", "--folds", "3", "--epochs", "3"][..], &args].concat());
+    let out = run_ok(
+        &[&["run", "--run", "pp", "--model", "abmil", "--folds", "3", "--epochs", "3", "--final-model"][..], &args]
+            .concat(),
+    );
     let run_dir = dir.path().join("store/runs/pp/round-0");
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("metrics.json")).unwrap()).unwrap();
@@ -271,6 +273,43 @@ fn slides_of_one_patient_share_a_fold_and_are_pooled_into_the_patients_figures()
     let auc = p["pooled"]["auc"].as_f64().unwrap();
     assert!((auc - support::pair_auc(&pairs)).abs() < 1e-6, "{auc} vs {}", support::pair_auc(&pairs));
     assert!(out.contains(&format!("per patient ({} patients, {several} with several slides", pooled.len())), "{out}");
+
+    // The final model applied to the same manifest: every patient's slides pooled, listed in
+    // patients.csv, and the figures over them.
+    let out = run_ok(&[&["predict", "--model", "pp:final", "--name", "pooled"][..], &args].concat());
+    let applied = dir.path().join("store/applied/pooled");
+    let csv = std::fs::read_to_string(applied.join("predictions.csv")).unwrap();
+    let mut by_patient: std::collections::BTreeMap<String, (Vec<f64>, bool)> = Default::default();
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let e = by_patient.entry(patient[f[0]].clone()).or_default();
+        e.0.push(f.last().unwrap().parse().unwrap());
+        e.1 = f[1] == "1";
+    }
+    assert_eq!(by_patient.len(), pooled.len());
+    let listed = std::fs::read_to_string(applied.join("patients.csv")).unwrap();
+    assert!(listed.starts_with("patient,slides,label,prob_0,prob_1\n"), "{listed}");
+    assert_eq!(listed.lines().count(), by_patient.len() + 1, "{listed}");
+    for line in listed.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (probs, pos) = &by_patient[f[0]];
+        assert_eq!(f[1].parse::<usize>().unwrap(), probs.len(), "{line}");
+        assert_eq!(f[2] == "1", *pos, "{line}");
+        let mean = probs.iter().sum::<f64>() / probs.len() as f64;
+        assert!((f[4].parse::<f64>().unwrap() - mean).abs() < 1e-5, "{line}: mean {mean}");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(applied.join("metrics.json")).unwrap()).unwrap();
+    let p = &metrics["patients"];
+    assert_eq!(p["patients"].as_u64(), Some(by_patient.len() as u64), "{p}");
+    let pairs: Vec<(f64, bool)> =
+        by_patient.values().map(|(probs, pos)| (probs.iter().sum::<f64>() / probs.len() as f64, *pos)).collect();
+    let auc = p["pooled"]["auc"].as_f64().unwrap();
+    assert!((auc - support::pair_auc(&pairs)).abs() < 1e-6, "{auc} vs {}", support::pair_auc(&pairs));
+    assert!(
+        out.contains(&format!("per patient ({} patients", by_patient.len())) && out.contains("patients.csv"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -373,23 +412,72 @@ async fn a_survival_run_ranks_slides_by_their_lesions_and_its_model_predicts_ris
     assert!(svg.starts_with("<svg") && svg.contains("high risk (") && svg.contains("low risk ("), "{svg}");
 
     // The final model gives new slides a risk; where they have follow-up, its C-index.
-    let text = run_ok(&[
-        "predict",
-        "--model",
-        "nll:final",
-        "--features",
-        "syn",
-        "--manifest",
-        &manifest,
-        "--store",
-        &store,
-        "--name",
-        "again",
-    ]);
+    let predict = |manifest: &str, name: &str| {
+        run_ok(&[
+            "predict",
+            "--model",
+            "nll:final",
+            "--features",
+            "syn",
+            "--manifest",
+            manifest,
+            "--store",
+            &store,
+            "--name",
+            name,
+        ])
+    };
+    let text = predict(&manifest, "again");
     assert!(text.contains("survival (240 slides with follow-up,"), "{text}");
     let applied = std::fs::read_to_string(Path::new(&store).join("applied/again/predictions.csv")).unwrap();
     assert_eq!(applied.lines().next(), Some("slide_id,time,event,risk"));
     assert_eq!(applied.lines().count(), 241);
+
+    // The same slides paired into patients (a patient's follow-up is one: the second slide takes
+    // the first's): patients.csv holds each patient's mean risk, and the C-index over them.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut lines = text.lines();
+    let mut paired = format!("{},patient\n", lines.next().unwrap());
+    let mut first_follow_up = String::new();
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        let n = f.len();
+        if i % 2 == 0 {
+            first_follow_up = f[n - 2..].join(",");
+        }
+        paired.push_str(&format!("{},{first_follow_up},case-{}\n", f[..n - 2].join(","), i / 2));
+    }
+    let paired_path = dir.path().join("paired.csv");
+    std::fs::write(&paired_path, &paired).unwrap();
+    let text = predict(paired_path.to_str().unwrap(), "paired");
+    assert!(text.contains("per patient (120 patients, 120 with several slides"), "{text}");
+    let risk: std::collections::HashMap<&str, f64> = applied
+        .lines()
+        .skip(1)
+        .map(|l| (l.split(',').next().unwrap(), l.rsplit(',').next().unwrap().parse().unwrap()))
+        .collect();
+    let listed = std::fs::read_to_string(Path::new(&store).join("applied/paired/patients.csv")).unwrap();
+    assert_eq!(listed.lines().next(), Some("patient,slides,risk,time,event"));
+    assert_eq!(listed.lines().count(), 121, "{listed}");
+    let (mut mean, mut time, mut event) = (vec![], vec![], vec![]);
+    for (line, row) in listed.lines().skip(1).zip(paired.lines().skip(1).step_by(2)) {
+        let f: Vec<&str> = line.split(',').collect();
+        let slides: Vec<&str> = paired.lines().filter(|l| l.ends_with(&format!(",{}", f[0]))).collect();
+        assert_eq!((f[1], slides.len()), ("2", 2), "{line}");
+        let want = slides.iter().map(|l| risk[l.split(',').next().unwrap()]).sum::<f64>() / 2.0;
+        assert!((f[2].parse::<f64>().unwrap() - want).abs() < 1e-5, "{line}: mean risk {want}");
+        let r: Vec<&str> = row.split(',').collect();
+        let (t, e) = (r[r.len() - 3].parse::<f64>().unwrap(), r[r.len() - 2]);
+        assert_eq!((f[3].parse::<f64>().unwrap(), f[4]), (t, e), "{line}: the follow-up of {row}");
+        mean.push(want);
+        time.push(f[3].parse::<f64>().unwrap());
+        event.push(f[4] == "1");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&store).join("applied/paired/metrics.json")).unwrap()).unwrap();
+    let c = metrics["patients"]["c_index"]["value"].as_f64().unwrap_or_else(|| panic!("{metrics}"));
+    let want = wsimil_common::survival::concordance(&mean, &time, &event).unwrap();
+    assert!((c - want).abs() < 1e-4, "patients' C-index {c} vs {want} over their mean risks");
 
     // The Cox loss over batches of bags, through the same command.
     let args: Vec<&str> = ["run", "--run", "cox", "--survival-loss", "cox", "--cox-batch", "32"]
