@@ -5,7 +5,7 @@
 # to 100 epochs with early stopping (patience 20) on a validation fold, repeated over SEEDS seeds
 # (fold assignment and initialisation). Ilse et al. (ICML 2018) report 0.892 ± 0.040 accuracy for
 # attention MIL (0.900 ± 0.050 gated). The other bag models (MODELS, default: CLAM-SB, CLAM-MB,
-# DSMIL, TransMIL) run the same folds and settings, one line each: the comparison of docs/models.md.
+# DSMIL, DTFD-MIL, TransMIL) run the same folds and settings, one line each: the comparison of docs/models.md.
 # Last line (ABMIL against the paper): `musk1: ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
 source bench/lib.sh
 wsimil_bins
 SEEDS=${SEEDS:-5}
-MODELS=${MODELS:-clam-sb clam-mb dsmil transmil}
+MODELS=${MODELS:-clam-sb clam-mb dsmil dtfd transmil}
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-musk1.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 "$WSIMIL" import-bags --table "$WSIMIL_DATA/musk1.csv" --name musk1 --store "$work/store" \

@@ -159,6 +159,10 @@ pub struct TrainConfig {
     /// class" too (`--clam-subtyping`). Absent from plans without it (same run ids).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clam_subtyping: bool,
+    /// What DTFD-MIL's pseudo-bags hand its second tier (`--dtfd-distill`; the authors' AFS when
+    /// absent, and absent from plans without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtfd_distill: Option<crate::models::dtfd::Distill>,
 }
 
 impl TrainConfig {
@@ -168,6 +172,7 @@ impl TrainConfig {
             .with_dropout(self.dropout)
             .with_landmarks(self.landmarks)
             .with_clam_subtyping(self.clam_subtyping)
+            .with_dtfd_distill(self.dtfd_distill)
     }
 }
 
@@ -186,6 +191,7 @@ impl Default for TrainConfig {
             max_train_instances: 0,
             seed: 0,
             clam_subtyping: false,
+            dtfd_distill: None,
         }
     }
 }

@@ -71,15 +71,7 @@ fn check(name: &str, streams: usize, passing_v: bool) {
     let unused = Tensor::new(f32::NAN, &Device::Cpu).unwrap();
     let loss = m.classification_loss(&out, unused, y).unwrap();
     close(&flat(&loss), &flat(&f[&format!("{name}.loss")]), &format!("{name} loss"));
-    let grads = loss.backward().unwrap();
-    let prefix = format!("{name}.grad.");
-    let mut compared = 0;
-    for (k, var) in params.named_vars() {
-        let want = f.get(&format!("{prefix}{k}")).unwrap_or_else(|| panic!("{name} ∂{k}: only wsimil's"));
-        let got = grads.get(&var).unwrap_or_else(|| panic!("{name} ∂{k}: only the reference's"));
-        close(&flat(got), &flat(want), &format!("{name} ∂{k}"));
-        compared += 1;
-    }
+    let compared = parity::grads_close(&f, name, &params, &loss.backward().unwrap());
     assert_eq!(compared, if passing_v { 10 } else { 8 }, "{name}: every parameter's gradient compared");
 }
 

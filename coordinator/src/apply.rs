@@ -665,7 +665,14 @@ pub enum Checkpoint {
     /// `BClassifier`), as its training saves it: wsimil's DSMIL has its parameter names. One score
     /// stream is a two-class model (class 1's), several are one per class.
     Dsmil,
+    /// DTFD-MIL's `best_model.pth` (github.com/hrzhang1123/DTFD-MIL: its four modules' state
+    /// dicts under `classifier`, `dim_reduction`, `attention` and `att_classifier`): wsimil's
+    /// DTFD-MIL has their names. The file does not say how it distilled: given here.
+    Dtfd(wsimil_common::models::dtfd::Distill),
 }
+
+/// The state dicts DTFD-MIL's `best_model.pth` holds.
+const DTFD_KEYS: [&str; 4] = ["classifier", "dim_reduction", "attention", "att_classifier"];
 
 impl Checkpoint {
     pub fn describe(self) -> &'static str {
@@ -673,6 +680,7 @@ impl Checkpoint {
             Checkpoint::OfficialTransmil => "TransMIL checkpoint (the official code's)",
             Checkpoint::Clam => "CLAM checkpoint (CLAM_SB or CLAM_MB, CLAM's)",
             Checkpoint::Dsmil => "DSMIL checkpoint (MILNet on features, DSMIL's)",
+            Checkpoint::Dtfd(_) => "DTFD-MIL checkpoint (best_model.pth, DTFD-MIL's)",
         }
     }
 }
@@ -682,7 +690,9 @@ fn map_checkpoint(
     format: Checkpoint,
     tensors: std::collections::BTreeMap<String, candle_core::Tensor>,
 ) -> anyhow::Result<(wsimil_common::models::BagModelConfig, std::collections::BTreeMap<String, candle_core::Tensor>)> {
-    use wsimil_common::models::{clam::ClamConfig, dsmil::DsmilConfig, transmil::TransMilConfig, BagModelConfig};
+    use wsimil_common::models::{
+        clam::ClamConfig, dsmil::DsmilConfig, dtfd::DtfdConfig, transmil::TransMilConfig, BagModelConfig,
+    };
     // A Lightning module keeps the network as `self.model`.
     let strip = |t: std::collections::BTreeMap<String, candle_core::Tensor>, prefix: &str| {
         if !t.is_empty() && t.keys().all(|k| k.starts_with(prefix)) {
@@ -745,6 +755,21 @@ fn map_checkpoint(
             });
             Ok((cfg, tensors))
         }
+        Checkpoint::Dtfd(distill) => {
+            let fc1 = dims("dim_reduction.fc1.weight")?;
+            let res_layers = tensors
+                .keys()
+                .filter(|k| k.starts_with("dim_reduction.resBlocks.") && k.ends_with(".block.0.weight"))
+                .count();
+            let cfg = BagModelConfig::Dtfd(DtfdConfig {
+                hidden: fc1[0],
+                attention: dims("attention.attention_V.0.weight")?[0],
+                res_layers,
+                distill,
+                ..DtfdConfig::new(fc1[1], dims("classifier.fc.weight")?[0])
+            });
+            Ok((cfg, tensors))
+        }
     }
 }
 
@@ -772,8 +797,11 @@ pub async fn import_checkpoint(
     .await??;
     let n_classes = classes.len();
     let (config, bytes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let wf = WeightsFile::open(&f)?;
-        let (config, tensors) = map_checkpoint(format, wf.read(None)?)?;
+        let state = match format {
+            Checkpoint::Dtfd(_) => wsimil_common::models::weights::read_torch_nested(&f, &DTFD_KEYS)?,
+            _ => WeightsFile::open(&f)?.read(None)?,
+        };
+        let (config, tensors) = map_checkpoint(format, state)?;
         // What wsimil's model reads, by name and shape, against what the checkpoint holds.
         let p = Params::new(0);
         wsimil_common::models::BagModel::new(&config, p.var_builder(&candle_core::Device::Cpu))?;

@@ -523,6 +523,11 @@ pub struct RunArgs {
     /// every other class's most attended patches are taught "not this class" too.
     #[arg(long)]
     pub clam_subtyping: bool,
+    /// What DTFD-MIL's pseudo-bags hand its second tier (`--model dtfd`): afs, their attention-pooled
+    /// features (the authors' default); maxs, their highest-scoring patches; maxmins, their highest
+    /// and lowest.
+    #[arg(long, value_enum)]
+    pub dtfd_distill: Option<wsimil_common::models::dtfd::Distill>,
     /// After the cross-validation, train one more model on every slide for the epochs the folds
     /// chose (their median best epoch): the model `wsimil predict --model RUN:final` applies.
     #[arg(long)]
@@ -657,6 +662,7 @@ impl RunArgs {
                 landmarks: self.landmarks.max(1),
                 seed: self.train_seed.unwrap_or(self.seed),
                 clam_subtyping: self.clam_subtyping,
+                dtfd_distill: self.dtfd_distill,
                 ..TrainConfig::default()
             },
             folds: FoldSettings { k: self.folds.max(1), seed: self.seed },
@@ -670,6 +676,9 @@ impl RunArgs {
     fn task(&self) -> anyhow::Result<Task> {
         if self.clam_subtyping && !matches!(self.model, BagModelKind::ClamSb | BagModelKind::ClamMb) {
             bail!("--clam-subtyping is CLAM's (--model clam-sb or clam-mb), not {}'s", self.model);
+        }
+        if self.dtfd_distill.is_some() && self.model != BagModelKind::Dtfd {
+            bail!("--dtfd-distill is DTFD-MIL's (--model dtfd), not {}'s", self.model);
         }
         if self.task == TaskKind::Classification {
             return Ok(Task::Classification);
@@ -696,6 +705,12 @@ impl RunArgs {
             bail!(
                 "--model dsmil scores classes (its max-pooling stream looks for a positive instance); \
                  a survival run takes transmil, abmil, clam-sb or clam-mb"
+            );
+        }
+        if self.model == BagModelKind::Dtfd {
+            bail!(
+                "--model dtfd scores classes (each pseudo-bag is taught the slide's class, and what it \
+                 distils is ranked by the last class); a survival run takes transmil, abmil, clam-sb or clam-mb"
             );
         }
         Ok(Task::Survival(SurvivalConfig {
@@ -1051,6 +1066,14 @@ pub struct ImportModelArgs {
     /// score stream for two classes or one per class): wsimil's DSMIL reads it as it is.
     #[arg(long, group = "checkpoint")]
     pub dsmil: Option<PathBuf>,
+    /// A DTFD-MIL checkpoint (github.com/hrzhang1123/DTFD-MIL: `best_model.pth`, its four modules'
+    /// state dicts): wsimil's DTFD-MIL reads it as it is.
+    #[arg(long, group = "checkpoint")]
+    pub dtfd: Option<PathBuf>,
+    /// How the DTFD-MIL checkpoint's pseudo-bags distil (`--dtfd`; the file does not say): afs,
+    /// the authors' default, maxs or maxmins.
+    #[arg(long, value_enum, requires = "dtfd")]
+    pub dtfd_distill: Option<wsimil_common::models::dtfd::Distill>,
     /// The classes the checkpoint predicts, in its output order.
     #[arg(long, value_delimiter = ',', required = true)]
     pub classes: Vec<String>,
@@ -1082,11 +1105,14 @@ impl ImportModelArgs {
     /// Check the flags and turn them into settings, before any file is read.
     pub fn settings(&self) -> anyhow::Result<ImportModelSettings> {
         use crate::apply::Checkpoint;
-        let (format, file) = match (&self.transmil, &self.clam, &self.dsmil) {
-            (Some(f), _, _) => (Checkpoint::OfficialTransmil, f.clone()),
-            (None, Some(f), _) => (Checkpoint::Clam, f.clone()),
-            (None, None, Some(f)) => (Checkpoint::Dsmil, f.clone()),
-            (None, None, None) => unreachable!("clap requires one"),
+        let (format, file) = match (&self.transmil, &self.clam, &self.dsmil, &self.dtfd) {
+            (Some(f), ..) => (Checkpoint::OfficialTransmil, f.clone()),
+            (None, Some(f), ..) => (Checkpoint::Clam, f.clone()),
+            (None, None, Some(f), _) => (Checkpoint::Dsmil, f.clone()),
+            (None, None, None, Some(f)) => {
+                (Checkpoint::Dtfd(self.dtfd_distill.unwrap_or(wsimil_common::models::dtfd::Distill::Afs)), f.clone())
+            }
+            (None, None, None, None) => unreachable!("clap requires one"),
         };
         if self.classes.len() < 2 {
             bail!("--classes: a classifier needs two classes at least, not {:?}", self.classes);
@@ -1385,7 +1411,21 @@ mod tests {
         }
         let err = survival("dsmil").expect_err("dsmil has no risk head").to_string();
         assert!(err.contains("--model dsmil scores classes") && err.contains("transmil, abmil"), "{err}");
+        let err = survival("dtfd").expect_err("dtfd has no risk head").to_string();
+        assert!(err.contains("--model dtfd scores classes") && err.contains("transmil, abmil"), "{err}");
         assert_eq!(run_args(&["--model", "dsmil"]).settings().unwrap().task, Task::Classification);
+    }
+
+    #[test]
+    fn dtfd_distill_reaches_the_bag_model_and_only_dtfds() {
+        use wsimil_common::models::{dtfd::Distill, BagModelConfig};
+        let distill = |args: &[&str]| run_args(args).settings().map(|s| s.train.bag_model(24, 2));
+        let Ok(BagModelConfig::Dtfd(c)) = distill(&["--model", "dtfd", "--dtfd-distill", "maxmins"]) else { panic!() };
+        assert_eq!(c.distill, Distill::Maxmins);
+        let Ok(BagModelConfig::Dtfd(c)) = distill(&["--model", "dtfd"]) else { panic!() };
+        assert_eq!(c.distill, Distill::Afs, "the authors' default");
+        let err = distill(&["--model", "abmil", "--dtfd-distill", "maxs"]).expect_err("not DTFD").to_string();
+        assert!(err.contains("--dtfd-distill is DTFD-MIL's"), "{err}");
     }
 
     fn import_args(extra: &[&str]) -> ImportModelArgs {

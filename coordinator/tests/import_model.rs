@@ -1,5 +1,6 @@
 //! Models trained elsewhere, imported as users have them: the official TransMIL code's Lightning
-//! checkpoint at full width, CLAM's CLAM_SB checkpoint and DSMIL's MILNet, made by `scripts/dev/import_fixtures.py`
+//! checkpoint at full width, CLAM's CLAM_SB checkpoint, DSMIL's MILNet and DTFD-MIL's four
+//! modules, made by `scripts/dev/import_fixtures.py`
 //! with the authors' own code (`coordinator/tests/fixtures/import/`). `wsimil import-model` turns
 //! each into a model folder; its classifier scores the fixture's bag with the authors' logits.
 
@@ -20,6 +21,20 @@ fn import(flag: &str, file: &str, extra: &[&str], out: &Path) -> std::process::O
         .args(extra)
         .output()
         .unwrap()
+}
+
+/// `import-model FLAG FILE` as a normal/tumor model of resnet50-trunc features, into `out`: it
+/// succeeds, and its card.
+fn import_ok(flag: &str, file: &str, out: &Path) -> (PathBuf, ModelCard) {
+    let res = import(
+        flag,
+        file,
+        &["--classes", "normal,tumor", "--embedder", "resnet50-trunc", "--random-weights", "1"],
+        out,
+    );
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let card = serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    (out.to_path_buf(), card)
 }
 
 /// The folder's one classifier on the fixture's bag.
@@ -57,15 +72,7 @@ fn close(got: &[f32], want: &[f32]) -> f32 {
 #[test]
 fn an_official_transmil_checkpoint_imports_and_scores_with_the_official_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("transmil");
-    let res = import(
-        "--transmil",
-        "transmil.ckpt",
-        &["--classes", "normal,tumor", "--embedder", "resnet50-trunc", "--random-weights", "1"],
-        &out,
-    );
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let card: ModelCard = serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let (out, card) = import_ok("--transmil", "transmil.ckpt", &dir.path().join("transmil"));
     assert_eq!(card.classes, vec!["normal", "tumor"]);
     assert_eq!(card.members[0].embedder.architecture.to_string(), "resnet50-trunc");
     let (got, want) = (logits(&out), want("transmil_logits"));
@@ -76,15 +83,7 @@ fn an_official_transmil_checkpoint_imports_and_scores_with_the_official_logits()
 #[test]
 fn a_clam_sb_checkpoint_imports_as_clam_and_scores_with_clams_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("clam");
-    let res = import(
-        "--clam",
-        "clam_sb.pt",
-        &["--classes", "normal,tumor", "--embedder", "resnet50-trunc", "--random-weights", "1"],
-        &out,
-    );
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let card: ModelCard = serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let (out, card) = import_ok("--clam", "clam_sb.pt", &dir.path().join("clam"));
     assert!(
         matches!(&card.members[0].config, wsimil_common::models::BagModelConfig::Clam(c) if !c.multi_branch),
         "{:?}",
@@ -98,15 +97,7 @@ fn a_clam_sb_checkpoint_imports_as_clam_and_scores_with_clams_logits() {
 #[test]
 fn a_dsmil_checkpoint_imports_as_dsmil_and_scores_with_its_two_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("dsmil");
-    let res = import(
-        "--dsmil",
-        "dsmil.pth",
-        &["--classes", "normal,tumor", "--embedder", "resnet50-trunc", "--random-weights", "1"],
-        &out,
-    );
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let card: ModelCard = serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let (out, card) = import_ok("--dsmil", "dsmil.pth", &dir.path().join("dsmil"));
     let config = &card.members[0].config;
     assert!(
         matches!(config, wsimil_common::models::BagModelConfig::Dsmil(c) if c.streams == 1 && c.query == 128),
@@ -119,6 +110,35 @@ fn a_dsmil_checkpoint_imports_as_dsmil_and_scores_with_its_two_streams() {
         let e = close(&got, &want);
         assert!(e < 1e-5, "{name}: {got:?} vs {want:?}: {e:.2e}");
     }
+}
+
+/// DTFD-MIL's best_model.pth (four state dicts in one file) imports as DTFD-MIL, its widths read
+/// from it, and scores the fixture's bag, split as the authors' test split it, with their logits.
+#[test]
+fn a_dtfd_checkpoint_imports_as_dtfd_and_scores_with_its_two_tiers() {
+    use wsimil_common::models::dtfd::{Distill, Dtfd};
+    let dir = tempfile::tempdir().unwrap();
+    let (out, card) = import_ok("--dtfd", "dtfd.pth", &dir.path().join("dtfd"));
+    let member = &card.members[0];
+    let wsimil_common::models::BagModelConfig::Dtfd(c) = &member.config else { panic!("{:?}", member.config) };
+    assert_eq!((c.in_dim, c.hidden, c.attention, c.res_layers, c.distill), (1024, 128, 128, 0, Distill::Afs));
+    let p = Params::new(0);
+    let weights = std::fs::read(out.join(format!("{}.safetensors", member.name))).unwrap();
+    p.preload(load_safetensors(&weights, &Device::Cpu).unwrap()).unwrap();
+    let model = Dtfd::new(c, p.var_builder(&Device::Cpu)).unwrap();
+    let f = candle_core::safetensors::load(fixture("import.safetensors"), &Device::Cpu).unwrap();
+    let order: Vec<usize> = f["dtfd_order"].to_vec1::<f32>().unwrap().iter().map(|v| *v as usize).collect();
+    let x = f["bag"].squeeze(0).unwrap();
+    let got = model.forward_groups(&x, &Dtfd::split(&order, 4), &mut Mode::Eval, false).unwrap();
+    let got: Vec<f32> = got.logits.flatten_all().unwrap().to_vec1().unwrap();
+    let e = close(&got, &want("dtfd_logits"));
+    assert!(e < 1e-5, "{got:?} vs {:?}: {e:.2e}", want("dtfd_logits"));
+
+    // Another model's file is not a DTFD-MIL checkpoint: said, naming the file and what is missing.
+    let args = ["--classes", "a,b", "--embedder", "resnet50-trunc", "--random-weights", "1"];
+    let res = import("--dtfd", "dsmil.pth", &args, &dir.path().join("x"));
+    let e = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && e.contains("dsmil.pth") && e.contains("no state dict under `classifier`"), "{e}");
 }
 
 #[test]

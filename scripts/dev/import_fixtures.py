@@ -2,8 +2,9 @@
 """Fixtures for `wsimil import-model`, made with the authors' own code (not run in CI):
 
     scripts/dev/import_fixtures.py --transmil TRANSMIL_CHECKOUT --clam CLAM_CHECKOUT \
-        [--dsmil DSMIL_CHECKOUT] [--out coordinator/tests/fixtures/import]
-    scripts/dev/import_fixtures.py --dsmil DSMIL_CHECKOUT    (adds dsmil.pth to the fixtures there)
+        [--dsmil DSMIL_CHECKOUT] [--dtfd DTFD_CHECKOUT] [--out coordinator/tests/fixtures/import]
+    scripts/dev/import_fixtures.py [--dsmil DSMIL_CHECKOUT] [--dtfd DTFD_CHECKOUT]
+        (adds dsmil.pth, dtfd.pth to the fixtures there)
 
 - transmil.ckpt: the official TransMIL (github.com/szc19990412/TransMIL, models/TransMIL.py, at its
   full width: 1024-d features, 512 wide, n_classes 2) with random weights, saved as its PyTorch
@@ -15,8 +16,13 @@
   and BClassifier on 1024-d features, one score stream as for Camelyon16, nonlinear 128-wide
   queries) as its training saves it (torch.save of the state_dict, zip format); its bag stream's
   logits and max instance score on the bag are dsmil_bag and dsmil_max.
+- dtfd.pth: DTFD-MIL's best_model.pth (github.com/hrzhang1123/DTFD-MIL, at commit 10964f4: the
+  four modules of Main_DTFD_MIL.py on 1024-d features, mDim 128, two classes), as its training saves
+  it (torch.save of {"classifier", "dim_reduction", "attention", "att_classifier"}: each a
+  state_dict); the bag split into 4 pseudo-bags by the order dtfd_order (np.array_split of it, as
+  its test does), tier 2's logits with AFS distillation are dtfd_logits.
 - import.safetensors: a bag of 300 instances of 1024-d features and each model's eval-mode logits
-  (with --dsmil alone, the existing file's bag is used and the DSMIL entries are added to it).
+  (with --dsmil or --dtfd alone, the existing file's bag is used and their entries are added to it).
 
 Weights and features are multiples of 1/256 (so the fixture compresses in git); the models run as
 given. Needs PyTorch and nystrom-attention==0.0.9 (scripts/dev/pypi-torch-env.sh).
@@ -53,24 +59,60 @@ def dsmil(checkout, bag, out_dir, out):
     torch.save(m.state_dict(), os.path.join(out_dir, "dsmil.pth"))
 
 
+def dtfd(checkout, bag, out_dir, out):
+    import numpy as np
+
+    sys.path.insert(0, checkout)
+    from Model.Attention import Attention_Gated, Attention_with_Classifier
+    from Model.network import Classifier_1fc, DimReduction
+
+    torch.manual_seed(2022)
+    L = 128
+    modules = {
+        "classifier": Classifier_1fc(L, 2, 0.0),
+        "dim_reduction": DimReduction(1024, L),
+        "attention": Attention_Gated(L),
+        "att_classifier": Attention_with_Classifier(L=L, num_cls=2, droprate=0.0),
+    }
+    for m in modules.values():
+        m.eval()
+        quantise(m)
+    order = np.random.default_rng(10964).permutation(bag.shape[1])
+    with torch.no_grad():
+        mid = modules["dim_reduction"](bag[0])
+        logits = modules["attention"](mid, isNorm=False).squeeze(0)
+        pooled = []
+        for idx in np.array_split(order, 4):
+            idx = torch.LongTensor(idx.tolist())
+            a = torch.softmax(logits.index_select(0, idx), dim=0)
+            pooled.append(torch.einsum("ns,n->ns", mid.index_select(0, idx), a).sum(0, keepdim=True))
+        out["dtfd_logits"] = modules["att_classifier"](torch.cat(pooled, 0))
+    out["dtfd_order"] = torch.tensor(order, dtype=torch.float32)
+    torch.save({k: m.state_dict() for k, m in modules.items()}, os.path.join(out_dir, "dtfd.pth"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--transmil")
     ap.add_argument("--clam")
     ap.add_argument("--dsmil")
+    ap.add_argument("--dtfd")
     ap.add_argument("--out", default="coordinator/tests/fixtures/import")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from safetensors.torch import load_file, save_file
 
-    if a.dsmil and not (a.transmil or a.clam):
+    if (a.dsmil or a.dtfd) and not (a.transmil or a.clam):
         path = os.path.join(a.out, "import.safetensors")
         out = load_file(path)
-        dsmil(a.dsmil, out["bag"], a.out, out)
+        if a.dsmil:
+            dsmil(a.dsmil, out["bag"], a.out, out)
+        if a.dtfd:
+            dtfd(a.dtfd, out["bag"], a.out, out)
         save_file({k: v.contiguous() for k, v in out.items()}, path)
         return
     if not (a.transmil and a.clam):
-        ap.error("--transmil and --clam (or --dsmil alone)")
+        ap.error("--transmil and --clam (or --dsmil, --dtfd alone)")
 
     torch.manual_seed(14)
     bag = torch.round(torch.randn(1, 300, 1024) * 256) / 256
@@ -94,6 +136,8 @@ def main():
     torch.save(clam.state_dict(), os.path.join(a.out, "clam_sb.pt"))
     if a.dsmil:
         dsmil(a.dsmil, bag, a.out, out)
+    if a.dtfd:
+        dtfd(a.dtfd, bag, a.out, out)
 
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "import.safetensors"))
     for f in sorted(os.listdir(a.out)):

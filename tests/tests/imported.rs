@@ -182,15 +182,22 @@ fn a_bag_budget_far_below_the_cohort_trains_the_same_models_and_predictions_as_o
 }
 
 /// Every bag model the literature compares against trains through `wsimil run` and scores through
-/// `wsimil predict`, as ABMIL and TransMIL do: CLAM-SB, CLAM-MB in subtyping mode and DSMIL on
-/// Musk1, each ranking the bags well out of fold, its final model scoring every bag again.
+/// `wsimil predict`, as ABMIL and TransMIL do: CLAM-SB, CLAM-MB in subtyping mode, DSMIL and
+/// DTFD-MIL (distilling max and min instances) on Musk1, each ranking the bags well out of fold,
+/// its final model scoring every bag again.
 #[test]
-fn clam_and_dsmil_train_and_predict_through_the_commands() {
+fn clam_dsmil_and_dtfd_train_and_predict_through_the_commands() {
     let dir = tempfile::tempdir().unwrap();
     let (store, manifest) = musk1_store(dir.path());
     let common = ["--features", "musk1", "--manifest", &manifest, "--store", &store];
     let train = ["--folds", "3", "--epochs", "10", "--patience", "10", "--optimizer", "adamw", "--lr", "5e-4"];
-    for (model, extra) in [("clam-sb", None), ("clam-mb", Some("--clam-subtyping")), ("dsmil", None)] {
+    let models: [(&str, &[&str]); 4] = [
+        ("clam-sb", &[]),
+        ("clam-mb", &["--clam-subtyping"]),
+        ("dsmil", &[]),
+        ("dtfd", &["--dtfd-distill", "maxmins"]),
+    ];
+    for (model, extra) in models {
         let mut args = vec!["run", "--run", model, "--model", model, "--final-model"];
         args.extend(extra);
         let text = run_ok(&[&args[..], &common, &train].concat());
@@ -200,13 +207,12 @@ fn clam_and_dsmil_train_and_predict_through_the_commands() {
         let auc = metrics["pooled"]["auc"].as_f64().unwrap();
         assert!(auc > 0.75, "{model}: out-of-fold AUC {auc}\n{text}");
         let report = fold_report(&dir.path().join(format!("store/runs/{model}")), 0);
-        assert_eq!(
-            report["model"]["model"].as_str(),
-            Some(if model == "dsmil" { "dsmil" } else { "clam" }),
-            "{report}"
-        );
+        assert_eq!(report["model"]["model"].as_str(), Some(model.split('-').next().unwrap()), "{report}");
         if model.starts_with("clam") {
-            assert_eq!(report["model"]["subtyping"].as_bool(), Some(extra.is_some()), "{model}");
+            assert_eq!(report["model"]["subtyping"].as_bool(), Some(!extra.is_empty()), "{model}");
+        }
+        if model == "dtfd" {
+            assert_eq!(report["model"]["distill"].as_str(), Some("maxmins"), "{report}");
         }
         let scored =
             run_ok(&[&["predict", "--model", &format!("{model}:final"), "--name", model][..], &common].concat());

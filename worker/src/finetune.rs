@@ -589,6 +589,17 @@ mod tests {
         let t = slide_targets(&model, &feats, 1.0).unwrap();
         let want = model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap();
         assert!(t.scores.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{:?} vs {want:?}", t.scores);
+        // DTFD-MIL: tier 1's attention over the whole bag, its raw logits the scores.
+        let cfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Dtfd, 5, 2);
+        let p = Params::new(6);
+        let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
+        let t = slide_targets(&model, &feats, 1.0).unwrap();
+        let att = model.forward(&feats.unsqueeze(0).unwrap(), &mut Mode::Eval, true).unwrap().attention.unwrap();
+        assert_eq!(t.weights, icmil::confidence_weights(&att.to_vec1::<f32>().unwrap(), 1.0));
+        let scores = model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(t.scores, scores);
+        let (z, a) = (scores.iter().map(|v| v.exp()).sum::<f32>(), att.to_vec1::<f32>().unwrap());
+        assert!(scores.iter().zip(&a).all(|(s, a)| (s.exp() / z - a).abs() < 1e-6), "softmax(scores) is the attention");
     }
 
     /// The teacher's rows from the bags are its instance path on the patch's own features, a

@@ -5,6 +5,7 @@
 //! - [`abmil`]: gated attention MIL (Ilse et al. 2018), the baseline.
 //! - [`clam`]: CLAM-SB and CLAM-MB (Lu et al. 2021) with their instance clustering loss.
 //! - [`dsmil`]: DSMIL (Li et al. 2021), its max-pooling and critical-instance attention streams.
+//! - [`dtfd`]: DTFD-MIL (Zhang et al. 2022), two tiers of attention over random pseudo-bags.
 //! - [`embedder`]: what a patch embedder is (the trait, which layers train); [`zoo`] names them:
 //!   [`efficientnet`], [`resnet`], with [`convbn`] (convolution + BatchNorm, folded or trainable) and
 //!   [`conv`] (frozen convolutions through OpenBLAS, [`blas`]); the Vision Transformers of the
@@ -24,6 +25,7 @@ pub mod conv;
 pub mod convbn;
 pub mod cpu;
 pub mod dsmil;
+pub mod dtfd;
 pub mod efficientnet;
 pub mod embedder;
 pub mod icmil;
@@ -86,6 +88,8 @@ pub enum Aux {
     Clam(clam::ClamState),
     /// DSMIL's two streams' raw logits.
     Dsmil(dsmil::DsmilState),
+    /// DTFD-MIL's pseudo-bags' logits, for its tier-1 loss.
+    Dtfd(dtfd::DtfdState),
 }
 
 /// The bag classifiers (`--model`; the names plans hold).
@@ -105,6 +109,9 @@ pub enum BagModelKind {
     /// DSMIL, a max-pooling stream and an attention stream around each class's critical instance
     /// (Li et al., CVPR 2021).
     Dsmil,
+    /// DTFD-MIL, attention over random pseudo-bags and over what they distil (Zhang et al., CVPR
+    /// 2022).
+    Dtfd,
 }
 
 impl BagModelKind {
@@ -115,6 +122,7 @@ impl BagModelKind {
             BagModelKind::ClamSb => "clam-sb",
             BagModelKind::ClamMb => "clam-mb",
             BagModelKind::Dsmil => "dsmil",
+            BagModelKind::Dtfd => "dtfd",
         }
     }
 }
@@ -133,6 +141,7 @@ pub enum BagModelConfig {
     Abmil(abmil::AbmilConfig),
     Clam(clam::ClamConfig),
     Dsmil(dsmil::DsmilConfig),
+    Dtfd(dtfd::DtfdConfig),
 }
 
 impl BagModelConfig {
@@ -144,6 +153,7 @@ impl BagModelConfig {
             BagModelKind::ClamSb => BagModelConfig::Clam(clam::ClamConfig::new(in_dim, n_classes, false)),
             BagModelKind::ClamMb => BagModelConfig::Clam(clam::ClamConfig::new(in_dim, n_classes, true)),
             BagModelKind::Dsmil => BagModelConfig::Dsmil(dsmil::DsmilConfig::new(in_dim, n_classes)),
+            BagModelKind::Dtfd => BagModelConfig::Dtfd(dtfd::DtfdConfig::new(in_dim, n_classes)),
         }
     }
 
@@ -154,6 +164,7 @@ impl BagModelConfig {
             BagModelConfig::Abmil(c) => c.in_dim,
             BagModelConfig::Clam(c) => c.in_dim,
             BagModelConfig::Dsmil(c) => c.in_dim,
+            BagModelConfig::Dtfd(c) => c.in_dim,
         }
     }
 
@@ -163,6 +174,7 @@ impl BagModelConfig {
             BagModelConfig::Abmil(c) => c.n_classes,
             BagModelConfig::Clam(c) => c.n_classes,
             BagModelConfig::Dsmil(c) => c.n_classes,
+            BagModelConfig::Dtfd(c) => c.n_classes,
         }
     }
 
@@ -182,6 +194,14 @@ impl BagModelConfig {
         self
     }
 
+    /// Set DTFD-MIL's distillation, where one is given (no effect on the other models).
+    pub fn with_dtfd_distill(mut self, distill: Option<dtfd::Distill>) -> Self {
+        if let (BagModelConfig::Dtfd(c), Some(d)) = (&mut self, distill) {
+            c.distill = d;
+        }
+        self
+    }
+
     pub fn with_dropout(mut self, p: f32) -> Self {
         match &mut self {
             BagModelConfig::Transmil(c) => c.dropout = p,
@@ -189,6 +209,8 @@ impl BagModelConfig {
             BagModelConfig::Clam(c) => c.dropout = p,
             // DSMIL's only dropout is before its optional value network, 0 as the authors'.
             BagModelConfig::Dsmil(_) => {}
+            // DTFD-MIL's dropouts (before each tier's classifier) are 0 in the authors' code.
+            BagModelConfig::Dtfd(_) => {}
         }
         self
     }
@@ -199,6 +221,7 @@ pub enum BagModel {
     Abmil(abmil::Abmil),
     Clam(clam::Clam),
     Dsmil(dsmil::Dsmil),
+    Dtfd(dtfd::Dtfd),
 }
 
 impl BagModel {
@@ -208,6 +231,7 @@ impl BagModel {
             BagModelConfig::Abmil(c) => BagModel::Abmil(abmil::Abmil::new(c, vb)?),
             BagModelConfig::Clam(c) => BagModel::Clam(clam::Clam::new(c, vb)?),
             BagModelConfig::Dsmil(c) => BagModel::Dsmil(dsmil::Dsmil::new(c, vb)?),
+            BagModelConfig::Dtfd(c) => BagModel::Dtfd(dtfd::Dtfd::new(c, vb)?),
         })
     }
 
@@ -217,12 +241,14 @@ impl BagModel {
             BagModel::Abmil(m) => m.forward(bag, mode, want_attention),
             BagModel::Clam(m) => m.forward(bag, mode, want_attention),
             BagModel::Dsmil(m) => m.forward(bag, mode, want_attention),
+            BagModel::Dtfd(m) => m.forward(bag, mode, want_attention),
         }
     }
 
     /// The training loss of a bag of class `label` from its logits' cross-entropy `bag_loss`:
     /// itself, or for CLAM `bag_weight · bag_loss + (1 − bag_weight) · clustering loss`, or for
-    /// DSMIL its own two streams' binary cross-entropy (in place of `bag_loss`).
+    /// DSMIL its own two streams' binary cross-entropy (in place of `bag_loss`), or for DTFD-MIL
+    /// `bag_loss` (its tier 2's) plus its pseudo-bags' (tier 1's).
     pub fn classification_loss(&self, out: &BagOutput, bag_loss: Tensor, label: usize) -> Result<Tensor> {
         match (self, &out.aux) {
             (BagModel::Clam(m), Some(Aux::Clam(state))) => {
@@ -231,6 +257,10 @@ impl BagModel {
                 (bag_loss * w)? + (inst * (1.0 - w))?
             }
             (BagModel::Dsmil(m), Some(Aux::Dsmil(state))) => m.loss(state, label)?.to_dtype(bag_loss.dtype()),
+            (BagModel::Dtfd(m), Some(Aux::Dtfd(state))) => {
+                let pseudo = m.pseudo_loss(state, label)?.to_dtype(bag_loss.dtype())?;
+                bag_loss + pseudo
+            }
             _ => Ok(bag_loss),
         }
     }
@@ -244,6 +274,7 @@ impl BagModel {
             BagModel::Abmil(m) => m.instance_path(feats),
             BagModel::Clam(m) => m.instance_path(feats),
             BagModel::Dsmil(m) => m.instance_path(feats),
+            BagModel::Dtfd(m) => m.instance_path(feats),
         }
     }
 
@@ -260,6 +291,8 @@ impl BagModel {
             // DSMIL's attention is to a bag's critical instance; its max-pooling stream's instance
             // score is each instance's own.
             BagModel::Dsmil(m) => m.instance_logits(feats),
+            // DTFD-MIL: tier 1's raw attention, as ABMIL's.
+            BagModel::Dtfd(m) => m.attention_logits(feats),
             BagModel::Transmil(m) => {
                 let n = feats.dim(0)?;
                 let a = m.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?.attention.expect("asked for attention");

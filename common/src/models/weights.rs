@@ -188,6 +188,40 @@ impl WeightsFile {
     }
 }
 
+/// A `torch.save` of a dict of state dicts, one under each of `keys` (DTFD-MIL's `best_model.pth`:
+/// one per module), read whole: each tensor named `<key>.<name>` (a `module.` prefix within a state
+/// dict, `DataParallel`'s, removed). A key that is not there is refused, naming it.
+pub fn read_torch_nested(path: &Path, keys: &[&str]) -> Result<BTreeMap<String, Tensor>, WeightsError> {
+    let format_err = |reason: String| WeightsError::Format { path: path.to_path_buf(), reason };
+    let mut head = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| WeightsError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
+        f.read_exact(&mut head).map_err(|e| format_err(e.to_string()))?;
+    }
+    if &head != b"PK\x03\x04" {
+        return Err(format_err(format!("not a PyTorch zip archive holding state dicts under {}", keys.join(", "))));
+    }
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let t = candle_core::pickle::PthTensors::new(path, Some(key)).map_err(|e| {
+            format_err(format!("no state dict under `{key}` ({e}); it should hold {}", keys.join(", ")))
+        })?;
+        let names: Vec<String> = t.tensor_infos().keys().cloned().collect();
+        let strip = !names.is_empty() && names.iter().all(|n| n.starts_with("module."));
+        for n in names {
+            let tensor = t
+                .get(&n)
+                .map_err(|e| WeightsError::Io { path: path.to_path_buf(), reason: format!("{key}.{n}: {e}") })?
+                .expect("in the index");
+            let name = if strip { &n["module.".len()..] } else { n.as_str() };
+            out.insert(format!("{key}.{name}"), tensor);
+        }
+    }
+    Ok(out)
+}
+
 /// Check a file against what an architecture needs: every tensor present with its shape, and no
 /// tensor the architecture does not know except those `ignorable` says the features do not use.
 pub fn check(

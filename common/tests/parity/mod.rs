@@ -23,6 +23,26 @@ pub fn close(got: &[f32], want: &[f32], what: &str) {
     assert!(e < 1e-5, "{what}: {got:?} vs {want:?} ({e:.2e})");
 }
 
+/// Every parameter's gradient in `grads` against case `name`'s reference (`<name>.grad.<its
+/// name>`), each to [`close`]; a parameter either side lacks fails. How many were compared.
+/// (CLAM's test compares its own way: some of its parameters have no gradient on either side.)
+#[allow(dead_code)]
+pub fn grads_close(
+    f: &BTreeMap<String, Tensor>,
+    name: &str,
+    params: &Params,
+    grads: &candle_core::backprop::GradStore,
+) -> usize {
+    let mut compared = 0;
+    for (k, var) in params.named_vars() {
+        let want = f.get(&format!("{name}.grad.{k}")).unwrap_or_else(|| panic!("{name} ∂{k}: only wsimil's"));
+        let got = grads.get(&var).unwrap_or_else(|| panic!("{name} ∂{k}: only the reference's"));
+        close(&flat(got), &flat(want), &format!("{name} ∂{k}"));
+        compared += 1;
+    }
+    compared
+}
+
 /// Parameters preloaded with case `name`'s state dict (`<name>.param.<authors' name>`), and how
 /// many tensors it holds.
 pub fn params(f: &BTreeMap<String, Tensor>, name: &str) -> (Params, usize) {
