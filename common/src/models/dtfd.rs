@@ -38,7 +38,7 @@ use super::ops::dropout;
 use super::params::{linear, Linear};
 use super::{softmax, BagOutput, Mode};
 use crate::rng::Rng;
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// What tier 2 receives from each pseudo-bag (the authors' `--distill_type`).
@@ -138,13 +138,6 @@ pub struct Dtfd {
     cfg: DtfdConfig,
 }
 
-/// One tier's pass over a bag: its logits [1, C], attention [1, N] and pooled feature [1, L].
-struct Pooled {
-    logits: Tensor,
-    attention: Tensor,
-    feature: Tensor,
-}
-
 impl Dtfd {
     pub fn new(cfg: &DtfdConfig, vb: candle_nn::VarBuilder) -> Result<Self> {
         let (h, a) = (cfg.hidden, cfg.attention);
@@ -188,12 +181,12 @@ impl Dtfd {
         }
     }
 
-    /// Gated attention pooling of `h` [n, L] and a classifier on the pooled feature.
-    fn pool(gated: &Gated, classifier: &Linear, h: &Tensor, p: f32, mode: &mut Mode) -> Result<Pooled> {
-        let a = softmax(&gated.logits(h)?, mode.is_train())?; // [1, n]
+    /// Tier 2: gated attention pooling of `h` [n, L] and its classifier on the pooled feature,
+    /// the logits [1, C].
+    fn tier2(&self, h: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let a = softmax(&self.attention_2.logits(h)?, mode.is_train())?; // [1, n]
         let feature = super::ops::matmul(&a, h)?; // [1, L]
-        let logits = classifier.forward(&Self::drop(feature.clone(), p, mode)?)?;
-        Ok(Pooled { logits, attention: a, feature })
+        self.classifier_2.forward(&Self::drop(feature, self.cfg.dropout_2, mode)?)
     }
 
     /// The authors' split: the instances shuffled, then cut into `groups` runs whose sizes differ
@@ -222,32 +215,44 @@ impl Dtfd {
         Self::split(&order, self.cfg.groups)
     }
 
-    /// What a pseudo-bag hands tier 2: its pooled feature (AFS) or its reduced instances ranked by
-    /// the softmax of the class activations of their attention-weighted features (`get_cam_1d`:
-    /// tier 1's classifier weight, no bias) for the last class.
-    fn distil(&self, h: &Tensor, pooled: &Pooled) -> Result<Tensor> {
-        if self.cfg.distill == Distill::Afs {
-            return Ok(pooled.feature.clone());
+    /// The patches each pseudo-bag hands tier 2 (MaxS, MaxMinS), as positions in the bag: its
+    /// patches ranked by the softmax over the classes of the class activations of their
+    /// attention-weighted features (`get_cam_1d`: tier 1's classifier weight, no bias) for the last
+    /// class, the highest `total_instance / G` (and the lowest). `a` [G, N] is each pseudo-bag's
+    /// attention (0 outside it), `h` the reduced features [N, L].
+    fn distilled_patches(&self, groups: &[Vec<usize>], a: &Tensor, h: &Tensor) -> Result<Vec<u32>> {
+        // a_i·h_i·Wᵀ = a_i·(h_i·Wᵀ): the activations without the attention, once for the bag.
+        let hw = super::ops::matmul(&h.detach(), &self.classifier.weight().detach().t()?)?;
+        let hw = hw.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let a = a.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let c = self.cfg.n_classes;
+        let mut take = Vec::new();
+        for (g, members) in groups.iter().enumerate() {
+            let last: Vec<f32> = members
+                .iter()
+                .map(|&i| {
+                    let cam: Vec<f32> = hw[i].iter().map(|v| v * a[g][i]).collect();
+                    let top = cam.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f32 = cam.iter().map(|v| (v - top).exp()).sum();
+                    (cam[c - 1] - top).exp() / z
+                })
+                .collect();
+            let mut rank: Vec<usize> = (0..members.len()).collect();
+            // Highest first; equal values keep their order.
+            rank.sort_by(|&i, &j| last[j].total_cmp(&last[i]));
+            let k = self.cfg.per_group().min(rank.len());
+            take.extend(rank[..k].iter().map(|&r| members[r] as u32));
+            if self.cfg.distill == Distill::Maxmins {
+                take.extend(rank[rank.len() - k..].iter().map(|&r| members[r] as u32));
+            }
         }
-        let weighted = h.broadcast_mul(&pooled.attention.t()?)?; // [n, L]
-        let cam = super::ops::matmul(&weighted, &self.classifier.weight().t()?)?; // [n, C]
-        let last = candle_nn::ops::softmax_last_dim(&cam.to_dtype(DType::F32)?.detach().contiguous()?)?
-            .narrow(D::Minus1, self.cfg.n_classes - 1, 1)?
-            .squeeze(1)?
-            .to_vec1::<f32>()?;
-        let mut rank: Vec<u32> = (0..last.len() as u32).collect();
-        // Highest first; equal values keep their order.
-        rank.sort_by(|&i, &j| last[j as usize].total_cmp(&last[i as usize]));
-        let k = self.cfg.per_group().min(rank.len());
-        let mut take = rank[..k].to_vec();
-        if self.cfg.distill == Distill::Maxmins {
-            take.extend_from_slice(&rank[rank.len() - k..]);
-        }
-        let idx = Tensor::new(take.as_slice(), h.device())?;
-        h.index_select(&idx, 0)
+        Ok(take)
     }
 
-    /// Both tiers over `groups` (positions in the bag) of instances `x` [N, in].
+    /// Both tiers over `groups` (positions in the bag) of instances `x` [N, in]. Tier 1 runs every
+    /// pseudo-bag at once: the bag's attention logits computed once (each instance's own), each
+    /// pseudo-bag's softmax over its members alone (the others masked out), one product for the
+    /// pooled features and one for their logits.
     pub fn forward_groups(
         &self,
         x: &Tensor,
@@ -256,30 +261,35 @@ impl Dtfd {
         want_attention: bool,
     ) -> Result<BagOutput> {
         let h = self.reduce(x)?;
-        let (mut pseudo_logits, mut distilled) = (Vec::new(), Vec::new());
-        for g in groups {
-            let idx = Tensor::new(g.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), x.device())?;
-            let hg = h.index_select(&idx, 0)?;
-            let pooled = Self::pool(&self.attention, &self.classifier, &hg, self.cfg.dropout, mode)?;
-            distilled.push(self.distil(&hg, &pooled)?);
-            pseudo_logits.push(pooled.logits);
+        let n = h.dim(0)?;
+        let raw = self.attention.logits(&h)?; // [1, N]
+        let mut mask = vec![f32::NEG_INFINITY; groups.len() * n];
+        for (g, members) in groups.iter().enumerate() {
+            for &i in members {
+                mask[g * n + i] = 0.0;
+            }
         }
-        let distilled = Tensor::cat(&distilled, 0)?;
+        let mask = Tensor::from_vec(mask, (groups.len(), n), x.device())?.to_dtype(raw.dtype())?;
+        let a = softmax(&raw.broadcast_add(&mask)?, mode.is_train())?; // [G, N]
+        let pooled = super::ops::matmul(&a, &h)?; // [G, L]
+        let pseudo_logits = self.classifier.forward(&Self::drop(pooled.clone(), self.cfg.dropout, mode)?)?;
+        let distilled = match self.cfg.distill {
+            Distill::Afs => pooled,
+            Distill::Maxs | Distill::Maxmins => {
+                let take = self.distilled_patches(groups, &a, &h)?;
+                h.index_select(&Tensor::new(take.as_slice(), x.device())?, 0)?
+            }
+        };
         // Tier 2 trains on what tier 1 hands it, not through it (the module docs say why).
         let given = if mode.is_train() { distilled.detach() } else { distilled.clone() };
-        let tier2 = Self::pool(&self.attention_2, &self.classifier_2, &given, self.cfg.dropout_2, mode)?;
+        let logits = self.tier2(&given, mode)?;
         let attention = if want_attention {
             // Tier 1's attention over the whole bag: its instances' logits under one softmax.
-            Some(candle_nn::ops::softmax_last_dim(&self.attention.logits(&h)?.contiguous()?)?.squeeze(0)?)
+            Some(candle_nn::ops::softmax_last_dim(&raw.contiguous()?)?.squeeze(0)?)
         } else {
             None
         };
-        let pseudo_logits = Tensor::cat(&pseudo_logits, 0)?;
-        Ok(BagOutput {
-            logits: tier2.logits,
-            attention,
-            aux: Some(super::Aux::Dtfd(DtfdState { pseudo_logits, distilled })),
-        })
+        Ok(BagOutput { logits, attention, aux: Some(super::Aux::Dtfd(DtfdState { pseudo_logits, distilled })) })
     }
 
     /// `bag`: [1, N, in_dim] → tier 2's logits [1, C]; the attention shown is tier 1's over the
