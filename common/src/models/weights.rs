@@ -99,7 +99,13 @@ impl WeightsFile {
         let (format, source, raw): (Format, Source, Vec<(String, Entry)>) = if &head[..4] == b"PK\x03\x04" {
             let mut found = None;
             for key in [None, Some("state_dict"), Some("model")] {
-                let t = candle_core::pickle::PthTensors::new(path, key).map_err(|e| format_err(e.to_string()))?;
+                let t = match candle_core::pickle::PthTensors::new(path, key) {
+                    Ok(t) => t,
+                    // The top level was read (a bad archive fails there); a key it lacks is not
+                    // where the tensors are: try the next.
+                    Err(_) if key.is_some() => continue,
+                    Err(e) => return Err(format_err(e.to_string())),
+                };
                 if !t.tensor_infos().is_empty() {
                     found = Some(t);
                     break;
@@ -329,6 +335,19 @@ mod tests {
         assert_eq!(f.index().keys().collect::<Vec<_>>(), vec!["a", "b.c"]);
         let t = f.read(None).unwrap();
         assert_eq!(t["b.c"].dims(), &[1, 3]);
+    }
+
+    /// A checkpoint that keeps its network under "model" beside other entries, with no
+    /// "state_dict": found there (the "state_dict" it lacks does not stop the search).
+    #[test]
+    fn a_state_dict_under_model_is_read_by_its_names() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights/model_key.pth");
+        let f = WeightsFile::open(&p).unwrap();
+        assert_eq!(f.format(), Format::TorchZip);
+        assert_eq!(f.index().keys().collect::<Vec<_>>(), vec!["a", "b.c"]);
+        let t = f.read(None).unwrap();
+        assert_eq!(t["a"].to_vec2::<f32>().unwrap(), vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]);
+        assert_eq!(t["b.c"].to_vec1::<f32>().unwrap(), vec![10.0, 11.0, 12.0, 13.0]);
     }
 
     #[test]
