@@ -163,6 +163,11 @@ pub struct TrainConfig {
     /// absent, and absent from plans without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtfd_distill: Option<crate::models::dtfd::Distill>,
+    /// TransMIL carries wsimil's instance head (ICMIL's teacher; `--transmil-head`, on by default
+    /// for classification runs): see [`crate::models::transmil`]. Absent from plans without it,
+    /// which train the authors' network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transmil_instance_head: bool,
 }
 
 impl TrainConfig {
@@ -173,6 +178,7 @@ impl TrainConfig {
             .with_landmarks(self.landmarks)
             .with_clam_subtyping(self.clam_subtyping)
             .with_dtfd_distill(self.dtfd_distill)
+            .with_transmil_instance_head(self.transmil_instance_head)
     }
 }
 
@@ -192,6 +198,7 @@ impl Default for TrainConfig {
             seed: 0,
             clam_subtyping: false,
             dtfd_distill: None,
+            transmil_instance_head: true,
         }
     }
 }
@@ -552,6 +559,13 @@ impl RunPlan {
 
     pub fn outputs(&self) -> usize {
         self.task.outputs(self.classes.len())
+    }
+
+    /// The bag model this run trains on `in_dim`-wide features: its settings' model with the
+    /// task's outputs (TransMIL's instance head only where there are classes to learn).
+    pub fn bag_model(&self, in_dim: usize) -> crate::models::BagModelConfig {
+        let head = self.train.transmil_instance_head && self.task == Task::Classification;
+        self.train.bag_model(in_dim, self.outputs()).with_transmil_instance_head(head)
     }
 
     /// The follow-up of each slide, by id (empty outside survival runs).

@@ -528,6 +528,12 @@ pub struct RunArgs {
     /// and lowest.
     #[arg(long, value_enum)]
     pub dtfd_distill: Option<wsimil_common::models::dtfd::Distill>,
+    /// TransMIL's instance head (`--model transmil`): instance (the default for classification), a
+    /// gated-attention head on `_fc1` trained beside the cls token, whose per-patch predictions
+    /// are ICMIL's teacher and the run's instance figures; none, the authors' network alone
+    /// (survival runs, or to compare). docs/icmil.md says why.
+    #[arg(long, value_enum)]
+    pub transmil_head: Option<TransmilHead>,
     /// After the cross-validation, train one more model on every slide for the epochs the folds
     /// chose (their median best epoch): the model `wsimil predict --model RUN:final` applies.
     #[arg(long)]
@@ -594,6 +600,15 @@ pub struct RunArgs {
 pub enum TaskKind {
     Classification,
     Survival,
+}
+
+/// `--transmil-head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransmilHead {
+    /// wsimil's gated-attention instance head beside the authors' network.
+    Instance,
+    /// The authors' network alone.
+    None,
 }
 
 /// `--until`: the stages of round 0.
@@ -663,6 +678,9 @@ impl RunArgs {
                 seed: self.train_seed.unwrap_or(self.seed),
                 clam_subtyping: self.clam_subtyping,
                 dtfd_distill: self.dtfd_distill,
+                transmil_instance_head: self.model == BagModelKind::Transmil
+                    && self.task == TaskKind::Classification
+                    && self.transmil_head != Some(TransmilHead::None),
                 ..TrainConfig::default()
             },
             folds: FoldSettings { k: self.folds.max(1), seed: self.seed },
@@ -680,8 +698,20 @@ impl RunArgs {
         if self.dtfd_distill.is_some() && self.model != BagModelKind::Dtfd {
             bail!("--dtfd-distill is DTFD-MIL's (--model dtfd), not {}'s", self.model);
         }
+        if self.transmil_head.is_some() && self.model != BagModelKind::Transmil {
+            bail!("--transmil-head is TransMIL's (--model transmil), not {}'s", self.model);
+        }
         if self.task == TaskKind::Classification {
+            if self.icmil_rounds > 0 && self.transmil_head == Some(TransmilHead::None) {
+                bail!(
+                    "ICMIL rounds distil the classifier's patch predictions, and TransMIL without its instance head \
+                     (--transmil-head none) has none worth distilling (docs/icmil.md): drop --transmil-head none"
+                );
+            }
             return Ok(Task::Classification);
+        }
+        if self.transmil_head == Some(TransmilHead::Instance) {
+            bail!("--transmil-head instance learns the slides' classes from their patches; a survival run has none");
         }
         if self.clam_subtyping {
             bail!("--clam-subtyping teaches patches classes; a survival run has none");
@@ -1426,6 +1456,30 @@ mod tests {
         assert_eq!(c.distill, Distill::Afs, "the authors' default");
         let err = distill(&["--model", "abmil", "--dtfd-distill", "maxs"]).expect_err("not DTFD").to_string();
         assert!(err.contains("--dtfd-distill is DTFD-MIL's"), "{err}");
+    }
+
+    #[test]
+    fn transmil_head_is_on_for_classification_off_for_survival_and_refused_where_it_cannot_be() {
+        use wsimil_common::models::BagModelConfig;
+        let head = |args: &[&str]| {
+            run_args(args).settings().map(|s| match s.train.bag_model(24, 2) {
+                BagModelConfig::Transmil(c) => Some(c.instance_head),
+                _ => None,
+            })
+        };
+        assert_eq!(head(&[]).unwrap(), Some(true), "classification: on by default");
+        assert_eq!(head(&["--transmil-head", "none"]).unwrap(), Some(false));
+        assert_eq!(head(&["--task", "survival"]).unwrap(), Some(false), "survival: no classes to learn");
+        let err = head(&["--task", "survival", "--transmil-head", "instance"]).expect_err("survival").to_string();
+        assert!(err.contains("a survival run has none"), "{err}");
+        let err = head(&["--model", "abmil", "--transmil-head", "none"]).expect_err("not TransMIL").to_string();
+        assert!(err.contains("--transmil-head is TransMIL's"), "{err}");
+        let err = head(&["--icmil-rounds", "1", "--transmil-head", "none"]).expect_err("no teacher").to_string();
+        assert!(err.contains("drop --transmil-head none"), "{err}");
+        assert_eq!(head(&["--icmil-rounds", "1"]).unwrap(), Some(true));
+        // Plans of runs without the head read and write as before (the same run ids).
+        let plain = run_args(&["--transmil-head", "none"]).settings().unwrap().train;
+        assert!(!serde_json::to_string(&plain).unwrap().contains("transmil_instance_head"));
     }
 
     fn import_args(extra: &[&str]) -> ImportModelArgs {

@@ -64,12 +64,25 @@ pub struct SlideTargets {
 }
 
 pub fn slide_targets(classifier: &BagModel, feats: &Tensor, beta: f64) -> Result<SlideTargets> {
-    let out = classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?;
-    let attention = out.attention.expect("asked for attention").to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let scores = match classifier {
-        // TransMIL's score is its attention, ln(N·a): the forward pass above has it.
-        BagModel::Transmil(_) => attention.iter().map(|a| (a * attention.len() as f32).max(1e-30).ln()).collect(),
-        _ => classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+    let (scores, attention) = match classifier {
+        // A TransMIL with its instance head: the head's attention, the one its pseudo-labels go with.
+        BagModel::Transmil(m) if m.has_instance_head() => {
+            let scores = classifier.attention_scores(feats)?.to_dtype(DType::F32)?;
+            let attention = candle_nn::ops::softmax_last_dim(&scores)?.to_vec1::<f32>()?;
+            (scores.to_vec1::<f32>()?, attention)
+        }
+        _ => {
+            let out = classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?;
+            let attention = out.attention.expect("asked for attention").to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let scores = match classifier {
+                // The authors' TransMIL's score is its attention, ln(N·a): the pass above has it.
+                BagModel::Transmil(_) => {
+                    attention.iter().map(|a| (a * attention.len() as f32).max(1e-30).ln()).collect()
+                }
+                _ => classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            };
+            (scores, attention)
+        }
     };
     Ok(SlideTargets { scores, weights: icmil::confidence_weights(&attention, beta) })
 }
@@ -589,6 +602,17 @@ mod tests {
         let t = slide_targets(&model, &feats, 1.0).unwrap();
         let want = model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap();
         assert!(t.scores.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{:?} vs {want:?}", t.scores);
+        // A TransMIL with its instance head: the head's raw attention logits, weights from their softmax.
+        let cfg = cfg.with_transmil_instance_head(true);
+        let model = BagModel::new(&cfg, Params::new(5).var_builder(&d)).unwrap();
+        let BagModel::Transmil(m) = &model else { unreachable!() };
+        let logits = m.head_attention_logits(&feats).unwrap().expect("has a head").to_vec1::<f32>().unwrap();
+        let t = slide_targets(&model, &feats, 1.0).unwrap();
+        assert_eq!(t.scores, logits);
+        let z = logits.iter().map(|v| v.exp()).sum::<f32>();
+        let softmax: Vec<f32> = logits.iter().map(|v| v.exp() / z).collect();
+        let want = icmil::confidence_weights(&softmax, 1.0);
+        assert!(t.weights.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{:?} vs {want:?}", t.weights);
         // DTFD-MIL: tier 1's attention over the whole bag, its raw logits the scores.
         let cfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Dtfd, 5, 2);
         let p = Params::new(6);

@@ -441,7 +441,7 @@ async fn train_fold(ctx: &WorkerContext, job: &TrainJob) -> Result<Done, JobErro
     }
     let in_dim = entries[tr[0]].shape.dim;
     let n_classes = plan.classes.len();
-    let model_cfg = plan.train.bag_model(in_dim, plan.outputs());
+    let model_cfg = plan.bag_model(in_dim);
     let objective = objective_of(&plan, tr.iter().map(|&i| entries[i].slide.as_str()));
     let loader = ctx.bag_loader(entries)?;
     let device = ctx.device().clone();
@@ -662,7 +662,7 @@ async fn train_final(ctx: &WorkerContext, job: &FinalJob) -> Result<Done, JobErr
     if entries.is_empty() {
         return Err(JobError::Input(format!("run {}: no slide has features", job.run)));
     }
-    let model_cfg = plan.train.bag_model(entries[0].shape.dim, plan.outputs());
+    let model_cfg = plan.bag_model(entries[0].shape.dim);
     let objective = objective_of(&plan, entries.iter().map(|e| e.slide.as_str()));
     let all: Vec<usize> = (0..entries.len()).collect();
     let loader = ctx.bag_loader(entries)?;

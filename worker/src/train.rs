@@ -239,8 +239,12 @@ pub fn predict(
 }
 
 /// The instance path's probability of the positive class (the second of two) for each instance of
-/// `bag` [1, N, D]; `None` for more than two classes.
+/// `bag` [1, N, D]; `None` for more than two classes, and for a TransMIL without its instance head,
+/// whose instance path no loss trained on single patches (a figure that would mean nothing).
 pub fn instance_positive(model: &BagModel, bag: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
+    if matches!(model, BagModel::Transmil(m) if !m.has_instance_head()) {
+        return Ok(None);
+    }
     let (_, logits) = model.instance_path(&bag.squeeze(0)?)?;
     if logits.dim(1)? != 2 {
         return Ok(None);

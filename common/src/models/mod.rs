@@ -90,6 +90,8 @@ pub enum Aux {
     Dsmil(dsmil::DsmilState),
     /// DTFD-MIL's pseudo-bags' logits, for its tier-1 loss.
     Dtfd(dtfd::DtfdState),
+    /// TransMIL's instance head's bag logits [1, C], for its own cross-entropy.
+    TransmilHead(Tensor),
 }
 
 /// The bag classifiers (`--model`; the names plans hold).
@@ -202,6 +204,14 @@ impl BagModelConfig {
         self
     }
 
+    /// Give TransMIL wsimil's instance head, or not (no effect on the other models).
+    pub fn with_transmil_instance_head(mut self, on: bool) -> Self {
+        if let BagModelConfig::Transmil(c) = &mut self {
+            c.instance_head = on;
+        }
+        self
+    }
+
     pub fn with_dropout(mut self, p: f32) -> Self {
         match &mut self {
             BagModelConfig::Transmil(c) => c.dropout = p,
@@ -248,7 +258,8 @@ impl BagModel {
     /// The training loss of a bag of class `label` from its logits' cross-entropy `bag_loss`:
     /// itself, or for CLAM `bag_weight · bag_loss + (1 − bag_weight) · clustering loss`, or for
     /// DSMIL its own two streams' binary cross-entropy (in place of `bag_loss`), or for DTFD-MIL
-    /// `bag_loss` (its tier 2's) plus its pseudo-bags' (tier 1's).
+    /// `bag_loss` (its tier 2's) plus its pseudo-bags' (tier 1's), or for a TransMIL with the
+    /// instance head `bag_loss` plus the head's cross-entropy.
     pub fn classification_loss(&self, out: &BagOutput, bag_loss: Tensor, label: usize) -> Result<Tensor> {
         match (self, &out.aux) {
             (BagModel::Clam(m), Some(Aux::Clam(state))) => {
@@ -260,6 +271,12 @@ impl BagModel {
             (BagModel::Dtfd(m), Some(Aux::Dtfd(state))) => {
                 let pseudo = m.pseudo_loss(state, label)?.to_dtype(bag_loss.dtype())?;
                 bag_loss + pseudo
+            }
+            (BagModel::Transmil(_), Some(Aux::TransmilHead(logits))) => {
+                let target = Tensor::new(&[label as u32], logits.device())?;
+                let head = candle_nn::loss::cross_entropy(&logits.to_dtype(candle_core::DType::F32)?, &target)?;
+                let head = head.to_dtype(bag_loss.dtype())?;
+                bag_loss + head
             }
             _ => Ok(bag_loss),
         }
@@ -283,7 +300,7 @@ impl BagModel {
     /// logits, before the softmax over the bag (what the authors' code min-maxes). TransMIL, whose
     /// attention exists only within its bag: `ln(N·a)`, the log of the cls token's attention
     /// relative to uniform, so that slides of different sizes compare (wsimil's own choice: the
-    /// authors have no TransMIL variant).
+    /// authors have no TransMIL variant); with its instance head, the head's raw logits.
     pub fn attention_scores(&self, feats: &Tensor) -> Result<Tensor> {
         match self {
             BagModel::Abmil(m) => m.attention_logits(feats),
@@ -294,6 +311,9 @@ impl BagModel {
             // DTFD-MIL: tier 1's raw attention, as ABMIL's.
             BagModel::Dtfd(m) => m.attention_logits(feats),
             BagModel::Transmil(m) => {
+                if let Some(logits) = m.head_attention_logits(feats)? {
+                    return Ok(logits);
+                }
                 let n = feats.dim(0)?;
                 let a = m.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?.attention.expect("asked for attention");
                 (a.to_dtype(candle_core::DType::F32)? * n as f64)?.clamp(1e-30, f64::MAX)?.log()

@@ -17,6 +17,25 @@
 //! outputs are shifted by the padding and the cls token receives a padding row's output; 0.0.11 and
 //! later return the last n (`out[:, -n:]`). [`NystromOutput`] picks one; the paper configuration
 //! uses the pinned behaviour, and `tests/transmil_parity.rs` checks it against the reference.
+//!
+//! ## The instance head (wsimil's, for ICMIL; `--transmil-head instance`)
+//!
+//! TransMIL's own instance path (`_fc1` → LayerNorm → `_fc2` on one patch) ranks patches near
+//! chance: `_fc2` only ever sees the cls token after two attention layers. ICMIL needs a teacher
+//! that says which patches are lesion, so a TransMIL trained by `wsimil run` carries, beside the
+//! authors' network, a gated-attention head on `_fc1`'s output (Ilse et al.'s, as ABMIL's):
+//!
+//! ```text
+//! H = _fc1(bag)   a = w(tanh(V H) ⊙ sigmoid(U H))   head logits = classifier(Σ softmax(a)_i H_i)
+//! loss = CE(TransMIL's logits) + CE(head logits)
+//! ```
+//!
+//! Both cross-entropies train `_fc1`; the slide's prediction is still the cls token's. A patch's
+//! pseudo-label is `classifier(H_i)` (with the pooling linear, the head's bag logits are the
+//! attention-weighted mean of its patches' logits, so the patch and the slide speak the same
+//! language), its confidence the raw attention logit `a_i`. Parameters under `instance_head.`;
+//! the authors' checkpoints have none and load as the plain network. `docs/icmil.md` has the
+//! measurements that chose it.
 
 use super::nystrom::{nystrom_attention, NystromSpec};
 use super::ops::{depthwise_conv2d, dropout, matmul, pinv_iterative, DwGeom};
@@ -43,6 +62,10 @@ pub struct TransMilConfig {
     /// Which rows of the padded attention output are kept.
     #[serde(default)]
     pub nystrom_output: NystromOutput,
+    /// wsimil's instance head beside the authors' network (module docs); absent from the
+    /// configurations of models without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub instance_head: bool,
 }
 
 /// Which n rows of the front-padded Nyström attention output a layer returns.
@@ -70,7 +93,43 @@ impl TransMilConfig {
             residual_kernel: 33,
             dropout: 0.1,
             nystrom_output: NystromOutput::Leading,
+            instance_head: false,
         }
+    }
+}
+
+/// Width of the instance head's attention network (ABMIL's D).
+const HEAD_ATTENTION: usize = 128;
+
+/// The gated-attention instance head on `_fc1`'s output (module docs).
+struct InstanceHead {
+    attention_v: Linear,
+    attention_u: Linear,
+    attention_w: Linear,
+    classifier: Linear,
+}
+
+impl InstanceHead {
+    fn new(cfg: &TransMilConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(InstanceHead {
+            attention_v: linear(cfg.dim, HEAD_ATTENTION, true, vb.pp("attention_V"))?,
+            attention_u: linear(cfg.dim, HEAD_ATTENTION, true, vb.pp("attention_U"))?,
+            attention_w: linear(HEAD_ATTENTION, 1, true, vb.pp("attention_weights"))?,
+            classifier: linear(cfg.dim, cfg.n_classes, true, vb.pp("classifier"))?,
+        })
+    }
+
+    /// Raw attention logits of reduced instances `h` [N, dim] → [N].
+    fn attention_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let v = self.attention_v.forward(h)?.tanh()?;
+        let u = candle_nn::ops::sigmoid(&self.attention_u.forward(h)?)?;
+        self.attention_w.forward(&(v * u)?)?.squeeze(1)
+    }
+
+    /// The head's bag logits [1, C] of reduced instances `h` [N, dim].
+    fn bag_logits(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        let a = softmax(&self.attention_logits(h)?.unsqueeze(0)?, train)?;
+        self.classifier.forward(&matmul(&a, h)?)
     }
 }
 
@@ -249,6 +308,7 @@ pub struct TransMil {
     layer2: TransLayer,
     norm: LayerNorm,
     fc2: Linear,
+    head: Option<InstanceHead>,
     cfg: TransMilConfig,
 }
 
@@ -262,6 +322,7 @@ impl TransMil {
             layer2: TransLayer::new(cfg, vb.pp("layer2"))?,
             norm: layer_norm(cfg.dim, vb.pp("norm"))?,
             fc2: linear(cfg.dim, cfg.n_classes, true, vb.pp("_fc2"))?,
+            head: if cfg.instance_head { Some(InstanceHead::new(cfg, vb.pp("instance_head"))?) } else { None },
             cfg: cfg.clone(),
         })
     }
@@ -278,11 +339,23 @@ impl TransMil {
         self
     }
 
+    /// Whether it carries wsimil's instance head (module docs).
+    pub fn has_instance_head(&self) -> bool {
+        self.head.is_some()
+    }
+
     /// `bag`: [1, N, in_dim]. With `want_attention`, also the cls token's attention in the second
-    /// layer over the N real instances (mean over heads), the usual TransMIL heatmap.
+    /// layer over the N real instances (mean over heads), the usual TransMIL heatmap. In training,
+    /// a model with the instance head also returns the head's bag logits ([`super::Aux::TransmilHead`]).
     pub fn forward(&self, bag: &Tensor, mode: &mut Mode, want_attention: bool) -> Result<BagOutput> {
         let (b, n, _) = bag.dims3()?;
         let h = self.fc1.forward(bag)?.relu()?;
+        let aux = match &self.head {
+            Some(head) if mode.is_train() && b == 1 => {
+                Some(super::Aux::TransmilHead(head.bag_logits(&h.squeeze(0)?, true)?))
+            }
+            _ => None,
+        };
         let side = (n as f64).sqrt().ceil() as usize;
         let add = side * side - n;
         let h = if add > 0 { Tensor::cat(&[h.clone(), h.narrow(1, 0, add)?], 1)? } else { h };
@@ -300,15 +373,29 @@ impl TransMil {
             Some(r) => Some(r.narrow(1, 1, n)?.squeeze(0)?),
             None => None,
         };
-        Ok(BagOutput { logits, attention, aux: None })
+        Ok(BagOutput { logits, attention, aux })
     }
 
-    /// Instance-level path (ICMIL's teacher): `_fc1`, the final LayerNorm and `_fc2` applied to each
-    /// instance on its own, no attention. `feats`: [N, in_dim] → ([N, dim] reduced, [N, C] logits).
+    /// Instance-level path (ICMIL's teacher). With the instance head: its classifier on each
+    /// instance's `_fc1` output. Without (the authors' network): `_fc1`, the final LayerNorm and
+    /// `_fc2` applied to each instance on its own, no attention, a path no loss ever trained on
+    /// single patches. `feats`: [N, in_dim] → ([N, dim] reduced, [N, C] logits).
     pub fn instance_path(&self, feats: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let reduced = self.fc1.forward(feats)?.relu()?;
-        let logits = self.fc2.forward(&self.norm.forward(&reduced, train)?)?;
+        let logits = match &self.head {
+            Some(head) => head.classifier.forward(&reduced)?,
+            None => self.fc2.forward(&self.norm.forward(&reduced, train)?)?,
+        };
         Ok((reduced, logits))
+    }
+
+    /// The instance head's raw attention logits of `feats` [N, in_dim] → [N] (each instance's own,
+    /// on a scale shared by every slide); `None` without the head.
+    pub fn head_attention_logits(&self, feats: &Tensor) -> Result<Option<Tensor>> {
+        match &self.head {
+            Some(head) => Ok(Some(head.attention_logits(&self.fc1.forward(feats)?.relu()?)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -418,15 +505,118 @@ mod tests {
         }
     }
 
+    fn head_cfg() -> TransMilConfig {
+        TransMilConfig { instance_head: true, ..small_cfg() }
+    }
+
+    /// The head's patch logits are what it says of a bag made of that patch alone, and its bag
+    /// logits the attention-weighted mean of its patches' logits: one language for both.
+    #[test]
+    fn the_instance_heads_patch_logits_pool_into_its_bag_logits() {
+        let p = Params::new(3);
+        let m = TransMil::new(&head_cfg(), p.var_builder(&Device::Cpu)).unwrap();
+        assert!(m.has_instance_head());
+        let x = bag(7, 12, 8);
+        let (_, inst) = m.instance_path(&x.squeeze(0).unwrap(), false).unwrap();
+        let a = m.head_attention_logits(&x.squeeze(0).unwrap()).unwrap().unwrap();
+        let w = candle_nn::ops::softmax_last_dim(&a).unwrap();
+        let want = w.unsqueeze(0).unwrap().matmul(&inst).unwrap();
+        let mut rng = Rng::new(0);
+        let out = m.forward(&x, &mut Mode::Train(&mut rng), false).unwrap();
+        let Some(crate::models::Aux::TransmilHead(got)) = &out.aux else { panic!("no head logits in training") };
+        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "bag logits vs pooled patch logits: {d}");
+        for i in [0, 4] {
+            let one = x.narrow(1, i, 1).unwrap();
+            let out = m.forward(&one, &mut Mode::Train(&mut rng), false).unwrap();
+            let Some(crate::models::Aux::TransmilHead(got)) = &out.aux else { panic!() };
+            let d = (got.squeeze(0).unwrap() - inst.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "patch {i} alone");
+        }
+        assert!(m.forward(&x, &mut Mode::Eval, false).unwrap().aux.is_none(), "scoring does not run the head");
+    }
+
+    /// Without the head: the authors' network, its parameters and its configuration as before.
+    #[test]
+    fn without_the_head_the_network_and_its_configuration_are_the_authors() {
+        let (plain, with) = (Params::new(0), Params::new(0));
+        TransMil::new(&small_cfg(), plain.var_builder(&Device::Cpu)).unwrap();
+        TransMil::new(&head_cfg(), with.var_builder(&Device::Cpu)).unwrap();
+        let names = |p: &Params| p.named_vars().into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert!(!names(&plain).iter().any(|n| n.starts_with("instance_head.")));
+        let head: Vec<String> = names(&with).into_iter().filter(|n| n.starts_with("instance_head.")).collect();
+        assert_eq!(head.len(), 8, "{head:?}");
+        // dim 32: V and U 32x128 + 128, w 128 + 1, classifier 32x3 + 3.
+        assert_eq!(with.num_parameters() - plain.num_parameters(), 2 * (32 * 128 + 128) + 129 + 32 * 3 + 3);
+        let json = serde_json::to_string(&small_cfg()).unwrap();
+        assert!(!json.contains("instance_head"), "{json}");
+        let back: TransMilConfig = serde_json::from_str(&json).unwrap();
+        assert!(!back.instance_head);
+        assert!(serde_json::to_string(&head_cfg()).unwrap().contains("\"instance_head\":true"));
+    }
+
+    /// Bags of noise, the positive ones with 2 of 16 patches shifted: trained on the bags' labels
+    /// alone, the head's patch probabilities find the shifted patches.
+    #[test]
+    fn the_instance_head_learns_which_patches_make_a_bag_positive() {
+        use crate::models::optim::{Adam, Optimizer};
+        let cfg = TransMilConfig { dim: 16, heads: 2, dim_head: 8, landmarks: 8, ..TransMilConfig::paper(6, 2) };
+        let cfg = TransMilConfig { instance_head: true, ..cfg };
+        let p = Params::new(11);
+        let m =
+            crate::models::BagModel::new(&crate::models::BagModelConfig::Transmil(cfg), p.var_builder(&Device::Cpu))
+                .unwrap();
+        let mut r = Rng::new(5);
+        let bags: Vec<(Tensor, usize, Vec<bool>)> = (0..32)
+            .map(|i| {
+                let label = i % 2;
+                let lesion: Vec<bool> = (0..16).map(|j| label == 1 && j % 8 == 3).collect();
+                let v: Vec<f32> = lesion
+                    .iter()
+                    .flat_map(|&l| {
+                        (0..6).map(|c| r.normal() as f32 + if l && c < 2 { 2.5 } else { 0.0 }).collect::<Vec<_>>()
+                    })
+                    .collect();
+                (Tensor::from_vec(v, (1, 16, 6), &Device::Cpu).unwrap(), label, lesion)
+            })
+            .collect();
+        let vars: Vec<_> = p.named_vars().into_iter().map(|(_, v)| v).collect();
+        let mut opt = Adam::new(vars, 5e-3, 0.0).unwrap();
+        let mut rng = Rng::new(1);
+        for _ in 0..15 {
+            for (x, label, _) in &bags {
+                let out = m.forward(x, &mut Mode::Train(&mut rng), false).unwrap();
+                let target = Tensor::new(&[*label as u32], &Device::Cpu).unwrap();
+                let bag_loss = candle_nn::loss::cross_entropy(&out.logits, &target).unwrap();
+                let loss = m.classification_loss(&out, bag_loss, *label).unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+        }
+        let (mut scores, mut truth) = (Vec::new(), Vec::new());
+        for (x, _, lesion) in &bags {
+            let (_, logits) = m.instance_path(&x.squeeze(0).unwrap()).unwrap();
+            let prob = candle_nn::ops::softmax_last_dim(&logits).unwrap().narrow(1, 1, 1).unwrap();
+            scores.extend(prob.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from));
+            truth.extend(lesion.iter().copied());
+        }
+        let auc = crate::metrics::binary_auc(&scores, &truth).unwrap();
+        assert!(auc > 0.95, "the head's patch AUC {auc}");
+    }
+
     #[test]
     fn gradients_reach_every_parameter() {
-        let cfg = small_cfg();
+        // With the head and its loss: every parameter of both, the head's included.
         let p = Params::new(2);
-        let m = TransMil::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        let m = crate::models::BagModel::new(
+            &crate::models::BagModelConfig::Transmil(head_cfg()),
+            p.var_builder(&Device::Cpu),
+        )
+        .unwrap();
         let mut rng = Rng::new(0);
         let out = m.forward(&bag(20, 12, 4), &mut Mode::Train(&mut rng), false).unwrap();
         let target = Tensor::new(&[1u32], &Device::Cpu).unwrap();
-        let loss = candle_nn::loss::cross_entropy(&out.logits, &target).unwrap();
+        let bag_loss = candle_nn::loss::cross_entropy(&out.logits, &target).unwrap();
+        let loss = m.classification_loss(&out, bag_loss, 1).unwrap();
         let grads = loss.backward().unwrap();
         for (name, v) in p.named_vars() {
             let g = grads.get(&v).unwrap_or_else(|| panic!("no gradient for {name}"));
