@@ -32,11 +32,35 @@ impl AbmilConfig {
     }
 }
 
+/// Ilse et al.'s gated attention, `w(tanh(V h) ⊙ sigmoid(U h))`, one logit per instance, with
+/// their parameter names (`attention_V.0`, `attention_U.0`, `attention_weights`): ABMIL's, each of
+/// DTFD-MIL's tiers' (`Attention_Gated`) and TransMIL's instance head's.
+pub(crate) struct Gated {
+    v: Linear,
+    u: Linear,
+    w: Linear,
+}
+
+impl Gated {
+    pub(crate) fn new(hidden: usize, width: usize, vb: candle_nn::VarBuilder) -> Result<Self> {
+        Ok(Gated {
+            v: linear(hidden, width, true, vb.pp("attention_V.0"))?,
+            u: linear(hidden, width, true, vb.pp("attention_U.0"))?,
+            w: linear(width, 1, true, vb.pp("attention_weights"))?,
+        })
+    }
+
+    /// Raw attention logits of `h` [N, L] as a row, [1, N].
+    pub(crate) fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let gate_v = self.v.forward(h)?.tanh()?;
+        let gate_u = candle_nn::ops::sigmoid(&self.u.forward(h)?)?;
+        self.w.forward(&(gate_v * gate_u)?)?.t()
+    }
+}
+
 pub struct Abmil {
     fc: Linear,
-    attention_v: Linear,
-    attention_u: Linear,
-    attention_w: Linear,
+    attention: Gated,
     classifier: Linear,
     cfg: AbmilConfig,
 }
@@ -45,9 +69,7 @@ impl Abmil {
     pub fn new(cfg: &AbmilConfig, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Abmil {
             fc: linear(cfg.in_dim, cfg.hidden, true, vb.pp("fc.0"))?,
-            attention_v: linear(cfg.hidden, cfg.attention, true, vb.pp("attention_V.0"))?,
-            attention_u: linear(cfg.hidden, cfg.attention, true, vb.pp("attention_U.0"))?,
-            attention_w: linear(cfg.attention, 1, true, vb.pp("attention_weights"))?,
+            attention: Gated::new(cfg.hidden, cfg.attention, vb.clone())?,
             classifier: linear(cfg.hidden, cfg.n_classes, true, vb.pp("classifier"))?,
             cfg: cfg.clone(),
         })
@@ -62,18 +84,11 @@ impl Abmil {
         }
     }
 
-    /// The gated attention's logits a = w(tanh(V H) ⊙ sigmoid(U H)) of reduced instances H, [N, 1].
-    fn gated(&self, h: &Tensor) -> Result<Tensor> {
-        let gate_v = self.attention_v.forward(h)?.tanh()?;
-        let gate_u = candle_nn::ops::sigmoid(&self.attention_u.forward(h)?)?;
-        self.attention_w.forward(&(gate_v * gate_u)?)
-    }
-
     /// `bag`: [1, N, in_dim]. Attention is the softmax over instances (sums to 1).
     pub fn forward(&self, bag: &Tensor, mode: &mut Mode, want_attention: bool) -> Result<BagOutput> {
         let x = bag.squeeze(0)?;
         let h = self.reduce(&x, mode)?;
-        let a = self.gated(&h)?.t()?; // [1, N]
+        let a = self.attention.logits(&h)?; // [1, N]
         let a = softmax(&a, mode.is_train())?;
         let z = super::ops::matmul(&a, &h)?; // [1, L]
         let logits = self.classifier.forward(&z)?;
@@ -85,7 +100,7 @@ impl Abmil {
     /// instance's own, whatever bag it is in.
     pub fn attention_logits(&self, feats: &Tensor) -> Result<Tensor> {
         let h = self.fc.forward(feats)?.relu()?;
-        self.gated(&h)?.squeeze(1)
+        self.attention.logits(&h)?.squeeze(0)
     }
 
     /// Instance-level path (ICMIL's teacher): the classifier applied to each reduced instance.

@@ -34,6 +34,7 @@
 //! `num_MeanInference` draws, 1 by default). A bag of fewer instances than G has one pseudo-bag per
 //! instance (the authors' `array_split` would give empty ones).
 
+use super::abmil::Gated;
 use super::ops::dropout;
 use super::params::{linear, Linear};
 use super::{softmax, BagOutput, Mode};
@@ -93,30 +94,6 @@ impl DtfdConfig {
     /// Instances taken from each side of a pseudo-bag (`total_instance // numGroup`, at least 1).
     fn per_group(&self) -> usize {
         (self.instances / self.groups.max(1)).max(1)
-    }
-}
-
-/// `Attention_Gated`: `w(tanh(V h) ⊙ sigmoid(U h))`, one logit per instance.
-struct Gated {
-    v: Linear,
-    u: Linear,
-    w: Linear,
-}
-
-impl Gated {
-    fn new(hidden: usize, width: usize, vb: candle_nn::VarBuilder) -> Result<Self> {
-        Ok(Gated {
-            v: linear(hidden, width, true, vb.pp("attention_V.0"))?,
-            u: linear(hidden, width, true, vb.pp("attention_U.0"))?,
-            w: linear(width, 1, true, vb.pp("attention_weights"))?,
-        })
-    }
-
-    /// Raw attention logits of `h` [N, L] as a row, [1, N].
-    fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let gate_v = self.v.forward(h)?.tanh()?;
-        let gate_u = candle_nn::ops::sigmoid(&self.u.forward(h)?)?;
-        self.w.forward(&(gate_v * gate_u)?)?.t()
     }
 }
 

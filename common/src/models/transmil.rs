@@ -37,6 +37,7 @@
 //! the authors' checkpoints have none and load as the plain network. `docs/icmil.md` has the
 //! measurements that chose it.
 
+use super::abmil::Gated;
 use super::nystrom::{nystrom_attention, NystromSpec};
 use super::ops::{depthwise_conv2d, dropout, matmul, pinv_iterative, DwGeom};
 use super::params::Linear;
@@ -103,32 +104,26 @@ const HEAD_ATTENTION: usize = 128;
 
 /// The gated-attention instance head on `_fc1`'s output (module docs).
 struct InstanceHead {
-    attention_v: Linear,
-    attention_u: Linear,
-    attention_w: Linear,
+    attention: Gated,
     classifier: Linear,
 }
 
 impl InstanceHead {
     fn new(cfg: &TransMilConfig, vb: VarBuilder) -> Result<Self> {
         Ok(InstanceHead {
-            attention_v: linear(cfg.dim, HEAD_ATTENTION, true, vb.pp("attention_V"))?,
-            attention_u: linear(cfg.dim, HEAD_ATTENTION, true, vb.pp("attention_U"))?,
-            attention_w: linear(HEAD_ATTENTION, 1, true, vb.pp("attention_weights"))?,
+            attention: Gated::new(cfg.dim, HEAD_ATTENTION, vb.clone())?,
             classifier: linear(cfg.dim, cfg.n_classes, true, vb.pp("classifier"))?,
         })
     }
 
     /// Raw attention logits of reduced instances `h` [N, dim] → [N].
     fn attention_logits(&self, h: &Tensor) -> Result<Tensor> {
-        let v = self.attention_v.forward(h)?.tanh()?;
-        let u = candle_nn::ops::sigmoid(&self.attention_u.forward(h)?)?;
-        self.attention_w.forward(&(v * u)?)?.squeeze(1)
+        self.attention.logits(h)?.squeeze(0)
     }
 
     /// The head's bag logits [1, C] of reduced instances `h` [N, dim].
     fn bag_logits(&self, h: &Tensor, train: bool) -> Result<Tensor> {
-        let a = softmax(&self.attention_logits(h)?.unsqueeze(0)?, train)?;
+        let a = softmax(&self.attention.logits(h)?, train)?;
         self.classifier.forward(&matmul(&a, h)?)
     }
 }
