@@ -64,27 +64,14 @@ pub struct SlideTargets {
 }
 
 pub fn slide_targets(classifier: &BagModel, feats: &Tensor, beta: f64) -> Result<SlideTargets> {
-    let (scores, attention) = match classifier {
+    let scores = classifier.attention_scores(feats)?.to_dtype(DType::F32)?;
+    let attention = match classifier {
         // A TransMIL with its instance head: the head's attention, the one its pseudo-labels go with.
-        BagModel::Transmil(m) if m.has_instance_head() => {
-            let scores = classifier.attention_scores(feats)?.to_dtype(DType::F32)?;
-            let attention = candle_nn::ops::softmax_last_dim(&scores)?.to_vec1::<f32>()?;
-            (scores.to_vec1::<f32>()?, attention)
-        }
-        _ => {
-            let out = classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?;
-            let attention = out.attention.expect("asked for attention").to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let scores = match classifier {
-                // The authors' TransMIL's score is its attention, ln(N·a): the pass above has it.
-                BagModel::Transmil(_) => {
-                    attention.iter().map(|a| (a * attention.len() as f32).max(1e-30).ln()).collect()
-                }
-                _ => classifier.attention_scores(feats)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            };
-            (scores, attention)
-        }
+        BagModel::Transmil(m) if m.has_instance_head() => candle_nn::ops::softmax_last_dim(&scores)?,
+        _ => classifier.forward(&feats.unsqueeze(0)?, &mut Mode::Eval, true)?.attention.expect("asked for attention"),
     };
-    Ok(SlideTargets { scores, weights: icmil::confidence_weights(&attention, beta) })
+    let attention = attention.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(SlideTargets { scores: scores.to_vec1::<f32>()?, weights: icmil::confidence_weights(&attention, beta) })
 }
 
 impl TeacherData {
@@ -595,7 +582,7 @@ mod tests {
         assert_eq!(t.weights, icmil::confidence_weights(&att.to_vec1::<f32>().unwrap(), 1.0));
         assert_eq!(t.weights.iter().filter(|w| **w == 1.0).count(), 2, "the most and least attended patches");
         assert_eq!(t.scores, model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap());
-        // TransMIL's scores come from the same forward pass as its confidence: ln(N·a).
+        // The authors' TransMIL (no head): ln(N·a), its attention relative to uniform.
         let cfg = BagModelConfig::new(wsimil_common::models::BagModelKind::Transmil, 5, 2).with_landmarks(4);
         let p = Params::new(5);
         let model = BagModel::new(&cfg, p.var_builder(&d)).unwrap();
