@@ -23,8 +23,7 @@ trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 for seed in $SEEDS; do
   dir="$work/seed-$seed"
-  "$WSIMIL" demo-cohort --out "$dir/cohort" --slides "$SLIDES" --seed "$seed" --radius 120,220 --max-regions 2 \
-    --opacity 0.7 --sites 3 >/dev/null
+  small_lesion_cohort "$dir/cohort" "$SLIDES" "$seed"
   # Tile and embed once; every run below finds the features in the store.
   "$WSIMIL" run --manifest "$dir/cohort/manifest.csv" --store "$dir/store" --tissue-preset biopsy \
     --until embed --run features >"$dir/features.log" 2>&1

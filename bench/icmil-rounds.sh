@@ -37,8 +37,7 @@ start=$(date +%s)
 rows=()
 for seed in $SEEDS; do
   dir="$work/seed-$seed"
-  "$WSIMIL" demo-cohort --out "$dir/cohort" --slides "$SLIDES" --seed "$seed" --radius 120,220 --max-regions 2 \
-    --opacity 0.7 --sites 3 >/dev/null
+  small_lesion_cohort "$dir/cohort" "$SLIDES" "$seed"
   for model in $MODELS; do
     common=(--tissue-preset biopsy --folds 2 --model "$model" --landmarks 64 --epochs 30 --patience 8 --seed 0)
     for method in $METHODS; do

@@ -11,6 +11,13 @@ wsimil_bins() {
   WSIMIL_DEV=$dir/wsimil-dev
 }
 
+# small_lesion_cohort DIR SLIDES SEED: the ICMIL benches' cohort (bench/icmil-rounds.sh's header
+# says why these settings): small faint lesions, at most 2 per positive slide, 3 staining sites.
+small_lesion_cohort() {
+  "$WSIMIL" demo-cohort --out "$1" --slides "$2" --seed "$3" --radius 120,220 --max-regions 2 --opacity 0.7 \
+    --sites 3 >/dev/null
+}
+
 # The peers at their best: Debian 12's OpenBLAS (0.3.21; PyTorch's matmuls go through it) does not
 # recognise recent Xeons and falls back to SSE3 "Prescott" kernels, 5-7x slower. wsimil picks the
 # kernels from the CPU's features itself (common::models::blas::prepare_env); give the peers the
