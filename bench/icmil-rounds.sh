@@ -21,7 +21,8 @@
 # a round's change counts only where it is larger than that.
 # Wall time per round and stage from each run's report.
 # Last line: `icmil-rounds: ... round 0 ... round 2 ...` per model. SEEDS (default "1 2 3") picks
-# the cohorts, MODELS (default "abmil transmil") the classifiers.
+# the cohorts, MODELS (default "abmil transmil") the classifiers, NEGATIVE_CLASS (e.g. normal; unset
+# by default) the class whose training slides' patches ICMIL teaches outright.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
@@ -31,6 +32,9 @@ SEEDS=${SEEDS:-1 2 3}
 MODELS=${MODELS:-abmil transmil}
 METHODS=${METHODS:-paper}
 SLIDES=${SLIDES:-40}
+NEGATIVE_CLASS=${NEGATIVE_CLASS:-}
+icmil_extra=()
+[[ -n $NEGATIVE_CLASS ]] && icmil_extra=(--icmil-negative-class "$NEGATIVE_CLASS")
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-icmil.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
@@ -40,19 +44,22 @@ for seed in $SEEDS; do
   small_lesion_cohort "$dir/cohort" "$SLIDES" "$seed"
   for model in $MODELS; do
     common=(--tissue-preset biopsy --folds 2 --model "$model" --landmarks 64 --epochs 30 --patience 8 --seed 0)
+    label=$model
+    [[ -n $NEGATIVE_CLASS ]] && label="$model (negative class: $NEGATIVE_CLASS)"
     for method in $METHODS; do
       "$WSIMIL" run --manifest "$dir/cohort/manifest.csv" --store "$dir/store" "${common[@]}" --run "$model-$method" \
         --icmil-rounds 2 --icmil-method "$method" --icmil-shards 1 --icmil-epochs 2 --icmil-lr 1e-4 \
-        --icmil-patches-per-slide 48 --icmil-batch-size 32 --icmil-trainable-blocks 3 >"$dir/$model-$method.log" 2>&1
+        --icmil-patches-per-slide 48 --icmil-batch-size 32 --icmil-trainable-blocks 3 "${icmil_extra[@]}" \
+        >"$dir/$model-$method.log" 2>&1
       grep -E '^  round [0-9]:' "$dir/$model-$method.log" | sed "s/^/icmil-rounds: seed $seed $model $method:/" >&2
     done
     for ts in 101 202; do
       "$WSIMIL" run --manifest "$dir/cohort/manifest.csv" --store "$dir/store" "${common[@]}" --run "$model-control-$ts" \
         --train-seed "$ts" >"$dir/$model-control-$ts.log" 2>&1
     done
-    rows+=("$(python3 - "$dir" "$model" "$METHODS" <<'PY'
+    rows+=("$(python3 - "$dir" "$model" "$METHODS" "$label" <<'PY'
 import json, re, sys
-d, model, methods = sys.argv[1], sys.argv[2], sys.argv[3].split()
+d, model, methods, label = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4]
 def rounds(run):
     out = []
     for r in range(3):
@@ -72,7 +79,7 @@ def stage_secs(log):
             r = int(m.group(1) or 0)
             secs.setdefault(r, {})[m.group(2)] = float(m.group(3))
     return secs
-row = {"model": model, "methods": {}, "control": [rounds(f"{model}-control-{t}")[0] for t in (101, 202)]}
+row = {"model": label, "methods": {}, "control": [rounds(f"{model}-control-{t}")[0] for t in (101, 202)]}
 for meth in methods:
     row["methods"][meth] = {"rounds": rounds(f"{model}-{meth}"), "secs": stage_secs(f"{d}/{model}-{meth}.log")}
 print(json.dumps(row))

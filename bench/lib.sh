@@ -4,8 +4,16 @@
 # Build `wsimil` and `wsimil-dev` (the benchmarks' own commands) in one cargo invocation (debug
 # profile: what the tests and the demo use) and set WSIMIL and WSIMIL_DEV to their paths.
 wsimil_bins() {
-  cargo build -q -p wsimil-coordinator --bin wsimil -p wsimil-dev --bin wsimil-dev
   local dir
+  # WSIMIL_BIN_DIR: binaries built (and copied) earlier, so a long bench runs on a frozen build while
+  # the tree is edited and rebuilt beside it.
+  if [[ -n ${WSIMIL_BIN_DIR:-} ]]; then
+    WSIMIL=$WSIMIL_BIN_DIR/wsimil
+    WSIMIL_DEV=$WSIMIL_BIN_DIR/wsimil-dev
+    [[ -x $WSIMIL && -x $WSIMIL_DEV ]] || { echo "WSIMIL_BIN_DIR=$WSIMIL_BIN_DIR lacks wsimil or wsimil-dev" >&2; return 1; }
+    return 0
+  fi
+  cargo build -q -p wsimil-coordinator --bin wsimil -p wsimil-dev --bin wsimil-dev
   dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
   WSIMIL=$dir/wsimil
   WSIMIL_DEV=$dir/wsimil-dev

@@ -448,6 +448,11 @@ pub struct IcmilConfig {
     /// this field existed ran the first one, and keep their run ids.
     #[serde(default = "IcmilMethod::first", skip_serializing_if = "IcmilMethod::is_first")]
     pub method: IcmilMethod,
+    /// A class whose slides hold no lesion (`--icmil-negative-class`, e.g. CAMELYON16's normal):
+    /// every patch of a training slide of that class is taught that class outright, not the
+    /// teacher's soft guess (docs/icmil.md). Absent from plans without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_class: Option<String>,
 }
 
 /// How a fine-tuning round weighs patches and what its loss pulls on.
@@ -499,6 +504,7 @@ impl Default for IcmilConfig {
             beta,
             trainable_blocks: 0,
             method: IcmilMethod::Paper,
+            negative_class: None,
         }
     }
 }

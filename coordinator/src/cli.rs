@@ -575,6 +575,11 @@ pub struct RunArgs {
     /// ICMIL: fine-tune only the embedder's last N blocks (0 = the whole network, as the paper).
     #[arg(long, default_value_t = 0)]
     pub icmil_trainable_blocks: usize,
+    /// ICMIL: a class whose slides hold no lesion (e.g. normal in tumour-vs-normal): the patches of
+    /// its training slides are taught that class outright instead of the teacher's soft guess
+    /// (docs/icmil.md). Not for subtyping, where every class has its own tissue.
+    #[arg(long, value_name = "CLASS")]
+    pub icmil_negative_class: Option<String>,
 
     /// What to learn: the manifest's classes, or survival from its follow-up columns (time,event;
     /// or TCGA's vital_status,days_to_death,days_to_last_follow_up; docs/survival.md).
@@ -753,6 +758,9 @@ impl RunArgs {
 
     fn icmil(&self) -> anyhow::Result<Option<IcmilConfig>> {
         if self.icmil_rounds == 0 {
+            if self.icmil_negative_class.is_some() {
+                bail!("--icmil-negative-class is for ICMIL rounds (--icmil-rounds N)");
+            }
             return Ok(None);
         }
         let (batch_size, patches_per_slide, beta) = self.icmil_method.defaults();
@@ -780,6 +788,7 @@ impl RunArgs {
             beta,
             trainable_blocks: self.icmil_trainable_blocks,
             method: self.icmil_method,
+            negative_class: self.icmil_negative_class.clone(),
         }))
     }
 }
@@ -1406,10 +1415,15 @@ mod tests {
         assert_eq!((first.batch_size, first.patches_per_slide, first.beta), (16, 256, 1.0));
         let set = run_args(&["--icmil-rounds", "1", "--icmil-method", "first", "--icmil-beta", "2"]).settings();
         assert_eq!(set.unwrap().icmil.unwrap().beta, 2.0, "given values win");
+        let neg = run_args(&["--icmil-rounds", "1", "--icmil-negative-class", "normal"]).settings().unwrap().icmil;
+        assert_eq!(neg.unwrap().negative_class.as_deref(), Some("normal"));
+        let plain = serde_json::to_string(&c).unwrap();
+        assert!(!plain.contains("negative_class"), "plans without it keep their run ids: {plain}");
         for (bad, why) in [
             (&["--icmil-rounds", "1", "--icmil-batch-size", "1"][..], "at least 2"),
             (&["--icmil-rounds", "1", "--icmil-shards", "0"][..], "must be positive"),
             (&["--icmil-rounds", "1", "--until", "embed"][..], "cannot be combined"),
+            (&["--icmil-negative-class", "normal"][..], "is for ICMIL rounds"),
         ] {
             let err = run_args(bad).settings().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");

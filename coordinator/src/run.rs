@@ -162,6 +162,15 @@ pub async fn prepare(store: &Store, settings: &RunSettings) -> anyhow::Result<(M
     let buckets = Buckets::new(settings.s3.clone());
     let purpose = if settings.task.is_classification() { Purpose::Training } else { Purpose::Survival };
     let manifest = manifest::load_for(&settings.manifest, settings.classes.as_deref(), purpose, &buckets).await?;
+    if let Some(name) = settings.icmil.as_ref().and_then(|c| c.negative_class.as_deref()) {
+        if !manifest.classes.iter().any(|c| c == name) {
+            bail!(
+                "--icmil-negative-class {name:?} is not a class of {} ({})",
+                settings.manifest.display(),
+                manifest.classes.join(", ")
+            );
+        }
+    }
     if settings.icmil.is_some() && settings.imported.is_some() {
         bail!("ICMIL rounds fine-tune the patch embedder on slide pixels; imported features (--features) have none");
     }

@@ -279,6 +279,36 @@ async fn a_changed_plan_under_the_same_run_name_is_refused() {
     assert!(err.contains("run mine already exists with a different plan"), "{err}");
 }
 
+/// ICMIL's negative class must be one of the manifest's: a misspelt one is refused before any
+/// work, naming the manifest and its classes.
+#[tokio::test]
+async fn an_icmil_negative_class_the_manifest_lacks_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let slides = dir.path().join("s");
+    std::fs::create_dir_all(&slides).unwrap();
+    for n in ["a", "b"] {
+        std::fs::copy(data("small.svs"), slides.join(format!("{n}.svs"))).unwrap();
+    }
+    let manifest = dir.path().join("m.csv");
+    std::fs::write(&manifest, "slide_id,path,label\na,s/a.svs,normal\nb,s/b.svs,tumor\n").unwrap();
+    let store = Store::memory();
+    let mut st = settings(manifest);
+    st.embedder.weights = Weights::Random(1);
+    st.icmil = Some(IcmilConfig { negative_class: Some("tumour".into()), ..IcmilConfig::default() });
+    let err = run::prepare(&store, &st).await.unwrap_err().to_string();
+    assert!(
+        err.contains("--icmil-negative-class \"tumour\" is not a class of") && err.contains("m.csv (normal, tumor)"),
+        "{err}"
+    );
+    assert!(
+        store.list(&object_store::path::Path::default()).await.unwrap().is_empty(),
+        "nothing written before the refusal"
+    );
+    st.icmil = Some(IcmilConfig { negative_class: Some("normal".into()), ..IcmilConfig::default() });
+    let (_, plan) = run::prepare(&store, &st).await.unwrap();
+    assert_eq!(plan.icmil.unwrap().negative_class.as_deref(), Some("normal"));
+}
+
 /// A torchvision ResNet50 state dict as `torch.save(model.state_dict())` names it, random values,
 /// with the parts the truncated embedder must ignore (`layer4`, `fc`, BatchNorm step counters).
 fn torchvision_resnet50_safetensors() -> Vec<u8> {
@@ -425,6 +455,7 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         beta: 6.0,
         trainable_blocks: 2,
         method: IcmilMethod::Paper,
+        negative_class: None,
     });
     let s = run_once(&store, &st).await;
     let run = s.plan.run.clone();

@@ -122,7 +122,14 @@ pub struct StreamedRows<'a> {
     patches: &'a [PatchRef],
     device: Device,
     held: std::sync::Mutex<Vec<(usize, std::sync::Arc<SlideRows>)>>,
+    /// The negative class and, per slide, whether it is of that class: its patches are taught
+    /// the class outright ([`IcmilConfig::negative_class`]).
+    negatives: Option<(usize, Vec<bool>)>,
 }
+
+/// Logits whose softmax is, to f32's precision, the one-hot of `class`: what a known-negative
+/// slide's patches are taught.
+const ONE_HOT_MARGIN: f32 = 40.0;
 
 /// Slides a fine-tuning job keeps the rows of, at most.
 pub const SLIDES_HELD: usize = 2 * SLIDES_MIXED;
@@ -135,7 +142,14 @@ impl<'a> StreamedRows<'a> {
         patches: &'a [PatchRef],
         device: &Device,
     ) -> Self {
-        StreamedRows { loader, classifier, patches, device: device.clone(), held: Default::default() }
+        StreamedRows { loader, classifier, patches, device: device.clone(), held: Default::default(), negatives: None }
+    }
+
+    /// Teach the patches of the slides marked in `negative` (indexed as `loader`'s entries) the
+    /// class `class` outright, whatever the teacher says of them.
+    pub fn with_known_negatives(mut self, class: usize, negative: Vec<bool>) -> Self {
+        self.negatives = Some((class, negative));
+        self
     }
 
     /// Slides whose rows are kept now (for tests).
@@ -162,6 +176,14 @@ impl<'a> StreamedRows<'a> {
         };
         let features = crate::bags::on_device(&bag.features, &self.device)?.squeeze(0)?;
         let (reduced, logits) = self.classifier.instance_path(&features)?;
+        let logits = match &self.negatives {
+            Some((class, negative)) if negative[s] => {
+                let (n, c) = logits.dims2()?;
+                let row: Vec<f32> = (0..c).map(|k| if k == *class { 0.0 } else { -ONE_HOT_MARGIN }).collect();
+                Tensor::new(row, &self.device)?.unsqueeze(0)?.broadcast_as((n, c))?.contiguous()?
+            }
+            _ => logits,
+        };
         let rows = std::sync::Arc::new(SlideRows {
             _bag: bag,
             features,
@@ -690,6 +712,31 @@ mod tests {
             // The epoch goes group by group, so each slide's bag is read once.
             let stats = loader.stats();
             assert_eq!(stats.reads + stats.hits, 40, "{stats:?}");
+            // A known negative class: every patch of its slides is taught it outright, the other
+            // slides' patches what the teacher says.
+            let negative: Vec<bool> = (0..40).map(|s| s % 3 == 0).collect();
+            let rows = StreamedRows::new(&loader, &model, &patches, &d).with_known_negatives(1, negative.clone());
+            let idx: Vec<usize> = (0..patches.len()).filter(|&i| patches[i].slide < 8).collect();
+            let b = rows.batch(&idx).unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&b.logits).unwrap().to_vec2::<f32>().unwrap();
+            let teacher = model.instance_path(&b.features).unwrap().1;
+            let teacher = candle_nn::ops::softmax_last_dim(&teacher).unwrap().to_vec2::<f32>().unwrap();
+            for (k, &i) in idx.iter().enumerate() {
+                if negative[patches[i].slide] {
+                    assert!(probs[k][1] > 1.0 - 1e-6, "patch {i} of a negative slide: {:?}", probs[k]);
+                } else {
+                    assert!(
+                        (probs[k][1] - teacher[k][1]).abs() < 1e-5,
+                        "patch {i}: {:?} vs {:?}",
+                        probs[k],
+                        teacher[k]
+                    );
+                }
+            }
+            assert!(
+                teacher.iter().zip(&idx).any(|(t, &i)| negative[patches[i].slide] && t[1] < 0.9),
+                "the override must matter"
+            );
         })
         .await
         .unwrap();

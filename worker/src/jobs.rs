@@ -848,6 +848,16 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         slides.push((path, grid));
     }
     let slide_names: Vec<String> = entries.iter().map(|e| e.slide.to_string()).collect();
+    // Slides of the negative class, if the run names one: their patches are taught it outright.
+    let negatives = match &cfg.negative_class {
+        Some(name) => {
+            let class = plan.classes.iter().position(|c| c == name).ok_or_else(|| {
+                JobError::Input(format!("ICMIL's negative class {name:?} is not one of the run's classes"))
+            })?;
+            Some((class, entries.iter().map(|e| e.label == class).collect::<Vec<bool>>()))
+        }
+        None => None,
+    };
     // The teacher's rows come from the bags as batches need them, a batch's slides held at once.
     let why = format!(
         "ICMIL fine-tuning mixes the patches of up to {} slides in a batch, each slide's bag held meanwhile",
@@ -947,6 +957,10 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 .collect()
         };
         let rows = crate::finetune::StreamedRows::new(&loader, &classifier, &data.patches, &device);
+        let rows = match negatives {
+            Some((class, negative)) => rows.with_known_negatives(class, negative),
+            None => rows,
+        };
         let out = crate::finetune::finetune(
             &arch,
             &teacher_tensors,
