@@ -22,7 +22,8 @@
 # Wall time per round and stage from each run's report.
 # Last line: `icmil-rounds: ... round 0 ... round 2 ...` per model. SEEDS (default "1 2 3") picks
 # the cohorts, MODELS (default "abmil transmil") the classifiers, NEGATIVE_CLASS (e.g. normal; unset
-# by default) the class whose training slides' patches ICMIL teaches outright.
+# by default) the class whose training slides' patches ICMIL teaches outright, STAIN_JITTER (e.g.
+# 0.25; unset by default) the student views' per-channel colour jitter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
@@ -34,7 +35,9 @@ METHODS=${METHODS:-paper}
 SLIDES=${SLIDES:-40}
 NEGATIVE_CLASS=${NEGATIVE_CLASS:-}
 icmil_extra=()
-[[ -n $NEGATIVE_CLASS ]] && icmil_extra=(--icmil-negative-class "$NEGATIVE_CLASS")
+STAIN_JITTER=${STAIN_JITTER:-}
+[[ -n $NEGATIVE_CLASS ]] && icmil_extra+=(--icmil-negative-class "$NEGATIVE_CLASS")
+[[ -n $STAIN_JITTER ]] && icmil_extra+=(--icmil-stain-jitter "$STAIN_JITTER")
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-icmil.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
@@ -45,7 +48,8 @@ for seed in $SEEDS; do
   for model in $MODELS; do
     common=(--tissue-preset biopsy --folds 2 --model "$model" --landmarks 64 --epochs 30 --patience 8 --seed 0)
     label=$model
-    [[ -n $NEGATIVE_CLASS ]] && label="$model (negative class: $NEGATIVE_CLASS)"
+    [[ -n $NEGATIVE_CLASS ]] && label="$label (negative class: $NEGATIVE_CLASS)"
+    [[ -n $STAIN_JITTER ]] && label="$label (stain jitter: $STAIN_JITTER)"
     for method in $METHODS; do
       "$WSIMIL" run --manifest "$dir/cohort/manifest.csv" --store "$dir/store" "${common[@]}" --run "$model-$method" \
         --icmil-rounds 2 --icmil-method "$method" --icmil-shards 1 --icmil-epochs 2 --icmil-lr 1e-4 \

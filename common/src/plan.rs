@@ -453,6 +453,15 @@ pub struct IcmilConfig {
     /// teacher's soft guess (docs/icmil.md). Absent from plans without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_class: Option<String>,
+    /// Each student view's colour channels scaled by their own factor in `[1 − s, 1 + s]`
+    /// (`--icmil-stain-jitter`; 0, the authors' and the default, for none). Absent from plans
+    /// without it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stain_jitter: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// How a fine-tuning round weighs patches and what its loss pulls on.
@@ -505,6 +514,7 @@ impl Default for IcmilConfig {
             trainable_blocks: 0,
             method: IcmilMethod::Paper,
             negative_class: None,
+            stain_jitter: 0.0,
         }
     }
 }

@@ -580,6 +580,11 @@ pub struct RunArgs {
     /// (docs/icmil.md). Not for subtyping, where every class has its own tissue.
     #[arg(long, value_name = "CLASS")]
     pub icmil_negative_class: Option<String>,
+    /// ICMIL: scale each colour channel of every student view by its own factor in [1-S, 1+S]
+    /// (0, the authors', for none): stain and scanner differences between sites, which the embedder
+    /// should not learn as a lesion (docs/icmil.md).
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
+    pub icmil_stain_jitter: f64,
 
     /// What to learn: the manifest's classes, or survival from its follow-up columns (time,event;
     /// or TCGA's vital_status,days_to_death,days_to_last_follow_up; docs/survival.md).
@@ -758,8 +763,8 @@ impl RunArgs {
 
     fn icmil(&self) -> anyhow::Result<Option<IcmilConfig>> {
         if self.icmil_rounds == 0 {
-            if self.icmil_negative_class.is_some() {
-                bail!("--icmil-negative-class is for ICMIL rounds (--icmil-rounds N)");
+            if self.icmil_negative_class.is_some() || self.icmil_stain_jitter != 0.0 {
+                bail!("--icmil-negative-class and --icmil-stain-jitter are for ICMIL rounds (--icmil-rounds N)");
             }
             return Ok(None);
         }
@@ -775,6 +780,9 @@ impl RunArgs {
         if batch_size < 2 {
             bail!("--icmil-batch-size must be at least 2 (BatchNorm trains on batch statistics)");
         }
+        if !(0.0..1.0).contains(&self.icmil_stain_jitter) {
+            bail!("--icmil-stain-jitter must lie in [0, 1), not {}", self.icmil_stain_jitter);
+        }
         if self.until != Until::Predict {
             bail!("--until {:?} stops round 0 early; it cannot be combined with --icmil-rounds", self.until);
         }
@@ -789,6 +797,7 @@ impl RunArgs {
             trainable_blocks: self.icmil_trainable_blocks,
             method: self.icmil_method,
             negative_class: self.icmil_negative_class.clone(),
+            stain_jitter: self.icmil_stain_jitter,
         }))
     }
 }
@@ -1417,13 +1426,20 @@ mod tests {
         assert_eq!(set.unwrap().icmil.unwrap().beta, 2.0, "given values win");
         let neg = run_args(&["--icmil-rounds", "1", "--icmil-negative-class", "normal"]).settings().unwrap().icmil;
         assert_eq!(neg.unwrap().negative_class.as_deref(), Some("normal"));
+        let jit = run_args(&["--icmil-rounds", "1", "--icmil-stain-jitter", "0.25"]).settings().unwrap().icmil;
+        assert_eq!(jit.unwrap().stain_jitter, 0.25);
         let plain = serde_json::to_string(&c).unwrap();
-        assert!(!plain.contains("negative_class"), "plans without it keep their run ids: {plain}");
+        assert!(
+            !plain.contains("negative_class") && !plain.contains("stain_jitter"),
+            "old plans keep their ids: {plain}"
+        );
         for (bad, why) in [
             (&["--icmil-rounds", "1", "--icmil-batch-size", "1"][..], "at least 2"),
             (&["--icmil-rounds", "1", "--icmil-shards", "0"][..], "must be positive"),
             (&["--icmil-rounds", "1", "--until", "embed"][..], "cannot be combined"),
-            (&["--icmil-negative-class", "normal"][..], "is for ICMIL rounds"),
+            (&["--icmil-negative-class", "normal"][..], "are for ICMIL rounds"),
+            (&["--icmil-stain-jitter", "0.2"][..], "are for ICMIL rounds"),
+            (&["--icmil-rounds", "1", "--icmil-stain-jitter", "1.5"][..], "must lie in [0, 1)"),
         ] {
             let err = run_args(bad).settings().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");

@@ -456,6 +456,7 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         trainable_blocks: 2,
         method: IcmilMethod::Paper,
         negative_class: None,
+        stain_jitter: 0.0,
     });
     let s = run_once(&store, &st).await;
     let run = s.plan.run.clone();

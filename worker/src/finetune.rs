@@ -237,6 +237,22 @@ pub fn augment(img: &RgbImage, rng: &mut Rng) -> RgbImage {
     out
 }
 
+/// A view's red, green and blue scaled by factors of their own, each uniform in `[1 − s, 1 + s]`
+/// (`--icmil-stain-jitter`): how stains, labs and scanners differ, which the student should not
+/// learn to read as a lesion (the teacher labels the clean patch). `s` = 0 leaves the view as is.
+pub fn stain_jitter(mut img: RgbImage, s: f64, rng: &mut Rng) -> RgbImage {
+    if s <= 0.0 {
+        return img;
+    }
+    let gains = [0; 3].map(|_| rng.range(1.0 - s, 1.0 + s) as f32);
+    for px in img.pixels_mut() {
+        for (v, g) in px.0.iter_mut().zip(gains) {
+            *v = (*v as f32 * g).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    img
+}
+
 /// The classifier of a fold as a model over `tensors` (its own parameters, not shared).
 pub fn classifier(cfg: &BagModelConfig, tensors: &BTreeMap<String, Tensor>, device: &Device) -> Result<BagModel> {
     let p = Params::new(0);
@@ -353,7 +369,11 @@ pub fn finetune(
             let pixels: Vec<u8> = images
                 .par_iter()
                 .zip(seeds)
-                .flat_map_iter(|(img, sd)| augment(img, &mut Rng::new(sd)).into_raw())
+                .flat_map_iter(|(img, sd)| {
+                    let mut rng = Rng::new(sd);
+                    let view = augment(img, &mut rng);
+                    stain_jitter(view, cfg.stain_jitter, &mut rng).into_raw()
+                })
                 .collect();
             drop(images);
             let x = to_input(pixels, idx.len(), s, &pre, device, DType::F32)?;
@@ -457,6 +477,28 @@ mod tests {
         }
         assert!((70..130).contains(&flipped_x), "horizontal flips: {flipped_x} of 200");
         assert!(cropped > 100, "most views are crops: {cropped} of 200");
+    }
+
+    /// Stain jitter scales each colour channel of a view by its own factor within the bound, a
+    /// different one per view; none at 0.
+    #[test]
+    fn stain_jitter_scales_each_channel_within_its_bound() {
+        let img = RgbImage::from_fn(8, 8, |x, y| image::Rgb([100 + x as u8, 120 + y as u8, 140]));
+        let mut rng = Rng::new(4);
+        assert_eq!(stain_jitter(img.clone(), 0.0, &mut rng), img);
+        let mut blues = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let v = stain_jitter(img.clone(), 0.25, &mut rng);
+            let g = [0, 1, 2].map(|c| v.get_pixel(0, 0)[c] as f64 / img.get_pixel(0, 0)[c] as f64);
+            for (c, g) in g.into_iter().enumerate() {
+                assert!((0.74..=1.26).contains(&g), "channel {c} gain {g}");
+                // One factor per channel over the whole view.
+                let far = v.get_pixel(7, 7)[c] as f64 / img.get_pixel(7, 7)[c] as f64;
+                assert!((far - g).abs() < 0.02, "channel {c}: {far} vs {g}");
+            }
+            blues.insert(v.get_pixel(0, 0)[2]);
+        }
+        assert!(blues.len() > 20, "views differ: {blues:?}");
     }
 
     #[test]
