@@ -259,16 +259,22 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
     assert_eq!(stage(&s3, JobKind::Train).planned, 0);
 }
 
-#[tokio::test]
-async fn a_changed_plan_under_the_same_run_name_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let slides = dir.path().join("s");
+/// Two copies of the small slide under `dir/s`, a normal and a tumour, and their manifest `dir/m.csv`.
+fn two_slide_manifest(dir: &Path) -> PathBuf {
+    let slides = dir.join("s");
     std::fs::create_dir_all(&slides).unwrap();
     for n in ["a", "b"] {
         std::fs::copy(data("small.svs"), slides.join(format!("{n}.svs"))).unwrap();
     }
-    let manifest = dir.path().join("m.csv");
+    let manifest = dir.join("m.csv");
     std::fs::write(&manifest, "slide_id,path,label\na,s/a.svs,normal\nb,s/b.svs,tumor\n").unwrap();
+    manifest
+}
+
+#[tokio::test]
+async fn a_changed_plan_under_the_same_run_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = two_slide_manifest(dir.path());
     let store = Store::memory();
     let mut st = settings(manifest);
     st.run = Some(wsimil_common::ids::RunId::new("mine").unwrap());
@@ -284,13 +290,7 @@ async fn a_changed_plan_under_the_same_run_name_is_refused() {
 #[tokio::test]
 async fn an_icmil_negative_class_the_manifest_lacks_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    let slides = dir.path().join("s");
-    std::fs::create_dir_all(&slides).unwrap();
-    for n in ["a", "b"] {
-        std::fs::copy(data("small.svs"), slides.join(format!("{n}.svs"))).unwrap();
-    }
-    let manifest = dir.path().join("m.csv");
-    std::fs::write(&manifest, "slide_id,path,label\na,s/a.svs,normal\nb,s/b.svs,tumor\n").unwrap();
+    let manifest = two_slide_manifest(dir.path());
     let store = Store::memory();
     let mut st = settings(manifest);
     st.embedder.weights = Weights::Random(1);

@@ -122,9 +122,9 @@ pub struct StreamedRows<'a> {
     patches: &'a [PatchRef],
     device: Device,
     held: std::sync::Mutex<Vec<(usize, std::sync::Arc<SlideRows>)>>,
-    /// The negative class and, per slide, whether it is of that class: its patches are taught
-    /// the class outright ([`IcmilConfig::negative_class`]).
-    negatives: Option<(usize, Vec<bool>)>,
+    /// The negative class: the patches of its slides (by their entries' labels) are taught it
+    /// outright ([`IcmilConfig::negative_class`]).
+    negative_class: Option<usize>,
 }
 
 /// Logits whose softmax is, to f32's precision, the one-hot of `class`: what a known-negative
@@ -142,13 +142,20 @@ impl<'a> StreamedRows<'a> {
         patches: &'a [PatchRef],
         device: &Device,
     ) -> Self {
-        StreamedRows { loader, classifier, patches, device: device.clone(), held: Default::default(), negatives: None }
+        StreamedRows {
+            loader,
+            classifier,
+            patches,
+            device: device.clone(),
+            held: Default::default(),
+            negative_class: None,
+        }
     }
 
-    /// Teach the patches of the slides marked in `negative` (indexed as `loader`'s entries) the
-    /// class `class` outright, whatever the teacher says of them.
-    pub fn with_known_negatives(mut self, class: usize, negative: Vec<bool>) -> Self {
-        self.negatives = Some((class, negative));
+    /// Teach the patches of the loader's slides labelled `class` that class outright, whatever
+    /// the teacher says of them.
+    pub fn with_negative_class(mut self, class: Option<usize>) -> Self {
+        self.negative_class = class;
         self
     }
 
@@ -176,10 +183,10 @@ impl<'a> StreamedRows<'a> {
         };
         let features = crate::bags::on_device(&bag.features, &self.device)?.squeeze(0)?;
         let (reduced, logits) = self.classifier.instance_path(&features)?;
-        let logits = match &self.negatives {
-            Some((class, negative)) if negative[s] => {
+        let logits = match self.negative_class {
+            Some(class) if self.loader.entries()[s].label == class => {
                 let (n, c) = logits.dims2()?;
-                let row: Vec<f32> = (0..c).map(|k| if k == *class { 0.0 } else { -ONE_HOT_MARGIN }).collect();
+                let row: Vec<f32> = (0..c).map(|k| if k == class { 0.0 } else { -ONE_HOT_MARGIN }).collect();
                 Tensor::new(row, &self.device)?.unsqueeze(0)?.broadcast_as((n, c))?.contiguous()?
             }
             _ => logits,
@@ -702,7 +709,8 @@ mod tests {
             };
             let key = wsimil_common::layout::features(&ids.0, &ids.1, &slide);
             store.put(&key, bag.to_parquet().unwrap()).await.unwrap();
-            slides.push((slide, 0));
+            // Every third slide of class 1 (the known negative class below).
+            slides.push((slide, usize::from(s % 3 == 0)));
             all.push(features);
         }
         let (entries, _) = index(&store, &ids, &slides).await.unwrap();
@@ -757,7 +765,7 @@ mod tests {
             // A known negative class: every patch of its slides is taught it outright, the other
             // slides' patches what the teacher says.
             let negative: Vec<bool> = (0..40).map(|s| s % 3 == 0).collect();
-            let rows = StreamedRows::new(&loader, &model, &patches, &d).with_known_negatives(1, negative.clone());
+            let rows = StreamedRows::new(&loader, &model, &patches, &d).with_negative_class(Some(1));
             let idx: Vec<usize> = (0..patches.len()).filter(|&i| patches[i].slide < 8).collect();
             let b = rows.batch(&idx).unwrap();
             let probs = candle_nn::ops::softmax_last_dim(&b.logits).unwrap().to_vec2::<f32>().unwrap();

@@ -848,14 +848,11 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
         slides.push((path, grid));
     }
     let slide_names: Vec<String> = entries.iter().map(|e| e.slide.to_string()).collect();
-    // Slides of the negative class, if the run names one: their patches are taught it outright.
-    let negatives = match &cfg.negative_class {
-        Some(name) => {
-            let class = plan.classes.iter().position(|c| c == name).ok_or_else(|| {
-                JobError::Input(format!("ICMIL's negative class {name:?} is not one of the run's classes"))
-            })?;
-            Some((class, entries.iter().map(|e| e.label == class).collect::<Vec<bool>>()))
-        }
+    // The negative class, if the run names one: its slides' patches are taught it outright.
+    let negative_class = match &cfg.negative_class {
+        Some(name) => Some(plan.classes.iter().position(|c| c == name).ok_or_else(|| {
+            JobError::Input(format!("ICMIL's negative class {name:?} is not one of the run's classes"))
+        })?),
         None => None,
     };
     // The teacher's rows come from the bags as batches need them, a batch's slides held at once.
@@ -956,11 +953,8 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 })
                 .collect()
         };
-        let rows = crate::finetune::StreamedRows::new(&loader, &classifier, &data.patches, &device);
-        let rows = match negatives {
-            Some((class, negative)) => rows.with_known_negatives(class, negative),
-            None => rows,
-        };
+        let rows = crate::finetune::StreamedRows::new(&loader, &classifier, &data.patches, &device)
+            .with_negative_class(negative_class);
         let out = crate::finetune::finetune(
             &arch,
             &teacher_tensors,
