@@ -23,7 +23,9 @@
 # Last line: `icmil-rounds: ... round 0 ... round 2 ...` per model. SEEDS (default "1 2 3") picks
 # the cohorts, MODELS (default "abmil transmil") the classifiers, NEGATIVE_CLASS (e.g. normal; unset
 # by default) the class whose training slides' patches ICMIL teaches outright, STAIN_JITTER (e.g.
-# 0.25; unset by default) the student views' per-channel colour jitter.
+# 0.25; unset by default) the student views' per-channel colour jitter, SITE_FOLDS=1 folds
+# stratified by staining site as well as by label (the manifest's `site` column; other folds, so
+# round 0 differs too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WSIMIL_DATA=${WSIMIL_DATA:-$(./scripts/fetch-data.sh)}
@@ -50,6 +52,7 @@ for seed in $SEEDS; do
     label=$model
     [[ -n $NEGATIVE_CLASS ]] && label="$label (negative class: $NEGATIVE_CLASS)"
     [[ -n $STAIN_JITTER ]] && label="$label (stain jitter: $STAIN_JITTER)"
+    [[ ${SITE_FOLDS:-0} == 1 ]] && label="$label (site folds)"
     for method in $METHODS; do
       "$WSIMIL" run --manifest "$dir/cohort/manifest.csv" --store "$dir/store" "${common[@]}" --run "$model-$method" \
         --icmil-rounds 2 --icmil-method "$method" --icmil-shards 1 --icmil-epochs 2 --icmil-lr 1e-4 \

@@ -21,9 +21,12 @@ wsimil_bins() {
 
 # small_lesion_cohort DIR SLIDES SEED: the ICMIL benches' cohort (bench/icmil-rounds.sh's header
 # says why these settings): small faint lesions, at most 2 per positive slide, 3 staining sites.
+# SITE_FOLDS=1: the manifest names each slide's site, so the folds are stratified by it.
 small_lesion_cohort() {
+  local site_column=()
+  [[ ${SITE_FOLDS:-0} == 1 ]] && site_column=(--site-column)
   "$WSIMIL" demo-cohort --out "$1" --slides "$2" --seed "$3" --radius 120,220 --max-regions 2 --opacity 0.7 \
-    --sites 3 >/dev/null
+    --sites 3 "${site_column[@]}" >/dev/null
 }
 
 # The peers at their best: Debian 12's OpenBLAS (0.3.21; PyTorch's matmuls go through it) does not

@@ -1257,6 +1257,11 @@ pub struct DemoCohortArgs {
     /// own per-channel gain (up to ±25%): a batch effect the classifier must see past.
     #[arg(long, default_value_t = 3)]
     pub sites: usize,
+    /// Write each slide's site to the manifest (a `site` column), so that `wsimil run` stratifies
+    /// its folds by site as well as by label. Off by default: the demo's folds, and its figures,
+    /// stay as they were.
+    #[arg(long)]
+    pub site_column: bool,
 }
 
 /// `wsimil run`: the whole pipeline, in this process or (with --nats) on a worker pool.
@@ -1309,6 +1314,7 @@ pub fn demo_cohort(args: DemoCohortArgs) -> anyhow::Result<()> {
         id_prefix: args.id_prefix.clone(),
         opacity: args.opacity,
         sites: args.sites,
+        site_column: args.site_column,
         ..SynthOptions::default()
     };
     let slides = build_cohort(&source, &tumour, &args.out, &opt)?;

@@ -1,6 +1,7 @@
 //! The cohort manifest: a CSV with `slide_id,path,label` and optional `fold` (the slide's test
 //! fold), `split` (`train`/`val`/`test`), `mpp` and `truth` (a lesion mask image or GeoJSON
-//! annotation per slide, for the instance-level figures: `wsimil_common::truth`) columns.
+//! annotation per slide, for the instance-level figures: `wsimil_common::truth`), `patient` (or
+//! `case_id`) and `site` (folds stratified by it: `planner::patient_folds`) columns.
 //!
 //! Validation happens once, up front, and reports every problem at once with its line, so a user
 //! fixing a 5,000-slide manifest does not discover errors one run at a time.
@@ -39,6 +40,10 @@ pub struct Row {
     /// The patient the slide is from (`patient` column, or CLAM's `case_id`): a patient's slides
     /// always go to the same fold, so no patient is both trained and tested on.
     pub patient: Option<String>,
+    /// The site the slide comes from (`site` column: the lab or scanner; TCGA's tissue source site,
+    /// the barcode's second field): the folds are stratified by it as well as by label
+    /// (`planner::patient_folds`). A patient's slides share it.
+    pub site: Option<String>,
     /// Its follow-up (survival manifests: [`SurvivalColumns`]).
     pub survival: Option<SurvivalTarget>,
 }
@@ -324,8 +329,9 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
     // Truth feeds a run's instance-level figures; an application of a model reads no such column.
     let truth_c = if purpose != Purpose::Prediction { col("truth") } else { None };
     let patient_c = col("patient").or_else(|| col("case_id"));
-    // Each patient's first slide: (line, id, label, fold, split, follow-up).
-    type First = (usize, String, Option<String>, Option<u32>, Option<Split>, Option<SurvivalTarget>);
+    let site_c = col("site");
+    // Each patient's first slide: (line, id, label, fold, split, follow-up, site).
+    type First = (usize, String, Option<String>, Option<u32>, Option<Split>, Option<SurvivalTarget>, Option<String>);
     let mut patients: HashMap<String, First> = HashMap::new();
     let known: Option<BTreeSet<&str>> = classes.map(|c| c.iter().map(String::as_str).collect());
     let mut rows = Vec::new();
@@ -483,12 +489,14 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
             (false, _) => label,
         };
         let patient = field(patient_c).map(str::to_string);
+        let site = field(site_c).map(str::to_string);
         if let (Some(p), Some(label)) = (&patient, &label) {
             match patients.get(p) {
                 None => {
-                    patients.insert(p.clone(), (line, raw_id.to_string(), label.clone(), fold, split, survival));
+                    let first = (line, raw_id.to_string(), label.clone(), fold, split, survival, site.clone());
+                    patients.insert(p.clone(), first);
                 }
-                Some((first_line, first_id, first_label, first_fold, first_split, first_survival)) => {
+                Some((first_line, first_id, first_label, first_fold, first_split, first_survival, first_site)) => {
                     fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
                         v.as_ref().map_or("none".into(), |v| format!("{v:?}").to_lowercase())
                     }
@@ -512,11 +520,15 @@ fn parse_for(text: &str, base: &Path, classes: Option<&[String]>, purpose: Purpo
                     if split != *first_split {
                         at(Some(line), differs("split", show(&split), show(first_split)));
                     }
+                    if site != *first_site {
+                        let f = |s: &Option<String>| s.as_ref().map_or("none".into(), |s| format!("{s:?}"));
+                        at(Some(line), differs("site", f(&site), f(first_site)));
+                    }
                 }
             }
         }
         if let (Some(slide), Some(path), Some(label)) = (slide, path, label) {
-            rows.push(Row { slide, path, label, fold, split, mpp, truth, patient, survival });
+            rows.push(Row { slide, path, label, fold, split, mpp, truth, patient, site, survival });
         }
     }
     let row_problems = problems.len();
@@ -615,18 +627,20 @@ mod tests {
     }
 
     #[test]
-    fn a_patients_slides_must_agree_on_label_and_fold() {
+    fn a_patients_slides_must_agree_on_label_fold_and_site() {
         let d = dir_with(&["a.svs", "b.svs", "c.svs"]);
-        let ok = "slide_id,path,label,case_id\na,a.svs,tumor,P1\nb,b.svs,tumor,P1\nc,c.svs,normal,P2\n";
+        let ok = "slide_id,path,label,case_id,site\na,a.svs,tumor,P1,A7\nb,b.svs,tumor,P1,A7\nc,c.svs,normal,P2,\n";
         let (rows, _) = parse(ok, d.path(), None).unwrap();
         assert_eq!(rows.iter().map(|r| r.patient.as_deref()).collect::<Vec<_>>(), [Some("P1"), Some("P1"), Some("P2")]);
-        let bad = "slide_id,path,label,fold,patient\na,a.svs,tumor,0,P1\nb,b.svs,normal,1,P1\nc,c.svs,normal,1,P2\n";
+        assert_eq!(rows.iter().map(|r| r.site.as_deref()).collect::<Vec<_>>(), [Some("A7"), Some("A7"), None]);
+        let bad = "slide_id,path,label,fold,patient,site\na,a.svs,tumor,0,P1,A7\nb,b.svs,normal,1,P1,BH\nc,c.svs,normal,1,P2,A7\n";
         let problems = parse(bad, d.path(), None).unwrap_err();
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         let has = |needle: &str| text.iter().any(|t| t.contains(needle));
         assert!(has("line 3: patient \"P1\": b has label \"normal\", its slide a (line 2) \"tumor\""), "{text:#?}");
         assert!(has("line 3: patient \"P1\": b has fold 1, its slide a (line 2) 0"), "{text:#?}");
-        assert_eq!(problems.len(), 2, "{text:#?}");
+        assert!(has("line 3: patient \"P1\": b has site \"BH\", its slide a (line 2) \"A7\""), "{text:#?}");
+        assert_eq!(problems.len(), 3, "{text:#?}");
     }
 
     #[test]

@@ -98,6 +98,13 @@ pub fn load_clam_splits(dir: &Path, manifest: &Manifest) -> anyhow::Result<Vec<F
 /// The stratified k-fold of the manifest's patients: a patient's slides (the `patient` column; a
 /// slide without one is its own patient) are dealt as one, by their shared label, so no patient is
 /// in two folds. Without a `patient` column this is [`stratified_folds`] of the slides, unchanged.
+///
+/// Where the manifest names sites (the `site` column: the lab or scanner a slide comes from, TCGA's
+/// tissue source site), each class's patients are dealt site by site, so every fold holds each
+/// site's slides of each class in the same share (within one). Otherwise the luck of a small split
+/// can give a fold training slides on which a site's stain predicts the label, and test slides on
+/// which it predicts the opposite: a classifier that learns the stain is then worse than chance on
+/// them (docs/icmil.md, "the stain sites"). Without a `site` column the folds are as they were.
 pub fn patient_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<usize> {
     let mut group_of = Vec::with_capacity(manifest.rows.len());
     let mut first: Vec<usize> = Vec::new(); // each group's first row, in order of appearance
@@ -116,12 +123,26 @@ pub fn patient_folds(manifest: &Manifest, settings: FoldSettings) -> Vec<usize> 
         group_of.push(g);
     }
     let labels: Vec<usize> = first.iter().map(|&i| manifest.label_index(&manifest.rows[i])).collect();
-    let fold_of_group = stratified_folds(&labels, settings);
+    // A patient's site is its first slide's (the manifest refuses a patient's slides that differ).
+    let sites: std::collections::BTreeSet<Option<&str>> = manifest.rows.iter().map(|r| r.site.as_deref()).collect();
+    let site_of: Vec<usize> = first
+        .iter()
+        .map(|&i| sites.iter().position(|s| *s == manifest.rows[i].site.as_deref()).expect("a listed site"))
+        .collect();
+    let fold_of_group = stratified_folds_within(&labels, &site_of, settings);
     group_of.iter().map(|&g| fold_of_group[g]).collect()
 }
 
 /// Deal each class's shuffled slides round-robin over k folds (k capped by the smallest class).
 pub fn stratified_folds(labels: &[usize], settings: FoldSettings) -> Vec<usize> {
+    stratified_folds_within(labels, &vec![0; labels.len()], settings)
+}
+
+/// [`stratified_folds`], each class's slides dealt stratum by stratum (`strata[i]`: slide i's site):
+/// the round-robin runs on through a class's strata, so each fold gets each (class, stratum) cell's
+/// share within one and each class's share as before. One stratum: exactly [`stratified_folds`].
+pub fn stratified_folds_within(labels: &[usize], strata: &[usize], settings: FoldSettings) -> Vec<usize> {
+    assert_eq!(labels.len(), strata.len(), "one stratum per slide");
     let n_classes = labels.iter().copied().max().map_or(0, |m| m + 1);
     let smallest =
         (0..n_classes).map(|c| labels.iter().filter(|l| **l == c).count()).filter(|n| *n > 0).min().unwrap_or(0);
@@ -132,6 +153,7 @@ pub fn stratified_folds(labels: &[usize], settings: FoldSettings) -> Vec<usize> 
     for c in 0..n_classes {
         let mut idx: Vec<usize> = (0..labels.len()).filter(|i| labels[*i] == c).collect();
         rng.shuffle(&mut idx);
+        idx.sort_by_key(|&i| strata[i]); // stable: shuffled within each stratum
         for i in idx {
             out[i] = next % k;
             next += 1;
@@ -424,6 +446,7 @@ pub async fn predict_jobs(store: &Store, plan: &RunPlan, round: u32) -> Result<V
 mod tests {
     use super::*;
     use crate::manifest::Row;
+    use std::collections::BTreeMap;
     use std::path::PathBuf;
 
     /// Plans written by wsimil 0.1.0 before its settings were typed (`wsimil run ... --until tile`
@@ -459,6 +482,7 @@ mod tests {
                 mpp: None,
                 truth: None,
                 patient: None,
+                site: None,
                 survival: None,
             })
             .collect();
@@ -513,6 +537,53 @@ mod tests {
                     assert!(!(test.contains(&a) && train.contains(&b)), "a patient in train and test: {fold:?}");
                 }
             }
+        }
+    }
+
+    /// Every fold gets each (class, site) cell's share within one, whatever the seed and k; sites
+    /// named the same everywhere change nothing; patients still stay whole.
+    #[test]
+    fn sites_are_dealt_evenly_over_the_folds() {
+        // 40 slides as the demo deals them: slide i from site i mod 3; labels drawn independently.
+        let mut rng = Rng::new(7);
+        let labels: Vec<&str> = (0..40).map(|_| if rng.next_u64().is_multiple_of(2) { "a" } else { "b" }).collect();
+        let plain = manifest(&labels, None);
+        let mut m = plain.clone();
+        for (i, r) in m.rows.iter_mut().enumerate() {
+            r.site = Some(format!("site{}", i % 3));
+        }
+        // The widest spread over the folds of any (class, site) cell's count, and of any class's.
+        let spread = |m: &Manifest, f: &[usize], k: usize, by_site: bool| -> usize {
+            let mut cells: BTreeMap<(usize, Option<&str>), Vec<usize>> = BTreeMap::new();
+            for (r, &fold) in m.rows.iter().zip(f) {
+                let site = if by_site { r.site.as_deref() } else { None };
+                cells.entry((m.label_index(r), site)).or_insert_with(|| vec![0; k])[fold] += 1;
+            }
+            cells.values().map(|c| c.iter().max().unwrap() - c.iter().min().unwrap()).max().unwrap()
+        };
+        let mut lopsided_without = 0;
+        for k in [2, 3, 5] {
+            for seed in 0..30 {
+                let settings = FoldSettings { k, seed };
+                let f = patient_folds(&m, settings);
+                assert!(spread(&m, &f, k, true) <= 1, "k {k} seed {seed}: {f:?}");
+                assert!(spread(&m, &f, k, false) <= 1, "k {k} seed {seed}: classes unbalanced");
+                let without = patient_folds(&plain, settings);
+                lopsided_without += (spread(&m, &without, k, true) > 1) as usize;
+                let mut one_site = plain.clone();
+                one_site.rows.iter_mut().for_each(|r| r.site = Some("X".into()));
+                assert_eq!(patient_folds(&one_site, settings), without, "one site: the folds as without");
+            }
+        }
+        assert!(lopsided_without > 0, "without sites some split is lopsided by site (else this test shows nothing)");
+        // Patients stay whole: slides 0, 3 and 6 (all site 0) are one patient's.
+        for i in [0, 3, 6] {
+            m.rows[i].patient = Some("P".into());
+            m.rows[i].label = Some("a".into());
+        }
+        for seed in 0..20 {
+            let f = patient_folds(&m, FoldSettings { k: 3, seed });
+            assert!(f[0] == f[3] && f[3] == f[6], "seed {seed}: {f:?}");
         }
     }
 

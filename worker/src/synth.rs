@@ -40,6 +40,10 @@ pub struct SynthOptions {
     /// stain by its own per-channel gain (±`site_shift`), as scanners and labs differ. 1: one site.
     pub sites: usize,
     pub site_shift: f64,
+    /// Write each slide's site (`site-<i>`) to the manifest's `site` column, which stratifies the
+    /// folds by site (`wsimil run`). Off by default: a cohort made before keeps its manifest and
+    /// hence its folds.
+    pub site_column: bool,
 }
 
 impl Default for SynthOptions {
@@ -56,6 +60,7 @@ impl Default for SynthOptions {
             opacity: 1.0,
             sites: 1,
             site_shift: 0.25,
+            site_column: false,
         }
     }
 }
@@ -77,6 +82,9 @@ pub struct SynthSlide {
     pub tumour_fraction: f64,
     /// Tumour mask at [`TRUTH_DOWNSAMPLE`], relative to the cohort folder.
     pub truth_mask: Option<PathBuf>,
+    /// The staining site it comes from (slide i: site i mod [`SynthOptions::sites`]).
+    #[serde(default)]
+    pub site: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,14 +292,17 @@ pub fn build_cohort(
             regions,
             tumour_fraction: tumour_px / tissue_px,
             truth_mask: Some(truth_rel),
+            site: i % site_gains.len(),
         });
     }
     // The truth masks go in the manifest too: runs report how well they find the planted lesions.
-    let mut csv = String::from("slide_id,path,label,truth\n");
+    let mut csv =
+        String::from(if opt.site_column { "slide_id,path,label,truth,site\n" } else { "slide_id,path,label,truth\n" });
     for s in &slides {
         let truth = s.truth_mask.as_ref().map(|m| out.join(m)).map(|m| m.canonicalize().unwrap_or(m));
         let truth = truth.map(|t| t.display().to_string()).unwrap_or_default();
-        csv.push_str(&format!("{},{},{},{truth}\n", s.slide_id, s.path.display(), s.label));
+        csv.push_str(&format!("{},{},{},{truth}", s.slide_id, s.path.display(), s.label));
+        csv.push_str(&if opt.site_column { format!(",site-{}\n", s.site) } else { "\n".into() });
     }
     let manifest = out.join("manifest.csv");
     std::fs::write(&manifest, csv).map_err(io(&manifest))?;

@@ -147,6 +147,15 @@ fn synthetic_slides_open_in_openslide_and_match_their_source() {
     }
     let manifest = std::fs::read_to_string(dir.path().join("manifest.csv")).unwrap();
     assert!(manifest.starts_with("slide_id,path,label,truth\n") && manifest.lines().count() == 3);
+    // With the site column, each row ends in its slide's site; nothing else changes.
+    let sited = tempfile::tempdir().unwrap();
+    build_cohort(&source, &tumour, sited.path(), &SynthOptions { sites: 2, site_column: true, ..opt.clone() }).unwrap();
+    let with_sites = std::fs::read_to_string(sited.path().join("manifest.csv")).unwrap();
+    let lines: Vec<&str> = with_sites.lines().collect();
+    assert_eq!(lines[0], "slide_id,path,label,truth,site");
+    for (i, line) in lines[1..].iter().enumerate() {
+        assert!(line.ends_with(&format!(",site-{i}")), "{with_sites}");
+    }
     assert!(dir.path().join(pos.truth_mask.as_ref().unwrap()).is_file());
     let truth_cell = manifest.lines().nth(1).unwrap().split(',').nth(3).unwrap().to_string();
     assert!(truth_cell.ends_with(".tumour.png") && std::path::Path::new(&truth_cell).is_file(), "{manifest}");
@@ -176,6 +185,7 @@ fn fainter_lesions_and_staining_sites_change_only_what_they_say() {
     let (b, bp, masks) = make(base.clone());
     let (f, fp, _) = make(SynthOptions { opacity: 0.4, ..base.clone() });
     let (s, sp, _) = make(SynthOptions { sites: 2, ..base.clone() });
+    assert_eq!(s.iter().map(|x| x.site).collect::<Vec<_>>(), [0, 1], "slide i from site i mod 2");
     let pos = b.iter().position(|x| x.label == "tumor").unwrap();
     for other in [&f, &s] {
         assert_eq!(
