@@ -23,7 +23,9 @@
 # Last line: `icmil-rounds: ... round 0 ... round 2 ...` per model. SEEDS (default "1 2 3") picks
 # the cohorts, MODELS (default "abmil transmil") the classifiers, NEGATIVE_CLASS (e.g. normal; unset
 # by default) the class whose training slides' patches ICMIL teaches outright, STAIN_JITTER (e.g.
-# 0.25; unset by default) the student views' per-channel colour jitter, SITE_FOLDS=1 folds
+# 0.25; unset by default) the student views' per-channel colour jitter, TOP_K (e.g. 4; unset by
+# default) the patches of each other training slide the teacher ranks first, always drawn and taught
+# their slide's class outright (--icmil-top-k), SITE_FOLDS=1 folds
 # stratified by staining site as well as by label (the manifest's `site` column; other folds, so
 # round 0 differs too).
 set -euo pipefail
@@ -37,9 +39,11 @@ METHODS=${METHODS:-paper}
 SLIDES=${SLIDES:-40}
 NEGATIVE_CLASS=${NEGATIVE_CLASS:-}
 STAIN_JITTER=${STAIN_JITTER:-}
+TOP_K=${TOP_K:-}
 icmil_extra=()
 [[ -n $NEGATIVE_CLASS ]] && icmil_extra+=(--icmil-negative-class "$NEGATIVE_CLASS")
 [[ -n $STAIN_JITTER ]] && icmil_extra+=(--icmil-stain-jitter "$STAIN_JITTER")
+[[ -n $TOP_K ]] && icmil_extra+=(--icmil-top-k "$TOP_K")
 work=$(mktemp -d "${TMPDIR:-/tmp}/wsimil-bench-icmil.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
@@ -52,6 +56,7 @@ for seed in $SEEDS; do
     label=$model
     [[ -n $NEGATIVE_CLASS ]] && label="$label (negative class: $NEGATIVE_CLASS)"
     [[ -n $STAIN_JITTER ]] && label="$label (stain jitter: $STAIN_JITTER)"
+    [[ -n $TOP_K ]] && label="$label (top-k: $TOP_K)"
     [[ ${SITE_FOLDS:-0} == 1 ]] && label="$label (site folds)"
     for method in $METHODS; do
       "$WSIMIL" run --manifest "$dir/cohort/manifest.csv" --store "$dir/store" "${common[@]}" --run "$model-$method" \

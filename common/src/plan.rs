@@ -458,6 +458,17 @@ pub struct IcmilConfig {
     /// without it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stain_jitter: f64,
+    /// On every training slide not of the negative class, the teacher's `top_k` patches most
+    /// likely of the slide's own class are always among those drawn and are taught that class
+    /// outright (`--icmil-top-k`; CLAM's in-class top-k): the teacher's ranking of patches, not its
+    /// nearly flat probabilities (docs/icmil.md). 0, the authors' and the default, for none; absent
+    /// from plans without it.
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub top_k: usize,
+}
+
+fn is_zero_usize(x: &usize) -> bool {
+    *x == 0
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -515,6 +526,7 @@ impl Default for IcmilConfig {
             method: IcmilMethod::Paper,
             negative_class: None,
             stain_jitter: 0.0,
+            top_k: 0,
         }
     }
 }

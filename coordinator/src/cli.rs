@@ -585,6 +585,11 @@ pub struct RunArgs {
     /// should not learn as a lesion (docs/icmil.md).
     #[arg(long, value_name = "S", default_value_t = 0.0)]
     pub icmil_stain_jitter: f64,
+    /// ICMIL: on each training slide not of the negative class, the K patches the teacher finds
+    /// most likely of the slide's class are always drawn and taught that class outright, as CLAM's
+    /// top-k (0 for none): its ranking of patches rather than its flat probabilities (docs/icmil.md).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub icmil_top_k: usize,
 
     /// What to learn: the manifest's classes, or survival from its follow-up columns (time,event;
     /// or TCGA's vital_status,days_to_death,days_to_last_follow_up; docs/survival.md).
@@ -763,8 +768,10 @@ impl RunArgs {
 
     fn icmil(&self) -> anyhow::Result<Option<IcmilConfig>> {
         if self.icmil_rounds == 0 {
-            if self.icmil_negative_class.is_some() || self.icmil_stain_jitter != 0.0 {
-                bail!("--icmil-negative-class and --icmil-stain-jitter are for ICMIL rounds (--icmil-rounds N)");
+            if self.icmil_negative_class.is_some() || self.icmil_stain_jitter != 0.0 || self.icmil_top_k != 0 {
+                bail!(
+                    "--icmil-negative-class, --icmil-stain-jitter and --icmil-top-k are for ICMIL rounds (--icmil-rounds N)"
+                );
             }
             return Ok(None);
         }
@@ -798,6 +805,7 @@ impl RunArgs {
             method: self.icmil_method,
             negative_class: self.icmil_negative_class.clone(),
             stain_jitter: self.icmil_stain_jitter,
+            top_k: self.icmil_top_k,
         }))
     }
 }
@@ -1434,9 +1442,11 @@ mod tests {
         assert_eq!(neg.unwrap().negative_class.as_deref(), Some("normal"));
         let jit = run_args(&["--icmil-rounds", "1", "--icmil-stain-jitter", "0.25"]).settings().unwrap().icmil;
         assert_eq!(jit.unwrap().stain_jitter, 0.25);
+        let top = run_args(&["--icmil-rounds", "1", "--icmil-top-k", "4"]).settings().unwrap().icmil;
+        assert_eq!(top.unwrap().top_k, 4);
         let plain = serde_json::to_string(&c).unwrap();
         assert!(
-            !plain.contains("negative_class") && !plain.contains("stain_jitter"),
+            !plain.contains("negative_class") && !plain.contains("stain_jitter") && !plain.contains("top_k"),
             "old plans keep their ids: {plain}"
         );
         for (bad, why) in [
@@ -1445,6 +1455,7 @@ mod tests {
             (&["--icmil-rounds", "1", "--until", "embed"][..], "cannot be combined"),
             (&["--icmil-negative-class", "normal"][..], "are for ICMIL rounds"),
             (&["--icmil-stain-jitter", "0.2"][..], "are for ICMIL rounds"),
+            (&["--icmil-top-k", "8"][..], "are for ICMIL rounds"),
             (&["--icmil-rounds", "1", "--icmil-stain-jitter", "1.5"][..], "must lie in [0, 1)"),
         ] {
             let err = run_args(bad).settings().unwrap_err().to_string();

@@ -457,6 +457,8 @@ async fn an_icmil_round_fine_tunes_each_folds_embedder_re_embeds_and_retrains() 
         method: IcmilMethod::Paper,
         negative_class: None,
         stain_jitter: 0.0,
+        // Each slide's top 2 drawn and taught outright: the path through the jobs runs too.
+        top_k: 2,
     });
     let s = run_once(&store, &st).await;
     let run = s.plan.run.clone();

@@ -125,6 +125,37 @@ pub struct StreamedRows<'a> {
     /// The negative class: the patches of its slides (by their entries' labels) are taught it
     /// outright ([`IcmilConfig::negative_class`]).
     negative_class: Option<usize>,
+    /// The other slides' [`top_rows`] are taught their slide's class outright
+    /// ([`IcmilConfig::top_k`]).
+    top_k: usize,
+}
+
+/// The rows of a slide's teacher `logits` [n, C] most likely of `class` (by the softmax), at most
+/// `k` of them, most likely first, ties to the lower row: the patches CLAM's top-k takes as the
+/// slide's own class.
+pub fn top_rows(logits: &Tensor, class: usize, k: usize) -> Result<Vec<usize>> {
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
+    let mut rows: Vec<usize> = (0..p.len()).collect();
+    rows.sort_by(|&a, &b| p[b][class].total_cmp(&p[a][class]).then(a.cmp(&b)));
+    rows.truncate(k);
+    Ok(rows)
+}
+
+/// The rows a slide gives its shard: `candidates` (the rows its recipe may learn from) in a random
+/// order, those of them in `first` (its [`top_rows`]) put ahead, cut to `cap` (0 = all), in row
+/// order.
+pub fn draw_rows(mut candidates: Vec<usize>, first: &[usize], cap: usize, rng: &mut Rng) -> Vec<usize> {
+    rng.shuffle(&mut candidates);
+    // A stable sort keeps the shuffled order within each side.
+    candidates.sort_by_key(|r| !first.contains(r));
+    if cap > 0 {
+        candidates.truncate(cap);
+    }
+    candidates.sort_unstable();
+    candidates
 }
 
 /// Logits whose softmax is, to f32's precision, the one-hot of `class`: what a known-negative
@@ -149,7 +180,14 @@ impl<'a> StreamedRows<'a> {
             device: device.clone(),
             held: Default::default(),
             negative_class: None,
+            top_k: 0,
         }
+    }
+
+    /// Teach each other slide's `k` [`top_rows`] its own class outright.
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k;
+        self
     }
 
     /// Teach the patches of the loader's slides labelled `class` that class outright, whatever
@@ -183,13 +221,21 @@ impl<'a> StreamedRows<'a> {
         };
         let features = crate::bags::on_device(&bag.features, &self.device)?.squeeze(0)?;
         let (reduced, logits) = self.classifier.instance_path(&features)?;
-        let logits = match self.negative_class {
-            Some(class) if self.loader.entries()[s].label == class => {
-                let (n, c) = logits.dims2()?;
-                let row: Vec<f32> = (0..c).map(|k| if k == class { 0.0 } else { -ONE_HOT_MARGIN }).collect();
-                Tensor::new(row, &self.device)?.unsqueeze(0)?.broadcast_as((n, c))?.contiguous()?
+        let label = self.loader.entries()[s].label;
+        let (n, c) = logits.dims2()?;
+        let one_hot = |class: usize| (0..c).map(move |k| if k == class { 0.0 } else { -ONE_HOT_MARGIN });
+        let logits = if self.negative_class == Some(label) {
+            let row: Vec<f32> = one_hot(label).collect();
+            Tensor::new(row, &self.device)?.unsqueeze(0)?.broadcast_as((n, c))?.contiguous()?
+        } else if self.top_k > 0 {
+            let top = top_rows(&logits, label, self.top_k)?;
+            let mut rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for r in top {
+                rows[r] = one_hot(label).collect();
             }
-            _ => logits,
+            Tensor::from_vec(rows.concat(), (n, c), &self.device)?
+        } else {
+            logits
         };
         let rows = std::sync::Arc::new(SlideRows {
             _bag: bag,
@@ -787,9 +833,75 @@ mod tests {
                 teacher.iter().zip(&idx).any(|(t, &i)| negative[patches[i].slide] && t[1] < 0.9),
                 "the override must matter"
             );
+            // And the top-k: on the other slides (class 0 here), the teacher's 2 patches most
+            // likely of class 0 are taught it outright, the rest what the teacher says.
+            let rows = StreamedRows::new(&loader, &model, &patches, &d).with_negative_class(Some(1)).with_top_k(2);
+            let b = rows.batch(&idx).unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&b.logits).unwrap().to_vec2::<f32>().unwrap();
+            let mut taught = 0;
+            for s in (0..8).filter(|&s| !negative[s]) {
+                let mine: Vec<usize> = (0..idx.len()).filter(|&k| patches[idx[k]].slide == s).collect();
+                // The slide's patches are its rows 0.., in order: rank them by the teacher.
+                let mut by_teacher = mine.clone();
+                by_teacher.sort_by(|&a, &b| teacher[b][0].total_cmp(&teacher[a][0]).then(a.cmp(&b)));
+                for &k in &mine {
+                    if by_teacher[..2].contains(&k) {
+                        assert!(probs[k][0] > 1.0 - 1e-6, "slide {s}, patch {}: {:?}", idx[k], probs[k]);
+                        taught += usize::from(teacher[k][0] < 0.9);
+                    } else {
+                        assert!((probs[k][0] - teacher[k][0]).abs() < 1e-5, "{:?} vs {:?}", probs[k], teacher[k]);
+                    }
+                }
+            }
+            assert!(taught > 0, "the top-k must change what some patch is taught");
+            for (k, &i) in idx.iter().enumerate() {
+                if negative[patches[i].slide] {
+                    assert!(probs[k][1] > 1.0 - 1e-6, "patch {i} of a negative slide: {:?}", probs[k]);
+                }
+            }
         })
         .await
         .unwrap();
+    }
+
+    #[test]
+    fn top_rows_are_the_k_patches_most_likely_of_the_class_best_first() {
+        let d = Device::Cpu;
+        // p(class 1) rises with the logit gap: rows 3 and 1 tie at the top, then 4, 0, 2.
+        let gaps = [0.5f32, 2.0, -1.0, 2.0, 1.0];
+        let logits: Vec<f32> = gaps.iter().flat_map(|g| [0.3, 0.3 + g]).collect();
+        let logits = Tensor::from_vec(logits, (5, 2), &d).unwrap();
+        assert_eq!(top_rows(&logits, 1, 3).unwrap(), vec![1, 3, 4], "ties to the lower row");
+        assert_eq!(top_rows(&logits, 0, 2).unwrap(), vec![2, 0], "most likely of class 0");
+        assert_eq!(top_rows(&logits, 1, 9).unwrap().len(), 5, "k past the slide's patches: all");
+        assert!(top_rows(&logits, 1, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_slides_top_rows_are_always_drawn_and_the_rest_at_random() {
+        let candidates: Vec<usize> = (0..200).filter(|r| r % 10 != 7).collect();
+        // Without top rows, the draw is the plain one: shuffled, cut, in row order.
+        let mut plain = candidates.clone();
+        Rng::new(3).shuffle(&mut plain);
+        plain.truncate(20);
+        plain.sort_unstable();
+        assert_eq!(draw_rows(candidates.clone(), &[], 20, &mut Rng::new(3)), plain);
+        let first = [150, 3, 77, 199];
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..20 {
+            let drawn = draw_rows(candidates.clone(), &first, 20, &mut Rng::new(seed));
+            assert_eq!(drawn.len(), 20);
+            assert!(drawn.windows(2).all(|w| w[0] < w[1]), "row order, no repeats: {drawn:?}");
+            assert!(drawn.iter().all(|r| candidates.contains(r)), "only candidates: {drawn:?}");
+            for r in [150, 3, 199] {
+                assert!(drawn.contains(&r), "seed {seed}: top row {r} not drawn: {drawn:?}");
+            }
+            assert!(!drawn.contains(&77), "a top row the recipe leaves out stays out");
+            seen.extend(drawn);
+        }
+        assert!(seen.len() > 100, "the rest vary with the seed: {}", seen.len());
+        assert_eq!(draw_rows(candidates.clone(), &first, 0, &mut Rng::new(1)).len(), candidates.len(), "0 = all");
+        assert_eq!(draw_rows(candidates, &first, 2, &mut Rng::new(1)).len(), 2, "the cap wins");
     }
 
     #[test]

@@ -896,14 +896,17 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
             let targets = crate::finetune::slide_targets(&classifier, &feats, cfg.beta).map_err(&err)?;
             let (xs, ys) = bag.coords.as_deref().expect("the loader reads corners");
             // The authors learn from every patch (their confidence weighs it per batch); the first
-            // recipe from the patches its per-slide confidence keeps.
-            let mut picked: Vec<usize> = (0..xs.len()).filter(|&i| paper || targets.weights[i] > 0.0).collect();
-            rng.shuffle(&mut picked);
-            if cfg.patches_per_slide > 0 {
-                picked.truncate(cfg.patches_per_slide);
-            }
-            picked.sort_unstable();
-            for row in picked {
+            // recipe from the patches its per-slide confidence keeps. The slide's top-k, if asked
+            // for, are always drawn (the teacher rows teach them the slide's class).
+            let candidates: Vec<usize> = (0..xs.len()).filter(|&i| paper || targets.weights[i] > 0.0).collect();
+            let label = loader.entries()[si].label;
+            let top = if cfg.top_k > 0 && negative_class != Some(label) {
+                let (_, logits) = classifier.instance_path(&feats).map_err(&err)?;
+                crate::finetune::top_rows(&logits, label, cfg.top_k).map_err(&err)?
+            } else {
+                Vec::new()
+            };
+            for row in crate::finetune::draw_rows(candidates, &top, cfg.patches_per_slide, &mut rng) {
                 data.push(&targets, crate::finetune::PatchRef { slide: si, row, x: xs[row], y: ys[row] });
             }
         }
@@ -954,7 +957,8 @@ async fn finetune(ctx: &WorkerContext, job: &FinetuneJob) -> Result<Done, JobErr
                 .collect()
         };
         let rows = crate::finetune::StreamedRows::new(&loader, &classifier, &data.patches, &device)
-            .with_negative_class(negative_class);
+            .with_negative_class(negative_class)
+            .with_top_k(cfg.top_k);
         let out = crate::finetune::finetune(
             &arch,
             &teacher_tensors,
