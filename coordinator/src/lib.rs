@@ -59,5 +59,6 @@ pub mod jetstream;
 pub mod manifest;
 pub mod planner;
 pub mod predictions;
+pub mod raster;
 pub mod report;
 pub mod run;

@@ -113,7 +113,8 @@ pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-const COLOURS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+pub(crate) const COLOURS: [&str; 8] =
+    ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 /// One line of a chart.
 pub struct Series {
@@ -208,7 +209,7 @@ pub fn line_chart(
     s
 }
 
-fn tick(v: f64) -> String {
+pub(crate) fn tick(v: f64) -> String {
     if v.abs() >= 100.0 || (v - v.round()).abs() < 1e-9 {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
@@ -290,7 +291,8 @@ async fn heatmaps_under(store: &Store, prefix: String) -> anyhow::Result<BTreeSe
 /// Gather and write `runs/<run>/report.html`; returns its key.
 pub async fn write_run_report(store: &Store, run: &RunId) -> anyhow::Result<object_store::path::Path> {
     let report = gather(store, run).await?;
-    // A survival round's Kaplan-Meier chart beside the page too, to put in a paper.
+    // A survival round's Kaplan-Meier chart beside the page too, to put in a paper: SVG (vector)
+    // and PNG (for what takes bitmaps).
     for round in &report.rounds {
         if let Some(sv) = &round.metrics.survival {
             let end = round.survival_rows.iter().filter_map(|r| r.follow_up.map(|t| t.time)).fold(0.0, f64::max);
@@ -300,6 +302,11 @@ pub async fn write_run_report(store: &Store, run: &RunId) -> anyhow::Result<obje
                 layout::round_dir(run, round.metrics.round)
             ));
             store.put(&key, svg.into_bytes()).await?;
+            let key = object_store::path::Path::from(format!(
+                "{}/kaplan-meier.png",
+                layout::round_dir(run, round.metrics.round)
+            ));
+            store.put(&key, km_png(sv, end)).await?;
         }
     }
     let key = layout::run_report(run);
@@ -488,8 +495,8 @@ pub fn km_steps(curve: &[(f64, f64)], end: f64) -> Vec<(f64, f64)> {
     pts
 }
 
-/// The Kaplan-Meier chart of a survival round's two risk groups.
-pub fn km_chart(sv: &crate::run::SurvivalMetrics, end: f64) -> String {
+/// The Kaplan-Meier chart of a survival round's two risk groups: its title and curves.
+fn km_series(sv: &crate::run::SurvivalMetrics, end: f64) -> (String, Vec<Series>) {
     let series = [("high risk", &sv.high), ("low risk", &sv.low)]
         .iter()
         .map(|(name, g)| Series {
@@ -499,15 +506,22 @@ pub fn km_chart(sv: &crate::run::SurvivalMetrics, end: f64) -> String {
             dots: false,
         })
         .collect::<Vec<_>>();
-    line_chart(
-        &format!("Kaplan-Meier by risk group (log-rank p = {:.2e})", sv.log_rank_p),
-        ("time", "survival"),
-        (0.0, end.max(1e-9)),
-        (0.0, 1.0),
-        None,
-        &series,
-    )
+    (format!("Kaplan-Meier by risk group (log-rank p = {:.2e})", sv.log_rank_p), series)
 }
+
+/// The Kaplan-Meier chart of a survival round's two risk groups, as SVG.
+pub fn km_chart(sv: &crate::run::SurvivalMetrics, end: f64) -> String {
+    let (title, series) = km_series(sv, end);
+    line_chart(&title, KM_AXES, (0.0, end.max(1e-9)), (0.0, 1.0), None, &series)
+}
+
+/// The same chart as PNG ([`crate::raster`]).
+pub fn km_png(sv: &crate::run::SurvivalMetrics, end: f64) -> Vec<u8> {
+    let (title, series) = km_series(sv, end);
+    crate::raster::line_chart(&title, KM_AXES, (0.0, end.max(1e-9)), (0.0, 1.0), &series)
+}
+
+const KM_AXES: (&str, &str) = ("time", "survival");
 
 /// A survival round: C-index, the risk groups' Kaplan-Meier curves, the folds, the slides ranked
 /// by risk.

@@ -416,6 +416,12 @@ async fn a_survival_run_ranks_slides_by_their_lesions_and_its_model_predicts_ris
     assert!(dom.contains("id=\"td-auc\""));
     let svg = std::fs::read_to_string(run_dir.join("round-0/kaplan-meier.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("high risk (") && svg.contains("low risk ("), "{svg}");
+    // And as PNG, its two curves in the page's two colours.
+    let png = image::open(run_dir.join("round-0/kaplan-meier.png")).unwrap().to_rgb8();
+    assert_eq!(png.width(), 720);
+    for colour in [[0x1f, 0x77, 0xb4], [0xff, 0x7f, 0x0e]] {
+        assert!(png.pixels().filter(|p| p.0 == colour).count() > 500, "a curve in {colour:?}");
+    }
 
     // The final model gives new slides a risk; where they have follow-up, its C-index.
     let predict = |manifest: &str, name: &str| {
