@@ -14,7 +14,8 @@
 # ABMIL with both losses; skipped with a message when absent.
 #
 # The cohort is made once in SURVIVAL_DIR (default ~/.cache/wsimil/bench/survival). SLIDES, PATCHES,
-# DIM, FOLDS, EPOCHS, LR, MODELS and LOSSES (default "nll cox") override the settings.
+# DIM, FOLDS, EPOCHS, LR, MODELS (default "abmil transmil"; clam-sb and clam-mb train survival too)
+# and LOSSES (default "nll cox") override the settings.
 # Last line: `survival: wsimil vs pytorch = N.Nx (seconds per fold, ABMIL, discrete-time NLL; ...)`;
 # where the ABMIL NLL row is not run (MODELS, LOSSES), the last row run, marked as such.
 set -euo pipefail

@@ -147,6 +147,28 @@ fn a_file_for_another_preset_is_refused_with_the_tensors_that_differ() {
     assert!(err.contains("does not fit uni: ") && err.contains("more)"), "{err}");
 }
 
+/// A CNN's weights file named as a Vision Transformer (ResNet-50's, CLAM's trunk, from wsimil's own
+/// builder on random weights): refused at once, naming the file, the ViT tensors it lacks and the
+/// CNN tensors it holds instead, for a preset and for a timm name alike.
+#[test]
+fn a_cnns_weights_file_is_refused_for_a_vit_naming_what_it_lacks_and_what_it_holds() {
+    let params = wsimil_common::models::params::Params::new(1);
+    Architecture::ResNet50Trunc.build(params.var_builder(&Device::Cpu)).unwrap();
+    let tensors = params.snapshot().unwrap();
+    assert!(tensors.contains_key("conv1.weight"), "{:?}", tensors.keys().take(5).collect::<Vec<_>>());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet50.safetensors");
+    std::fs::write(&path, wsimil_common::models::params::safetensors_bytes(&tensors).unwrap()).unwrap();
+    let file = WeightsFile::open(&path).unwrap();
+    let timm: Architecture = "vit:vit_small_patch16_224".parse().unwrap();
+    for arch in [Architecture::Vit(VitPreset::Uni), timm] {
+        let err = arch.read_weights(&file).expect_err("refused").to_string();
+        assert!(err.contains(&format!("resnet50.safetensors: does not fit {arch}: ")), "{err}");
+        assert!(err.contains(" missing (cls_token, pos_embed, patch_embed.proj.weight"), "what it lacks: {err}");
+        assert!(err.contains(" unexpected (bn1.bias") && err.contains("conv1.weight"), "what it holds: {err}");
+    }
+}
+
 /// Every preset at full size against its publisher's library, without shipping gigabytes:
 /// `scripts/dev/vit_fixtures.py --shapes` records, from timm, transformers and CONCH's own code at
 /// full size (on PyTorch's meta device), every tensor of the state dict each publisher ships, the

@@ -259,6 +259,42 @@ async fn embedded_run_end_to_end_isolates_a_corrupt_slide_and_resumes() {
     assert_eq!(stage(&s3, JobKind::Train).planned, 0);
 }
 
+/// Heatmaps are every model's, not ABMIL's and TransMIL's alone: CLAM-SB, CLAM-MB, DSMIL and
+/// DTFD-MIL, each trained on the same cohort (tiled and embedded once), map their attention over
+/// every patch of every slide (finite, not flat), draw each slide's heatmap, and give the round's
+/// patch-level figures against the lesion masks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clam_dsmil_and_dtfd_map_their_attention_over_every_slide() {
+    use wsimil_common::attention::AttentionMap;
+    use wsimil_common::models::BagModelKind;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = make_cohort(&dir.path().join("cohort"));
+    let store = Store::open(dir.path().join("store").to_str().unwrap(), &S3Options::default()).unwrap();
+    for kind in [BagModelKind::ClamSb, BagModelKind::ClamMb, BagModelKind::Dsmil, BagModelKind::Dtfd] {
+        let mut st = settings(manifest.clone());
+        st.train.model = kind;
+        let s = run_once(&store, &st).await;
+        assert_eq!(stage(&s, JobKind::Predict).outcome.computed, 6, "{kind:?}");
+        let run = &s.plan.run;
+        for id in (0..6).map(|i| SlideId::new(format!("demo-{i:03}")).unwrap()) {
+            let key = layout::features(&s.plan.embedder.id(), &s.plan.tiling.id(), &id);
+            let bag = FeatureBag::from_parquet("f", store.get(&key).await.unwrap()).unwrap();
+            let map = store.get(&layout::attention(run, 0, &id)).await.unwrap();
+            let map = AttentionMap::from_parquet("a", map).unwrap();
+            assert_eq!((&map.xs, &map.ys), (&bag.xs, &bag.ys), "{kind:?} {id}: one weight per patch");
+            assert!(map.attention.iter().all(|a| a.is_finite()), "{kind:?} {id}");
+            let lo = map.attention.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = map.attention.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!(hi > lo, "{kind:?} {id}: flat attention");
+            let png = store.get(&layout::heatmap(run, 0, &id)).await.unwrap();
+            assert!(image::load_from_memory(&png).unwrap().width() > 100, "{kind:?}: heatmap of {id}");
+        }
+        let i = s.rounds[0].instance.unwrap_or_else(|| panic!("{kind:?}: no patch-level figures"));
+        assert_eq!(i.slides, 6, "{kind:?}");
+        assert!(i.instance_auc.is_some() && i.attention_auc.is_some(), "{kind:?}: {i:?}");
+    }
+}
+
 /// Two copies of the small slide under `dir/s`, a normal and a tumour, and their manifest `dir/m.csv`.
 fn two_slide_manifest(dir: &Path) -> PathBuf {
     let slides = dir.join("s");

@@ -728,6 +728,27 @@ mod tests {
         assert_eq!(t.scores, scores);
         let (z, a) = (scores.iter().map(|v| v.exp()).sum::<f32>(), att.to_vec1::<f32>().unwrap());
         assert!(scores.iter().zip(&a).all(|(s, a)| (s.exp() / z - a).abs() < 1e-6), "softmax(scores) is the attention");
+        // CLAM (both forms): its attention branch's raw logits the scores, their softmax the
+        // attention the weights follow. DSMIL: its max-pooling stream's instance scores, the
+        // weights from its bag stream's attention.
+        use wsimil_common::models::BagModelKind::{ClamMb, ClamSb, Dsmil};
+        for (kind, seed) in [(ClamSb, 7), (ClamMb, 8), (Dsmil, 9)] {
+            let model = BagModel::new(&BagModelConfig::new(kind, 5, 2), Params::new(seed).var_builder(&d)).unwrap();
+            let t = slide_targets(&model, &feats, 1.0).unwrap();
+            let att = model.forward(&feats.unsqueeze(0).unwrap(), &mut Mode::Eval, true).unwrap().attention.unwrap();
+            let att = att.to_vec1::<f32>().unwrap();
+            assert_eq!(t.weights, icmil::confidence_weights(&att, 1.0), "{kind:?}");
+            let scores = model.attention_scores(&feats).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(t.scores, scores, "{kind:?}");
+            let order = |v: &[f32]| {
+                let mut o: Vec<usize> = (0..v.len()).collect();
+                o.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+                o
+            };
+            if kind != Dsmil {
+                assert_eq!(order(&scores), order(&att), "{kind:?}: the attention is the scores' softmax");
+            }
+        }
     }
 
     /// The teacher's rows from the bags are its instance path on the patch's own features, a

@@ -329,20 +329,30 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn abmil_instance_path_is_the_bag_prediction_of_a_one_instance_bag() {
+    fn an_attention_models_instance_path_is_the_bag_prediction_of_a_one_instance_bag() {
         // One instance gets all the attention, so the bag's logits are the head on that instance:
-        // the pseudo-label of a patch is what the classifier says of a slide made of it alone.
-        let p = Params::new(3);
-        let m = BagModel::new(&BagModelConfig::new(BagModelKind::Abmil, 6, 2), p.var_builder(&Device::Cpu)).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (4, 6), &Device::Cpu).unwrap();
-        let (reduced, logits) = m.instance_path(&x).unwrap();
-        assert_eq!(reduced.dims()[0], 4);
-        for i in 0..4 {
-            let bag = x.narrow(0, i, 1).unwrap().unsqueeze(0).unwrap();
-            let want = m.forward(&bag, &mut Mode::Eval, false).unwrap().logits.squeeze(0).unwrap();
-            let got = logits.get(i).unwrap();
-            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(d < 1e-5, "instance {i}: {d}");
+        // the pseudo-label of a patch (ICMIL's teacher, the heatmaps' instance figure) is what the
+        // classifier says of a slide made of it alone. ABMIL, CLAM's two forms and DSMIL (whose
+        // bag stream attends to the critical instance, here the only one) alike.
+        for (kind, classes) in [
+            (BagModelKind::Abmil, 2),
+            (BagModelKind::ClamSb, 2),
+            (BagModelKind::ClamMb, 3),
+            (BagModelKind::Dsmil, 2),
+            (BagModelKind::Dsmil, 3),
+        ] {
+            let p = Params::new(3);
+            let m = BagModel::new(&BagModelConfig::new(kind, 6, classes), p.var_builder(&Device::Cpu)).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (4, 6), &Device::Cpu).unwrap();
+            let (reduced, logits) = m.instance_path(&x).unwrap();
+            assert_eq!((reduced.dims()[0], logits.dims()), (4, &[4, classes][..]), "{kind:?}");
+            for i in 0..4 {
+                let bag = x.narrow(0, i, 1).unwrap().unsqueeze(0).unwrap();
+                let want = m.forward(&bag, &mut Mode::Eval, false).unwrap().logits.squeeze(0).unwrap();
+                let got = logits.get(i).unwrap();
+                let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "{kind:?} ({classes} classes), instance {i}: {d}");
+            }
         }
     }
 
