@@ -166,7 +166,7 @@ impl Frame {
     }
 }
 
-/// The canvas of a [`line_chart`] of `series` legend rows, and its plot area.
+/// The size of a [`line_chart`] above its legend, and its plot area over the ranges `x` and `y`.
 pub fn frame(x: (f64, f64), y: (f64, f64)) -> (u32, u32, Frame) {
     (720, 600, Frame { left: 96.0, top: 52.0, right: 696.0, bottom: 520.0, x, y })
 }
