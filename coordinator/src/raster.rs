@@ -196,11 +196,10 @@ pub fn line_chart(
         c.text(&lx, (gx - text_width(&lx, 2) / 2.0, f.bottom + 8.0), 2, false, ink);
         c.text(&ly, (f.left - 8.0 - text_width(&ly, 2), gy - 7.0), 2, false, ink);
     }
-    for (a, b) in [((f.left, f.top), (f.right, f.top)), ((f.left, f.bottom), (f.right, f.bottom))] {
-        c.line(a, b, 1, edge);
-    }
-    for (a, b) in [((f.left, f.top), (f.left, f.bottom)), ((f.right, f.top), (f.right, f.bottom))] {
-        c.line(a, b, 1, edge);
+    // The frame: its four corners joined in turn.
+    let corners = [(f.left, f.top), (f.right, f.top), (f.right, f.bottom), (f.left, f.bottom)];
+    for k in 0..4 {
+        c.line(corners[k], corners[(k + 1) % 4], 1, edge);
     }
     c.text(axes.0, ((f.left + f.right) / 2.0 - text_width(axes.0, 2) / 2.0, f.bottom + 38.0), 2, false, ink);
     c.text(axes.1, (14.0, (f.top + f.bottom) / 2.0 + text_width(axes.1, 2) / 2.0), 2, true, ink);
